@@ -1,0 +1,386 @@
+"""The `ddimctl` command line: parses options, calls the library, shows progress. No math here."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from . import ddim, generate, images, weights
+from .errors import DdimctlError
+
+app = typer.Typer(
+    name="ddimctl",
+    help="Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+# Outside a terminal rich would wrap at 80 columns; tables piped to a file should keep their rows.
+stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+# Options shared by every command that runs the sampler.
+ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `ddimctl models`) or local checkpoint path.")
+StepsOpt = typer.Option(50, "--steps", "-S", help="Number of DDIM steps S.")
+SkipOpt = typer.Option(None, "--skip", help="Timestep scheme: uniform or quad (default: the model's).")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: by device).")
+
+
+# --------------------------------------------------------------------------------------------
+# Presentation helpers
+
+
+class ImagesPerSecond(ProgressColumn):
+    """Speed in images per second, from a task counted in image-evaluations."""
+
+    def render(self, task) -> Text:
+        per_image = task.fields.get("evals_per_image", 1)
+        if not task.speed:
+            return Text("-- img/s", style="progress.data.speed")
+        return Text(f"{task.speed / per_image:.1f} img/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(description: str, images_count: int, evals_per_image: int):
+    """A bar over every model evaluation; yields advance(n_images) for one evaluation of a batch."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("evals"),
+        ImagesPerSecond(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=images_count * evals_per_image, evals_per_image=evals_per_image)
+        yield lambda n: bar.advance(task, n)
+
+
+def note(message: str) -> None:
+    stderr.print(Text(message, style="dim"))
+
+
+def say(message: str) -> None:
+    stderr.print(message, markup=False, highlight=False)
+
+
+def fail(message: str) -> None:
+    raise DdimctlError(message)
+
+
+# --------------------------------------------------------------------------------------------
+# Option checks shared by the commands
+
+
+def load(model: str | None) -> weights.LoadedModel:
+    spec = model or weights.default_model()
+    with stderr.status(f"loading {spec}"):
+        return weights.load_model(spec)
+
+
+def check_steps(steps: int, model: weights.LoadedModel) -> None:
+    if not 1 <= steps <= model.train_steps:
+        fail(f"--steps must be between 1 and {model.train_steps} (the model's train steps), got {steps}")
+
+
+def check_skip(skip: str | None) -> None:
+    if skip is not None and skip not in ddim.SKIP_SCHEMES:
+        fail(f"--skip must be one of {', '.join(ddim.SKIP_SCHEMES)}, got {skip!r}")
+
+
+def default_batch_size(model: weights.LoadedModel, device: torch.device) -> int:
+    pixels = model.config.resolution**2
+    if device.type == "cuda":
+        return max(1, (256 * 32 * 32) // pixels)
+    return max(1, (16 * 32 * 32) // pixels)
+
+
+def make_sampler(model, steps, skip, device, eta=0.0, sigma_hat=False) -> generate.Sampler:
+    check_skip(skip)
+    check_steps(steps, model)
+    sampler = generate.Sampler.create(model, steps, skip, generate.pick_device(device), eta=eta, sigma_hat=sigma_hat)
+    if len(sampler.timesteps) != steps:
+        note(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
+    return sampler
+
+
+def is_directory_target(out: Path, raw: str) -> bool:
+    return raw.endswith(("/", "\\")) or out.is_dir()
+
+
+def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
+    for p in paths:  # every path checked before any work
+        if not p.is_file():
+            fail(f"{p}: no such image file")
+    channels, resolution, _ = model.image_shape
+    return torch.stack([images.load_image(p, resolution, channels, notice=note) for p in paths])
+
+
+def parse_steps_list(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        fail(f"--steps takes an integer or a comma-separated list such as 10,20,50, got {text!r}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+def sample(
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
+    skip: Optional[str] = SkipOpt,
+    num: int = typer.Option(16, "--num", "-n", help="Number of images."),
+    batch_size: Optional[int] = BatchOpt,
+    seed: int = typer.Option(0, "--seed", help="Image i depends only on (seed, i)."),
+    device: str = DeviceOpt,
+    out: str = typer.Option("samples.png", "--out", "-o", help="A .png grid, or a folder (ending in /) of PNGs."),
+    latents: Optional[Path] = typer.Option(None, "--latents", help="Decode these x_T (from `ddimctl invert`)."),
+    sigma_hat: bool = typer.Option(False, "--sigma-hat", help="DDPM with the larger variance (Table 1's last row)."),
+) -> None:
+    """Generate images with DDIM: S steps, any eta."""
+    if eta < 0:
+        fail(f"--eta must be >= 0, got {eta}")
+    if num < 1 and latents is None:
+        fail(f"--num must be at least 1, got {num}")
+    if batch_size is not None and batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+    out_path = Path(out).expanduser()
+    to_folder = is_directory_target(out_path, out)
+    if not to_folder and out_path.suffix.lower() not in IMAGE_SUFFIXES:
+        fail(f"--out {out}: give an image file such as samples.png, or a folder ending in /")
+    if to_folder:
+        try:
+            out_path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--out {out}: cannot create the folder ({e.strerror})")
+    images.check_writable(out_path if not to_folder else out_path / "x")
+
+    loaded = load(model)
+    sampler = make_sampler(loaded, steps, skip, device, eta, sigma_hat)
+    x_T = generate.load_latents(latents, loaded.image_shape) if latents is not None else None
+    count = x_T.shape[0] if x_T is not None else num
+    batch = batch_size or default_batch_size(loaded, sampler.device)
+
+    width = max(6, len(str(count - 1)))
+    name_of = lambda i: out_path / f"{i:0{width}d}.png"  # noqa: E731
+    todo = list(range(count))
+    if to_folder:
+        todo = [i for i in todo if not name_of(i).exists()]
+        if len(todo) < count:
+            note(f"{count - len(todo)} of {count} images already in {out_path}; generating the rest")
+
+    started = time.perf_counter()
+    collected = []
+    with progress_bar("sampling", len(todo), sampler.evaluations) as advance:
+        for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
+            pixels = images.to_uint8(x0)
+            if to_folder:
+                for i, p in zip(indices, pixels):
+                    images.save_image(p, name_of(i))
+            else:
+                collected.append(pixels)
+    elapsed = time.perf_counter() - started
+    if not to_folder:
+        images.save_image(images.grid(torch.cat(collected)), out_path)
+    where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
+    say(
+        f"wrote {len(todo)} images to {where} in {elapsed:.1f}s "
+        f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}]"
+    )
+
+
+@app.command()
+def models() -> None:
+    """List the pretrained models of the registry (weights.toml)."""
+    table = Table(title="ddimctl models (weights.toml)")
+    for column in ("name", "resolution", "parameters", "skip", "source", "licence", "cached"):
+        table.add_column(column)
+    default = weights.default_model()
+    for entry in weights.registry().values():
+        name = entry.name + (" (default)" if entry.name == default else "")
+        cached = "yes" if weights.is_cached(entry) else "no"
+        params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
+        table.add_row(name, f"{entry.resolution}", params, entry.skip, entry.source, entry.license, cached)
+    stdout.print(table)
+
+
+@app.command()
+def invert(
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images to encode."),
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    skip: Optional[str] = SkipOpt,
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    out: Path = typer.Option(Path("latents.safetensors"), "--out", "-o", help="Latents file to write."),
+) -> None:
+    """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
+    images.check_writable(out)
+    loaded = load(model)
+    sampler = make_sampler(loaded, steps, skip, device)
+    x0 = read_images(image_paths, loaded)
+    latents = run_inversion(sampler, x0, batch_size)
+    generate.save_latents(
+        out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
+        sources=[p.name for p in image_paths],
+    )
+    table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
+    for column in ("image", "mean", "std"):
+        table.add_column(column, justify="right" if column != "image" else "left")
+    for p, z in zip(image_paths, latents):
+        table.add_row(p.name, f"{z.mean():+.3f}", f"{z.std():.3f}")
+    stdout.print(table)
+    say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
+
+
+def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    batch = batch_size or default_batch_size(sampler.model, sampler.device)
+    parts = []
+    with progress_bar("inverting", x0.shape[0], sampler.evaluations) as advance:
+        for start in range(0, x0.shape[0], batch):
+            parts.append(sampler.invert(x0[start : start + batch], advance).cpu())
+    return torch.cat(parts)
+
+
+def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch_size: int | None, label="decoding"):
+    batch = batch_size or default_batch_size(sampler.model, sampler.device)
+    parts = []
+    with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
+        for start in range(0, x_T.shape[0], batch):
+            parts.append(sampler.sample(x_T[start : start + batch], None, advance).cpu())
+    return torch.cat(parts)
+
+
+@app.command()
+def reconstruct(
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images to encode and decode."),
+    model: Optional[str] = ModelOpt,
+    steps: str = typer.Option("50", "--steps", "-S", help="S, or a list such as 10,20,50,100."),
+    skip: Optional[str] = SkipOpt,
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    out: Path = typer.Option(Path("recon.png"), "--out", "-o", help="Side-by-side PNG: input | reconstructions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
+) -> None:
+    """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR."""
+    steps_list = parse_steps_list(steps)
+    images.check_writable(out)
+    loaded = load(model)
+    x0 = read_images(image_paths, loaded)
+    target = (x0 + 1) / 2
+    columns = [images.to_uint8(x0)]
+    results = []
+    for s in steps_list:
+        sampler = make_sampler(loaded, s, skip, device)
+        recon = run_decoding(sampler, run_inversion(sampler, x0, batch_size), batch_size, f"decoding S={s}")
+        columns.append(images.to_uint8(recon))
+        mse = (((recon + 1) / 2).clamp(0, 1) - target).pow(2).flatten(1).mean(1)
+        per_image = [
+            {"image": str(p), "mse": float(m), "psnr": psnr(float(m))} for p, m in zip(image_paths, mse)
+        ]
+        results.append(
+            {
+                "steps": s,
+                "evaluations": sampler.evaluations,
+                "mse": float(mse.mean()),
+                "psnr": psnr(float(mse.mean())),
+                "images": per_image,
+            }
+        )
+    # One row per image: the input, then its reconstruction for each S.
+    tiles = torch.stack(columns, dim=1).flatten(0, 1)
+    images.save_image(images.grid(tiles, columns=len(columns)), out)
+
+    report = {"model": loaded.name, "skip": skip or loaded.skip, "results": results}
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    table = Table(title=f"reconstruction ({loaded.name}, MSE per pixel on [0, 1])")
+    table.add_column("S", justify="right")
+    table.add_column("mean MSE", justify="right")
+    table.add_column("mean PSNR (dB)", justify="right")
+    shown = image_paths[:6]
+    for p in shown:
+        table.add_column(f"MSE {p.name}", justify="right")
+    for r in results:
+        table.add_row(
+            str(r["steps"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}", *[f"{im['mse']:.5f}" for im in r["images"][:6]]
+        )
+    stdout.print(table)
+    say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
+
+
+def psnr(mse: float) -> float:
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+@app.command()
+def interpolate(
+    image_paths: list[Path] = typer.Argument(None, metavar="[A B]", help="Two images to blend."),
+    seeds: Optional[tuple[int, int]] = typer.Option(None, "--seeds", help="Blend two random latents instead."),
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    skip: Optional[str] = SkipOpt,
+    device: str = DeviceOpt,
+    frames: int = typer.Option(8, "--frames", help="Frames including both ends."),
+    out: Path = typer.Option(Path("interp.png"), "--out", "-o", help="Strip PNG of all frames."),
+    gif: Optional[Path] = typer.Option(None, "--gif", help="Also write an animated GIF."),
+    batch_size: Optional[int] = BatchOpt,
+) -> None:
+    """Slerp between the latents of two images (or two seeds) and decode every frame with eta = 0."""
+    paths = image_paths or []
+    if seeds is None and len(paths) != 2:
+        fail(f"interpolate takes two images A B, or --seeds S1 S2; got {len(paths)} image(s)")
+    if seeds is not None and paths:
+        fail("give either two images or --seeds, not both")
+    if frames < 2:
+        fail(f"--frames must be at least 2, got {frames}")
+    for target in [out] + ([gif] if gif else []):
+        images.check_writable(target)
+    loaded = load(model)
+    sampler = make_sampler(loaded, steps, skip, device)
+    if seeds is not None:
+        ends = torch.cat([generate.initial_noise(generate.image_generators(s, [0]), loaded.image_shape) for s in seeds])
+    else:
+        ends = run_inversion(sampler, read_images(paths, loaded), batch_size)
+    alphas = torch.linspace(0, 1, frames).tolist()
+    z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
+    pixels = images.to_uint8(run_decoding(sampler, z, batch_size))
+    images.save_image(images.grid(pixels, columns=frames), out)
+    if gif:
+        images.save_gif(list(pixels), gif)
+    say(f"wrote {frames} frames to {out}" + (f" and {gif}" if gif else ""))
+
+
+def main() -> None:
+    try:
+        app()
+    except DdimctlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,175 @@
+"""DDIM (Song, Meng & Ermon, ICLR 2021) as small pure functions over tensors.
+
+Conventions: train timesteps are 0-based (0..T-1); `alphas_cumprod[t]` is abar_t = prod_{s<=t}
+(1 - beta_s) in float64; a sub-sequence `timesteps` is increasing, tau_1 < ... < tau_S, and the
+sampler walks it downwards, finishing with a step to abar = 1 (the clean image).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+SKIP_SCHEMES = ("uniform", "quad")
+
+
+def linear_betas(train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    return torch.linspace(beta_start, beta_end, train_steps, dtype=torch.float64)
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    return torch.cumprod(1.0 - betas.double(), dim=0)
+
+
+def timestep_sequence(steps: int, train_steps: int, scheme: str = "uniform") -> torch.Tensor:
+    """The paper's sub-sequence tau (increasing, tau_1 = 0), without duplicates.
+
+    uniform: 0, c, 2c, ... with c = T // S, exactly S steps (naive code yields S + 1 when S does
+    not divide T). quad: floor((i * sqrt(0.8 T) / (S - 1))^2); its int cast repeats early timesteps
+    (S = 50 gives 49 distinct), and a repeated timestep is a no-op step, so repeats are dropped.
+    """
+    if not 1 <= steps <= train_steps:
+        raise ValueError(f"steps must be between 1 and {train_steps}, got {steps}")
+    if scheme == "uniform":
+        return torch.arange(steps, dtype=torch.long) * (train_steps // steps)
+    if scheme == "quad":
+        if steps == 1:
+            return torch.zeros(1, dtype=torch.long)
+        tau = (torch.linspace(0, math.sqrt(0.8 * train_steps), steps, dtype=torch.float64) ** 2).long()
+        return torch.unique(tau)  # sorted
+    raise ValueError(f"unknown skip scheme {scheme!r}; use one of {', '.join(SKIP_SCHEMES)}")
+
+
+def ddim_sigma(abar_t: float, abar_s: float, eta: float) -> float:
+    """sigma_t(eta) for the step t -> s (eta = 1 is the DDPM posterior standard deviation)."""
+    return eta * math.sqrt((1 - abar_s) / (1 - abar_t)) * math.sqrt(1 - abar_t / abar_s)
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.Tensor:
+    return (x_t - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    abar_t: float,
+    abar_s: float,
+    sigma: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_x0: bool = False,
+) -> torch.Tensor:
+    """The DDIM update (paper eq. 12) from x_t to x_s given the predicted noise eps.
+
+        x0  = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+        x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
+    """
+    x0 = predict_x0(x_t, eps, abar_t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    x_s = math.sqrt(abar_s) * x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * eps
+    if sigma > 0:
+        x_s = x_s + sigma * noise
+    return x_s
+
+
+def standard_normal(like: torch.Tensor, generator: Generator) -> torch.Tensor:
+    """N(0, I) noise shaped like `like`; a list of generators gives row b from generator[b].
+
+    One generator per image makes each image's noise independent of the batch it is in.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        device = generator.device if generator is not None else like.device
+        z = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+    else:
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
+        z = torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device) for g in generator])
+    return z.to(device=like.device, dtype=like.dtype)
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
+    return 1.0 if t < 0 else float(alphas_cumprod[t])
+
+
+def _batch_timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def sample(
+    eps_model: EpsModel,
+    x_T: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[int],
+    eta: float = 0.0,
+    generator: Generator = None,
+    callback: StepCallback | None = None,
+    clip_x0: bool = False,
+    sigma_hat: bool = False,
+) -> torch.Tensor:
+    """Generate x_0 from x_T by walking `timesteps` (increasing) downwards with the DDIM update.
+
+    eta = 0 is deterministic; eta = 1 uses the DDPM posterior variance. sigma_hat replaces sigma by
+    the paper's larger DDPM variance sqrt(1 - abar_t / abar_s) (Table 1's last row).
+    callback(i, t, x) runs after step i (0-based) from timestep t.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    taus = [int(t) for t in timesteps]
+    x = x_T
+    for i, (t, s) in enumerate(zip(reversed(taus), reversed([-1] + taus[:-1]))):
+        abar_t, abar_s = _abar(alphas_cumprod, t), _abar(alphas_cumprod, s)
+        eps = eps_model(x, _batch_timesteps(t, x))
+        if sigma_hat:
+            sigma = math.sqrt(1 - abar_t / abar_s)
+        else:
+            sigma = ddim_sigma(abar_t, abar_s, eta)
+        noise = standard_normal(x, generator) if sigma > 0 else None
+        x = ddim_step(x, eps.to(x.dtype), abar_t, abar_s, sigma, noise, clip_x0)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+@torch.no_grad()
+def invert(
+    eps_model: EpsModel,
+    x_0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[int],
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Encode x_0 to x_T: the eta = 0 ODE integrated up the same `timesteps` that `sample` walks down.
+
+    S network evaluations for S timesteps, each at the current point and its own timestep (the
+    clean image counts as tau_1, which is 0 in both of the paper's schemes), never clipped.
+    """
+    taus = [int(t) for t in timesteps]
+    x = x_0
+    for i, (s, t) in enumerate(zip([-1] + taus[:-1], taus)):
+        abar_s, abar_t = _abar(alphas_cumprod, s), _abar(alphas_cumprod, t)
+        eps = eps_model(x, _batch_timesteps(max(s, taus[0]), x))
+        x = ddim_step(x, eps.to(x.dtype), abar_s, abar_t)  # the same update, towards more noise
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Spherical interpolation between latents a and b (per leading index), as in the paper."""
+    a_flat, b_flat = a.flatten(1).double(), b.flatten(1).double()
+    cos = (a_flat * b_flat).sum(1) / (a_flat.norm(dim=1) * b_flat.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    sin = torch.sin(theta)
+    near = sin.abs() < 1e-6  # (anti)parallel latents: fall back to a straight line
+    safe_sin = torch.where(near, torch.ones_like(sin), sin)
+    wa = torch.where(near, 1 - alpha, torch.sin((1 - alpha) * theta) / safe_sin)
+    wb = torch.where(near, torch.full_like(sin, alpha), torch.sin(alpha * theta) / safe_sin)
+    out = wa[:, None] * a_flat + wb[:, None] * b_flat
+    return out.reshape(a.shape).to(a.dtype)

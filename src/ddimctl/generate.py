@@ -1,0 +1,144 @@
+"""Batched sampling, inversion and seeds: the glue between a loaded model and ddimctl.ddim.
+
+Image i of a run depends only on (seed, i): its starting noise and every later noise draw come from
+its own generator, so batch size and the number of processes sharing the work change nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from . import ddim
+from .errors import DdimctlError
+from .weights import LoadedModel, atomic_save_safetensors
+
+ProgressFn = Callable[[int], None]  # called with the number of images that just had one model call
+
+
+def image_seed(seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"ddimctl:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DdimctlError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise DdimctlError(f"unknown --device {device!r}; use auto, cpu or cuda") from e
+
+
+@dataclass
+class Sampler:
+    """A model on a device with one DDIM configuration, ready to run batches."""
+
+    model: LoadedModel
+    timesteps: torch.Tensor
+    device: torch.device
+    eta: float = 0.0
+    sigma_hat: bool = False
+    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def create(cls, model: LoadedModel, steps: int, skip: str | None, device: torch.device, **kwargs) -> "Sampler":
+        scheme = skip or model.skip
+        try:
+            timesteps = ddim.timestep_sequence(steps, model.train_steps, scheme)
+        except ValueError as e:
+            raise DdimctlError(f"--steps/--skip: {e}") from e
+        model.unet.to(device)
+        return cls(model, timesteps, device, **kwargs)
+
+    def __post_init__(self):
+        if self.eps_model is None:
+            self.eps_model = self.model.unet
+        self._alphas_cumprod = self.model.alphas_cumprod
+
+    @property
+    def evaluations(self) -> int:
+        """Network calls per image for one pass (sample or invert)."""
+        return len(self.timesteps)
+
+    def sample(self, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None, progress: ProgressFn | None = None):
+        x = x_T.to(self.device, torch.float32)
+        callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
+        gen = generators if self.eta > 0 or self.sigma_hat else None
+        return ddim.sample(
+            self.eps_model, x, self._alphas_cumprod, self.timesteps, self.eta, gen, callback, sigma_hat=self.sigma_hat
+        )
+
+    def invert(self, x_0: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+        x = x_0.to(self.device, torch.float32)
+        callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
+        return ddim.invert(self.eps_model, x, self._alphas_cumprod, self.timesteps, callback)
+
+    def sample_indices(
+        self,
+        indices: Sequence[int],
+        seed: int,
+        batch_size: int,
+        latents: torch.Tensor | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield (indices, x_0 on the CPU) batch by batch; latents[i] replaces image i's noise."""
+        for start in range(0, len(indices), batch_size):
+            batch = list(indices[start : start + batch_size])
+            generators = image_generators(seed, batch)
+            x_T = initial_noise(generators, self.model.image_shape)
+            if latents is not None:
+                x_T = latents[batch]
+            yield batch, self.sample(x_T, generators, progress).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# The latents file: safetensors with a float32 "latents" (N, C, H, W) and string metadata.
+
+
+def save_latents(path: Path, latents: torch.Tensor, **metadata) -> None:
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), meta)
+
+
+def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise DdimctlError(f"--latents {path}: no such file")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DdimctlError(f"--latents {path}: not a safetensors file ({e}); write one with `ddimctl invert`") from e
+    if "latents" not in tensors:
+        raise DdimctlError(f"--latents {path}: no tensor named 'latents' in it")
+    latents = tensors["latents"]
+    if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(image_shape):
+        raise DdimctlError(
+            f"--latents {path}: shape {tuple(latents.shape)} does not fit this model, which needs "
+            f"(N, {', '.join(map(str, image_shape))})"
+        )
+    return latents.float()
+
+
+def read_latents_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,100 @@
+"""Downloads from the Hugging Face Hub: the only module that touches the network.
+
+Files go into the standard Hub cache (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT are
+honoured by huggingface_hub itself). huggingface_hub checks only a download's size, so the sha256
+of every file is checked here before anything parses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import DdimctlError
+
+
+def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_file(repo: str, filename: str, revision: str = "main", cache_dir: str | None = None) -> Path | None:
+    """The cached copy of a Hub file, or None; never touches the network."""
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def download(
+    name: str,
+    repo: str,
+    filename: str,
+    revision: str = "main",
+    sha256: str | None = None,
+    *,
+    cache_dir: str | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Fetch (or find in the cache) one file of a Hub repo and verify its sha256.
+
+    Raises DdimctlError with a one-line message naming the model and what to do.
+    """
+    where = f"{repo}@{revision}/{filename}"
+    try:
+        path = Path(
+            hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint)
+        )
+    except LocalEntryNotFoundError as e:  # offline, or the endpoint unreachable, and not cached
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
+        raise DdimctlError(
+            f"model {name!r}: {where} is not in the Hub cache and {reason}; connect to the network "
+            f"(or point HF_ENDPOINT at a mirror), or pass a local checkpoint with --model PATH"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise DdimctlError(
+            f"model {name!r}: repository {repo} was not found on the Hub; check its entry in weights.toml"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise DdimctlError(
+            f"model {name!r}: revision {revision!r} of {repo} does not exist; fix the revision in weights.toml"
+        ) from e
+    except EntryNotFoundError as e:
+        raise DdimctlError(
+            f"model {name!r}: {repo} has no file {filename!r} at {revision}; fix the file in weights.toml"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DdimctlError(f"model {name!r}: download of {where} failed ({first_line}); try again later") from e
+
+    if sha256:
+        actual = sha256_of(path)
+        if actual != sha256.lower():
+            _remove_cached(path)
+            raise DdimctlError(
+                f"model {name!r}: {where} has sha256 {actual[:16]}..., expected {sha256[:16]}...; "
+                f"the corrupt download was deleted, run the command again to fetch it afresh"
+            )
+    return path
+
+
+def _remove_cached(snapshot_path: Path) -> None:
+    """Delete a cached file: the blob it points to and the snapshot link itself."""
+    blob = snapshot_path.resolve()
+    for p in {blob, snapshot_path}:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,100 @@
+"""Images in and out: pixels <-> [-1, 1] tensors, grids, and files written atomically."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DdimctlError
+from .files import atomic_path
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats (N, C, H, W) to 8-bit (N, H, W, C), as the checkpoints' authors did."""
+    x = ((x.float() + 1) / 2).clamp(0, 1)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """8-bit (N, H, W, C) to [-1, 1] floats (N, C, H, W)."""
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """One 8-bit (H, W, C) image."""
+    array = pixels.numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
+    """Tile 8-bit (N, H, W, C) images into one (H', W', C) image."""
+    n, h, w, c = pixels.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    out = torch.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        out[top : top + h, left : left + w] = pixels[i]
+    return out
+
+
+def save_image(pixels: torch.Tensor, path: Path) -> None:
+    """Write one 8-bit (H, W, C) image; the format follows the suffix, .png by default."""
+    with atomic_path(path) as tmp:
+        to_pil(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+
+
+def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120) -> None:
+    images = [to_pil(f) for f in frames]
+    # Play forwards then backwards so the loop has no jump.
+    sequence = images + images[-2:0:-1]
+    with atomic_path(path) as tmp:
+        sequence[0].save(tmp, format="GIF", save_all=True, append_images=sequence[1:], duration=duration_ms, loop=0)
+
+
+def check_writable(path: Path) -> None:
+    """Fail early, before any sampling, when `path` cannot be written."""
+    folder = Path(path).parent if not Path(path).is_dir() else Path(path)
+    if not folder.exists():
+        raise DdimctlError(f"cannot write {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another --out")
+
+
+def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+    """Read any image Pillow knows as a [-1, 1] tensor (C, H, W) at the model's resolution.
+
+    The shorter side is resized to `resolution` and the centre cropped; RGBA, palette and grayscale
+    images are converted to the model's channels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DdimctlError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB" if channels == 3 else "L")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DdimctlError(f"{path}: not a readable image ({str(e).splitlines()[0]}); pass a PNG or JPEG file") from e
+    if img.size != (resolution, resolution):
+        if notice is not None:
+            notice(f"{path.name}: {img.size[0]}x{img.size[1]} resized and centre-cropped to {resolution}x{resolution}")
+        img = fit(img, resolution)
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, channels)
+    return from_uint8(pixels[None])[0]
+
+
+def fit(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution`, then crop the centre square."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))

@@ -1,0 +1,34 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ddimctl.unet import PRESETS, UNet
+
+DATA = Path(__file__).parent / "data"
+
+
+def random_unet(preset: str = "tiny", seed: int = 0) -> UNet:
+    """A UNet whose weights are all random (biases and norms too, so no layer is an identity)."""
+    torch.manual_seed(seed)
+    model = UNet(PRESETS[preset])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.5) + (1.0 if p.dim() == 1 and p.shape[0] > 0 else 0))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet() -> UNet:
+    return random_unet("tiny")
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path, tiny_unet) -> Path:
+    """A local safetensors checkpoint of the tiny UNet with a sidecar ddimctl config."""
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_unet.state_dict(), str(path))
+    path.with_suffix(".json").write_text(json.dumps({"unet": PRESETS["tiny"].to_dict(), "skip": "uniform"}))
+    return path

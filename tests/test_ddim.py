@@ -1,0 +1,233 @@
+"""The sampler against closed-form answers: Gaussian and Gaussian-mixture data with exact noise predictors."""
+
+import math
+
+import pytest
+import torch
+from gaussian import GaussianEps, MixtureEps
+
+from ddimctl import ddim
+
+ABAR = ddim.alphas_cumprod(ddim.linear_betas())
+MU = torch.tensor([0.5, -0.3, 0.0, 0.2], dtype=torch.float64)
+STD = torch.tensor([0.2, 0.1, 0.5, 0.05], dtype=torch.float64)
+
+
+def gaussian_error(x: torch.Tensor) -> float:
+    """Distance between the sample's per-coordinate mean/std and the data's."""
+    return float(((x.mean(0) - MU) ** 2 + (x.std(0) - STD) ** 2).sum().sqrt())
+
+
+def mixture_ks(mix: MixtureEps, x: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance between samples and the mixture's exact CDF."""
+    x = torch.sort(x)[0]
+    n = len(x)
+    cdf = (mix.w * 0.5 * (1 + torch.erf((x[:, None] - mix.m) / (mix.s * math.sqrt(2))))).sum(1)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return float(torch.maximum(i / n - cdf, cdf - (i - 1) / n).max())
+
+
+# --- schedule and timestep sequences -------------------------------------------------------
+
+
+def test_linear_schedule_matches_ddpm():
+    betas = ddim.linear_betas()
+    assert betas.dtype == torch.float64 and len(betas) == 1000
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
+    abar = ddim.alphas_cumprod(betas)
+    assert abar[0] == pytest.approx(1 - 1e-4)
+    assert abar[-1] == pytest.approx(4.0358e-5, rel=1e-3)  # DDPM's abar_T
+    assert (abar[1:] < abar[:-1]).all()
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 10, 50, 333, 999, 1000])
+def test_uniform_has_exactly_s_steps(steps):
+    tau = ddim.timestep_sequence(steps, 1000, "uniform")
+    assert len(tau) == steps
+    assert tau[0] == 0 and tau[-1] < 1000
+    assert (tau[1:] > tau[:-1]).all()
+    assert (tau[1:] - tau[:-1] == 1000 // steps).all()
+
+
+def test_quad_matches_the_paper_without_duplicates():
+    tau = ddim.timestep_sequence(10, 1000, "quad")
+    assert tau.tolist() == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
+    assert len(ddim.timestep_sequence(50, 1000, "quad")) == 49  # the paper's int cast repeats a step
+    assert len(ddim.timestep_sequence(100, 1000, "quad")) == 96
+    tau = ddim.timestep_sequence(100, 1000, "quad")
+    assert (tau[1:] > tau[:-1]).all() and tau[0] == 0 and tau[-1] == 800
+
+
+@pytest.mark.parametrize("steps,scheme", [(0, "uniform"), (1001, "uniform"), (10, "cosine")])
+def test_bad_sequences_are_refused(steps, scheme):
+    with pytest.raises(ValueError):
+        ddim.timestep_sequence(steps, 1000, scheme)
+
+
+# --- the update ----------------------------------------------------------------------------
+
+
+def test_one_step_matches_the_paper_equation():
+    g = torch.Generator().manual_seed(0)
+    x, eps, z = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    a_t, a_s, eta = float(ABAR[500]), float(ABAR[400]), 0.7
+    sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    expected = math.sqrt(a_s) * x0 + math.sqrt(1 - a_s - sigma**2) * eps + sigma * z
+    got = ddim.ddim_step(x, eps, a_t, a_s, ddim.ddim_sigma(a_t, a_s, eta), z)
+    torch.testing.assert_close(got, expected)
+
+
+def test_eta_one_is_the_ddpm_posterior_variance():
+    a_t, a_s = float(ABAR[300]), float(ABAR[299])
+    beta_t = 1 - a_t / a_s
+    posterior_var = (1 - a_s) / (1 - a_t) * beta_t  # DDPM's beta-tilde
+    assert ddim.ddim_sigma(a_t, a_s, 1.0) ** 2 == pytest.approx(posterior_var)
+
+
+def test_last_step_returns_x0_and_uses_each_timestep_once():
+    eps_model = GaussianEps(ABAR, MU, STD)
+    tau = ddim.timestep_sequence(20, 1000, "uniform")
+    x = torch.randn(8, 4, dtype=torch.float64)
+    seen = []
+    out = ddim.sample(eps_model, x, ABAR, tau, callback=lambda i, t, x_: seen.append((i, t)))
+    assert eps_model.calls == list(reversed(tau.tolist()))  # S calls, from tau_S down to tau_1
+    assert seen == list(enumerate(reversed(tau.tolist())))
+    assert torch.isfinite(out).all()
+
+
+def test_sample_is_deterministic_at_eta_zero_and_not_above():
+    eps_model = GaussianEps(ABAR, MU, STD)
+    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    x = torch.randn(4, 4, dtype=torch.float64)
+    a = ddim.sample(eps_model, x, ABAR, tau, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = ddim.sample(eps_model, x, ABAR, tau, eta=0.0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b)
+    c = ddim.sample(eps_model, x, ABAR, tau, eta=1.0, generator=torch.Generator().manual_seed(1))
+    d = ddim.sample(eps_model, x, ABAR, tau, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert (c - d).abs().max() > 1e-3
+
+
+def test_per_row_generators_make_rows_independent_of_the_batch():
+    eps_model = GaussianEps(ABAR, MU, STD)
+    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    x = torch.randn(4, 4, dtype=torch.float64)
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    whole = ddim.sample(eps_model, x, ABAR, tau, eta=1.0, generator=gens(range(4)))
+    part = ddim.sample(eps_model, x[2:], ABAR, tau, eta=1.0, generator=gens(range(2, 4)))
+    torch.testing.assert_close(whole[2:], part)
+
+
+# --- against the data distribution ----------------------------------------------------------
+
+
+def linear_map_error(steps: int, scheme: str) -> float:
+    """At eta = 0 and Gaussian data the sampler is affine per coordinate, x_0 = A x_T + b, so the
+    distribution of its output, N(b, A^2), is known exactly: no Monte Carlo noise in the check."""
+    eps_model = GaussianEps(ABAR, MU, STD)
+    tau = ddim.timestep_sequence(steps, 1000, scheme)
+    b = ddim.sample(eps_model, torch.zeros(1, 4, dtype=torch.float64), ABAR, tau)[0]
+    a = ddim.sample(eps_model, torch.ones(1, 4, dtype=torch.float64), ABAR, tau)[0] - b
+    return float(((b - MU) ** 2 + (a.abs() - STD) ** 2).sum().sqrt())
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "quad"])
+def test_error_shrinks_as_steps_grow_gaussian(scheme):
+    errors = [linear_map_error(s, scheme) for s in (10, 20, 50, 100, 1000)]
+    assert all(later < earlier for earlier, later in zip(errors, errors[1:-1])), errors
+    assert errors[-1] < 0.01  # 1000 steps: the data distribution (errors[0] is ~0.1-0.2)
+    assert errors[0] > 5 * errors[-1]
+
+
+def test_many_steps_match_the_data_distribution():
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(40000, 4, dtype=torch.float64, generator=g)
+    out = ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, ddim.timestep_sequence(1000, 1000, "uniform"))
+    torch.testing.assert_close(out.mean(0), MU, atol=0.01, rtol=0)
+    torch.testing.assert_close(out.std(0), STD, atol=0.01, rtol=0.03)
+
+
+def test_eta_zero_beats_eta_one_at_ten_steps_gaussian():
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(40000, 4, dtype=torch.float64, generator=g)
+    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    err = {
+        eta: gaussian_error(ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, tau, eta, torch.Generator().manual_seed(1)))
+        for eta in (0.0, 0.5, 1.0)
+    }
+    assert err[0.0] < err[0.5] < err[1.0], err
+
+
+def test_mixture_error_shrinks_and_eta_zero_wins_at_small_s():
+    mix = MixtureEps(ABAR, [0.3, 0.7], [-0.6, 0.4], [0.1, 0.15])
+    x_T = torch.randn(20000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ks = {}
+    for steps in (10, 20, 50, 200):
+        tau = ddim.timestep_sequence(steps, 1000, "uniform")
+        for eta in (0.0, 1.0):
+            out = ddim.sample(mix, x_T, ABAR, tau, eta, torch.Generator().manual_seed(3))
+            ks[steps, eta] = mixture_ks(mix, out[:, 0])
+    assert ks[10, 0.0] > ks[20, 0.0] > ks[50, 0.0] > ks[200, 0.0]
+    assert ks[200, 0.0] < 0.02
+    for steps in (10, 20, 50):
+        assert ks[steps, 0.0] < ks[steps, 1.0]
+
+
+def test_sigma_hat_is_worse_than_ddim_at_ten_steps():
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(20000, 4, dtype=torch.float64, generator=g)
+    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    eps_model = GaussianEps(ABAR, MU, STD)
+    hat = ddim.sample(eps_model, x_T, ABAR, tau, generator=torch.Generator().manual_seed(1), sigma_hat=True)
+    assert gaussian_error(hat) > 2 * gaussian_error(ddim.sample(eps_model, x_T, ABAR, tau))
+
+
+# --- inversion ------------------------------------------------------------------------------
+
+
+def test_round_trip_error_shrinks_with_steps():
+    eps_model = GaussianEps(ABAR, MU, STD)
+    x = MU + STD * torch.randn(2000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mse = []
+    for steps in (10, 20, 50, 100, 200, 1000):
+        tau = ddim.timestep_sequence(steps, 1000, "uniform")
+        x_T = ddim.invert(eps_model, x, ABAR, tau)
+        mse.append(float((ddim.sample(eps_model, x_T, ABAR, tau) - x).pow(2).mean()))
+    assert all(later < earlier / 2 for earlier, later in zip(mse, mse[1:])), mse
+    assert mse[-1] < 1e-5
+
+
+def test_invert_evaluates_s_times_at_current_timesteps_in_order():
+    eps_model = GaussianEps(ABAR, MU, STD)
+    tau = ddim.timestep_sequence(10, 1000, "quad")
+    ddim.invert(eps_model, torch.zeros(2, 4, dtype=torch.float64), ABAR, tau)
+    # The clean image counts as tau_1 = 0; every call is at the point's current timestep, so the
+    # calls are tau_1 (clean), tau_1, ..., tau_{S-1}: S of them, none at the target.
+    taus = tau.tolist()
+    assert eps_model.calls == [taus[0]] + taus[:-1]
+
+
+def test_latents_of_data_are_standard_normal():
+    eps_model = GaussianEps(ABAR, MU, STD)
+    x = MU + STD * torch.randn(20000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z = ddim.invert(eps_model, x, ABAR, ddim.timestep_sequence(1000, 1000, "uniform"))
+    torch.testing.assert_close(z.mean(0), torch.zeros(4, dtype=torch.float64), atol=0.03, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(4, dtype=torch.float64), atol=0.03, rtol=0)
+
+
+# --- slerp ----------------------------------------------------------------------------------
+
+
+def test_slerp_ends_norm_and_angle():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 3, 8, 8, generator=g)
+    torch.testing.assert_close(ddim.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(ddim.slerp(a, b, 1.0), b)
+    b_scaled = b * a.norm() / b.norm()
+    mid = ddim.slerp(a, b_scaled, 0.5)
+    # Halfway between equal-norm ends: equal angles to both.
+    cos = lambda u, v: float((u * v).sum() / (u.norm() * v.norm()))  # noqa: E731
+    assert cos(mid, a) == pytest.approx(cos(mid, b_scaled), abs=1e-5)
+    # The norm is kept (a straight line would shrink it).
+    assert float(ddim.slerp(a, b_scaled, 0.5).norm()) == pytest.approx(float(a.norm()), rel=1e-5)
+    assert float(((a + b_scaled) / 2).norm()) < 0.9 * float(a.norm())

@@ -1,0 +1,157 @@
+"""Hub downloads against a loopback server speaking the resolve protocol: no test touches the internet."""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import random_unet
+from hub_server import FakeHub
+from safetensors.torch import save, save_file
+
+from ddimctl import weights
+from ddimctl.errors import DdimctlError
+
+REPO = "test-org/ddpm-tiny"
+
+
+def entry(file="diffusion_pytorch_model.safetensors", sha256="", repo=REPO, name="tiny-hub") -> weights.ModelEntry:
+    return weights.ModelEntry(
+        name=name,
+        description="test",
+        architecture="tiny",
+        resolution=16,
+        schedule=dict(weights.DEFAULT_SCHEDULE),
+        skip="uniform",
+        license="MIT",
+        repo=repo,
+        file=file,
+        sha256=sha256,
+    )
+
+
+@pytest.fixture()
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIMCTL_CACHE", str(tmp_path / "ddimctl-cache"))
+    model = random_unet("tiny")
+    content = save(model.state_dict())
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    with FakeHub() as server:
+        server.add(REPO, "diffusion_pytorch_model.safetensors", content)
+        server.add(REPO, "diffusion_pytorch_model.bin", buffer.getvalue())
+        server.model = model
+        server.sha = {
+            "diffusion_pytorch_model.safetensors": hashlib.sha256(content).hexdigest(),
+            "diffusion_pytorch_model.bin": hashlib.sha256(buffer.getvalue()).hexdigest(),
+        }
+        yield server
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_first_download_then_cache_hit(hub, tmp_path):
+    cache = str(tmp_path / "hf")
+    e = entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"])
+    assert not weights.is_cached(e, cache)
+    loaded = weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
+    assert same_weights(loaded.unet, hub.model)
+    gets = [r for r in hub.requests if r[0] == "GET"]
+    assert len(gets) == 1
+    assert weights.is_cached(e, cache)
+    assert list((tmp_path / "hf").glob("models--test-org--ddpm-tiny/blobs/*"))
+
+    # Second run: no file transfer (at most a HEAD to check for a newer revision).
+    weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
+    assert len([r for r in hub.requests if r[0] == "GET"]) == 1
+
+
+def test_pickle_is_verified_then_converted_once_to_safetensors(hub, tmp_path):
+    cache = str(tmp_path / "hf")
+    e = entry(file="diffusion_pytorch_model.bin", sha256=hub.sha["diffusion_pytorch_model.bin"])
+    loaded = weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
+    assert same_weights(loaded.unet, hub.model)
+    converted = weights.converted_path(e, e.sha256)
+    assert converted.is_file() and converted.suffix == ".safetensors"
+    # Later runs read the safetensors without asking the Hub at all.
+    count = len(hub.requests)
+    again = weights.load_registered(e, hub_cache=cache, endpoint="http://127.0.0.1:9")
+    assert same_weights(again.unet, hub.model)
+    assert len(hub.requests) == count
+
+
+def test_sha256_mismatch_deletes_the_file_and_says_so(hub, tmp_path):
+    cache = tmp_path / "hf"
+    e = entry(sha256="0" * 64)
+    with pytest.raises(DdimctlError, match=r"sha256 .* expected 0000.*deleted") as info:
+        weights.load_registered(e, hub_cache=str(cache), endpoint=hub.endpoint)
+    assert "tiny-hub" in str(info.value) and "\n" not in str(info.value)
+    assert not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts]
+    assert not weights.is_cached(e, str(cache))
+
+
+def test_missing_file_and_unknown_repo(hub, tmp_path):
+    with pytest.raises(DdimctlError, match="has no file 'nope.safetensors'"):
+        weights.load_registered(entry(file="nope.safetensors"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
+    with pytest.raises(DdimctlError, match="repository test-org/missing was not found"):
+        weights.load_registered(entry(repo="test-org/missing"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
+
+
+def test_unreachable_endpoint(tmp_path):
+    with pytest.raises(DdimctlError, match="not in the Hub cache and the Hub could not be reached"):
+        weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint="http://127.0.0.1:9")
+
+
+def test_unknown_sha_prints_the_hash(hub, tmp_path, capsys):
+    weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=hub.endpoint)
+    assert hub.sha["diffusion_pytorch_model.safetensors"] in capsys.readouterr().err
+
+
+def run_cli(args, env_extra, cwd):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "ddimctl", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def test_cli_honours_hf_env_and_offline_mode(hub, tmp_path):
+    registry = tmp_path / "extra.toml"
+    registry.write_text(
+        "[models.tiny-hub]\n"
+        f'description = "test"\nrepo = "{REPO}"\nrevision = "main"\n'
+        'file = "diffusion_pytorch_model.safetensors"\n'
+        f'sha256 = "{hub.sha["diffusion_pytorch_model.safetensors"]}"\n'
+        'architecture = "tiny"\nresolution = 16\nschedule = "ddpm-linear"\nskip = "uniform"\nlicense = "MIT"\n'
+    )
+    env = {
+        "DDIMCTL_REGISTRY": str(registry),
+        "DDIMCTL_CACHE": str(tmp_path / "dc"),
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "HF_ENDPOINT": hub.endpoint,
+    }
+    offline = run_cli(["sample", "--model", "tiny-hub", "-n", "2", "--steps", "3"], {**env, "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert offline.returncode == 1
+    assert offline.stderr.strip().splitlines()[-1].startswith("error: model 'tiny-hub'")
+    assert "offline mode is on" in offline.stderr and "Traceback" not in offline.stderr
+
+    listed = run_cli(["models"], env, tmp_path)
+    assert "tiny-hub" in listed.stdout and "no" in listed.stdout.split("tiny-hub")[1].splitlines()[0]
+
+    online = run_cli(["sample", "--model", "tiny-hub", "-n", "2", "--steps", "3", "--out", "a.png"], env, tmp_path)
+    assert online.returncode == 0, online.stderr
+    assert (tmp_path / "a.png").is_file()
+    assert list((tmp_path / "hf").glob("models--test-org--ddpm-tiny/snapshots/*/*.safetensors"))
+
+    # Now cached: works offline, and `models` says so.
+    cached = run_cli(["sample", "--model", "tiny-hub", "-n", "2", "--steps", "3", "--out", "b.png"], {**env, "HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert cached.returncode == 0, cached.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    listed = run_cli(["models"], env, tmp_path)
+    assert "yes" in listed.stdout.split("tiny-hub")[1].splitlines()[0]
