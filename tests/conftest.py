@@ -17,6 +17,12 @@ def random_unet(preset: str = "tiny", seed: int = 0) -> UNet:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.05 if p.dim() > 1 else 0.5) + (1.0 if p.dim() == 1 and p.shape[0] > 0 else 0))
+        # Scale the last layer so the predicted noise has about unit size, like a trained model's.
+        c = model.config
+        probe = torch.randn(4, c.in_channels, c.resolution, c.resolution, generator=torch.Generator().manual_seed(0))
+        scale = model(probe, torch.tensor([10, 300, 600, 900])).std()
+        model.conv_out.weight /= scale
+        model.conv_out.bias /= scale
     return model.eval()
 
 

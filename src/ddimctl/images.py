@@ -63,6 +63,8 @@ def check_writable(path: Path) -> None:
     folder = Path(path).parent if not Path(path).is_dir() else Path(path)
     if not folder.exists():
         raise DdimctlError(f"cannot write {path}: folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise DdimctlError(f"cannot write {path}: {folder} is not a folder; choose another --out")
     if not os.access(folder, os.W_OK):
         raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another --out")
 

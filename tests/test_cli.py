@@ -1,0 +1,209 @@
+"""The command line on real files: outputs, reproducibility, and one-line errors for bad input."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ddimctl import ddim, generate, weights
+
+
+def ddimctl(*args, cwd, check=True):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet
+    result = subprocess.run(
+        [sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"ddimctl {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture()
+def images_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 60, 3)) * 255).astype("uint8")).save(tmp_path / "wide.png")
+    Image.fromarray(np.tile(np.linspace(0, 255, 16).astype("uint8"), (16, 1))).save(tmp_path / "gray.png")
+    rgba = (rng.random((16, 16, 4)) * 255).astype("uint8")
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray((rng.random((20, 20, 3)) * 255).astype("uint8")).convert("P").save(tmp_path / "palette.gif")
+    (tmp_path / "notes.txt").write_text("not an image")
+    good = (tmp_path / "wide.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(good[: len(good) // 2])
+    return tmp_path
+
+
+def test_sample_grid(tiny_checkpoint, tmp_path):
+    result = ddimctl("sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 4, "--out", "grid.png", cwd=tmp_path)
+    img = Image.open(tmp_path / "grid.png")
+    # 5 images of 16x16 in a 3x2 grid with 2 px padding.
+    assert img.size == (3 * 18 + 2, 2 * 18 + 2) and img.mode == "RGB"
+    assert "wrote 5 images" in result.stderr
+
+
+@pytest.mark.parametrize("eta", ["0", "1"])
+def test_same_seed_same_images_for_any_batch_size(tiny_checkpoint, tmp_path, eta):
+    common = ["sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 5, "--eta", eta, "--seed", 7]
+    ddimctl(*common, "--batch-size", 5, "--out", "a/", cwd=tmp_path)
+    ddimctl(*common, "--batch-size", 2, "--out", "b/", cwd=tmp_path)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == [f"{i:06d}.png" for i in range(5)]
+    for name in names:
+        assert np.array_equal(pixels(tmp_path / "a" / name), pixels(tmp_path / "b" / name)), name
+    # A different seed gives different images.
+    ddimctl("sample", "--model", tiny_checkpoint, "-n", 1, "--steps", 5, "--eta", eta, "--seed", 8, "--out", "c/", cwd=tmp_path)
+    assert not np.array_equal(pixels(tmp_path / "a" / names[0]), pixels(tmp_path / "c" / names[0]))
+
+
+def test_folder_output_resumes(tiny_checkpoint, tmp_path):
+    args = ["sample", "--model", tiny_checkpoint, "-n", 4, "--steps", 3, "--out", "run/"]
+    ddimctl(*args, cwd=tmp_path)
+    original = pixels(tmp_path / "run" / "000002.png")
+    (tmp_path / "run" / "000002.png").unlink()
+    stamp = (tmp_path / "run" / "000000.png").stat().st_mtime_ns
+    result = ddimctl(*args, cwd=tmp_path)
+    assert "3 of 4 images already" in result.stderr
+    assert np.array_equal(pixels(tmp_path / "run" / "000002.png"), original)
+    assert (tmp_path / "run" / "000000.png").stat().st_mtime_ns == stamp
+
+
+def test_images_match_the_library(tiny_checkpoint, tmp_path):
+    """The CLI's PNG is exactly the library's sample of the (seed, i) noise, quantised."""
+    ddimctl("sample", "--model", tiny_checkpoint, "-n", 2, "--steps", 6, "--seed", 3, "--out", "o/", cwd=tmp_path)
+    model = weights.load_model(str(tiny_checkpoint))
+    x_T = generate.initial_noise(generate.image_generators(3, [0, 1]), model.image_shape)
+    x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, ddim.timestep_sequence(6, 1000, "uniform"))
+    expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(2):
+        assert np.array_equal(pixels(tmp_path / "o" / f"{i:06d}.png"), expected[i])
+
+
+def test_invert_writes_latents_that_sample_decodes(tiny_checkpoint, images_dir):
+    result = ddimctl(
+        "invert", "wide.png", "gray.png", "alpha.png", "palette.gif",
+        "--model", tiny_checkpoint, "--steps", 8, "--out", "z.safetensors", cwd=images_dir,
+    )
+    assert "wide.png: 60x40 resized and centre-cropped to 16x16" in result.stderr
+    assert "mean" in result.stdout and "std" in result.stdout
+    latents = load_file(images_dir / "z.safetensors")["latents"]
+    assert latents.shape == (4, 3, 16, 16) and latents.dtype == torch.float32
+    with safe_open(images_dir / "z.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["model"] == "tiny.safetensors" and meta["steps"] == "8" and meta["skip"] == "uniform"
+    assert json.loads(meta["sources"]) == ["wide.png", "gray.png", "alpha.png", "palette.gif"]
+
+    ddimctl("sample", "--model", tiny_checkpoint, "--steps", 8, "--latents", "z.safetensors", "--out", "dec/", cwd=images_dir)
+    assert len(list((images_dir / "dec").iterdir())) == 4
+    # reconstruct = invert + decode: its JSON MSE agrees with the decoded files.
+    report = json.loads(
+        ddimctl("reconstruct", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", "8", "--json", cwd=images_dir).stdout
+    )
+    r = report["results"][0]
+    assert r["steps"] == 8 and len(r["images"]) == 2
+    target = np.asarray(Image.open(images_dir / "gray.png").convert("RGB"), dtype=np.float64) / 255
+    decoded = pixels(images_dir / "dec" / "000001.png").astype(np.float64) / 255
+    assert r["images"][1]["mse"] == pytest.approx(((decoded - target) ** 2).mean(), abs=2e-4)  # PNG rounding
+
+
+def test_reconstruct_table_and_side_by_side(tiny_checkpoint, images_dir):
+    result = ddimctl("reconstruct", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", "2,4", "--out", "r.png", cwd=images_dir)
+    rows = [re.match(r"│\s*(\d+)\s*│\s*([\d.]+)", line) for line in result.stdout.splitlines()]
+    assert [(m.group(1), float(m.group(2)) > 0) for m in rows if m] == [("2", True), ("4", True)]
+    assert Image.open(images_dir / "r.png").size == (3 * 18 + 2, 2 * 18 + 2)  # input + 2 S, 2 images
+
+
+def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
+    ddimctl("interpolate", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", 4, "--frames", 5, "--gif", "i.gif", cwd=images_dir)
+    assert Image.open(images_dir / "interp.png").size == (5 * 18 + 2, 18 + 2)
+    gif = Image.open(images_dir / "i.gif")
+    assert gif.n_frames == 8  # there and back
+    ddimctl("interpolate", "--seeds", 1, 2, "--model", tiny_checkpoint, "--steps", 4, "--frames", 3, "--out", "s.png", cwd=images_dir)
+    ddimctl("sample", "--model", tiny_checkpoint, "-n", 1, "--seed", 2, "--steps", 4, "--out", "end/", cwd=images_dir)
+    strip = pixels(images_dir / "s.png")
+    assert np.array_equal(strip[2:18, 2 + 2 * 18 : 18 + 2 * 18], pixels(images_dir / "end" / "000000.png"))
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["sample", "--steps", "0"], ["--steps must be between 1 and 1000"]),
+        (["sample", "--steps", "1001"], ["--steps must be between 1 and 1000"]),
+        (["sample", "--eta", "-0.5"], ["--eta must be >= 0"]),
+        (["sample", "--skip", "cosine"], ["--skip must be one of uniform, quad"]),
+        (["sample", "--out", "nowhere/x.png"], ["folder nowhere does not exist"]),
+        (["sample", "--out", "x.txt"], ["give an image file"]),
+        (["sample", "--latents", "missing.safetensors"], ["no such file"]),
+    ],
+)
+def test_bad_sample_input(tiny_checkpoint, tmp_path, args, fragments):
+    result = ddimctl(*args, "--model", tiny_checkpoint, cwd=tmp_path, check=False)
+    assert_one_line_error(result, *fragments)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unknown_model_and_wrong_latents(tiny_checkpoint, tmp_path):
+    assert_one_line_error(ddimctl("sample", "--model", "no-such-model", cwd=tmp_path, check=False), "unknown model 'no-such-model'")
+    save_file({"latents": torch.zeros(2, 3, 32, 32)}, str(tmp_path / "big.safetensors"))
+    result = ddimctl("sample", "--model", tiny_checkpoint, "--latents", "big.safetensors", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "shape (2, 3, 32, 32) does not fit", "(N, 3, 16, 16)")
+    assert not (tmp_path / "samples.png").exists()
+
+
+def test_unwritable_out(tiny_checkpoint, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = ddimctl("sample", "--model", tiny_checkpoint, "--out", "afile/x.png", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "afile is not a folder")
+    result = ddimctl("sample", "--model", tiny_checkpoint, "--out", "afile/sub/", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "cannot create the folder")
+    if os.geteuid() != 0:  # root can write anywhere, so only an ordinary user sees this one
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        result = ddimctl("sample", "--model", tiny_checkpoint, "--out", locked / "x.png", cwd=tmp_path, check=False)
+        assert_one_line_error(result, "not writable")
+
+
+@pytest.mark.parametrize("name,fragment", [("missing.png", "no such image file"), ("notes.txt", "not a readable image"), ("truncated.png", "not a readable image")])
+def test_bad_images(tiny_checkpoint, images_dir, name, fragment):
+    for command in (["invert", name, "gray.png"], ["reconstruct", "gray.png", name], ["interpolate", name, "gray.png"]):
+        result = ddimctl(*command, "--model", tiny_checkpoint, "--steps", 2, cwd=images_dir, check=False)
+        assert_one_line_error(result, name, fragment)
+    for output in ("latents.safetensors", "recon.png", "interp.png"):
+        assert not (images_dir / output).exists()
+    assert not list(images_dir.glob(".*.tmp"))
+
+
+def test_models_lists_the_registry(tmp_path):
+    out = ddimctl("models", cwd=tmp_path).stdout
+    for name in ["cifar10", "church-256", "ema-church-256", "bedroom-256", "ema-bedroom-256", "celebahq-256",
+                 "ema-celebahq-256", "cat-256", "ema-cat-256"]:
+        assert name in out
+    assert "35.7M" in out and "113.7M" in out
+
+
+def test_python_dash_m_and_console_script_agree(tmp_path):
+    assert "sample" in ddimctl("--help", cwd=tmp_path).stdout
+    exe = Path(sys.executable).with_name("ddimctl")
+    if exe.exists():
+        assert "sample" in subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
