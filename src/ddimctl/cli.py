@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from . import ddim, generate, images, weights
+from . import ddim, distributed, generate, images, weights
 from .errors import DdimctlError
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ class ImagesPerSecond(ProgressColumn):
 
 
 @contextmanager
-def progress_bar(description: str, images_count: int, evals_per_image: int):
+def progress_bar(description: str, images_count: int, evals_per_image: int, enabled: bool = True):
     """A bar over every model evaluation; yields advance(n_images) for one evaluation of a batch."""
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -67,6 +68,7 @@ def progress_bar(description: str, images_count: int, evals_per_image: int):
         TimeRemainingColumn(),
         console=stderr,
         transient=False,
+        disable=not enabled,
     ) as bar:
         task = bar.add_task(description, total=images_count * evals_per_image, evals_per_image=evals_per_image)
         yield lambda n: bar.advance(task, n)
@@ -178,8 +180,13 @@ def sample(
             fail(f"--out {out}: cannot create the folder ({e.strerror})")
     images.check_writable(out_path if not to_folder else out_path / "x")
 
+    world = distributed.init(generate.pick_device(device))
+    if world.distributed and not to_folder:
+        fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     loaded = load(model)
     sampler = make_sampler(loaded, steps, skip, device, eta, sigma_hat)
+    sampler.device = distributed.local_device(sampler.device, world)
+    loaded.unet.to(sampler.device)
     x_T = generate.load_latents(latents, loaded.image_shape) if latents is not None else None
     count = x_T.shape[0] if x_T is not None else num
     batch = batch_size or default_batch_size(loaded, sampler.device)
@@ -189,12 +196,14 @@ def sample(
     todo = list(range(count))
     if to_folder:
         todo = [i for i in todo if not name_of(i).exists()]
-        if len(todo) < count:
+        if len(todo) < count and world.is_main:
             note(f"{count - len(todo)} of {count} images already in {out_path}; generating the rest")
+    world.barrier()  # every process lists the folder before any writes to it
+    todo = todo[world.rank :: world.size]  # image i depends only on (seed, i): any split gives the same set
 
     started = time.perf_counter()
     collected = []
-    with progress_bar("sampling", len(todo), sampler.evaluations) as advance:
+    with progress_bar("sampling", len(todo), sampler.evaluations, enabled=world.is_main) as advance:
         for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
             pixels = images.to_uint8(x0)
             if to_folder:
@@ -202,14 +211,18 @@ def sample(
                     images.save_image(p, name_of(i))
             else:
                 collected.append(pixels)
+    world.barrier()
+    distributed.shutdown()
     elapsed = time.perf_counter() - started
     if not to_folder:
         images.save_image(images.grid(torch.cat(collected)), out_path)
-    where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
-    say(
-        f"wrote {len(todo)} images to {where} in {elapsed:.1f}s "
-        f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}]"
-    )
+    if world.is_main:
+        where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
+        done = f"{len(todo)} images" if world.size == 1 else f"{len(todo)} images per process x {world.size} processes"
+        say(
+            f"wrote {done} to {where} in {elapsed:.1f}s "
+            f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}]"
+        )
 
 
 @app.command()
@@ -373,6 +386,107 @@ def interpolate(
     if gif:
         images.save_gif(list(pixels), gif)
     say(f"wrote {frames} frames to {out}" + (f" and {gif}" if gif else ""))
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, checkpoints, samples, log."),
+    preset: str = typer.Option("small", "--preset", help="Architecture: cifar10, celeba64, ddpm256, small, tiny."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size (default: the preset's)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="1 (grayscale) or 3 (RGB)."),
+    base_channels: Optional[int] = typer.Option(None, "--base-channels", help="Width of the first level."),
+    channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers, e.g. 1,2,2,2."),
+    res_blocks: Optional[int] = typer.Option(None, "--res-blocks", help="Residual blocks per level."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Resolutions with attention, e.g. 16."),
+    dropout: Optional[float] = typer.Option(None, "--dropout"),
+    steps: int = typer.Option(10_000, "--steps", help="Optimizer steps in all."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step, over all processes."),
+    lr: float = typer.Option(2e-4, "--lr"),
+    warmup: int = typer.Option(1000, "--warmup", help="Steps of linear learning-rate warm-up."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay"),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
+    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint and sample grid every N steps."),
+    keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
+    sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps of the sample grids."),
+    seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA), fp32 or bf16."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = DeviceOpt,
+) -> None:
+    """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
+    from . import train as training
+
+    overrides = {}
+    for key, value in [("resolution", resolution), ("in_channels", channels), ("out_channels", channels),
+                       ("base_channels", base_channels), ("num_res_blocks", res_blocks), ("dropout", dropout)]:
+        if value is not None:
+            overrides[key] = value
+    if channel_mult is not None:
+        overrides["channel_mult"] = tuple(parse_int_list(channel_mult, "--channel-mult"))
+    if attention is not None:
+        overrides["attention_resolutions"] = tuple(parse_int_list(attention, "--attention", allow_empty=True))
+    if channels is not None and channels not in (1, 3):
+        fail(f"--channels must be 1 or 3, got {channels}")
+    for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--save-every", save_every), ("--keep", keep)]:
+        if value < 1:
+            fail(f"{name} must be at least 1, got {value}")
+    if precision not in ("auto", "fp32", "bf16"):
+        fail(f"--precision for training must be auto, fp32 or bf16, got {precision!r}")
+    options = training.TrainOptions(
+        data=str(data), out=str(out), preset=preset, unet=overrides, steps=steps, batch_size=batch_size, lr=lr,
+        warmup=warmup, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep, sample_steps=sample_steps,
+        seed=seed, precision=precision, compile=compile_model,
+    )
+    config = options.unet_config()
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) into {out}")
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} img/s"),
+        TimeRemainingColumn(), console=stderr, disable=not main_process,
+    ) as bar:
+        reading = bar.add_task("reading data", total=None, loss=0.0, speed=0.0)
+        task = bar.add_task("training", total=steps, loss=float("nan"), speed=0.0, visible=False)
+
+        def on_data(done: int, total: int) -> None:
+            bar.update(reading, completed=done, total=total)
+
+        def on_step(step: int, loss: float, speed: float) -> None:
+            bar.update(task, completed=step, loss=loss, speed=speed, visible=True)
+
+        started = time.perf_counter()
+        newest = training.train(
+            options, generate.pick_device(device), resume,
+            training.Progress(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
+        )
+    if main_process:
+        say(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
+
+
+def parse_int_list(text: str, option: str, allow_empty: bool = False) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if values is None or (not values and not allow_empty) or any(v < 1 for v in values):
+        fail(f"{option} takes positive integers separated by commas, got {text!r}")
+    return values
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A training run folder, or any checkpoint --model accepts."),
+    out: Path = typer.Argument(..., help="Folder to write in diffusers format (UNet2DModel + DDPM scheduler)."),
+) -> None:
+    """Write a model as a diffusers-format folder that others can load."""
+    from .export import export_diffusers
+
+    loaded = weights.load_model(str(run_dir))
+    export_diffusers(loaded, out)
+    say(f"wrote {out} (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)")
 
 
 def main() -> None:

@@ -43,6 +43,12 @@ class UNetConfig:
                 f"resolution {self.resolution} is not divisible by {1 << (levels - 1)}, "
                 f"as {levels} levels of downsampling need"
             )
+        missing = sorted(set(self.attention_resolutions) - set(self.level_resolutions))
+        if missing:
+            raise ValueError(
+                f"attention at {missing} matches no level (levels are {self.level_resolutions}); "
+                f"set the attention resolutions to some of these"
+            )
         for width in [self.base_channels * m for m in self.channel_mult]:
             if width % self.norm_groups:
                 raise ValueError(f"channel width {width} is not divisible by {self.norm_groups} norm groups")
@@ -56,6 +62,11 @@ PRESETS: dict[str, UNetConfig] = {
     "cifar10": UNetConfig(resolution=32, channel_mult=(1, 2, 2, 2), dropout=0.1),
     "celeba64": UNetConfig(resolution=64, channel_mult=(1, 2, 2, 2, 4), dropout=0.1),
     "ddpm256": UNetConfig(resolution=256, channel_mult=(1, 1, 2, 2, 4, 4), dropout=0.0),
+    # The bundled `digits` model: scikit-learn's 8x8 handwritten digits upscaled to 16x16, grayscale.
+    "digits": UNetConfig(
+        resolution=16, in_channels=1, out_channels=1, base_channels=32, channel_mult=(1, 2, 2),
+        num_res_blocks=2, attention_resolutions=(8,), dropout=0.1,
+    ),
     # Small layouts for quick experiments and tests.
     "small": UNetConfig(resolution=32, base_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1),
     "tiny": UNetConfig(

@@ -421,15 +421,21 @@ def load_local(path: Path) -> LoadedModel:
             folder = path / "unet"  # a diffusers pipeline folder
         config_file = folder / "config.json"
         cfg = _read_json(config_file) if config_file.is_file() else {}
-        weights_name = cfg.get("weights") or next((n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-        if weights_name is None:
-            raise DdimctlError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
-        weights = folder / weights_name
+        if cfg.get("format") == "ddimctl-run":  # a `ddimctl train` folder: its newest checkpoint
+            weights = _newest_run_checkpoint(path)
+        else:
+            name = next((n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+            if name is None:
+                raise DdimctlError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+            weights = folder / name
     else:
         weights = path
         sidecar = [path.with_suffix(".json"), folder / "config.json"]
         cfg = next((_read_json(p) for p in sidecar if p.is_file()), {})
-    state = to_diffusers_names(read_checkpoint(weights))
+    state = read_checkpoint(weights)
+    if any(k.startswith("ema.") for k in state):  # a training checkpoint: use the EMA weights
+        state = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+    state = to_diffusers_names(state)
 
     schedule = dict(DEFAULT_SCHEDULE)
     skip = "uniform"
@@ -447,6 +453,13 @@ def load_local(path: Path) -> LoadedModel:
             break
     unet = build_unet(config, state, str(path))
     return LoadedModel(unet, path.name, str(path), schedule, skip)
+
+
+def _newest_run_checkpoint(run_dir: Path) -> Path:
+    found = sorted((run_dir / "checkpoints").glob("step-*.safetensors"))
+    if not found:
+        raise DdimctlError(f"{run_dir}: this training run has no checkpoint yet; train longer or wait for the first save")
+    return found[-1]
 
 
 def _read_json(path: Path) -> dict:

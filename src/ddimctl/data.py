@@ -1,0 +1,64 @@
+"""Image folders as training data: found recursively, decoded once, kept as 8-bit tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import DdimctlError
+from .images import fit
+
+# Formats Pillow reads that people keep training images in.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+MAX_IN_MEMORY_BYTES = 8 << 30
+
+
+def find_images(folder: Path) -> list[Path]:
+    if not folder.exists():
+        raise DdimctlError(f"data folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DdimctlError(f"{folder} is not a folder; give a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DdimctlError(f"data folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def load_folder(
+    folder: Path,
+    resolution: int,
+    channels: int,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> torch.Tensor:
+    """All images of `folder` as uint8 (N, C, H, W); unreadable files are reported once and skipped."""
+    files = find_images(folder)
+    needed = len(files) * channels * resolution * resolution
+    if needed > MAX_IN_MEMORY_BYTES:
+        raise DdimctlError(
+            f"{len(files)} images at {resolution}x{resolution} need {needed / 2**30:.1f} GiB in memory; "
+            f"use a lower --resolution or a subset of the data"
+        )
+    mode = "RGB" if channels == 3 else "L"
+    out = torch.empty((len(files), channels, resolution, resolution), dtype=torch.uint8)
+    kept, bad = 0, []
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                img = fit(img.convert(mode), resolution) if img.size != (resolution, resolution) else img.convert(mode)
+                pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            out[kept] = pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
+            kept += 1
+        except (OSError, ValueError, Image.DecompressionBombError):
+            bad.append(path)
+        if progress is not None:
+            progress(i + 1, len(files))
+    if bad and warn is not None:
+        shown = ", ".join(str(p.relative_to(folder)) for p in bad[:5])
+        warn(f"skipped {len(bad)} unreadable file(s): {shown}{', ...' if len(bad) > 5 else ''}")
+    if kept == 0:
+        raise DdimctlError(f"none of the {len(files)} files in {folder} could be read as an image")
+    return out[:kept].clone()

@@ -1,0 +1,65 @@
+"""Export to the diffusers on-disk format (UNet2DModel config + weights, DDPMScheduler config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import DdimctlError
+from .files import atomic_path
+from .weights import LoadedModel, atomic_save_safetensors
+
+
+def diffusers_unet_config(loaded: LoadedModel) -> dict:
+    c = loaded.config
+    widths = [c.base_channels * m for m in c.channel_mult]
+    attend = [c.resolution >> i in c.attention_resolutions for i in range(len(widths))]
+    return {
+        "_class_name": "UNet2DModel",
+        "sample_size": c.resolution,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": widths,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attend],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)],
+        "layers_per_block": c.num_res_blocks,
+        "attention_head_dim": None,
+        "norm_num_groups": c.norm_groups,
+        "norm_eps": c.norm_eps,
+        "act_fn": "silu",
+        "downsample_padding": 0,
+        "flip_sin_to_cos": False,
+        "freq_shift": 1,
+        "time_embedding_type": "positional",
+        "center_input_sample": False,
+        "mid_block_scale_factor": 1,
+        "dropout": 0.0,
+    }
+
+
+def diffusers_scheduler_config(loaded: LoadedModel) -> dict:
+    s = loaded.schedule
+    return {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": s["train_steps"],
+        "beta_start": s["beta_start"],
+        "beta_end": s["beta_end"],
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "variance_type": "fixed_small",
+    }
+
+
+def export_diffusers(loaded: LoadedModel, out: Path) -> None:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DdimctlError(f"{out} exists and is not a folder; choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(loaded.unet.state_dict(), out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    for name, content in (
+        ("config.json", diffusers_unet_config(loaded)),
+        ("scheduler_config.json", diffusers_scheduler_config(loaded)),
+    ):
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")

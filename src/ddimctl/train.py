@@ -1,0 +1,307 @@
+"""Training with DDPM's "simple" loss: predict the noise added at a uniformly drawn timestep.
+
+One process or many (torchrun, DistributedDataParallel). Every random draw of step n comes from a
+generator seeded by (seed, n, rank), so a run killed and resumed from its last checkpoint gives
+bit-identical weights to one that ran straight through.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed, images
+from .files import atomic_path
+from .errors import DdimctlError
+from .generate import Sampler, image_seed
+from .unet import PRESETS, UNet, UNetConfig
+from .weights import DEFAULT_SCHEDULE, LoadedModel, atomic_save_safetensors, schedule_alphas_cumprod
+
+CHECKPOINTS = "checkpoints"
+RUN_FORMAT = "ddimctl-run"
+
+
+@dataclass
+class TrainOptions:
+    data: str
+    out: str
+    preset: str = "small"
+    unet: dict = field(default_factory=dict)  # overrides of the preset's UNetConfig fields
+    steps: int = 10_000
+    batch_size: int = 64  # images per optimizer step, over all processes
+    lr: float = 2e-4
+    warmup: int = 1000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    flip: bool = True
+    save_every: int = 1000
+    keep: int = 3
+    sample_count: int = 16
+    sample_steps: int = 50
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    log_every: int = 10
+
+    def unet_config(self) -> UNetConfig:
+        if self.preset not in PRESETS:
+            raise DdimctlError(f"unknown --preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        config = UNetConfig(**{**PRESETS[self.preset].to_dict(), **self.unet})
+        try:
+            config.check()
+        except ValueError as e:
+            raise DdimctlError(f"this architecture cannot take the run's settings: {e}") from e
+        return config
+
+
+# --------------------------------------------------------------------------------------------
+# Pure pieces: the loss, the learning rate, EMA, data order
+
+
+def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (DDPM's L_simple)."""
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return F.mse_loss(model(x_t, t).float(), noise)
+
+
+def learning_rate(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / max(1, warmup))
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The configured decay, ramped up early so the average is not dominated by the random init."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int, world: distributed.World) -> torch.Tensor:
+    """This process's share of step `step`'s batch: epochs are seeded permutations of the data."""
+    positions = torch.arange(step * global_batch, (step + 1) * global_batch)
+    out = torch.empty_like(positions)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(seed, -1 - epoch)))
+        here = positions.div(n, rounding_mode="floor") == epoch
+        out[here] = perm[positions[here] % n]
+    return out[world.rank :: world.size]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file per save (model, EMA, optimizer), written atomically
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / CHECKPOINTS).glob("step-*.safetensors"))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, keep: int) -> Path:
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu() for k, v in ema.state_dict().items()})
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = value.detach().cpu().reshape(value.shape)
+    metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
+    path = run_dir / CHECKPOINTS / f"step-{step:08d}.safetensors"
+    atomic_save_safetensors(tensors, path, metadata)
+    for old in checkpoint_files(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, model, ema, optimizer, device: torch.device) -> int:
+    tensors = load_file(str(path), device=str(device))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+def run_config(options: TrainOptions, config: UNetConfig) -> dict:
+    """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume."""
+    return {
+        "format": RUN_FORMAT,
+        "unet": config.to_dict(),
+        "schedule": dict(DEFAULT_SCHEDULE),
+        "skip": "uniform",
+        "train": asdict(options),
+    }
+
+
+def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, resume: bool) -> Path | None:
+    """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
+    config_file = run_dir / "config.json"
+    existing = checkpoint_files(run_dir) if run_dir.is_dir() else []
+    if config_file.is_file():
+        try:
+            saved = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise DdimctlError(f"{config_file} is not valid JSON; choose another --out") from e
+        if saved.get("format") != RUN_FORMAT:
+            raise DdimctlError(f"{run_dir} holds something other than a ddimctl run; choose another --out")
+        mine = config.to_dict()
+        theirs = UNetConfig(**{**mine, **saved.get("unet", {})}).to_dict()
+        if existing and any(theirs[k] != mine[k] for k in mine if k != "dropout"):
+            changed = [k for k in mine if k != "dropout" and theirs[k] != mine[k]]
+            raise DdimctlError(
+                f"{run_dir} holds a run with another architecture ({', '.join(changed)} differ); "
+                f"use the same settings or another --out"
+            )
+    if existing and not resume:
+        raise DdimctlError(
+            f"{run_dir} already holds a run (newest checkpoint {existing[-1].name}); "
+            f"pass --resume to continue it, or choose another --out"
+        )
+    return existing[-1] if existing else None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Progress:
+    """Callbacks a front end can supply; all optional."""
+
+    on_data: Callable[[int, int], None] | None = None  # (files done, files total)
+    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, images/s)
+    on_message: Callable[[str], None] | None = None
+
+
+def train(options: TrainOptions, device: torch.device, resume: bool = False, progress: Progress | None = None) -> Path:
+    """Train a UNet; returns the newest checkpoint. Only rank 0 logs, samples and writes checkpoints."""
+    from .data import load_folder
+
+    progress = progress or Progress()
+    say = progress.on_message or (lambda m: None)
+    world = distributed.init(device)
+    device = distributed.local_device(device, world)
+    run_dir = Path(options.out)
+    config = options.unet_config()
+    if options.batch_size % world.size:
+        raise DdimctlError(f"--batch-size {options.batch_size} is not divisible by the {world.size} processes")
+    resume_from = prepare_run_dir(run_dir, options, config, resume)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(run_config(options, config), indent=2))
+    world.barrier()
+
+    data = load_folder(
+        Path(options.data), config.resolution, config.in_channels,
+        progress.on_data if world.is_main else None, say if world.is_main else None,
+    )
+    if world.is_main:
+        say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
+
+    torch.manual_seed(options.seed)  # the initial weights
+    model = UNet(config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0)
+    step = 0
+    if resume_from is not None:
+        step = load_checkpoint(resume_from, model, ema, optimizer, device)
+        if world.is_main:
+            say(f"resuming from {resume_from.name} (step {step})")
+
+    trained = DistributedDataParallel(model) if world.distributed else model
+    if options.compile:
+        trained = torch.compile(trained)
+    abar = schedule_alphas_cumprod(DEFAULT_SCHEDULE).float().to(device)
+    train_steps = abar.shape[0]
+    use_bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
+    log = open(run_dir / "train.log", "a") if world.is_main else None
+    newest = resume_from
+    kill_at = int(os.environ.get("DDIMCTL_TEST_KILL_AFTER_CHECKPOINT", "0"))  # tests: a real SIGKILL
+
+    model.train()
+    started, images_seen = time.perf_counter(), 0
+    while step < options.steps:
+        rng = torch.Generator().manual_seed(image_seed(options.seed, step * 65536 + world.rank))
+        torch.manual_seed(image_seed(options.seed + 1, step * 65536 + world.rank))  # dropout
+        idx = batch_indices(data.shape[0], step, options.batch_size, options.seed, world)
+        x0 = data[idx].float().div(127.5).sub(1)
+        if options.flip:
+            flip = torch.rand(x0.shape[0], generator=rng) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        t = torch.randint(0, train_steps, (x0.shape[0],), generator=rng)
+        noise = torch.randn(x0.shape, generator=rng)
+        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, options.lr, options.warmup)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diffusion_loss(trained, x0, t, noise, abar)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        update_ema(ema, model, ema_decay(step, options.ema_decay))
+        step += 1
+        images_seen += options.batch_size
+
+        if world.is_main:
+            speed = images_seen / (time.perf_counter() - started)
+            if progress.on_step:
+                progress.on_step(step, loss.item(), speed)
+            if step % options.log_every == 0 or step == options.steps:
+                log.write(f"step={step} loss={loss.item():.5f} lr={learning_rate(step - 1, options.lr, options.warmup):.3g} images_per_s={speed:.1f}\n")
+                log.flush()
+        if step % options.save_every == 0 or step == options.steps:
+            if world.is_main:
+                newest = save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
+                write_samples(run_dir, step, ema, options, device)
+                if kill_at and step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            world.barrier()
+    if log:
+        log.close()
+    world.barrier()
+    distributed.shutdown()
+    return newest or checkpoint_files(run_dir)[-1]
+
+
+@torch.no_grad()
+def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, device: torch.device) -> None:
+    """A grid of DDIM samples from the EMA weights, the same noise at every save."""
+    if options.sample_count <= 0:
+        return
+    loaded = LoadedModel(ema, "ema", str(run_dir), dict(DEFAULT_SCHEDULE), "uniform")
+    steps = min(options.sample_steps, loaded.train_steps)
+    sampler = Sampler.create(loaded, steps, "uniform", device)
+    grids = [x for _, x in sampler.sample_indices(list(range(options.sample_count)), 0, options.sample_count)]
+    pixels = images.to_uint8(torch.cat(grids))
+    images.save_image(images.grid(pixels), run_dir / "samples" / f"step-{step:08d}.png")
+
+
+def params_for(config: UNetConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(config).parameters())
+
+
+__all__ = ["TrainOptions", "train", "diffusion_loss", "batch_indices", "learning_rate", "ema_decay"]

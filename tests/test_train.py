@@ -1,0 +1,156 @@
+"""`ddimctl train`: the loss, resume bit-identity after a real SIGKILL, DDP on gloo, export, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddimctl import ddim, train, weights
+from ddimctl.distributed import World
+
+
+def run(*args, cwd, env=None, check=True, torchrun=0):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    full_env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] if torchrun else [sys.executable]
+    result = subprocess.run([*launcher, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ddimctl {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data" / "nested"
+    folder.mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray((rng.random((20, 24)) * 255).astype("uint8"), "L").save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return tmp_path / "data"
+
+
+TINY = ["--preset", "tiny", "--channels", "1", "--batch-size", "4", "--sample-steps", "2", "--warmup", "2", "--lr", "1e-3"]
+
+
+def checkpoint_tensors(run_dir):
+    return load_file(train.checkpoint_files(run_dir)[-1])
+
+
+def test_loss_is_mse_of_noise_prediction():
+    abar = ddim.alphas_cumprod(ddim.linear_betas()).float()
+    x0 = torch.randn(4, 1, 8, 8)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999])
+    perfect = lambda x, t_: (x - abar[t_].sqrt().view(-1, 1, 1, 1) * x0) / (1 - abar[t_]).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+    assert train.diffusion_loss(perfect, x0, t, noise, abar) < 1e-8
+    zero = lambda x, t_: torch.zeros_like(x)  # noqa: E731
+    assert train.diffusion_loss(zero, x0, t, noise, abar) == pytest.approx(float(noise.pow(2).mean()))
+
+
+def test_schedules_and_data_order():
+    assert train.learning_rate(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert train.learning_rate(50, 1e-3, 10) == pytest.approx(1e-3)
+    assert train.ema_decay(0, 0.9999) == pytest.approx(0.1)
+    assert train.ema_decay(10**7, 0.9999) == 0.9999
+    # Each epoch visits every image once; two processes split each batch without overlap.
+    seen = torch.cat([train.batch_indices(10, s, 5, 0, World()) for s in range(2)])
+    assert sorted(seen.tolist()) == list(range(10))
+    halves = [train.batch_indices(10, 3, 4, 0, World(rank=r, size=2)) for r in range(2)]
+    assert torch.equal(torch.sort(torch.cat(halves))[0], torch.sort(train.batch_indices(10, 3, 4, 0, World()))[0])
+
+
+def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
+    result = run("train", data_dir, "--out", "straight", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path)
+    assert "skipped 1 unreadable file(s): nested/broken.png" in result.stderr
+    killed = run("train", data_dir, "--out", "resumed", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path,
+                 env={"DDIMCTL_TEST_KILL_AFTER_CHECKPOINT": "3"}, check=False)
+    assert killed.returncode == -9  # a real SIGKILL straight after the step-3 checkpoint
+    assert [p.name for p in train.checkpoint_files(tmp_path / "resumed")] == ["step-00000003.safetensors"]
+    again = run("train", data_dir, "--out", "resumed", "--steps", 6, "--save-every", 3, *TINY, "--resume", cwd=tmp_path)
+    assert "resuming from step-00000003.safetensors (step 3)" in again.stderr
+    a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
+    assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (tmp_path / "straight" / "samples" / "step-00000006.png").is_file()
+    log = (tmp_path / "straight" / "train.log").read_text()
+    assert "step=6 loss=" in log and "images_per_s=" in log
+
+
+def test_run_dir_is_a_model_and_exports_to_diffusers(data_dir, tmp_path):
+    run("train", data_dir, "--out", "r", "--steps", 2, "--save-every", 2, *TINY, cwd=tmp_path)
+    loaded = weights.load_model(str(tmp_path / "r"))
+    ema = {k[4:]: v for k, v in checkpoint_tensors(tmp_path / "r").items() if k.startswith("ema.")}
+    assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in ema.items())
+    run("sample", "--model", "r", "-n", 2, "--steps", 3, "--out", "s.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "s.png").mode == "L"
+
+    run("export", "r", "exported", cwd=tmp_path)
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported").eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        assert (ref(x, t).sample - loaded.unet(x, t)).abs().max() < 1e-5
+    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "exported")
+    assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_end == 0.02
+
+
+def test_ddp_on_two_gloo_processes_and_its_resume(data_dir, tmp_path):
+    common = ["train", data_dir, "--save-every", 2, *TINY]
+    straight = run(*common, "--out", "ddp", "--steps", 4, cwd=tmp_path, torchrun=2)
+    assert straight.stderr.count("training a ") == 1  # only rank 0 talks
+    run(*common, "--out", "ddp2", "--steps", 2, cwd=tmp_path, torchrun=2)
+    run(*common, "--out", "ddp2", "--steps", 4, "--resume", cwd=tmp_path, torchrun=2)
+    a, b = checkpoint_tensors(tmp_path / "ddp"), checkpoint_tensors(tmp_path / "ddp2")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    single = run(*common, "--out", "one", "--steps", 4, cwd=tmp_path)
+    assert single.returncode == 0
+
+
+def test_sharded_sampling_writes_the_same_set(tiny_checkpoint, tmp_path):
+    args = ["sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 3, "--eta", "1"]
+    run(*args, "--out", "one/", cwd=tmp_path)
+    run(*args, "--out", "two/", "--batch-size", 2, cwd=tmp_path, torchrun=2)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 5
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "setup,args,fragment",
+    [
+        ("missing", [], "does not exist"),
+        ("empty", [], "holds no images"),
+        ("data", ["--resolution", "15"], "cannot take"),
+        ("data", ["--resolution", "12"], "matches no level"),
+        ("data", ["--channel-mult", "1,x"], "--channel-mult takes positive integers"),
+    ],
+)
+def test_bad_input(data_dir, tmp_path, setup, args, fragment):
+    (tmp_path / "empty").mkdir()
+    folder = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "data": data_dir}[setup]
+    result = run("train", folder, "--out", "r", "--steps", 2, *TINY, *args, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and fragment in result.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_existing_run_is_never_overwritten(data_dir, tmp_path):
+    run("train", data_dir, "--out", "r", "--steps", 2, "--save-every", 2, *TINY, cwd=tmp_path)
+    before = checkpoint_tensors(tmp_path / "r")
+    result = run("train", data_dir, "--out", "r", "--steps", 2, *TINY, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "pass --resume" in result.stderr
+    other = run("train", data_dir, "--out", "r", "--steps", 4, *TINY, "--base-channels", "64", "--resume", cwd=tmp_path, check=False)
+    assert other.returncode == 1 and "another architecture (base_channels differ)" in other.stderr
+    after = checkpoint_tensors(tmp_path / "r")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["unet"]["base_channels"] == 32
