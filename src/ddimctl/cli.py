@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from . import ddim, distributed, generate, images, weights
+from . import ddim, distributed, fast, generate, images, weights
 from .errors import DdimctlError
 
 app = typer.Typer(
@@ -39,7 +39,10 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `ddimctl
 StepsOpt = typer.Option(50, "--steps", "-S", help="Number of DDIM steps S.")
 SkipOpt = typer.Option(None, "--skip", help="Timestep scheme: uniform or quad (default: the model's).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: by device).")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
+PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on GPUs, fp32 on CPU), fp32, tf32, bf16, fp16.")
+ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA only).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,20 +109,43 @@ def check_skip(skip: str | None) -> None:
         fail(f"--skip must be one of {', '.join(ddim.SKIP_SCHEMES)}, got {skip!r}")
 
 
-def default_batch_size(model: weights.LoadedModel, device: torch.device) -> int:
-    pixels = model.config.resolution**2
-    if device.type == "cuda":
-        return max(1, (256 * 32 * 32) // pixels)
-    return max(1, (16 * 32 * 32) // pixels)
-
-
-def make_sampler(model, steps, skip, device, eta=0.0, sigma_hat=False) -> generate.Sampler:
+def make_sampler(
+    model: weights.LoadedModel,
+    steps: int,
+    skip: str | None,
+    device: str,
+    eta: float = 0.0,
+    sigma_hat: bool = False,
+    precision: str = "auto",
+    compile_model: bool | None = None,
+    batch_size: int | None = None,
+    count: int | None = None,
+) -> tuple[generate.Sampler, int]:
+    """A sampler on the chosen device and precision, and the batch size to run it with."""
     check_skip(skip)
     check_steps(steps, model)
-    sampler = generate.Sampler.create(model, steps, skip, generate.pick_device(device), eta=eta, sigma_hat=sigma_hat)
+    if batch_size is not None and batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+    dev = generate.pick_device(device)
+    dev = distributed.local_device(dev, distributed.World(*_torchrun_ranks()))
+    precision = fast.resolve_precision(precision, dev)
+    batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
+    if count:
+        batch = min(batch, count)
+    use_compile = dev.type == "cuda" if compile_model is None else compile_model
+    eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
+    if use_compile:
+        with stderr.status(f"compiling the UNet for {precision} batches of {batch} (once per run)"):
+            seconds = fast.warm_up(eps, (batch, *model.image_shape), dev)
+        note(f"compiled in {seconds:.1f}s")
+    sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps)
     if len(sampler.timesteps) != steps:
         note(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
-    return sampler
+    return sampler, batch
+
+
+def _torchrun_ranks() -> tuple[int, int, int]:
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
 def is_directory_target(out: Path, raw: str) -> bool:
@@ -161,14 +187,14 @@ def sample(
     out: str = typer.Option("samples.png", "--out", "-o", help="A .png grid, or a folder (ending in /) of PNGs."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Decode these x_T (from `ddimctl invert`)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="DDPM with the larger variance (Table 1's last row)."),
+    precision: str = PrecisionOpt,
+    compile_model: Optional[bool] = CompileOpt,
 ) -> None:
     """Generate images with DDIM: S steps, any eta."""
     if eta < 0:
         fail(f"--eta must be >= 0, got {eta}")
     if num < 1 and latents is None:
         fail(f"--num must be at least 1, got {num}")
-    if batch_size is not None and batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {batch_size}")
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -184,12 +210,11 @@ def sample(
     if world.distributed and not to_folder:
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     loaded = load(model)
-    sampler = make_sampler(loaded, steps, skip, device, eta, sigma_hat)
-    sampler.device = distributed.local_device(sampler.device, world)
-    loaded.unet.to(sampler.device)
     x_T = generate.load_latents(latents, loaded.image_shape) if latents is not None else None
     count = x_T.shape[0] if x_T is not None else num
-    batch = batch_size or default_batch_size(loaded, sampler.device)
+    sampler, batch = make_sampler(
+        loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
+    )
 
     width = max(6, len(str(count - 1)))
     name_of = lambda i: out_path / f"{i:0{width}d}.png"  # noqa: E731
@@ -203,12 +228,12 @@ def sample(
 
     started = time.perf_counter()
     collected = []
-    with progress_bar("sampling", len(todo), sampler.evaluations, enabled=world.is_main) as advance:
+    # PNGs are encoded and written on worker threads while the device runs the next batch.
+    with images.BackgroundWriter() as writer, progress_bar("sampling", len(todo), sampler.evaluations, enabled=world.is_main) as advance:
         for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
             pixels = images.to_uint8(x0)
             if to_folder:
-                for i, p in zip(indices, pixels):
-                    images.save_image(p, name_of(i))
+                writer.submit([(p, name_of(i)) for i, p in zip(indices, pixels)])
             else:
                 collected.append(pixels)
     world.barrier()
@@ -221,7 +246,8 @@ def sample(
         done = f"{len(todo)} images" if world.size == 1 else f"{len(todo)} images per process x {world.size} processes"
         say(
             f"wrote {done} to {where} in {elapsed:.1f}s "
-            f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}]"
+            f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}, "
+            f"{fast.resolve_precision(precision, sampler.device)}, batch {batch}]"
         )
 
 
@@ -249,13 +275,15 @@ def invert(
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
     out: Path = typer.Option(Path("latents.safetensors"), "--out", "-o", help="Latents file to write."),
+    precision: str = ExactPrecisionOpt,
 ) -> None:
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
     images.check_writable(out)
     loaded = load(model)
-    sampler = make_sampler(loaded, steps, skip, device)
     x0 = read_images(image_paths, loaded)
-    latents = run_inversion(sampler, x0, batch_size)
+    sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
+                                  batch_size=batch_size, count=len(image_paths))
+    latents = run_inversion(sampler, x0, batch)
     generate.save_latents(
         out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
         sources=[p.name for p in image_paths],
@@ -269,8 +297,7 @@ def invert(
     say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
 
 
-def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-    batch = batch_size or default_batch_size(sampler.model, sampler.device)
+def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch: int) -> torch.Tensor:
     parts = []
     with progress_bar("inverting", x0.shape[0], sampler.evaluations) as advance:
         for start in range(0, x0.shape[0], batch):
@@ -278,8 +305,7 @@ def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch_size: int |
     return torch.cat(parts)
 
 
-def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch_size: int | None, label="decoding"):
-    batch = batch_size or default_batch_size(sampler.model, sampler.device)
+def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch: int, label="decoding"):
     parts = []
     with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
         for start in range(0, x_T.shape[0], batch):
@@ -297,6 +323,7 @@ def reconstruct(
     batch_size: Optional[int] = BatchOpt,
     out: Path = typer.Option(Path("recon.png"), "--out", "-o", help="Side-by-side PNG: input | reconstructions."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
+    precision: str = ExactPrecisionOpt,
 ) -> None:
     """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR."""
     steps_list = parse_steps_list(steps)
@@ -307,8 +334,9 @@ def reconstruct(
     columns = [images.to_uint8(x0)]
     results = []
     for s in steps_list:
-        sampler = make_sampler(loaded, s, skip, device)
-        recon = run_decoding(sampler, run_inversion(sampler, x0, batch_size), batch_size, f"decoding S={s}")
+        sampler, batch = make_sampler(loaded, s, skip, device, precision=precision, compile_model=False,
+                                      batch_size=batch_size, count=len(image_paths))
+        recon = run_decoding(sampler, run_inversion(sampler, x0, batch), batch, f"decoding S={s}")
         columns.append(images.to_uint8(recon))
         mse = (((recon + 1) / 2).clamp(0, 1) - target).pow(2).flatten(1).mean(1)
         per_image = [
@@ -362,6 +390,7 @@ def interpolate(
     out: Path = typer.Option(Path("interp.png"), "--out", "-o", help="Strip PNG of all frames."),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write an animated GIF."),
     batch_size: Optional[int] = BatchOpt,
+    precision: str = ExactPrecisionOpt,
 ) -> None:
     """Slerp between the latents of two images (or two seeds) and decode every frame with eta = 0."""
     paths = image_paths or []
@@ -374,14 +403,16 @@ def interpolate(
     for target in [out] + ([gif] if gif else []):
         images.check_writable(target)
     loaded = load(model)
-    sampler = make_sampler(loaded, steps, skip, device)
+    x0 = read_images(paths, loaded) if seeds is None else None
+    sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
+                                  batch_size=batch_size, count=frames)
     if seeds is not None:
         ends = torch.cat([generate.initial_noise(generate.image_generators(s, [0]), loaded.image_shape) for s in seeds])
     else:
-        ends = run_inversion(sampler, read_images(paths, loaded), batch_size)
+        ends = run_inversion(sampler, x0, batch)
     alphas = torch.linspace(0, 1, frames).tolist()
     z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
-    pixels = images.to_uint8(run_decoding(sampler, z, batch_size))
+    pixels = images.to_uint8(run_decoding(sampler, z, batch))
     images.save_image(images.grid(pixels, columns=frames), out)
     if gif:
         images.save_gif(list(pixels), gif)
@@ -487,6 +518,56 @@ def export(
     loaded = weights.load_model(str(run_dir))
     export_diffusers(loaded, out)
     say(f"wrote {out} (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)")
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option("cifar10", "--model", "-m", help="Registry name, path, or a preset (random weights)."),
+    steps: int = typer.Option(50, "--steps", "-S"),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Default: 256 on GPUs, 4 on CPU."),
+    precision: str = PrecisionOpt,
+    compile_mode: Optional[str] = typer.Option(
+        None, "--compile-mode", help="torch.compile mode, or 'none' (default: the sampler's default on CUDA)."
+    ),
+    runs: int = typer.Option(3, "--runs", help="Timed runs; the median is reported."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time diffusers, if installed."),
+    device: str = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON only."),
+) -> None:
+    """Time the sampler (and diffusers' DDIM on the same weights and noise): images/s, MFU, memory, PSNR."""
+    from . import bench as benchmarks
+    from .unet import PRESETS
+
+    dev = generate.pick_device(device)
+    if model in PRESETS or (model in weights.registry() and not weights.is_cached(weights.registry()[model])):
+        arch = PRESETS[model] if model in PRESETS else PRESETS[weights.registry()[model].architecture]
+        torch.manual_seed(0)
+        unet = __import__("ddimctl.unet", fromlist=["UNet"]).UNet(arch).eval()
+        source = f"random weights in the {model} architecture (speed does not depend on the values)"
+    else:
+        unet = load(model).unet
+        source = model
+    mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
+    batch = batch_size or (256 if dev.type == "cuda" else 4)
+    if steps < 1 or steps > 1000:
+        fail(f"--steps must be between 1 and 1000, got {steps}")
+    if not as_json:
+        say(f"bench: {source}; {dev}; batch {batch}; S={steps}; {runs} timed runs each")
+    results = benchmarks.run_benchmark(
+        unet, dev, steps, batch, precision, None if mode == "none" else mode, runs, reference,
+        log=(lambda m: None) if as_json else note,
+    )
+    if as_json:
+        payload = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "source": source, "results": [m.to_dict() for m in results]}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    table = Table(title=f"ddimctl bench ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
+    for column in benchmarks.SUMMARY_HEADER:
+        table.add_column(column)
+    for row in benchmarks.summary_rows(results):
+        table.add_row(*row)
+    stdout.print(table)
 
 
 def main() -> None:

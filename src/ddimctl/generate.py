@@ -79,7 +79,7 @@ class Sampler:
         return len(self.timesteps)
 
     def sample(self, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None, progress: ProgressFn | None = None):
-        x = x_T.to(self.device, torch.float32)
+        x = x_T.to(self.device, torch.float32, non_blocking=True)
         callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
         gen = generators if self.eta > 0 or self.sigma_hat else None
         return ddim.sample(

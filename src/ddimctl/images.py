@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -48,6 +50,30 @@ def save_image(pixels: torch.Tensor, path: Path) -> None:
     """Write one 8-bit (H, W, C) image; the format follows the suffix, .png by default."""
     with atomic_path(path) as tmp:
         to_pil(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+
+
+class BackgroundWriter:
+    """Encode and write PNGs on worker threads; at most `pending` batches wait, bounding memory."""
+
+    def __init__(self, workers: int = 2, pending: int = 4):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png-writer")
+        self._futures: deque[Future] = deque()
+        self._pending = pending
+
+    def submit(self, items: list[tuple[torch.Tensor, Path]]) -> None:
+        while len(self._futures) >= self._pending:
+            self._futures.popleft().result()  # re-raises a failed write here, in the caller
+        self._futures.append(self._pool.submit(lambda: [save_image(p, path) for p, path in items]))
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self._futures:
+                self._futures.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120) -> None:

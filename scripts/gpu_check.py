@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""The whole GPU check in one command: correctness of the GPU path against the CPU fp32 path, the
+sampler against diffusers on the same card (fp32 and fp16), fidelity, the 256x256 model, training
+throughput, and a streamed `ddimctl sample` run. Prints a summary table last; JSON goes to --out.
+
+    python scripts/gpu_check.py --out results/     (about 5 minutes on an H200)
+
+A GPU machine may have torch but neither diffusers nor a network: wheels in --wheels (default
+.gpu/wheels, filled by `pip download diffusers importlib_metadata --no-deps -d .gpu/wheels`) are
+installed without a network when diffusers is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+STARTED = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f}s] {message}", flush=True)
+
+
+def ensure_diffusers(wheels: Path) -> bool:
+    try:
+        import diffusers  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+    found = sorted(str(p) for p in wheels.glob("*.whl"))
+    if found:
+        log(f"installing {len(found)} wheel(s) from {wheels}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "-q", *found], check=False)
+    try:
+        import diffusers  # noqa: F401
+
+        return True
+    except ImportError:
+        log("diffusers unavailable: reference runs skipped")
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
+    parser.add_argument("--wheels", default=str(ROOT / ".gpu" / "wheels"))
+    parser.add_argument("--budget", type=float, default=280.0, help="Seconds after which optional stages are skipped.")
+    parser.add_argument("--modes", default="reduce-overhead,max-autotune-no-cudagraphs",
+                        help="torch.compile modes to compare on CIFAR-10.")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="Tiny sizes, to try the script on a CPU.")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    have_reference = ensure_diffusers(Path(args.wheels))
+
+    import torch
+
+    from ddimctl import bench, ddim, fast
+    from ddimctl.unet import PRESETS, UNet
+
+    device = torch.device(args.device)
+    small, big, batch, big_batch, steps = ("cifar10", "ddpm256", 256, 1024, 50)
+    if args.smoke:
+        small, big, batch, big_batch, steps = ("tiny", "small", 8, 16, 3)
+    modes = [None if m == "none" else m for m in args.modes.split(",")]
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "stages": {},
+    }
+
+    def save() -> None:
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+    log(f"{report['device']}, torch {report['torch']}, diffusers {'yes' if have_reference else 'no'}")
+    abar = ddim.alphas_cumprod(ddim.linear_betas())
+
+    # 1. Correctness: GPU fp32 against CPU fp32, same weights and noise; the fast path against GPU fp32.
+    torch.manual_seed(0)
+    unet = UNet(PRESETS[small]).eval()
+    shape = (3, unet.config.resolution, unet.config.resolution)
+    x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
+    gpu = ddim.sample(fast.prepare(unet, device, "fp32", copy_model=True), x_T.to(device), abar, tau).cpu()
+    diff = float((gpu - cpu).abs().max())
+    report["stages"]["gpu_vs_cpu_fp32"] = {"max_abs_diff": diff, "steps": 10, "batch": 8}
+    log(f"GPU fp32 vs CPU fp32, 10 steps: max |diff| = {diff:.2e}")
+    save()
+
+    # 2. CIFAR-10: references and the fp32 baseline once, then each compile mode.
+    flops = bench.forward_flops(unet)
+    x_T = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    base, base_out = bench.run_ours(unet, x_T, steps, "fp32", None, 3, abar)
+    bench.add_fidelity(base, base_out, base_out)
+    results.append(base)
+    refs = []
+    if have_reference:
+        for dtype in (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,):
+            m, o = bench.run_reference(unet, x_T, steps, dtype, 3)
+            bench.add_fidelity(m, o, base_out)
+            refs.append(m)
+            log(f"{m.name}: {m.images_per_s:.1f} images/s")
+        results.extend(refs)
+    log(f"ddimctl fp32 eager: {base.images_per_s:.1f} images/s")
+    low = "bf16" if device.type == "cuda" else "fp32"
+    variants = [(low, mode, b) for mode in modes for b in (batch, big_batch)]
+    variants += [("fp16" if device.type == "cuda" else "fp32", modes[0], batch), (low, None, batch)]
+    for precision, mode, b in variants:
+        if time.perf_counter() - STARTED > args.budget * 0.55 and (precision, mode, b) != variants[0]:
+            log(f"skipping {precision} {mode} batch {b}: over the time budget")
+            continue
+        x = x_T if b == batch else torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+        m, o = bench.run_ours(unet, x, steps, precision, mode, 3, abar)
+        # Fidelity on the first 256 images, whose noise is the baseline's.
+        bench.add_fidelity(m, o[:batch], base_out)
+        results.append(m)
+        log(f"{m.name} batch {b}: {m.images_per_s:.1f} images/s (compile {m.compile_s:.0f}s), "
+            f"PSNR median {m.psnr_median:.1f} dB")
+        del o
+        torch.cuda.empty_cache()
+    for m in results:
+        bench.add_mfu(m, flops, device)
+        for r in refs:
+            if not m.name.startswith("diffusers"):
+                m.ratio[r.precision] = m.images_per_s / r.images_per_s
+    report["stages"]["cifar10"] = [m.to_dict() for m in results]
+    save()
+
+    # 3. The 256x256 architecture, 10 steps, batch 16: reference fp16 against ours.
+    results256 = []
+    if time.perf_counter() - STARTED < args.budget * 0.75:
+        torch.manual_seed(0)
+        unet256 = UNet(PRESETS[big]).eval()
+        r = unet256.config.resolution
+        x256 = torch.randn(16 if not args.smoke else 2, 3, r, r, generator=torch.Generator().manual_seed(0)).to(device)
+        base256, base256_out = bench.run_ours(unet256, x256, 10, "fp32", None, 2, abar)
+        results256.append(base256)
+        refs256 = []
+        if have_reference and device.type == "cuda":
+            m, o = bench.run_reference(unet256, x256, 10, torch.float16, 2)
+            bench.add_fidelity(m, o, base256_out)
+            refs256.append(m)
+            results256.append(m)
+        for precision in ("bf16", "fp16") if device.type == "cuda" else ("fp32",):
+            m, o = bench.run_ours(unet256, x256, 10, precision, modes[0], 2, abar)
+            bench.add_fidelity(m, o, base256_out)
+            results256.append(m)
+            log(f"256x256 {m.name}: {m.images_per_s:.1f} images/s")
+        for m in results256:
+            for r in refs256:
+                if not m.name.startswith("diffusers"):
+                    m.ratio[r.precision] = m.images_per_s / r.images_per_s
+        flops256 = bench.forward_flops(unet256)
+        for m in results256:
+            bench.add_mfu(m, flops256, device)
+        report["stages"]["ddpm256"] = [m.to_dict() for m in results256]
+        del unet256
+        torch.cuda.empty_cache()
+        save()
+
+    # 4. Training throughput on the CIFAR-10 preset.
+    training = []
+    for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
+        if compiled and (time.perf_counter() - STARTED > args.budget * 0.85 or args.smoke):
+            log("skipping compiled training: over the time budget")
+            continue
+        r = bench.benchmark_training(PRESETS[small], device, 128 if not args.smoke else 4, precision, compiled, steps=20 if not args.smoke else 2)
+        training.append(r)
+        log(f"{r['name']}: {r['images_per_s']:.0f} images/s (warm-up {r['warmup_s']:.0f}s)")
+        torch.cuda.empty_cache()
+    report["stages"]["training"] = training
+    save()
+
+    # 5. A streamed CLI run: PNGs written by worker threads, bounded host memory.
+    if time.perf_counter() - STARTED < args.budget:
+        from safetensors.torch import save_file
+
+        ckpt = Path("/tmp/ddimctl-gpu-check/cifar10-random.safetensors")
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        save_file(unet.state_dict(), str(ckpt))
+        ckpt.with_suffix(".json").write_text(json.dumps({"unet": PRESETS[small].to_dict(), "skip": "quad"}))
+        folder = Path("/tmp/ddimctl-gpu-check/samples")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        cmd = [sys.executable, "-c",
+               "import resource,runpy,sys; sys.argv=['ddimctl']+sys.argv[1:];\n"
+               "try: runpy.run_module('ddimctl', run_name='__main__')\n"
+               "finally: print('maxrss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, file=sys.stderr)",
+               "sample", "--model", str(ckpt), "-n", str(4 * big_batch), "--steps", str(steps), "--out", f"{folder}/",
+               "--batch-size", str(big_batch), "--device", args.device]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        wall = time.perf_counter() - started
+        rss = [line for line in proc.stderr.splitlines() if line.startswith("maxrss_mib")]
+        written = len(list(folder.glob("*.png")))
+        report["stages"]["cli_sample"] = {"images": written, "wall_s": wall, "returncode": proc.returncode,
+                                          "max_rss_mib": float(rss[0].split()[1]) if rss else None,
+                                          "summary": [l for l in proc.stderr.splitlines() if "wrote" in l or "compiled" in l]}
+        log(f"CLI sample {4 * big_batch} images: rc={proc.returncode}, {written} PNGs, {wall:.0f}s wall (compile included)")
+        if proc.returncode:
+            log(proc.stderr[-2000:])
+        save()
+
+    # Summary, last.
+    print("\n== summary ==")
+    if args.smoke:
+        print("(smoke run: tiny sizes, not a measurement)")
+    print(f"{report['device']} | torch {report['torch']} | {report['date']}")
+    print(f"GPU fp32 vs CPU fp32 max |diff|: {report['stages']['gpu_vs_cpu_fp32']['max_abs_diff']:.2e}")
+    for title, rows in (("CIFAR-10, 50 steps", results), ("256x256, 10 steps", results256)):
+        if not rows:
+            continue
+        print(f"\n{title}")
+        print(" | ".join(bench.SUMMARY_HEADER))
+        for row in bench.summary_rows(rows):
+            print(" | ".join(row))
+    if training:
+        print("\ntraining, CIFAR-10 preset, batch 128")
+        for r in training:
+            print(f"{r['name']} | {r['images_per_s']:.0f} images/s | warm-up {r['warmup_s']:.0f}s")
+    if "cli_sample" in report["stages"]:
+        c = report["stages"]["cli_sample"]
+        print(f"\nCLI sample: {c['images']} PNGs in {c['wall_s']:.0f}s, max RSS {c['max_rss_mib']} MiB, rc {c['returncode']}")
+    print(f"total {time.perf_counter() - STARTED:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

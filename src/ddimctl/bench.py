@@ -1,0 +1,293 @@
+"""Speed, fidelity and FLOP utilisation of the sampler, against diffusers on the same card.
+
+Both sides run in the same process on the same weights and the same starting noise; times cover the
+whole sampling loop after warm-up (compilation reported separately), median of several runs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import ddim, fast
+from .unet import UNet
+
+# Dense matrix-unit peaks from the vendors' datasheets (FLOP/s); MFU is reported against these.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+}
+
+
+@dataclass
+class Measurement:
+    name: str
+    precision: str
+    batch: int
+    steps: int
+    seconds: float  # median of the runs, whole loop
+    images_per_s: float
+    compile_s: float = 0.0
+    peak_memory_gib: float = 0.0
+    mfu: float | None = None
+    psnr_median: float | None = None
+    psnr_min: float | None = None
+    finite: bool = True
+    ratio: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def forward_flops(unet: UNet, device: torch.device | str = "cpu") -> float:
+    """FLOPs of one forward pass for one image (2 per multiply-add)."""
+    c = unet.config
+    model = UNet(c).to(device).eval()
+    x = torch.randn(1, c.in_channels, c.resolution, c.resolution, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, torch.tensor([1], device=device))
+    return float(counter.get_total_flops())
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(fn: Callable[[], torch.Tensor], device: torch.device, runs: int) -> tuple[float, torch.Tensor]:
+    seconds, out = [], None
+    for _ in range(runs):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), out
+
+
+def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1], measured on the [0, 1] scale after clamping."""
+    a01, b01 = ((a.float() + 1) / 2).clamp(0, 1), ((b.float() + 1) / 2).clamp(0, 1)
+    mse = (a01 - b01).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1 / mse)
+
+
+def run_ours(
+    unet: UNet,
+    x_T: torch.Tensor,
+    steps: int,
+    precision: str,
+    compile_mode: str | None,
+    runs: int,
+    alphas_cumprod: torch.Tensor,
+) -> tuple[Measurement, torch.Tensor]:
+    device = x_T.device
+    batch = x_T.shape[0]
+    timesteps = ddim.timestep_sequence(steps, alphas_cumprod.shape[0], "uniform")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    eps = fast.prepare(unet, device, precision, compile_mode, batch, copy_model=True)
+    compile_s = fast.warm_up(eps, tuple(x_T.shape), device) if compile_mode else 0.0
+    run = lambda: ddim.sample(eps, x_T, alphas_cumprod, timesteps)  # noqa: E731
+    run()  # warm-up of the whole loop
+    seconds, out = time_runs(run, device, runs)
+    resolved = fast.resolve_precision(precision, device)
+    label = f"ddimctl {resolved}" + (f" compile={compile_mode}" if compile_mode else " eager")
+    m = Measurement(label, resolved, batch, steps, seconds, batch / seconds, compile_s)
+    if device.type == "cuda":
+        m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    del eps
+    return m, out
+
+
+def run_reference(
+    unet: UNet, x_T: torch.Tensor, steps: int, dtype: torch.dtype, runs: int, tf32: bool = False
+) -> tuple[Measurement, torch.Tensor]:
+    """diffusers' UNet2DModel with DDIMScheduler, the loop DDIMPipeline runs, on our weights and noise."""
+    import diffusers
+
+    device = x_T.device
+    config = {k: v for k, v in diffusers_unet_config_for(unet).items() if not k.startswith("_")}
+    ref = diffusers.UNet2DModel(**config)
+    ref.load_state_dict(unet.state_dict())
+    ref = ref.to(device=device, dtype=dtype).eval()
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+    )
+    if device.type == "cuda":
+        fast.set_matmul_precision("tf32" if tf32 else "fp32")
+        torch.cuda.reset_peak_memory_stats(device)
+
+    @torch.no_grad()
+    def run():
+        scheduler.set_timesteps(steps)
+        x = x_T.to(dtype)
+        for t in scheduler.timesteps:
+            eps = ref(x, t).sample
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        return x.float()
+
+    run()
+    seconds, out = time_runs(run, device, runs)
+    name = {torch.float32: "tf32" if tf32 else "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    m = Measurement(f"diffusers {name}", name, x_T.shape[0], steps, seconds, x_T.shape[0] / seconds)
+    if device.type == "cuda":
+        m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    del ref
+    return m, out
+
+
+def diffusers_unet_config_for(unet: UNet) -> dict:
+    from .export import diffusers_unet_config
+    from .weights import DEFAULT_SCHEDULE, LoadedModel
+
+    return diffusers_unet_config(LoadedModel(unet, "bench", "bench", dict(DEFAULT_SCHEDULE), "uniform"))
+
+
+def add_fidelity(m: Measurement, out: torch.Tensor, fp32_out: torch.Tensor) -> None:
+    m.finite = bool(torch.isfinite(out).all())
+    p = psnr_per_image(out, fp32_out)
+    m.psnr_median, m.psnr_min = float(p.median()), float(p.min())
+
+
+def add_mfu(m: Measurement, flops_per_forward: float, device: torch.device) -> None:
+    peak = peak_flops(device, m.precision)
+    if peak:
+        m.mfu = flops_per_forward * m.steps * m.images_per_s / peak
+
+
+def benchmark_training(
+    unet_config, device: torch.device, batch: int, precision: str, compile_model: bool, steps: int = 20
+) -> dict:
+    """Optimizer steps per second of the training loop body on synthetic data (images/s reported)."""
+    from .train import diffusion_loss
+
+    torch.manual_seed(0)
+    model = UNet(unet_config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    trained = torch.compile(model) if compile_model else model
+    abar = ddim.alphas_cumprod(ddim.linear_betas()).float().to(device)
+    c = unet_config
+    x0 = torch.randn(batch, c.in_channels, c.resolution, c.resolution, device=device)
+    use_bf16 = precision == "bf16"
+    if device.type == "cuda":
+        fast.set_matmul_precision("fp32")
+
+    def step():
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diffusion_loss(trained, x0, t, torch.randn_like(x0), abar)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    started = time.perf_counter()
+    for _ in range(3):
+        step()
+    _sync(device)
+    warm = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {
+        "name": f"train {precision}" + (" compile" if compile_model else " eager"),
+        "batch": batch,
+        "images_per_s": batch * steps / seconds,
+        "warmup_s": warm,
+    }
+
+
+def run_benchmark(
+    unet: UNet,
+    device: torch.device,
+    steps: int,
+    batch: int,
+    precision: str = "auto",
+    compile_mode: str | None = None,
+    runs: int = 3,
+    reference: bool = True,
+    log: Callable[[str], None] = lambda m: None,
+) -> list[Measurement]:
+    """ddimctl's fp32 path, its fast path, and (when diffusers is installed) the reference in fp32 and,
+    on GPUs, fp16, all from the same x_T. Fidelity of every path is measured against ddimctl fp32."""
+    c = unet.config
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(batch, c.in_channels, c.resolution, c.resolution, generator=g).to(device)
+    abar = ddim.alphas_cumprod(ddim.linear_betas())
+    flops = forward_flops(unet)
+    results = []
+
+    log("ddimctl fp32 eager (the fidelity baseline)")
+    base, base_out = run_ours(unet, x_T, steps, "fp32", None, runs, abar)
+    results.append(base)
+    log(f"ddimctl {precision} compile={compile_mode}")
+    mine, mine_out = run_ours(unet, x_T, steps, precision, compile_mode, runs, abar)
+    results.append(mine)
+    if reference:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            log("diffusers is not installed: no reference run (pip install diffusers)")
+            reference = False
+    refs = []
+    if reference:
+        dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
+        for dtype in dtypes:
+            log(f"diffusers {dtype}")
+            m, out = run_reference(unet, x_T, steps, dtype, runs)
+            add_fidelity(m, out, base_out)
+            refs.append(m)
+        results.extend(refs)
+    for m, out in ((base, base_out), (mine, mine_out)):
+        add_fidelity(m, out, base_out)
+    for m in results:
+        add_mfu(m, flops, device)
+        for r in refs:
+            if m is not r and not m.name.startswith("diffusers"):
+                m.ratio[r.precision] = m.images_per_s / r.images_per_s
+    return results
+
+
+def summary_rows(measurements: list[Measurement]) -> list[list[str]]:
+    rows = []
+    for m in measurements:
+        rows.append(
+            [
+                m.name,
+                str(m.batch),
+                str(m.steps),
+                f"{m.images_per_s:.1f}",
+                ", ".join(f"{v:.2f}x {k}" for k, v in m.ratio.items()) or "-",
+                f"{100 * m.mfu:.1f}%" if m.mfu is not None else "-",
+                f"{m.peak_memory_gib:.2f}" if m.peak_memory_gib else "-",
+                "-" if m.psnr_median is None else (f"{m.psnr_median:.1f} / {m.psnr_min:.1f}" if math.isfinite(m.psnr_median) else "inf"),
+                "yes" if m.finite else "NO",
+                f"{m.compile_s:.1f}" if m.compile_s else "-",
+            ]
+        )
+    return rows
+
+
+SUMMARY_HEADER = ["setup", "batch", "S", "images/s", "vs reference", "MFU", "peak GiB", "PSNR med/min dB", "finite", "compile s"]

@@ -1,0 +1,132 @@
+"""The fast path on CUDA: reduced precision, channels_last, torch.compile with CUDA graphs.
+
+`prepare` turns a UNet into the eps_model callable that ddimctl.ddim.sample takes. The sampler math
+stays the same; only the network call changes. On the CPU it keeps fp32 eager unless asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DdimctlError
+from .unet import UNet
+
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Chosen by measurement on an H200 (docs/benchmarks.md): CUDA graphs remove the launch gaps.
+DEFAULT_COMPILE_MODE = "reduce-overhead"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise DdimctlError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if device.type == "cpu" and precision in ("fp16", "tf32"):
+        raise DdimctlError(f"--precision {precision} needs a CUDA GPU; use fp32 or bf16 on the CPU")
+    return precision
+
+
+def set_matmul_precision(precision: str) -> None:
+    """fp32 means true fp32 (PyTorch lets cuDNN use TF32 by default); tf32 allows it everywhere."""
+    allow = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+@dataclass
+class FastEps:
+    """eps_theta(x, t) in float32 out, whatever the network runs in."""
+
+    model: Callable
+    dtype: torch.dtype
+    channels_last: bool
+    fixed_batch: int | None = None  # compiled graphs keep one shape: smaller batches are padded
+    cuda_graphs: bool = False
+    compile_seconds: float = 0.0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.fixed_batch and n < self.fixed_batch:
+            pad = self.fixed_batch - n
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+            t = torch.cat([t, t.new_zeros(pad)])
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous output has been consumed
+        eps = self.model(x, t)
+        return eps[:n].float().contiguous()  # a fresh tensor: graph outputs are reused buffers
+
+
+def prepare(
+    unet: UNet,
+    device: torch.device,
+    precision: str = "auto",
+    compile_mode: str | None = None,
+    batch_size: int | None = None,
+    copy_model: bool = False,
+) -> FastEps:
+    """The UNet as a fast eps model. compile_mode None: eager; "default", "reduce-overhead",
+    "max-autotune", "max-autotune-no-cudagraphs": torch.compile modes (CUDA only by default)."""
+    precision = resolve_precision(precision, device)
+    if device.type == "cuda":
+        set_matmul_precision(precision)
+    model = copy.deepcopy(unet) if copy_model else unet
+    dtype = DTYPES[precision]
+    channels_last = device.type == "cuda"
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    eps = FastEps(model, dtype, channels_last)
+    if compile_mode:
+        options = {"mode": compile_mode, "dynamic": False, "fullgraph": True}
+        eps.model = torch.compile(model, **options)
+        eps.fixed_batch = batch_size
+        eps.cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
+    return eps
+
+
+def warm_up(eps: FastEps, shape: tuple[int, ...], device: torch.device, calls: int = 3) -> float:
+    """Run the model a few times (compiling, capturing graphs); return the seconds it took."""
+    started = time.perf_counter()
+    x = torch.randn(shape, device=device)
+    t = torch.full((shape[0],), 500, device=device, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(calls):
+            eps(x, t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    eps.compile_seconds = time.perf_counter() - started
+    return eps.compile_seconds
+
+
+def auto_batch_size(unet: UNet, device: torch.device, precision: str, limit: int = 1024) -> int:
+    """The largest power of two whose inference fits in about half of the free GPU memory."""
+    if device.type != "cuda":
+        return max(1, (16 * 32 * 32) // unet.config.resolution**2)
+    probe = 8
+    c = unet.config
+    model = prepare(unet, device, precision, copy_model=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        model(torch.randn(probe, c.in_channels, c.resolution, c.resolution, device=device), torch.zeros(probe, dtype=torch.long, device=device))
+    per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) / probe)
+    del model
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int(0.5 * free / per_image)
+    size = 1
+    while size * 2 <= min(fits, limit):
+        size *= 2
+    return size
