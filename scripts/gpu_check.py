@@ -57,6 +57,9 @@ def main() -> None:
     parser.add_argument("--modes", default="reduce-overhead,max-autotune-no-cudagraphs",
                         help="torch.compile modes to compare on CIFAR-10.")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--stages", default="correctness,cifar10,ddpm256,training,cli", help="Stages to run.")
+    parser.add_argument("--baseline-runs", type=int, default=3)
+    parser.add_argument("--batches", default="", help="CIFAR-10 batch sizes for the fast path (default 256,1024).")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes, to try the script on a CPU.")
     args = parser.parse_args()
     out = Path(args.out)
@@ -86,62 +89,68 @@ def main() -> None:
     log(f"{report['device']}, torch {report['torch']}, diffusers {'yes' if have_reference else 'no'}")
     abar = ddim.alphas_cumprod(ddim.linear_betas())
 
-    # 1. Correctness: GPU fp32 against CPU fp32, same weights and noise; the fast path against GPU fp32.
+    stages = set(args.stages.split(","))
     torch.manual_seed(0)
     unet = UNet(PRESETS[small]).eval()
     shape = (3, unet.config.resolution, unet.config.resolution)
-    x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
-    cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
-    gpu = ddim.sample(fast.prepare(unet, device, "fp32", copy_model=True), x_T.to(device), abar, tau).cpu()
-    diff = float((gpu - cpu).abs().max())
-    report["stages"]["gpu_vs_cpu_fp32"] = {"max_abs_diff": diff, "steps": 10, "batch": 8}
-    log(f"GPU fp32 vs CPU fp32, 10 steps: max |diff| = {diff:.2e}")
-    save()
+    results, results256, training = [], [], []
+
+    # 1. Correctness: GPU fp32 against CPU fp32, same weights and noise; the fast path against GPU fp32.
+    if "correctness" in stages:
+        x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
+        tau = ddim.timestep_sequence(10, 1000, "uniform")
+        cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
+        gpu = ddim.sample(fast.prepare(unet, device, "fp32", copy_model=True), x_T.to(device), abar, tau).cpu()
+        diff = float((gpu - cpu).abs().max())
+        report["stages"]["gpu_vs_cpu_fp32"] = {"max_abs_diff": diff, "max_abs_value": float(cpu.abs().max()), "steps": 10, "batch": 8}
+        log(f"GPU fp32 vs CPU fp32, 10 steps: max |diff| = {diff:.2e} (values up to {float(cpu.abs().max()):.1f})")
+        save()
 
     # 2. CIFAR-10: references and the fp32 baseline once, then each compile mode.
-    flops = bench.forward_flops(unet)
-    x_T = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-    results = []
-    base, base_out = bench.run_ours(unet, x_T, steps, "fp32", None, 3, abar)
-    bench.add_fidelity(base, base_out, base_out)
-    results.append(base)
-    refs = []
-    if have_reference:
-        for dtype in (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,):
-            m, o = bench.run_reference(unet, x_T, steps, dtype, 3)
-            bench.add_fidelity(m, o, base_out)
-            refs.append(m)
-            log(f"{m.name}: {m.images_per_s:.1f} images/s")
-        results.extend(refs)
-    log(f"ddimctl fp32 eager: {base.images_per_s:.1f} images/s")
-    low = "bf16" if device.type == "cuda" else "fp32"
-    variants = [(low, mode, b) for mode in modes for b in (batch, big_batch)]
-    variants += [("fp16" if device.type == "cuda" else "fp32", modes[0], batch), (low, None, batch)]
-    for precision, mode, b in variants:
-        if time.perf_counter() - STARTED > args.budget * 0.55 and (precision, mode, b) != variants[0]:
-            log(f"skipping {precision} {mode} batch {b}: over the time budget")
-            continue
-        x = x_T if b == batch else torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-        m, o = bench.run_ours(unet, x, steps, precision, mode, 3, abar)
-        # Fidelity on the first 256 images, whose noise is the baseline's.
-        bench.add_fidelity(m, o[:batch], base_out)
-        results.append(m)
-        log(f"{m.name} batch {b}: {m.images_per_s:.1f} images/s (compile {m.compile_s:.0f}s), "
-            f"PSNR median {m.psnr_median:.1f} dB")
-        del o
-        torch.cuda.empty_cache()
-    for m in results:
-        bench.add_mfu(m, flops, device)
-        for r in refs:
-            if not m.name.startswith("diffusers"):
-                m.ratio[r.precision] = m.images_per_s / r.images_per_s
-    report["stages"]["cifar10"] = [m.to_dict() for m in results]
-    save()
+    if "cifar10" in stages:
+        flops = bench.forward_flops(unet)
+        x_T = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+        base, base_out = bench.run_ours(unet, x_T, steps, "fp32", None, args.baseline_runs, abar)
+        bench.add_fidelity(base, base_out, base_out)
+        results.append(base)
+        refs = []
+        if have_reference:
+            for dtype in (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,):
+                m, o = bench.run_reference(unet, x_T, steps, dtype, 3)
+                bench.add_fidelity(m, o, base_out)
+                refs.append(m)
+                log(f"{m.name}: {m.images_per_s:.1f} images/s")
+            results.extend(refs)
+        log(f"ddimctl fp32 eager: {base.images_per_s:.1f} images/s")
+        low = "bf16" if device.type == "cuda" else "fp32"
+        batches = [int(b) for b in args.batches.split(",")] if args.batches else [batch, big_batch]
+        variants = [(low, mode, b) for mode in modes for b in batches]
+        variants += [("fp16" if device.type == "cuda" else "fp32", modes[0], batch), (low, None, batch)]
+        for precision, mode, b in variants:
+            if time.perf_counter() - STARTED > args.budget * 0.55 and (precision, mode, b) != variants[0]:
+                log(f"skipping {precision} {mode} batch {b}: over the time budget")
+                continue
+            x = x_T if b == batch else torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+            m, o = bench.run_ours(unet, x, steps, precision, mode, 3, abar)
+            # Fidelity on the first 256 images, whose noise is the baseline's.
+            bench.add_fidelity(m, o[:batch], base_out)
+            results.append(m)
+            report["stages"]["cifar10"] = [r.to_dict() for r in results]
+            save()
+            log(f"{m.name} batch {b}: {m.images_per_s:.1f} images/s (compile {m.compile_s:.0f}s), "
+                f"PSNR median {m.psnr_median:.1f} dB")
+            del o
+            torch.cuda.empty_cache()
+        for m in results:
+            bench.add_mfu(m, flops, device)
+            for r in refs:
+                if not m.name.startswith("diffusers"):
+                    m.ratio[r.precision] = m.images_per_s / r.images_per_s
+        report["stages"]["cifar10"] = [m.to_dict() for m in results]
+        save()
 
     # 3. The 256x256 architecture, 10 steps, batch 16: reference fp16 against ours.
-    results256 = []
-    if time.perf_counter() - STARTED < args.budget * 0.75:
+    if "ddpm256" in stages and time.perf_counter() - STARTED < args.budget * 0.75:
         torch.manual_seed(0)
         unet256 = UNet(PRESETS[big]).eval()
         r = unet256.config.resolution
@@ -172,8 +181,7 @@ def main() -> None:
         save()
 
     # 4. Training throughput on the CIFAR-10 preset.
-    training = []
-    for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)):
+    for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)) if "training" in stages else ():
         if compiled and (time.perf_counter() - STARTED > args.budget * 0.85 or args.smoke):
             log("skipping compiled training: over the time budget")
             continue
@@ -181,11 +189,12 @@ def main() -> None:
         training.append(r)
         log(f"{r['name']}: {r['images_per_s']:.0f} images/s (warm-up {r['warmup_s']:.0f}s)")
         torch.cuda.empty_cache()
-    report["stages"]["training"] = training
-    save()
+    if training:
+        report["stages"]["training"] = training
+        save()
 
     # 5. A streamed CLI run: PNGs written by worker threads, bounded host memory.
-    if time.perf_counter() - STARTED < args.budget:
+    if "cli" in stages and time.perf_counter() - STARTED < args.budget:
         from safetensors.torch import save_file
 
         ckpt = Path("/tmp/ddimctl-gpu-check/cifar10-random.safetensors")
@@ -221,7 +230,8 @@ def main() -> None:
     if args.smoke:
         print("(smoke run: tiny sizes, not a measurement)")
     print(f"{report['device']} | torch {report['torch']} | {report['date']}")
-    print(f"GPU fp32 vs CPU fp32 max |diff|: {report['stages']['gpu_vs_cpu_fp32']['max_abs_diff']:.2e}")
+    if "gpu_vs_cpu_fp32" in report["stages"]:
+        print(f"GPU fp32 vs CPU fp32 max |diff|: {report['stages']['gpu_vs_cpu_fp32']['max_abs_diff']:.2e}")
     for title, rows in (("CIFAR-10, 50 steps", results), ("256x256, 10 steps", results256)):
         if not rows:
             continue

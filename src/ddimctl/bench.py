@@ -134,7 +134,9 @@ def run_reference(
         clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
     )
     if device.type == "cuda":
-        fast.set_matmul_precision("tf32" if tf32 else "fp32")
+        # The reference runs with PyTorch's defaults: fp32 matmuls, but TF32 allowed in cuDNN convs.
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
 
     @torch.no_grad()
