@@ -18,8 +18,9 @@ from .unet import UNet
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Chosen by measurement on an H200 (docs/benchmarks.md): CUDA graphs remove the launch gaps.
-DEFAULT_COMPILE_MODE = "reduce-overhead"
+# Chosen by measurement on an H200 (docs/benchmarks.md): "reduce-overhead" (CUDA graphs) was no
+# faster at batch 256 or 1024 and compiled slower; "max-autotune" compiled for over 3 minutes.
+DEFAULT_COMPILE_MODE = "default"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -1,0 +1,85 @@
+"""The fast path's structure on the CPU (CI has no GPU; docs/benchmarks.md has the GPU runs) and `bench`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import random_unet
+
+from ddimctl import bench, ddim, fast
+from ddimctl.errors import DdimctlError
+from ddimctl.unet import PRESETS, UNet
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert fast.resolve_precision("auto", cpu) == "fp32"
+    assert fast.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(DdimctlError, match="needs a CUDA GPU"):
+        fast.resolve_precision("fp16", cpu)
+    with pytest.raises(DdimctlError, match="--precision must be one of"):
+        fast.resolve_precision("int4", cpu)
+
+
+def test_fixed_batch_pads_and_returns_float32():
+    unet = random_unet("tiny")
+    eps = fast.prepare(unet, torch.device("cpu"), "fp32", batch_size=4, copy_model=True)
+    eps.fixed_batch = 4  # as a compiled model would have it
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500])
+    with torch.no_grad():
+        out = eps(x, t)
+        torch.testing.assert_close(out, unet(x, t))
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def test_bf16_path_stays_close_to_fp32():
+    unet = random_unet("tiny")
+    x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    abar = ddim.alphas_cumprod(ddim.linear_betas())
+    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
+    low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16", copy_model=True), x_T, abar, tau)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert float(bench.psnr_per_image(low, ref).median()) > 25
+
+
+def test_compiled_model_matches_eager():
+    unet = random_unet("tiny")
+    eps = fast.prepare(unet, torch.device("cpu"), "fp32", "default", batch_size=4, copy_model=True)
+    fast.warm_up(eps, (4, 3, 16, 16), torch.device("cpu"), calls=1)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(eps(x, t), unet(x, t), atol=1e-4, rtol=1e-4)
+
+
+def test_flops_of_the_cifar10_unet():
+    with torch.no_grad():
+        flops = bench.forward_flops(UNet(PRESETS["cifar10"]))
+    assert 12.0e9 < flops < 12.2e9  # 12.1 GFLOP per image (reference/performance.md)
+
+
+def test_psnr():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[1] += 0.2  # 0.1 on the [0, 1] scale: MSE 0.01, 20 dB
+    p = bench.psnr_per_image(b, a)
+    assert p[0] > 100 and p[1] == pytest.approx(20.0, abs=1e-3)
+
+
+def test_bench_cli_json(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "ddimctl", "bench", "--model", "tiny", "--steps", "2", "--batch-size", "2", "--runs", "1", "--json"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    names = [r["name"] for r in report["results"]]
+    assert names[:2] == ["ddimctl fp32 eager", "ddimctl fp32 eager"]
+    assert "diffusers fp32" in names
+    ours = report["results"][1]
+    assert ours["images_per_s"] > 0 and ours["finite"] and ours["ratio"]["fp32"] > 0
+    assert ours["psnr_median"] > 100  # the same path as the baseline: identical images
