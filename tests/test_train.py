@@ -154,3 +154,34 @@ def test_existing_run_is_never_overwritten(data_dir, tmp_path):
     after = checkpoint_tensors(tmp_path / "r")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["unet"]["base_channels"] == 32
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A full disk in the middle of a save: the old checkpoint survives and no temporary file stays."""
+    from ddimctl import weights as weights_module
+    from ddimctl.unet import PRESETS, UNet
+
+    model = UNet(PRESETS["tiny"])
+    ema = UNet(PRESETS["tiny"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    first = train.save_checkpoint(tmp_path, 1, model, ema, optimizer, keep=3)
+    saved = first.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights_module, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint(tmp_path, 2, model, ema, optimizer, keep=1)
+    assert [p.name for p in train.checkpoint_files(tmp_path)] == ["step-00000001.safetensors"]
+    assert first.read_bytes() == saved
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]
+
+
+def test_unwritable_run_dir_is_a_one_line_error(data_dir, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = run("train", data_dir, "--out", "afile/run", "--steps", 2, *TINY, cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")

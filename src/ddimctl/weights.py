@@ -370,6 +370,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None) -> LoadedModel:
     if entry.bundled:
         path = Path(str(resources.files("ddimctl").joinpath("bundled", entry.bundled)))
+        if entry.sha256 and hub.sha256_of(path) != entry.sha256:
+            raise DdimctlError(f"model {entry.name!r}: the bundled {path.name} does not match its sha256; reinstall ddimctl")
         state = read_checkpoint(path)
     else:
         state = _hub_state_dict(entry, hub_cache, endpoint)

@@ -1,0 +1,30 @@
+"""Distances between image sets: the Frechet distance between Gaussians fitted to features."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) covariance of (N, D) features, in float64."""
+    f = features.double().flatten(1)
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (f.shape[0] - 1)
+
+
+def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """||mu1 - mu2||^2 + Tr(C1 + C2 - 2 (C1 C2)^1/2), with Tr (C1 C2)^1/2 = Tr (C1^1/2 C2 C1^1/2)^1/2,
+    a symmetric form that eigh computes stably."""
+    root1 = _sqrt_psd(cov1)
+    cross = _sqrt_psd(root1 @ cov2 @ root1)
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * torch.trace(cross))
+
+
+def frechet_distance_between(a: torch.Tensor, b: torch.Tensor) -> float:
+    return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
