@@ -28,9 +28,10 @@ def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """One 8-bit (H, W, C) image."""
-    array = pixels.numpy()
-    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    """One 8-bit (H, W, C) image (through bytes: numpy is not a dependency)."""
+    h, w, c = pixels.shape
+    data = bytes(pixels.to(torch.uint8).contiguous().flatten().tolist())
+    return Image.frombytes("L" if c == 1 else "RGB", (w, h), data)
 
 
 def grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
