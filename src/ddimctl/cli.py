@@ -491,7 +491,7 @@ def train(
         started = time.perf_counter()
         newest = training.train(
             options, generate.pick_device(device), resume,
-            training.Progress(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
+            training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
         )
     if main_process:
         say(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
@@ -536,13 +536,13 @@ def bench(
 ) -> None:
     """Time the sampler (and diffusers' DDIM on the same weights and noise): images/s, MFU, memory, PSNR."""
     from . import bench as benchmarks
-    from .unet import PRESETS
+    from .unet import PRESETS, UNet
 
     dev = generate.pick_device(device)
     if model in PRESETS or (model in weights.registry() and not weights.is_cached(weights.registry()[model])):
         arch = PRESETS[model] if model in PRESETS else PRESETS[weights.registry()[model].architecture]
         torch.manual_seed(0)
-        unet = __import__("ddimctl.unet", fromlist=["UNet"]).UNet(arch).eval()
+        unet = UNet(arch).eval()
         source = f"random weights in the {model} architecture (speed does not depend on the values)"
     else:
         unet = load(model).unet

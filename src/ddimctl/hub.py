@@ -61,7 +61,7 @@ def download(
         reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
         raise DdimctlError(
             f"model {name!r}: {where} is not in the Hub cache and {reason}; connect to the network "
-            f"(or point HF_ENDPOINT at a mirror), or pass a local checkpoint with --model PATH"
+            f"(or point HF_ENDPOINT at a mirror), or use the bundled --model digits or a local checkpoint"
         ) from e
     except RepositoryNotFoundError as e:
         raise DdimctlError(

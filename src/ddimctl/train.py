@@ -184,7 +184,7 @@ def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, re
 
 
 @dataclass
-class Progress:
+class TrainCallbacks:
     """Callbacks a front end can supply; all optional."""
 
     on_data: Callable[[int, int], None] | None = None  # (files done, files total)
@@ -192,11 +192,11 @@ class Progress:
     on_message: Callable[[str], None] | None = None
 
 
-def train(options: TrainOptions, device: torch.device, resume: bool = False, progress: Progress | None = None) -> Path:
+def train(options: TrainOptions, device: torch.device, resume: bool = False, progress: TrainCallbacks | None = None) -> Path:
     """Train a UNet; returns the newest checkpoint. Only rank 0 logs, samples and writes checkpoints."""
     from .data import load_folder
 
-    progress = progress or Progress()
+    progress = progress or TrainCallbacks()
     say = progress.on_message or (lambda m: None)
     world = distributed.init(device)
     device = distributed.local_device(device, world)
