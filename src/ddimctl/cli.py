@@ -216,39 +216,54 @@ def sample(
         loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
     )
 
-    width = max(6, len(str(count - 1)))
-    name_of = lambda i: out_path / f"{i:0{width}d}.png"  # noqa: E731
-    todo = list(range(count))
-    if to_folder:
-        todo = [i for i in todo if not name_of(i).exists()]
-        if len(todo) < count and world.is_main:
-            note(f"{count - len(todo)} of {count} images already in {out_path}; generating the rest")
-    world.barrier()  # every process lists the folder before any writes to it
-    todo = todo[world.rank :: world.size]  # image i depends only on (seed, i): any split gives the same set
-
     started = time.perf_counter()
-    collected = []
-    # PNGs are encoded and written on worker threads while the device runs the next batch.
-    with images.BackgroundWriter() as writer, progress_bar("sampling", len(todo), sampler.evaluations, enabled=world.is_main) as advance:
-        for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
-            pixels = images.to_uint8(x0)
-            if to_folder:
-                writer.submit([(p, name_of(i)) for i, p in zip(indices, pixels)])
-            else:
-                collected.append(pixels)
-    world.barrier()
+    if to_folder:
+        done = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T)
+    else:
+        collected = []
+        with progress_bar("sampling", count, sampler.evaluations) as advance:
+            for _, x0 in sampler.sample_indices(list(range(count)), seed, batch, x_T, advance):
+                collected.append(images.to_uint8(x0))
+        images.save_image(images.grid(torch.cat(collected)), out_path)
+        done = count
     distributed.shutdown()
     elapsed = time.perf_counter() - started
-    if not to_folder:
-        images.save_image(images.grid(torch.cat(collected)), out_path)
     if world.is_main:
         where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
-        done = f"{len(todo)} images" if world.size == 1 else f"{len(todo)} images per process x {world.size} processes"
+        what = f"{done} images" if world.size == 1 else f"{done} images per process x {world.size} processes"
         say(
-            f"wrote {done} to {where} in {elapsed:.1f}s "
+            f"wrote {what} to {where} in {elapsed:.1f}s "
             f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}, "
             f"{fast.resolve_precision(precision, sampler.device)}, batch {batch}]"
         )
+
+
+def sample_to_folder(
+    sampler: generate.Sampler,
+    batch: int,
+    seed: int,
+    count: int,
+    folder: Path,
+    world: distributed.World,
+    x_T: torch.Tensor | None = None,
+) -> int:
+    """Images 0..count-1 as zero-padded PNGs in `folder`, skipping those already there; this
+    process's share under torchrun. Returns how many this process wrote."""
+    width = max(6, len(str(count - 1)))
+    name_of = lambda i: folder / f"{i:0{width}d}.png"  # noqa: E731
+    todo = [i for i in range(count) if not name_of(i).exists()]
+    if len(todo) < count and world.is_main:
+        note(f"{count - len(todo)} of {count} images already in {folder}; generating the rest")
+    world.barrier()  # every process lists the folder before any writes to it
+    todo = todo[world.rank :: world.size]  # image i depends only on (seed, i): any split gives the same set
+    # PNGs are encoded and written on worker threads while the device runs the next batch.
+    with images.BackgroundWriter() as writer, progress_bar(
+        f"sampling {folder.name}", len(todo), sampler.evaluations, enabled=world.is_main
+    ) as advance:
+        for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
+            writer.submit([(p, name_of(i)) for i, p in zip(indices, images.to_uint8(x0))])
+    world.barrier()
+    return len(todo)
 
 
 @app.command()
@@ -518,6 +533,77 @@ def export(
     loaded = weights.load_model(str(run_dir))
     export_diffusers(loaded, out)
     say(f"wrote {out} (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)")
+
+
+@app.command()
+def fid(
+    samples: Path = typer.Argument(..., help="Folder of generated images."),
+    ref: str = typer.Option(..., "--ref", help="Folder of reference images, or a name torch-fidelity knows (cifar10-train)."),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: torch-fidelity's inception-v3-compat."),
+) -> None:
+    """FID between a folder of samples and a reference, via torch-fidelity (pip install 'ddimctl[eval]')."""
+    from . import evaluate
+
+    value = evaluate.compute_fid(samples, ref, generate.pick_device(device), batch_size, feature_extractor)
+    sys.stdout.write(f"{value:.4f}\n")
+
+
+@app.command()
+def sweep(
+    model: Optional[str] = ModelOpt,
+    steps: str = typer.Option("10,20,50,100", "--steps", "-S", help="Comma-separated S values."),
+    etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values."),
+    sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
+    num: int = typer.Option(50_000, "--num", "-n", help="Images per cell."),
+    ref: str = typer.Option(..., "--ref", help="Reference for FID: a folder or a name (cifar10-train)."),
+    out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Folder for the cells' images and the tables."),
+    skip: Optional[str] = SkipOpt,
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: Optional[int] = BatchOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile_model: Optional[bool] = CompileOpt,
+    feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: inception-v3-compat."),
+) -> None:
+    """Table 1 of the paper: samples for every (eta, S) cell, streamed to disk and resumable, then FID."""
+    from . import evaluate
+
+    evaluate.fidelity()  # fail before hours of sampling, not after
+    steps_list = parse_steps_list(steps)
+    try:
+        eta_list = [float(e) for e in etas.split(",") if e.strip()]
+    except ValueError:
+        eta_list = []
+    if not eta_list or any(e < 0 for e in eta_list):
+        fail(f"--eta takes non-negative numbers separated by commas, got {etas!r}")
+    if num < 2:
+        fail(f"--num must be at least 2 for FID, got {num}")
+    out.mkdir(parents=True, exist_ok=True)
+    world = distributed.init(generate.pick_device(device))
+    loaded = load(model)
+    rows: list[float | None] = eta_list + ([None] if sigma_hat else [])
+    cells = []
+    for s in steps_list:
+        for eta in rows:
+            sampler, batch = make_sampler(
+                loaded, s, skip, device, eta or 0.0, eta is None, precision, compile_model, batch_size,
+                math.ceil(num / world.size),
+            )
+            folder = out / evaluate.cell_name(eta, s)
+            folder.mkdir(exist_ok=True)
+            sample_to_folder(sampler, batch, seed, num, folder, world)
+            if world.is_main:
+                value = evaluate.compute_fid(folder, ref, sampler.device, feature_extractor=feature_extractor)
+                cells.append({"row": "sigma-hat" if eta is None else f"{eta:g}", "eta": eta, "steps": s, "fid": value,
+                              "images": num, "folder": str(folder)})
+                say(f"{folder.name}: FID {value:.3f}")
+                evaluate.write_tables(out, loaded.name, cells)
+    distributed.shutdown()
+    if world.is_main:
+        say(f"wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'fid.png'}" if (out / "fid.png").exists() else ""))
+        stdout.print((out / "table.md").read_text(), markup=False, highlight=False)
 
 
 @app.command()

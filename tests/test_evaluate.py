@@ -1,0 +1,144 @@
+"""FID through torch-fidelity with a small feature extractor the tests build (no Inception weights, no
+network), checked against a direct Frechet distance; the sweep end to end; and the errors without it.
+
+torch-fidelity needs torchvision, which does not import beside the CPU torch 2.13.0 of the main test
+venv: .ci/run runs this file a second time in a venv with torch 2.14.1 + torchvision 0.29.1.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddimctl import metrics
+
+
+def have_fidelity() -> bool:
+    try:
+        import torch_fidelity  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+needs_fidelity = pytest.mark.skipif(not have_fidelity(), reason="torch-fidelity not importable (see .ci/run)")
+
+
+def pooled_features(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> 48 features: the mean of each channel over a 4x4 grid of cells."""
+    x = images.float() / 255
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1).double()
+
+
+def register_test_extractor():
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    class PooledPixels(FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("pooled48",)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return "pooled48"
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return None
+
+        def forward(self, x):
+            return (pooled_features(x),)
+
+    try:
+        torch_fidelity.register_feature_extractor("ddimctl-test-pooled", PooledPixels)
+    except Exception:
+        pass  # already registered in this process
+
+
+def write_images(folder: Path, n: int, seed: int, brightness: float) -> torch.Tensor:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = (np.clip(rng.normal(brightness, 60, (n, 16, 16, 3)), 0, 255)).astype(np.uint8)
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i:04d}.png")
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2)
+
+
+@needs_fidelity
+def test_fid_through_torch_fidelity_equals_the_direct_frechet_distance(tmp_path):
+    from ddimctl import evaluate
+
+    register_test_extractor()
+    a = write_images(tmp_path / "a", 200, 0, 100)
+    b = write_images(tmp_path / "b", 300, 1, 130)
+    got = evaluate.compute_fid(tmp_path / "a", str(tmp_path / "b"), torch.device("cpu"),
+                               feature_extractor="ddimctl-test-pooled", cache_root=str(tmp_path / "cache"))
+    expected = metrics.frechet_distance_between(pooled_features(a), pooled_features(b))
+    assert got == pytest.approx(expected, rel=1e-3)
+    assert expected > 0.5  # the two sets really differ
+    # The reference folder's statistics were cached for the next cell of a sweep.
+    assert any((tmp_path / "cache").rglob("*"))
+
+
+@needs_fidelity
+def test_sweep_end_to_end(tmp_path):
+    """Every cell sampled and scored; markdown, JSON and plot written; reruns resume."""
+    register_code = (
+        "import sys; sys.path.insert(0, %r); import test_evaluate; test_evaluate.register_test_extractor();"
+        "from ddimctl.cli import main; sys.argv = ['ddimctl'] + sys.argv[1:]; main()"
+    ) % str(Path(__file__).parent)
+    write_images(tmp_path / "ref", 64, 0, 60)
+    args = ["sweep", "--model", "digits", "--steps", "2,4", "--eta", "0,1", "--sigma-hat", "-n", "24",
+            "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "sw"), "--feature-extractor", "ddimctl-test-pooled"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", register_code, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert sorted((c["row"], c["steps"]) for c in report["cells"]) == sorted(
+        (r, s) for r in ("0", "1", "sigma-hat") for s in (2, 4)
+    )
+    assert all(c["fid"] > 0 for c in report["cells"])
+    assert len(list((tmp_path / "sw" / "eta0-S2").glob("*.png"))) == 24
+    table = (tmp_path / "sw" / "table.md").read_text()
+    assert "| sigma-hat |" in table and "S = 4" in table
+    if (tmp_path / "sw" / "fid.png").exists():
+        assert Image.open(tmp_path / "sw" / "fid.png").size[0] > 100
+
+
+@pytest.mark.skipif(have_fidelity(), reason="this checks the message shown when torch-fidelity is missing")
+def test_without_torch_fidelity_the_commands_say_what_to_install(tmp_path):
+    for args in (["fid", str(tmp_path), "--ref", "cifar10-train"], ["sweep", "--model", "digits", "--ref", "x", "-n", "10"]):
+        result = subprocess.run([sys.executable, "-m", "ddimctl", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "pip install 'ddimctl[eval]'" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_tables_without_fid_library(tmp_path):
+    from ddimctl import evaluate
+
+    cells = [{"row": "0", "steps": 10, "fid": 12.5}, {"row": "1", "steps": 10, "fid": 40.0},
+             {"row": "0", "steps": 20, "fid": 7.0}, {"row": "sigma-hat", "steps": 10, "fid": 300.0}]
+    written = evaluate.write_tables(tmp_path, "cifar10", cells)
+    table = written["markdown"].read_text().splitlines()
+    assert table[2] == "| eta | S = 10 | S = 20 |"
+    assert table[4] == "| 0 | 12.50 (paper 13.36) | 7.00 (paper 6.84) |"
+    assert table[5] == "| 1 | 40.00 (paper 41.07) | - (paper 18.36) |"  # the paper's value even where not run
+    assert table[6] == "| sigma-hat | 300.00 (paper 367.43) | - (paper 133.37) |"
+    assert json.loads(written["json"].read_text())["cells"] == cells
