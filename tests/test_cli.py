@@ -233,3 +233,15 @@ def test_bundled_digits_model_samples_offline(tmp_path):
         for c in range(2):
             tile = img[2 + r * 18 : 18 + r * 18, 2 + c * 18 : 18 + c * 18]
             assert tile.min() < 40 and tile.max() > 150
+
+
+def test_reconstruct_takes_a_folder(tiny_checkpoint, images_dir, tmp_path):
+    folder = tmp_path / "set"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes((images_dir / "wide.png").read_bytes())
+    (folder / "sub" / "b.png").write_bytes((images_dir / "gray.png").read_bytes())
+    (folder / "readme.txt").write_text("ignored")
+    report = json.loads(ddimctl("reconstruct", folder, "--model", tiny_checkpoint, "--steps", "2", "--json", cwd=tmp_path).stdout)
+    assert [Path(im["image"]).name for im in report["results"][0]["images"]] == ["a.png", "b.png"]
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(ddimctl("invert", "empty", "--model", tiny_checkpoint, cwd=tmp_path, check=False), "no images in it")

@@ -142,3 +142,30 @@ def test_tables_without_fid_library(tmp_path):
     assert table[5] == "| 1 | 40.00 (paper 41.07) | - (paper 18.36) |"  # the paper's value even where not run
     assert table[6] == "| sigma-hat | 300.00 (paper 367.43) | - (paper 133.37) |"
     assert json.loads(written["json"].read_text())["cells"] == cells
+
+
+@needs_fidelity
+def test_fid_from_saved_statistics_and_from_a_running_sampler(tmp_path):
+    from ddimctl import evaluate
+
+    register_test_extractor()
+    a = write_images(tmp_path / "a", 200, 0, 100)
+    b = write_images(tmp_path / "b", 300, 1, 130)
+    stats = evaluate.statistics(str(tmp_path / "b"), torch.device("cpu"), feature_extractor="ddimctl-test-pooled",
+                                cache_root=str(tmp_path / "cache"))
+    evaluate.save_statistics(stats, tmp_path / "b.npz")
+    from_file = evaluate.compute_fid(tmp_path / "a", str(tmp_path / "b.npz"), torch.device("cpu"),
+                                     cache_root=str(tmp_path / "cache"))
+    expected = metrics.frechet_distance_between(pooled_features(a), pooled_features(b))
+    assert from_file == pytest.approx(expected, rel=1e-3)
+
+    code = (
+        "import sys; sys.path.insert(0, %r); import test_evaluate; test_evaluate.register_test_extractor();"
+        "from ddimctl.cli import main; sys.argv = ['ddimctl'] + sys.argv[1:]; main()"
+    ) % str(Path(__file__).parent)
+    args = ["fid", "--model", "digits", "-n", "16", "--steps", "3", "--ref", str(tmp_path / "b"),
+            "--feature-extractor", "ddimctl-test-pooled"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip()) > 0

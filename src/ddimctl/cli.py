@@ -152,6 +152,20 @@ def is_directory_target(out: Path, raw: str) -> bool:
     return raw.endswith(("/", "\\")) or out.is_dir()
 
 
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Image files as given; a folder stands for the images in it (recursively, sorted)."""
+    out = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                fail(f"{p}: a folder with no images in it")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
 def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
     for p in paths:  # every path checked before any work
         if not p.is_file():
@@ -283,7 +297,7 @@ def models() -> None:
 
 @app.command()
 def invert(
-    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images to encode."),
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode."),
     model: Optional[str] = ModelOpt,
     steps: int = StepsOpt,
     skip: Optional[str] = SkipOpt,
@@ -294,6 +308,7 @@ def invert(
 ) -> None:
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
     images.check_writable(out)
+    image_paths = expand_images(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
@@ -330,7 +345,7 @@ def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch: int, label
 
 @app.command()
 def reconstruct(
-    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images to encode and decode."),
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode and decode."),
     model: Optional[str] = ModelOpt,
     steps: str = typer.Option("50", "--steps", "-S", help="S, or a list such as 10,20,50,100."),
     skip: Optional[str] = SkipOpt,
@@ -340,9 +355,11 @@ def reconstruct(
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
     precision: str = ExactPrecisionOpt,
 ) -> None:
-    """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR."""
+    """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR. A folder counts
+    as all the images in it."""
     steps_list = parse_steps_list(steps)
     images.check_writable(out)
+    image_paths = expand_images(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     target = (x0 + 1) / 2
@@ -366,8 +383,8 @@ def reconstruct(
                 "images": per_image,
             }
         )
-    # One row per image: the input, then its reconstruction for each S.
-    tiles = torch.stack(columns, dim=1).flatten(0, 1)
+    # One row per image (the first 32): the input, then its reconstruction for each S.
+    tiles = torch.stack([c[:32] for c in columns], dim=1).flatten(0, 1)
     images.save_image(images.grid(tiles, columns=len(columns)), out)
 
     report = {"model": loaded.name, "skip": skip or loaded.skip, "results": results}
@@ -537,16 +554,46 @@ def export(
 
 @app.command()
 def fid(
-    samples: Path = typer.Argument(..., help="Folder of generated images."),
-    ref: str = typer.Option(..., "--ref", help="Folder of reference images, or a name torch-fidelity knows (cifar10-train)."),
+    samples: Optional[Path] = typer.Argument(None, help="Folder of generated images (or use --model to sample now)."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Folder, .npz statistics, or a name torch-fidelity knows (cifar10-train)."),
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the FID statistics of SAMPLES to this .npz."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Sample from this model instead of reading SAMPLES."),
+    num: int = typer.Option(10_000, "--num", "-n", help="With --model: images to sample."),
+    steps: int = StepsOpt,
+    eta: float = typer.Option(0.0, "--eta"),
+    skip: Optional[str] = SkipOpt,
+    seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
-    batch_size: int = typer.Option(64, "--batch-size", "-b"),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Feature-extraction batch."),
     feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: torch-fidelity's inception-v3-compat."),
 ) -> None:
-    """FID between a folder of samples and a reference, via torch-fidelity (pip install 'ddimctl[eval]')."""
+    """FID via torch-fidelity (pip install 'ddimctl\\[eval]'): a folder of samples, or a model sampled now,
+    against a reference folder, a saved statistics file or a named data set."""
+    import tempfile
+
     from . import evaluate
 
-    value = evaluate.compute_fid(samples, ref, generate.pick_device(device), batch_size, feature_extractor)
+    evaluate.fidelity()
+    dev = generate.pick_device(device)
+    if (samples is None) == (model is None):
+        fail("give SAMPLES (a folder of images) or --model to sample from, not both")
+    if save_stats is not None:
+        if samples is None:
+            fail("--save-stats writes the statistics of a folder: give SAMPLES")
+        evaluate.save_statistics(evaluate.statistics(str(samples), dev, batch_size, feature_extractor), save_stats)
+        say(f"wrote the FID statistics of {samples} to {save_stats}")
+        return
+    if ref is None:
+        fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
+    with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:
+        if model is not None:
+            if num < 2:
+                fail(f"--num must be at least 2 for FID, got {num}")
+            loaded = load(model)
+            sampler, batch = make_sampler(loaded, steps, skip, device, eta, count=num)
+            samples = Path(tmp)
+            sample_to_folder(sampler, batch, seed, num, samples, distributed.World())
+        value = evaluate.compute_fid(samples, ref, dev, batch_size, feature_extractor)
     sys.stdout.write(f"{value:.4f}\n")
 
 

@@ -42,6 +42,71 @@ def folder_cache_name(folder: Path) -> str:
     return f"ddimctl-{digest.hexdigest()[:16]}"
 
 
+def _base_kwargs(device: torch.device, batch_size: int, feature_extractor: str | None, cache_root: str | None) -> dict:
+    kwargs = dict(fid=True, cuda=device.type == "cuda", batch_size=batch_size, verbose=False,
+                  samples_find_deep=True, cache=True)
+    if feature_extractor:
+        kwargs["feature_extractor"] = feature_extractor
+    if cache_root:
+        kwargs["cache_root"] = cache_root
+    return kwargs
+
+
+def _run(fn, *args, **kwargs):
+    """Call into torch-fidelity, turning its failures into one-line errors."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DdimctlError(
+            f"FID failed ({first}); without a network, torch-fidelity cannot fetch the Inception weights or a "
+            f"named reference: run once where the network is reachable, or pass a folder of reference images"
+        ) from e
+    except (ValueError, AssertionError) as e:  # torch-fidelity's own checks (empty folder, too few images)
+        raise DdimctlError(f"FID: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+
+
+def statistics(source: str, device: torch.device, batch_size: int = 64, feature_extractor: str | None = None,
+               cache_root: str | None = None) -> dict:
+    """mu and sigma of the FID features of a folder or a named data set (through torch-fidelity's own
+    feature extraction; cached by it for folders and named data sets)."""
+    fidelity()
+    from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
+    from torch_fidelity.utils import create_feature_extractor, resolve_feature_extractor, resolve_feature_layer_for_metric
+
+    kwargs = {**_base_kwargs(device, batch_size, feature_extractor, cache_root), "input1": source}
+    if Path(source).is_dir():
+        kwargs["input1_cache_name"] = folder_cache_name(Path(source))
+
+    def compute():
+        name = resolve_feature_extractor(**kwargs)
+        layer = resolve_feature_layer_for_metric("fid", **kwargs)
+        extractor = create_feature_extractor(name, [layer], **kwargs)
+        stats = fid_input_id_to_statistics_cached(1, extractor, layer, **kwargs)
+        return {"mu": stats["mu"], "sigma": stats["sigma"], "feature_extractor": name, "layer": layer}
+
+    return _run(compute)
+
+
+def save_statistics(stats: dict, path: Path) -> None:
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, mu=stats["mu"], sigma=stats["sigma"], feature_extractor=stats["feature_extractor"],
+                     layer=stats["layer"])
+
+
+def load_statistics(path: Path) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] if k in ("mu", "sigma") else str(f[k]) for k in ("mu", "sigma", "feature_extractor", "layer")}
+    except (OSError, KeyError, ValueError) as e:
+        raise DdimctlError(f"--ref {path}: not a statistics file written by `ddimctl fid --save-stats` ({e})") from e
+
+
 def compute_fid(
     samples: Path,
     reference: str,
@@ -49,36 +114,28 @@ def compute_fid(
     batch_size: int = 64,
     feature_extractor: str | None = None,
     cache_root: str | None = None,
-    verbose: bool = False,
 ) -> float:
-    """FID between a folder of images and a reference: a folder (its statistics are cached) or a
-    name torch-fidelity knows (cifar10-train, ...), fetched by the library on first use."""
+    """FID between a folder of images and a reference: a folder (its statistics are cached), a
+    statistics file (.npz from `ddimctl fid --save-stats`), or a name torch-fidelity knows
+    (cifar10-train, ...), which the library fetches on first use."""
     tf = fidelity()
     samples = Path(samples)
     if not samples.is_dir():
         raise DdimctlError(f"{samples}: no such folder of images")
-    kwargs = dict(
-        input1=str(samples), input2=reference, fid=True, cuda=device.type == "cuda", batch_size=batch_size,
-        verbose=verbose, samples_find_deep=True, cache=True,
-    )
+    if reference.endswith(".npz"):
+        ref = load_statistics(Path(reference))
+        if feature_extractor and feature_extractor != ref["feature_extractor"]:
+            raise DdimctlError(f"--ref {reference} holds {ref['feature_extractor']} features, not {feature_extractor}")
+        mine = statistics(str(samples), device, batch_size, ref["feature_extractor"], cache_root)
+        from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+        return float(_run(fid_statistics_to_metric, mine, ref, False)[FID_KEY])
+    kwargs = {**_base_kwargs(device, batch_size, feature_extractor, cache_root), "input1": str(samples), "input2": reference}
     if Path(reference).is_dir():
         kwargs["input2_cache_name"] = folder_cache_name(Path(reference))
     elif Path(reference).exists():
-        raise DdimctlError(f"--ref {reference}: give a folder of images or a registered name such as cifar10-train")
-    if feature_extractor:
-        kwargs["feature_extractor"] = feature_extractor
-    if cache_root:
-        kwargs["cache_root"] = cache_root
-    try:
-        return float(tf.calculate_metrics(**kwargs)[FID_KEY])
-    except (OSError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DdimctlError(
-            f"FID failed ({first}); without a network, torch-fidelity cannot fetch the Inception weights or a "
-            f"named reference: run once where the network is reachable, or pass a folder of reference images"
-        ) from e
-    except ValueError as e:  # torch-fidelity's own checks (empty folder, too few images)
-        raise DdimctlError(f"FID: {str(e).strip().splitlines()[0]}") from e
+        raise DdimctlError(f"--ref {reference}: give a folder of images, a .npz statistics file or a name such as cifar10-train")
+    return float(_run(tf.calculate_metrics, **kwargs)[FID_KEY])
 
 
 def cell_name(eta: float | None, steps: int) -> str:
