@@ -2,7 +2,6 @@
 
 import hashlib
 import io
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 from conftest import random_unet
 from hub_server import FakeHub
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from ddimctl import weights
 from ddimctl.errors import DdimctlError

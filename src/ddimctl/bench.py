@@ -114,7 +114,6 @@ def run_ours(
     m = Measurement(label, resolved, batch, steps, seconds, batch / seconds, compile_s)
     if device.type == "cuda":
         m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    del eps
     return m, out
 
 
@@ -154,7 +153,6 @@ def run_reference(
     m = Measurement(f"diffusers {name}", name, x_T.shape[0], steps, seconds, x_T.shape[0] / seconds)
     if device.type == "cuda":
         m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-    del ref
     return m, out
 
 
