@@ -114,8 +114,11 @@ def test_invert_writes_latents_that_sample_decodes(tiny_checkpoint, images_dir):
     assert meta["model"] == "tiny.safetensors" and meta["steps"] == "8" and meta["skip"] == "uniform"
     assert json.loads(meta["sources"]) == ["wide.png", "gray.png", "alpha.png", "palette.gif"]
 
-    ddimctl("sample", "--model", tiny_checkpoint, "--steps", 8, "--latents", "z.safetensors", "--out", "dec/", cwd=images_dir)
+    same = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 8, "--latents", "z.safetensors", "--out", "dec/", cwd=images_dir)
     assert len(list((images_dir / "dec").iterdir())) == 4
+    assert "was inverted with" not in same.stderr
+    other = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 4, "--latents", "z.safetensors", "--out", "o.png", cwd=images_dir)
+    assert "z.safetensors was inverted with steps 8 (now 4)" in other.stderr
     # reconstruct = invert + decode: its JSON MSE agrees with the decoded files.
     report = json.loads(
         ddimctl("reconstruct", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", "8", "--json", cwd=images_dir).stdout

@@ -225,6 +225,12 @@ def sample(
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     loaded = load(model)
     x_T = generate.load_latents(latents, loaded.image_shape) if latents is not None else None
+    if latents is not None and world.is_main:
+        made = generate.read_latents_metadata(latents)
+        asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip}
+        differ = [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]
+        if differ:
+            note(f"{latents.name} was inverted with {', '.join(differ)}: decoding will not return the images exactly")
     count = x_T.shape[0] if x_T is not None else num
     sampler, batch = make_sampler(
         loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
