@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -120,15 +119,20 @@ def make_sampler(
     compile_model: bool | None = None,
     batch_size: int | None = None,
     count: int | None = None,
+    reuse: generate.Sampler | None = None,
 ) -> tuple[generate.Sampler, int]:
-    """A sampler on the chosen device and precision, and the batch size to run it with."""
+    """A sampler on the chosen device and precision, and the batch size to run it with. `reuse`
+    shares another sampler's prepared (compiled) network, so a sweep compiles once."""
     check_skip(skip)
     check_steps(steps, model)
     if batch_size is not None and batch_size < 1:
         fail(f"--batch-size must be at least 1, got {batch_size}")
     dev = generate.pick_device(device)
-    dev = distributed.local_device(dev, distributed.World(*_torchrun_ranks()))
+    dev = distributed.local_device(dev, distributed.from_env())
     precision = fast.resolve_precision(precision, dev)
+    if reuse is not None:
+        sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=reuse.eps_model)
+        return sampler, reuse.batch
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
         batch = min(batch, count)
@@ -139,13 +143,10 @@ def make_sampler(
             seconds = fast.warm_up(eps, (batch, *model.image_shape), dev)
         note(f"compiled in {seconds:.1f}s")
     sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps)
+    sampler.batch = batch
     if len(sampler.timesteps) != steps:
         note(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
     return sampler, batch
-
-
-def _torchrun_ranks() -> tuple[int, int, int]:
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
 def is_directory_target(out: Path, raw: str) -> bool:
@@ -509,7 +510,7 @@ def train(
         seed=seed, precision=precision, compile=compile_model,
     )
     config = options.unet_config()
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = distributed.from_env().is_main
     if main_process:
         say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) into {out}")
     with Progress(
@@ -637,13 +638,14 @@ def sweep(
     world = distributed.init(generate.pick_device(device))
     loaded = load(model)
     rows: list[float | None] = eta_list + ([None] if sigma_hat else [])
-    cells = []
+    cells, first = [], None
     for s in steps_list:
         for eta in rows:
             sampler, batch = make_sampler(
                 loaded, s, skip, device, eta or 0.0, eta is None, precision, compile_model, batch_size,
-                math.ceil(num / world.size),
+                math.ceil(num / world.size), reuse=first,
             )
+            first = first or sampler
             folder = out / evaluate.cell_name(eta, s)
             folder.mkdir(exist_ok=True)
             sample_to_folder(sampler, batch, seed, num, folder, world)

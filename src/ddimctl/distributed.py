@@ -28,6 +28,12 @@ class World:
             dist.barrier()
 
 
+def from_env() -> World:
+    """This process's place as torchrun describes it, without joining any process group."""
+    env = os.environ
+    return World(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
 def init(device: torch.device) -> World:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU); else one process."""
     size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -57,6 +57,7 @@ class Sampler:
     eta: float = 0.0
     sigma_hat: bool = False
     eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    batch: int | None = None  # the batch size the eps model was prepared for, if any
 
     @classmethod
     def create(cls, model: LoadedModel, steps: int, skip: str | None, device: torch.device, **kwargs) -> "Sampler":
