@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import ddim, fast
+from .export import diffusers_unet_config
 from .unet import UNet
 
 # Dense matrix-unit peaks from the vendors' datasheets (FLOP/s); MFU is reported against these.
@@ -124,7 +125,7 @@ def run_reference(
     import diffusers
 
     device = x_T.device
-    config = {k: v for k, v in diffusers_unet_config_for(unet).items() if not k.startswith("_")}
+    config = {k: v for k, v in diffusers_unet_config(unet.config).items() if not k.startswith("_")}
     ref = diffusers.UNet2DModel(**config)
     ref.load_state_dict(unet.state_dict())
     ref = ref.to(device=device, dtype=dtype).eval()
@@ -154,13 +155,6 @@ def run_reference(
     if device.type == "cuda":
         m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return m, out
-
-
-def diffusers_unet_config_for(unet: UNet) -> dict:
-    from .export import diffusers_unet_config
-    from .weights import DEFAULT_SCHEDULE, LoadedModel
-
-    return diffusers_unet_config(LoadedModel(unet, "bench", "bench", dict(DEFAULT_SCHEDULE), "uniform"))
 
 
 def add_fidelity(m: Measurement, out: torch.Tensor, fp32_out: torch.Tensor) -> None:

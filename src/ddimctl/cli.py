@@ -131,7 +131,9 @@ def make_sampler(
     dev = distributed.local_device(dev, distributed.from_env())
     precision = fast.resolve_precision(precision, dev)
     if reuse is not None:
-        sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=reuse.eps_model)
+        sampler = generate.Sampler.create(
+            model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=reuse.eps_model, batch=reuse.batch
+        )
         return sampler, reuse.batch
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
@@ -142,8 +144,7 @@ def make_sampler(
         with stderr.status(f"compiling the UNet for {precision} batches of {batch} (once per run)"):
             seconds = fast.warm_up(eps, (batch, *model.image_shape), dev)
         note(f"compiled in {seconds:.1f}s")
-    sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps)
-    sampler.batch = batch
+    sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps, batch=batch)
     if len(sampler.timesteps) != steps:
         note(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
     return sampler, batch
@@ -173,16 +174,6 @@ def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
             fail(f"{p}: no such image file")
     channels, resolution, _ = model.image_shape
     return torch.stack([images.load_image(p, resolution, channels, notice=note) for p in paths])
-
-
-def parse_steps_list(text: str) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        fail(f"--steps takes an integer or a comma-separated list such as 10,20,50, got {text!r}")
-    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +355,7 @@ def reconstruct(
 ) -> None:
     """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR. A folder counts
     as all the images in it."""
-    steps_list = parse_steps_list(steps)
+    steps_list = parse_list(steps, "--steps")
     images.check_writable(out)
     image_paths = expand_images(image_paths)
     loaded = load(model)
@@ -494,9 +485,9 @@ def train(
         if value is not None:
             overrides[key] = value
     if channel_mult is not None:
-        overrides["channel_mult"] = tuple(parse_int_list(channel_mult, "--channel-mult"))
+        overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
     if attention is not None:
-        overrides["attention_resolutions"] = tuple(parse_int_list(attention, "--attention", allow_empty=True))
+        overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
     if channels is not None and channels not in (1, 3):
         fail(f"--channels must be 1 or 3, got {channels}")
     for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--save-every", save_every), ("--keep", keep)]:
@@ -536,13 +527,16 @@ def train(
         say(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
 
 
-def parse_int_list(text: str, option: str, allow_empty: bool = False) -> list[int]:
+def parse_list(text: str, option: str, kind=int, allow_empty: bool = False) -> list:
+    """A comma-separated option value such as 10,20,50 (positive for int, non-negative for float)."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = None
-    if values is None or (not values and not allow_empty) or any(v < 1 for v in values):
-        fail(f"{option} takes positive integers separated by commas, got {text!r}")
+    smallest = 1 if kind is int else 0
+    if values is None or (not values and not allow_empty) or any(v < smallest for v in values):
+        what = "positive integers" if kind is int else "non-negative numbers"
+        fail(f"{option} takes {what} separated by commas, such as 10,20,50, got {text!r}")
     return values
 
 
@@ -625,13 +619,8 @@ def sweep(
     from . import evaluate
 
     evaluate.fidelity()  # fail before hours of sampling, not after
-    steps_list = parse_steps_list(steps)
-    try:
-        eta_list = [float(e) for e in etas.split(",") if e.strip()]
-    except ValueError:
-        eta_list = []
-    if not eta_list or any(e < 0 for e in eta_list):
-        fail(f"--eta takes non-negative numbers separated by commas, got {etas!r}")
+    steps_list = parse_list(steps, "--steps")
+    eta_list = parse_list(etas, "--eta", float)
     if num < 2:
         fail(f"--num must be at least 2 for FID, got {num}")
     out.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .errors import DdimctlError
-from .images import fit
+from .images import read_pixels
 
 # Formats Pillow reads that people keep training images in.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -42,17 +41,13 @@ def load_folder(
             f"{len(files)} images at {resolution}x{resolution} need {needed / 2**30:.1f} GiB in memory; "
             f"use a lower --resolution or a subset of the data"
         )
-    mode = "RGB" if channels == 3 else "L"
     out = torch.empty((len(files), channels, resolution, resolution), dtype=torch.uint8)
     kept, bad = 0, []
     for i, path in enumerate(files):
         try:
-            with Image.open(path) as img:
-                img = fit(img.convert(mode), resolution) if img.size != (resolution, resolution) else img.convert(mode)
-                pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-            out[kept] = pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
+            out[kept] = read_pixels(path, resolution, channels)
             kept += 1
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except DdimctlError:
             bad.append(path)
         if progress is not None:
             progress(i + 1, len(files))

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from .errors import DdimctlError
 from .files import atomic_path
+from .unet import UNetConfig
 from .weights import LoadedModel, atomic_save_safetensors
 
 
-def diffusers_unet_config(loaded: LoadedModel) -> dict:
-    c = loaded.config
+def diffusers_unet_config(c: UNetConfig) -> dict:
     widths = [c.base_channels * m for m in c.channel_mult]
     attend = [c.resolution >> i in c.attention_resolutions for i in range(len(widths))]
     return {
@@ -58,7 +58,7 @@ def export_diffusers(loaded: LoadedModel, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(loaded.unet.state_dict(), out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     for name, content in (
-        ("config.json", diffusers_unet_config(loaded)),
+        ("config.json", diffusers_unet_config(loaded.config)),
         ("scheduler_config.json", diffusers_scheduler_config(loaded)),
     ):
         with atomic_path(out / name) as tmp:

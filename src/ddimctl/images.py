@@ -96,12 +96,9 @@ def check_writable(path: Path) -> None:
         raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another --out")
 
 
-def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
-    """Read any image Pillow knows as a [-1, 1] tensor (C, H, W) at the model's resolution.
-
-    The shorter side is resized to `resolution` and the centre cropped; RGBA, palette and grayscale
-    images are converted to the model's channels.
-    """
+def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+    """Any image Pillow reads as 8-bit (C, H, W) at `resolution`: the shorter side resized and the
+    centre cropped; RGBA, palette and grayscale images converted to `channels`."""
     path = Path(path)
     if not path.is_file():
         raise DdimctlError(f"{path}: no such image file")
@@ -115,8 +112,13 @@ def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str
         if notice is not None:
             notice(f"{path.name}: {img.size[0]}x{img.size[1]} resized and centre-cropped to {resolution}x{resolution}")
         img = fit(img, resolution)
-    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, channels)
-    return from_uint8(pixels[None])[0]
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
+
+
+def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+    """read_pixels as a [-1, 1] float tensor (C, H, W), the way the checkpoints were trained."""
+    return from_uint8(read_pixels(path, resolution, channels, notice).permute(1, 2, 0)[None])[0]
 
 
 def fit(img: Image.Image, resolution: int) -> Image.Image:

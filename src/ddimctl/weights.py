@@ -72,9 +72,14 @@ def registry_path() -> Path:
 
 
 @cache
+def _registry_file() -> dict:
+    return tomllib.loads(registry_path().read_text())
+
+
+@cache
 def registry() -> dict[str, ModelEntry]:
     """weights.toml, plus the models of the file named by $DDIMCTL_REGISTRY (a user's own list)."""
-    data = tomllib.loads(registry_path().read_text())
+    data = dict(_registry_file())
     extra_file = os.environ.get("DDIMCTL_REGISTRY")
     if extra_file:
         try:
@@ -101,7 +106,7 @@ def registry() -> dict[str, ModelEntry]:
 
 
 def default_model() -> str:
-    return tomllib.loads(registry_path().read_text()).get("default", "cifar10")
+    return _registry_file().get("default", "cifar10")
 
 
 # --------------------------------------------------------------------------------------------
