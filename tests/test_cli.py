@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,26 @@ def test_folder_output_resumes(tiny_checkpoint, tmp_path):
     stamp = (tmp_path / "run" / "000000.png").stat().st_mtime_ns
     result = ddimctl(*args, cwd=tmp_path)
     assert "3 of 4 images already" in result.stderr
+    assert re.search(r"sampling waited \d+\.\d\ds for the PNG writers", result.stderr)
     assert np.array_equal(pixels(tmp_path / "run" / "000002.png"), original)
     assert (tmp_path / "run" / "000000.png").stat().st_mtime_ns == stamp
+
+
+def test_writer_stalls_are_measured(monkeypatch, tmp_path):
+    """submit() blocks only when `pending` batches are still being written, and says for how long."""
+    from ddimctl import images
+
+    slow = lambda pixels, path: time.sleep(0.05)  # noqa: E731
+    monkeypatch.setattr(images, "save_image", slow)
+    batch = [(torch.zeros(4, 4, 3, dtype=torch.uint8), tmp_path / "x.png")]
+    with images.BackgroundWriter(workers=1, pending=1) as writer:
+        for _ in range(4):
+            writer.submit(batch)
+    assert writer.stalled_s >= 3 * 0.05 * 0.8  # batches 2-4 each waited for the one before
+    with images.BackgroundWriter(workers=1, pending=8) as roomy:
+        for _ in range(4):
+            roomy.submit(batch)
+    assert roomy.stalled_s < 0.02
 
 
 def test_images_match_the_library(tiny_checkpoint, tmp_path):

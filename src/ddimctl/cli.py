@@ -229,8 +229,9 @@ def sample(
     )
 
     started = time.perf_counter()
+    stalled = None
     if to_folder:
-        done = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T)
+        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T)
     else:
         collected = []
         with progress_bar("sampling", count, sampler.evaluations) as advance:
@@ -248,6 +249,8 @@ def sample(
             f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}, "
             f"{fast.resolve_precision(precision, sampler.device)}, batch {batch}]"
         )
+        if stalled is not None:
+            note(f"sampling waited {stalled:.2f}s for the PNG writers")
 
 
 def sample_to_folder(
@@ -258,9 +261,10 @@ def sample_to_folder(
     folder: Path,
     world: distributed.World,
     x_T: torch.Tensor | None = None,
-) -> int:
+) -> tuple[int, float]:
     """Images 0..count-1 as zero-padded PNGs in `folder`, skipping those already there; this
-    process's share under torchrun. Returns how many this process wrote."""
+    process's share under torchrun. Returns how many this process wrote, and the seconds sampling
+    waited for the PNG writers."""
     width = max(6, len(str(count - 1)))
     name_of = lambda i: folder / f"{i:0{width}d}.png"  # noqa: E731
     todo = [i for i in range(count) if not name_of(i).exists()]
@@ -275,7 +279,7 @@ def sample_to_folder(
         for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
             writer.submit([(p, name_of(i)) for i, p in zip(indices, images.to_uint8(x0))])
     world.barrier()
-    return len(todo)
+    return len(todo), writer.stalled_s
 
 
 @app.command()

@@ -90,7 +90,9 @@ def standard_normal(like: torch.Tensor, generator: Generator) -> torch.Tensor:
         if len(generator) != like.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
         z = torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device) for g in generator])
-    return z.to(device=like.device, dtype=like.dtype)
+    if like.is_cuda and z.device.type == "cpu":
+        z = z.pin_memory()  # so that the copy below does not wait for the GPU
+    return z.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:

@@ -47,6 +47,24 @@ def pick_device(device: str) -> torch.device:
         raise DdimctlError(f"unknown --device {device!r}; use auto, cpu or cuda") from e
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without stalling the host: CUDA copies from pinned memory run asynchronously."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def start_host_copy(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying x to host memory; the returned function waits for it and returns the copy."""
+    if x.device.type != "cuda":
+        return lambda: x.cpu()
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host)[1]
+
+
 @dataclass
 class Sampler:
     """A model on a device with one DDIM configuration, ready to run batches."""
@@ -80,7 +98,7 @@ class Sampler:
         return len(self.timesteps)
 
     def sample(self, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None, progress: ProgressFn | None = None):
-        x = x_T.to(self.device, torch.float32, non_blocking=True)
+        x = to_device(x_T.float(), self.device)
         callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
         gen = generators if self.eta > 0 or self.sigma_hat else None
         return ddim.sample(
@@ -100,14 +118,24 @@ class Sampler:
         latents: torch.Tensor | None = None,
         progress: ProgressFn | None = None,
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield (indices, x_0 on the CPU) batch by batch; latents[i] replaces image i's noise."""
+        """Yield (indices, x_0 on the CPU) batch by batch; latents[i] replaces image i's noise.
+
+        On CUDA the work is queued one batch ahead: while the caller handles batch k (encoding
+        PNGs), the GPU already runs batch k + 1, and batch k reaches host memory asynchronously.
+        """
+        waiting = None  # (indices, wait for x_0 on the host) of the previous batch
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start : start + batch_size])
             generators = image_generators(seed, batch)
             x_T = initial_noise(generators, self.model.image_shape)
             if latents is not None:
                 x_T = latents[batch]
-            yield batch, self.sample(x_T, generators, progress).cpu()
+            x_0 = self.sample(x_T, generators, progress)
+            if waiting is not None:
+                yield waiting[0], waiting[1]()
+            waiting = (batch, start_host_copy(x_0))
+        if waiting is not None:
+            yield waiting[0], waiting[1]()
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
@@ -28,10 +29,9 @@ def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """One 8-bit (H, W, C) image (through bytes: numpy is not a dependency)."""
-    h, w, c = pixels.shape
-    data = bytes(pixels.to(torch.uint8).contiguous().flatten().tolist())
-    return Image.frombytes("L" if c == 1 else "RGB", (w, h), data)
+    """One 8-bit (H, W, C) image."""
+    array = pixels.to(torch.uint8).contiguous().numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)  # mode L or RGB
 
 
 def grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> torch.Tensor:
@@ -54,16 +54,24 @@ def save_image(pixels: torch.Tensor, path: Path) -> None:
 
 
 class BackgroundWriter:
-    """Encode and write PNGs on worker threads; at most `pending` batches wait, bounding memory."""
+    """Encode and write PNGs on worker threads; at most `pending` batches wait, bounding memory.
 
-    def __init__(self, workers: int = 2, pending: int = 4):
+    `stalled_s` is how long submit() blocked because the writers fell behind: the time the
+    sampler (and its GPU) waited on PNG encoding.
+    """
+
+    def __init__(self, workers: int | None = None, pending: int = 4):
+        workers = workers or max(2, min(8, os.cpu_count() or 1))  # encoding releases the GIL
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="png-writer")
         self._futures: deque[Future] = deque()
         self._pending = pending
+        self.stalled_s = 0.0
 
     def submit(self, items: list[tuple[torch.Tensor, Path]]) -> None:
+        started = time.perf_counter()
         while len(self._futures) >= self._pending:
             self._futures.popleft().result()  # re-raises a failed write here, in the caller
+        self.stalled_s += time.perf_counter() - started
         self._futures.append(self._pool.submit(lambda: [save_image(p, path) for p, path in items]))
 
     def __enter__(self) -> "BackgroundWriter":
