@@ -46,13 +46,19 @@ def test_bf16_path_stays_close_to_fp32():
     assert float(bench.psnr_per_image(low, ref).median()) > 25
 
 
-def test_compiled_model_matches_eager():
+@pytest.mark.parametrize("mode", ["default", "tuned"])
+def test_compiled_model_matches_eager(mode):
     unet = random_unet("tiny")
-    eps = fast.prepare(unet, torch.device("cpu"), "fp32", "default", batch_size=4, copy_model=True)
+    eps = fast.prepare(unet, torch.device("cpu"), "fp32", mode, batch_size=4, copy_model=True)
     fast.warm_up(eps, (4, 3, 16, 16), torch.device("cpu"), calls=1)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
     with torch.no_grad():
         torch.testing.assert_close(eps(x, t), unet(x, t), atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_compile_mode_is_one_line():
+    with pytest.raises(DdimctlError, match="compile mode must be one of default, reduce-overhead"):
+        fast.prepare(random_unet("tiny"), torch.device("cpu"), "fp32", "fastest")
 
 
 def test_flops_of_the_cifar10_unet():

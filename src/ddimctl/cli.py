@@ -682,6 +682,8 @@ def bench(
         unet = load(model).unet
         source = model
     mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
+    if mode not in (*fast.COMPILE_MODES, "none"):
+        fail(f"--compile-mode must be one of {', '.join(fast.COMPILE_MODES)} or none, got {mode!r}")
     batch = batch_size or (256 if dev.type == "cuda" else 4)
     if steps < 1 or steps > 1000:
         fail(f"--steps must be between 1 and 1000, got {steps}")

@@ -21,6 +21,10 @@ DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, 
 # Chosen by measurement on an H200 (docs/benchmarks.md): "reduce-overhead" (CUDA graphs) was no
 # faster at batch 256 or 1024 and compiled slower; "max-autotune" compiled for over 3 minutes.
 DEFAULT_COMPILE_MODE = "default"
+# "tuned" is "default" plus Inductor's weight freezing (constant-folded, pre-laid-out weights) and
+# coordinate-descent tuning of its generated kernels (the GroupNorm/SiLU passes); not yet measured.
+TUNED_OPTIONS = {"freezing": True, "coordinate_descent_tuning": True}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "tuned")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -76,8 +80,10 @@ def prepare(
     batch_size: int | None = None,
     copy_model: bool = False,
 ) -> FastEps:
-    """The UNet as a fast eps model. compile_mode None: eager; "default", "reduce-overhead",
-    "max-autotune", "max-autotune-no-cudagraphs": torch.compile modes (CUDA only by default)."""
+    """The UNet as a fast eps model. compile_mode None: eager; otherwise one of COMPILE_MODES:
+    torch.compile's modes, or "tuned" (see TUNED_OPTIONS)."""
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise DdimctlError(f"compile mode must be one of {', '.join(COMPILE_MODES)} or none, got {compile_mode!r}")
     precision = resolve_precision(precision, device)
     if device.type == "cuda":
         set_matmul_precision(precision)
@@ -89,8 +95,8 @@ def prepare(
         model = model.to(memory_format=torch.channels_last)
     eps = FastEps(model, dtype, channels_last)
     if compile_mode:
-        options = {"mode": compile_mode, "dynamic": False, "fullgraph": True}
-        eps.model = torch.compile(model, **options)
+        how = {"options": TUNED_OPTIONS} if compile_mode == "tuned" else {"mode": compile_mode}
+        eps.model = torch.compile(model, dynamic=False, fullgraph=True, **how)
         eps.fixed_batch = batch_size
         eps.cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     return eps
