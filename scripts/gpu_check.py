@@ -54,8 +54,11 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
     parser.add_argument("--wheels", default=str(ROOT / ".gpu" / "wheels"))
     parser.add_argument("--budget", type=float, default=280.0, help="Seconds after which optional stages are skipped.")
-    parser.add_argument("--modes", default="reduce-overhead,max-autotune-no-cudagraphs",
-                        help="torch.compile modes to compare on CIFAR-10.")
+    parser.add_argument(
+        "--modes",
+        default="reduce-overhead,max-autotune-no-cudagraphs",
+        help="torch.compile modes to compare on CIFAR-10.",
+    )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--stages", default="correctness,cifar10,ddpm256,training,cli", help="Stages to run.")
     parser.add_argument("--baseline-runs", type=int, default=3)
@@ -102,8 +105,29 @@ def main() -> None:
         cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
         gpu = ddim.sample(fast.prepare(unet, device, "fp32", copy_model=True), x_T.to(device), abar, tau).cpu()
         diff = float((gpu - cpu).abs().max())
-        report["stages"]["gpu_vs_cpu_fp32"] = {"max_abs_diff": diff, "max_abs_value": float(cpu.abs().max()), "steps": 10, "batch": 8}
+        report["stages"]["gpu_vs_cpu_fp32"] = {
+            "max_abs_diff": diff,
+            "max_abs_value": float(cpu.abs().max()),
+            "steps": 10,
+            "batch": 8,
+        }
         log(f"GPU fp32 vs CPU fp32, 10 steps: max |diff| = {diff:.2e} (values up to {float(cpu.abs().max()):.1f})")
+        # The batched, pipelined sampler (pinned copies, batch k + 1 queued while batch k is handed
+        # over) with eta = 1, whose per-step noise comes from per-image CPU generators.
+        import copy
+
+        from ddimctl import generate
+        from ddimctl.weights import DEFAULT_SCHEDULE, LoadedModel
+
+        def run_batches(dev: torch.device) -> torch.Tensor:
+            loaded = LoadedModel(copy.deepcopy(unet), "check", "gpu_check", dict(DEFAULT_SCHEDULE), "uniform")
+            sampler = generate.Sampler.create(loaded, 10, None, dev, eta=1.0)
+            sampler.eps_model = fast.prepare(loaded.unet, dev, "fp32")
+            return torch.cat([x for _, x in sampler.sample_indices(list(range(12)), 5, 5)])
+
+        diff = float((run_batches(device) - run_batches(torch.device("cpu"))).abs().max())
+        report["stages"]["pipelined_eta1_gpu_vs_cpu"] = {"max_abs_diff": diff, "images": 12, "batch": 5}
+        log(f"pipelined Sampler, eta = 1, GPU fp32 vs CPU fp32: max |diff| = {diff:.2e}")
         save()
 
     # 2. CIFAR-10: references and the fp32 baseline once, then each compile mode.
@@ -129,7 +153,10 @@ def main() -> None:
         variants += [(low, modes[0], batches[-1], True)]
         variants += [("fp16" if device.type == "cuda" else "fp32", modes[0], batch, False), (low, None, batch, False)]
         for precision, mode, b, cudnn_benchmark in variants:
-            if time.perf_counter() - STARTED > args.budget * 0.55 and (precision, mode, b, cudnn_benchmark) != variants[0]:
+            if (
+                time.perf_counter() - STARTED > args.budget * 0.55
+                and (precision, mode, b, cudnn_benchmark) != variants[0]
+            ):
                 log(f"skipping {precision} {mode} batch {b}: over the time budget")
                 continue
             torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -142,8 +169,10 @@ def main() -> None:
             results.append(m)
             report["stages"]["cifar10"] = [r.to_dict() for r in results]
             save()
-            log(f"{m.name} batch {b}: {m.images_per_s:.1f} images/s (compile {m.compile_s:.0f}s), "
-                f"PSNR median {m.psnr_median:.1f} dB")
+            log(
+                f"{m.name} batch {b}: {m.images_per_s:.1f} images/s (compile {m.compile_s:.0f}s), "
+                f"PSNR median {m.psnr_median:.1f} dB"
+            )
             del o
             torch.cuda.empty_cache()
         for m in results:
@@ -154,30 +183,41 @@ def main() -> None:
         report["stages"]["cifar10"] = [m.to_dict() for m in results]
         save()
 
-    # 3. The 256x256 architecture, 10 steps, batch 16: reference fp16 against ours.
+    # 3. The 256x256 architecture, 10 steps: reference fp16 against ours at batch 16 and 64, each
+    # side's ratio taken against the reference's faster batch.
     torch.backends.cudnn.benchmark = False
     if "ddpm256" in stages and time.perf_counter() - STARTED < args.budget * 0.75:
         torch.manual_seed(0)
         unet256 = UNet(PRESETS[big]).eval()
         r = unet256.config.resolution
-        x256 = torch.randn(16 if not args.smoke else 2, 3, r, r, generator=torch.Generator().manual_seed(0)).to(device)
-        base256, base256_out = bench.run_ours(unet256, x256, 10, "fp32", None, 2, abar)
+        sizes = (16, 64) if not args.smoke else (2, 4)
+        noise256 = {b: torch.randn(b, 3, r, r, generator=torch.Generator().manual_seed(0)).to(device) for b in sizes}
+        base256, base256_out = bench.run_ours(unet256, noise256[sizes[0]], 10, "fp32", None, 2, abar)
         results256.append(base256)
         refs256 = []
-        if have_reference and device.type == "cuda":
-            m, o = bench.run_reference(unet256, x256, 10, torch.float16, 2)
-            bench.add_fidelity(m, o, base256_out)
+        for b in sizes if have_reference and device.type == "cuda" else ():
+            m, o = bench.run_reference(unet256, noise256[b], 10, torch.float16, 2)
+            bench.add_fidelity(m, o[: sizes[0]], base256_out)
             refs256.append(m)
             results256.append(m)
-        for precision in ("bf16", "fp16") if device.type == "cuda" else ("fp32",):
-            m, o = bench.run_ours(unet256, x256, 10, precision, modes[0], 2, abar)
-            bench.add_fidelity(m, o, base256_out)
+            log(f"256x256 {m.name} batch {b}: {m.images_per_s:.1f} images/s")
+        low = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
+        for precision, b in [(p, sizes[0]) for p in low] + [(low[0], sizes[1])]:
+            if time.perf_counter() - STARTED > args.budget * 0.8:
+                log(f"skipping 256x256 {precision} batch {b}: over the time budget")
+                continue
+            m, o = bench.run_ours(unet256, noise256[b], 10, precision, modes[0], 2, abar)
+            bench.add_fidelity(m, o[: sizes[0]], base256_out)
             results256.append(m)
-            log(f"256x256 {m.name}: {m.images_per_s:.1f} images/s")
+            log(f"256x256 {m.name} batch {b}: {m.images_per_s:.1f} images/s")
+            del o
+            torch.cuda.empty_cache()
+        best_ref = {}
+        for ref in refs256:
+            best_ref[ref.precision] = max(best_ref.get(ref.precision, 0.0), ref.images_per_s)
         for m in results256:
-            for r in refs256:
-                if not m.name.startswith("diffusers"):
-                    m.ratio[r.precision] = m.images_per_s / r.images_per_s
+            if not m.name.startswith("diffusers"):
+                m.ratio = {k: m.images_per_s / v for k, v in best_ref.items()}
         flops256 = bench.forward_flops(unet256)
         for m in results256:
             bench.add_mfu(m, flops256, device)
@@ -191,7 +231,9 @@ def main() -> None:
         if compiled and (time.perf_counter() - STARTED > args.budget * 0.85 or args.smoke):
             log("skipping compiled training: over the time budget")
             continue
-        r = bench.benchmark_training(PRESETS[small], device, 128 if not args.smoke else 4, precision, compiled, steps=20 if not args.smoke else 2)
+        r = bench.benchmark_training(
+            PRESETS[small], device, 128 if not args.smoke else 4, precision, compiled, steps=20 if not args.smoke else 2
+        )
         training.append(r)
         log(f"{r['name']}: {r['images_per_s']:.0f} images/s (warm-up {r['warmup_s']:.0f}s)")
         torch.cuda.empty_cache()
@@ -212,21 +254,39 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(folder)
-        cmd = [sys.executable, "-c",
-               "import resource,runpy,sys; sys.argv=['ddimctl']+sys.argv[1:];\n"
-               "try: runpy.run_module('ddimctl', run_name='__main__')\n"
-               "finally: print('maxrss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, file=sys.stderr)",
-               "sample", "--model", str(ckpt), "-n", str(4 * big_batch), "--steps", str(steps), "--out", f"{folder}/",
-               "--batch-size", str(big_batch), "--device", args.device]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import resource,runpy,sys; sys.argv=['ddimctl']+sys.argv[1:];\n"
+            "try: runpy.run_module('ddimctl', run_name='__main__')\n"
+            "finally: print('maxrss_mib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, file=sys.stderr)",
+            "sample",
+            "--model",
+            str(ckpt),
+            "-n",
+            str(4 * big_batch),
+            "--steps",
+            str(steps),
+            "--out",
+            f"{folder}/",
+            "--batch-size",
+            str(big_batch),
+            "--device",
+            args.device,
+        ]
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         wall = time.perf_counter() - started
         rss = [line for line in proc.stderr.splitlines() if line.startswith("maxrss_mib")]
         written = len(list(folder.glob("*.png")))
-        report["stages"]["cli_sample"] = {"images": written, "wall_s": wall, "returncode": proc.returncode,
-                                          "max_rss_mib": float(rss[0].split()[1]) if rss else None,
-                                          "summary": [l for l in proc.stderr.splitlines() if "wrote" in l or "compiled" in l]}
-        log(f"CLI sample {4 * big_batch} images: rc={proc.returncode}, {written} PNGs, {wall:.0f}s wall (compile included)")
+        report["stages"]["cli_sample"] = {
+            "images": written,
+            "wall_s": wall,
+            "returncode": proc.returncode,
+            "max_rss_mib": float(rss[0].split()[1]) if rss else None,
+            "summary": [x for x in proc.stderr.splitlines() if any(w in x for w in ("wrote", "compiled", "waited"))],
+        }
+        log(f"CLI sample {4 * big_batch} images: rc={proc.returncode}, {written} PNGs, {wall:.0f}s (compile included)")
         if proc.returncode:
             log(proc.stderr[-2000:])
         save()
@@ -236,8 +296,10 @@ def main() -> None:
     if args.smoke:
         print("(smoke run: tiny sizes, not a measurement)")
     print(f"{report['device']} | torch {report['torch']} | {report['date']}")
-    if "gpu_vs_cpu_fp32" in report["stages"]:
-        print(f"GPU fp32 vs CPU fp32 max |diff|: {report['stages']['gpu_vs_cpu_fp32']['max_abs_diff']:.2e}")
+    checks = {"gpu_vs_cpu_fp32": "GPU fp32 vs CPU fp32", "pipelined_eta1_gpu_vs_cpu": "pipelined sampler, eta = 1"}
+    for key, what in checks.items():
+        if key in report["stages"]:
+            print(f"{what}, max |diff|: {report['stages'][key]['max_abs_diff']:.2e}")
     for title, rows in (("CIFAR-10, 50 steps", results), ("256x256, 10 steps", results256)):
         if not rows:
             continue
@@ -251,7 +313,10 @@ def main() -> None:
             print(f"{r['name']} | {r['images_per_s']:.0f} images/s | warm-up {r['warmup_s']:.0f}s")
     if "cli_sample" in report["stages"]:
         c = report["stages"]["cli_sample"]
-        print(f"\nCLI sample: {c['images']} PNGs in {c['wall_s']:.0f}s, max RSS {c['max_rss_mib']} MiB, rc {c['returncode']}")
+        print(f"\nCLI sample: {c['images']} PNGs in {c['wall_s']:.0f}s, max RSS {c['max_rss_mib']} MiB")
+        print(f"  exit code {c['returncode']}")
+        for line in c["summary"]:
+            print(f"  {line.strip()}")
     print(f"total {time.perf_counter() - STARTED:.0f}s")
 
 
