@@ -132,7 +132,7 @@ def main() -> None:
 
     # 2. CIFAR-10: references and the fp32 baseline once, then each compile mode.
     if "cifar10" in stages:
-        flops = bench.forward_flops(unet)
+        flops = fast.forward_flops(unet)
         x_T = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
         base, base_out = bench.run_ours(unet, x_T, steps, "fp32", None, args.baseline_runs, abar)
         bench.add_fidelity(base, base_out, base_out)
@@ -218,7 +218,7 @@ def main() -> None:
         for m in results256:
             if not m.name.startswith("diffusers"):
                 m.ratio = {k: m.images_per_s / v for k, v in best_ref.items()}
-        flops256 = bench.forward_flops(unet256)
+        flops256 = fast.forward_flops(unet256)
         for m in results256:
             bench.add_mfu(m, flops256, device)
         report["stages"]["ddpm256"] = [m.to_dict() for m in results256]

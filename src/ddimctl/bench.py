@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import ddim, fast
 from .export import diffusers_unet_config
@@ -45,17 +44,6 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def forward_flops(unet: UNet, device: torch.device | str = "cpu") -> float:
-    """FLOPs of one forward pass for one image (2 per multiply-add)."""
-    c = unet.config
-    model = UNet(c).to(device).eval()
-    x = torch.randn(1, c.in_channels, c.resolution, c.resolution, device=device)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x, torch.tensor([1], device=device))
-    return float(counter.get_total_flops())
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -230,7 +218,7 @@ def run_benchmark(
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(batch, c.in_channels, c.resolution, c.resolution, generator=g).to(device)
     abar = ddim.alphas_cumprod(ddim.linear_betas())
-    flops = forward_flops(unet)
+    flops = fast.forward_flops(unet)
     results = []
 
     log("ddimctl fp32 eager (the fidelity baseline)")

@@ -41,7 +41,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on GPUs, fp32 on CPU), fp32, tf32, bf16, fp16.")
 ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
-CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA only).")
+CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA, for runs big enough to repay it).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +138,11 @@ def make_sampler(
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
         batch = min(batch, count)
-    use_compile = dev.type == "cuda" if compile_model is None else compile_model
+    use_compile = compile_model
+    if compile_model is None:
+        use_compile = dev.type == "cuda" and (count is None or fast.worth_compiling(model.unet, count * steps))
+        if dev.type == "cuda" and not use_compile:
+            note(f"{count} images x {steps} steps: too little work to repay compiling the UNet (--compile forces it)")
     eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
     if use_compile:
         with stderr.status(f"compiling the UNet for {precision} batches of {batch} (once per run)"):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DdimctlError
 from .unet import UNet
@@ -25,6 +26,32 @@ DEFAULT_COMPILE_MODE = "default"
 # coordinate-descent tuning of its generated kernels (the GroupNorm/SiLU passes); not yet measured.
 TUNED_OPTIONS = {"freezing": True, "coordinate_descent_tuning": True}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "tuned")
+
+
+# Compiling pays for itself only on enough work. On the H200 (docs/benchmarks.md) it took 12-32 s,
+# after which CIFAR-10 ran at 535 images/s (50 steps) against about 150 eager in bf16
+# (reference/performance.md), i.e. about 330 against 95 TFLOP/s of network work: eager finishes
+# first below 20 s / (1/95e12 - 1/330e12), about 2.5 PFLOP (3,000 CIFAR-10 images at 50 steps).
+COMPILE_PAYS_OFF_FLOP = 2.5e15
+
+
+def forward_flops(unet: UNet) -> float:
+    """FLOPs of one forward pass for one image (2 per multiply-add), counted on the meta device:
+    no arithmetic runs, and attention counts too (the CPU's SDPA kernel has no FLOP formula)."""
+    c = unet.config
+    with torch.device("meta"):
+        model = UNet(c).eval()
+        x = torch.zeros(1, c.in_channels, c.resolution, c.resolution)
+        t = torch.ones(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t)
+    return float(counter.get_total_flops())
+
+
+def worth_compiling(unet: UNet, evaluations: int) -> bool:
+    """Whether `evaluations` single-image network calls are enough work to repay compilation."""
+    return evaluations * forward_flops(unet) >= COMPILE_PAYS_OFF_FLOP
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
