@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,18 @@ from safetensors.torch import save_file
 from ddimctl.unet import PRESETS, UNet
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_ddimctl_cache(tmp_path_factory):
+    """Converted checkpoints and compiled kernels of the tests stay out of the user's ~/.cache."""
+    saved = os.environ.get("DDIMCTL_CACHE")
+    os.environ["DDIMCTL_CACHE"] = str(tmp_path_factory.mktemp("ddimctl-cache"))
+    yield
+    if saved is None:
+        del os.environ["DDIMCTL_CACHE"]
+    else:
+        os.environ["DDIMCTL_CACHE"] = saved
 
 
 def random_unet(preset: str = "tiny", seed: int = 0) -> UNet:

@@ -56,6 +56,31 @@ def test_compiled_model_matches_eager(mode):
         torch.testing.assert_close(eps(x, t), unet(x, t), atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_kernels_are_cached_under_ddimctl_cache(tmp_path):
+    """A second process reuses the first one's compiled graph from $DDIMCTL_CACHE/inductor."""
+    script = (
+        "import os, torch; from torch._dynamo.utils import counters\n"
+        "from ddimctl import fast; from ddimctl.unet import PRESETS, UNet\n"
+        "eps = fast.prepare(UNet(PRESETS['tiny']), torch.device('cpu'), 'fp32', 'default', batch_size=1)\n"
+        "fast.warm_up(eps, (1, 3, 16, 16), torch.device('cpu'), calls=1)\n"
+        "print(os.environ['TORCHINDUCTOR_CACHE_DIR'], counters['inductor']['fxgraph_cache_hit'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["DDIMCTL_CACHE"] = str(tmp_path / "cache")
+    run = lambda: subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)  # noqa: E731
+    folder, hits = run().stdout.split()
+    assert folder == str(tmp_path / "cache" / "inductor") and hits == "0"
+    assert any((tmp_path / "cache" / "inductor").iterdir())
+    folder, hits = run().stdout.split()
+    assert int(hits) >= 1
+
+
+def test_users_inductor_cache_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    fast.use_persistent_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 def test_unknown_compile_mode_is_one_line():
     with pytest.raises(DdimctlError, match="compile mode must be one of default, reduce-overhead"):
         fast.prepare(random_unet("tiny"), torch.device("cpu"), "fp32", "fastest")

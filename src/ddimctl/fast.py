@@ -7,6 +7,7 @@ stays the same; only the network call changes. On the CPU it keeps fp32 eager un
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DdimctlError
 from .unet import UNet
+from .weights import cache_dir
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,11 +124,27 @@ def prepare(
         model = model.to(memory_format=torch.channels_last)
     eps = FastEps(model, dtype, channels_last)
     if compile_mode:
+        use_persistent_compile_cache()
         how = {"options": TUNED_OPTIONS} if compile_mode == "tuned" else {"mode": compile_mode}
         eps.model = torch.compile(model, dynamic=False, fullgraph=True, **how)
         eps.fixed_batch = batch_size
         eps.cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     return eps
+
+
+def use_persistent_compile_cache() -> None:
+    """Keep Inductor's compiled kernels in ddimctl's cache rather than /tmp, so that later runs on
+    this machine reuse them (the CIFAR-10 UNet: 44 s cold, 5 s warm on 2 CPU cores); a
+    TORCHINDUCTOR_CACHE_DIR set by the user wins."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        inductor_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # older torch: leave Inductor's choice alone
+        inductor_default = None
+    # Importing parts of torch._dynamo already fills in the /tmp default: treat that as unset.
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, inductor_default):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
 def warm_up(eps: FastEps, shape: tuple[int, ...], device: torch.device, calls: int = 3) -> float:
