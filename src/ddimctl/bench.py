@@ -224,9 +224,11 @@ def run_benchmark(
     log("ddimctl fp32 eager (the fidelity baseline)")
     base, base_out = run_ours(unet, x_T, steps, "fp32", None, runs, abar)
     results.append(base)
-    log(f"ddimctl {precision} compile={compile_mode}")
-    mine, mine_out = run_ours(unet, x_T, steps, precision, compile_mode, runs, abar)
-    results.append(mine)
+    mine, mine_out = base, base_out
+    if fast.resolve_precision(precision, device) != "fp32" or compile_mode is not None:
+        log(f"ddimctl {precision} compile={compile_mode or 'none'}")
+        mine, mine_out = run_ours(unet, x_T, steps, precision, compile_mode, runs, abar)
+        results.append(mine)
     if reference:
         try:
             import diffusers  # noqa: F401
