@@ -116,6 +116,7 @@ def run_reference(
     config = {k: v for k, v in diffusers_unet_config(unet.config).items() if not k.startswith("_")}
     ref = diffusers.UNet2DModel(**config)
     ref.load_state_dict(unet.state_dict())
+    diffusers.utils.logging.set_verbosity_error()  # its advice on from_pretrained does not apply here
     ref = ref.to(device=device, dtype=dtype).eval()
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -239,7 +240,7 @@ def run_benchmark(
     if reference:
         dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
         for dtype in dtypes:
-            log(f"diffusers {dtype}")
+            log(f"diffusers {str(dtype).removeprefix('torch.')}")
             m, out = run_reference(unet, x_T, steps, dtype, runs)
             add_fidelity(m, out, base_out)
             refs.append(m)
