@@ -266,4 +266,4 @@ def test_reconstruct_takes_a_folder(tiny_checkpoint, images_dir, tmp_path):
     report = json.loads(ddimctl("reconstruct", folder, "--model", tiny_checkpoint, "--steps", "2", "--json", cwd=tmp_path).stdout)
     assert [Path(im["image"]).name for im in report["results"][0]["images"]] == ["a.png", "b.png"]
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(ddimctl("invert", "empty", "--model", tiny_checkpoint, cwd=tmp_path, check=False), "no images in it")
+    assert_one_line_error(ddimctl("invert", "empty", "--model", tiny_checkpoint, cwd=tmp_path, check=False), "holds no images")

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import ddim, distributed, fast, generate, images, weights
+from .data import IMAGE_SUFFIXES, find_images
 from .errors import DdimctlError
 
 app = typer.Typer(
@@ -31,7 +32,6 @@ app = typer.Typer(
 stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 # Options shared by every command that runs the sampler.
 ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `ddimctl models`) or local checkpoint path.")
@@ -163,10 +163,7 @@ def expand_images(paths: list[Path]) -> list[Path]:
     out = []
     for p in paths:
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                fail(f"{p}: a folder with no images in it")
-            out.extend(found)
+            out.extend(find_images(p))
         else:
             out.append(p)
     return out
@@ -509,9 +506,11 @@ def train(
         seed=seed, precision=precision, compile=compile_model,
     )
     config = options.unet_config()
+    data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
     main_process = distributed.from_env().is_main
     if main_process:
-        say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) into {out}")
+        say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) on "
+            f"{len(data_files)} images into {out}")
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} img/s"),

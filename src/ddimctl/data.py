@@ -17,12 +17,12 @@ MAX_IN_MEMORY_BYTES = 8 << 30
 
 def find_images(folder: Path) -> list[Path]:
     if not folder.exists():
-        raise DdimctlError(f"data folder {folder} does not exist")
+        raise DdimctlError(f"folder {folder} does not exist")
     if not folder.is_dir():
         raise DdimctlError(f"{folder} is not a folder; give a folder of images")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DdimctlError(f"data folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DdimctlError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
