@@ -41,7 +41,9 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
 PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on GPUs, fp32 on CPU), fp32, tf32, bf16, fp16.")
 ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
-CompileOpt = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA, for runs big enough to repay it).")
+CompileOpt = typer.Option(
+    None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA, for runs big enough to repay it)."
+)
 
 
 # --------------------------------------------------------------------------------------------
