@@ -122,8 +122,9 @@ class Sampler:
 
         On CUDA the work is queued one batch ahead: while the caller handles batch k (encoding
         PNGs), the GPU already runs batch k + 1, and batch k reaches host memory asynchronously.
+        On the CPU, which computes as it goes, each batch is handed over as soon as it is done.
         """
-        waiting = None  # (indices, wait for x_0 on the host) of the previous batch
+        waiting = None  # (indices, wait for x_0 on the host) of the previous batch, on CUDA
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start : start + batch_size])
             generators = image_generators(seed, batch)
@@ -133,7 +134,11 @@ class Sampler:
             x_0 = self.sample(x_T, generators, progress)
             if waiting is not None:
                 yield waiting[0], waiting[1]()
-            waiting = (batch, start_host_copy(x_0))
+                waiting = None
+            if x_0.is_cuda:
+                waiting = (batch, start_host_copy(x_0))
+            else:
+                yield batch, x_0
         if waiting is not None:
             yield waiting[0], waiting[1]()
 
