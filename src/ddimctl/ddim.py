@@ -89,9 +89,11 @@ def standard_normal(like: torch.Tensor, generator: Generator) -> torch.Tensor:
     else:
         if len(generator) != like.shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {like.shape[0]}")
-        z = torch.stack([torch.randn(like.shape[1:], generator=g, device=g.device) for g in generator])
-    if like.is_cuda and z.device.type == "cpu":
-        z = z.pin_memory()  # so that the copy below does not wait for the GPU
+        device = generator[0].device
+        # Pinned host memory, so that the copy below does not wait for the GPU.
+        z = torch.empty(like.shape, device=device, pin_memory=like.is_cuda and device.type == "cpu")
+        for row, g in zip(z, generator):
+            torch.randn(row.shape, generator=g, out=row)
     return z.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
 
