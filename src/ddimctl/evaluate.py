@@ -72,7 +72,11 @@ def statistics(source: str, device: torch.device, batch_size: int = 64, feature_
     feature extraction; cached by it for folders and named data sets)."""
     fidelity()
     from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
-    from torch_fidelity.utils import create_feature_extractor, resolve_feature_extractor, resolve_feature_layer_for_metric
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        resolve_feature_extractor,
+        resolve_feature_layer_for_metric,
+    )
 
     kwargs = {**_base_kwargs(device, batch_size, feature_extractor, cache_root), "input1": source}
     if Path(source).is_dir():

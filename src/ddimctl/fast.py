@@ -16,8 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import DdimctlError
+from .files import cache_dir
 from .unet import UNet
-from .weights import cache_dir
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

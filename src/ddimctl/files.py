@@ -1,4 +1,5 @@
-"""Files written atomically: a temporary file beside the target, renamed into place on success."""
+"""Files written atomically (a temporary file beside the target, renamed into place on success),
+and where ddimctl keeps its cache."""
 
 from __future__ import annotations
 
@@ -29,3 +30,11 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    """ddimctl's own cache (converted checkpoints, compiled kernels): $DDIMCTL_CACHE, else
+    ~/.cache/ddimctl."""
+    if os.environ.get("DDIMCTL_CACHE"):
+        return Path(os.environ["DDIMCTL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddimctl"

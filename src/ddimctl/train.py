@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, images
-from .files import atomic_path
 from .errors import DdimctlError
+from .files import atomic_path
 from .generate import Sampler, image_seed
 from .unet import PRESETS, UNet, UNetConfig
 from .weights import DEFAULT_SCHEDULE, LoadedModel, atomic_save_safetensors, schedule_alphas_cumprod

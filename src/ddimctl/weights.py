@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import ddim, hub
 from .errors import DdimctlError
-from .files import atomic_path
+from .files import atomic_path, cache_dir
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 
 if sys.version_info >= (3, 11):
@@ -353,13 +353,6 @@ def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) ->
         )
         raise DdimctlError(f"{what}: weights do not fit the UNet architecture ({detail})")
     return unet.eval().requires_grad_(False)
-
-
-def cache_dir() -> Path:
-    """ddimctl's own cache (converted checkpoints): $DDIMCTL_CACHE, else ~/.cache/ddimctl."""
-    if os.environ.get("DDIMCTL_CACHE"):
-        return Path(os.environ["DDIMCTL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddimctl"
 
 
 def converted_path(entry: ModelEntry, sha256: str) -> Path:
