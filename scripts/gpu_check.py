@@ -103,7 +103,7 @@ def main() -> None:
     shape = (3, unet.config.resolution, unet.config.resolution)
     results, results256, training, extra_variants = [], [], [], []
 
-    # 1. Correctness: GPU fp32 against CPU fp32, same weights and noise; the fast path against GPU fp32.
+    # 1. Correctness: GPU fp32 against CPU fp32, same weights and noise.
     if "correctness" in stages:
         x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
         tau = ddim.timestep_sequence(10, 1000, "uniform")
@@ -170,8 +170,7 @@ def main() -> None:
             if cudnn_benchmark:
                 m.name += " cudnn.benchmark"
             bench.add_mfu(m, flops, device)
-            for r in refs:
-                m.ratio[r.precision] = m.images_per_s / r.images_per_s
+            bench.add_ratios([m], refs)
             results.append(m)
             report["stages"]["cifar10"] = [r.to_dict() for r in results]
             save()
@@ -184,8 +183,7 @@ def main() -> None:
 
         for m in results:
             bench.add_mfu(m, flops, device)
-            if not m.name.startswith("diffusers"):
-                m.ratio = {r.precision: m.images_per_s / r.images_per_s for r in refs}
+        bench.add_ratios(results, refs)
         for i, variant in enumerate(variants):
             if i and time.perf_counter() - STARTED > args.budget * 0.5:
                 log(f"skipping {variant}: over the time budget")
@@ -194,7 +192,6 @@ def main() -> None:
 
     # 3. The 256x256 architecture, 10 steps: reference fp16 against ours at batch 16 and 64, each
     # side's ratio taken against the reference's faster batch.
-    torch.backends.cudnn.benchmark = False
     if "ddpm256" in stages and time.perf_counter() - STARTED < args.budget * 0.65:
         torch.manual_seed(0)
         unet256 = UNet(PRESETS[big]).eval()
@@ -221,12 +218,7 @@ def main() -> None:
             log(f"256x256 {m.name} batch {b}: {m.images_per_s:.1f} images/s")
             del o
             torch.cuda.empty_cache()
-        best_ref = {}
-        for ref in refs256:
-            best_ref[ref.precision] = max(best_ref.get(ref.precision, 0.0), ref.images_per_s)
-        for m in results256:
-            if not m.name.startswith("diffusers"):
-                m.ratio = {k: m.images_per_s / v for k, v in best_ref.items()}
+        bench.add_ratios(results256, refs256)
         flops256 = fast.forward_flops(unet256)
         for m in results256:
             bench.add_mfu(m, flops256, device)
@@ -253,16 +245,17 @@ def main() -> None:
     # 5. Streamed CLI runs, eta = 0 and eta = 1 (per-step noise from per-image CPU generators):
     # PNGs written by worker threads, bounded host memory, the time sampling waited for the writers.
     cli_runs = []
+    ckpt = Path("/tmp/ddimctl-gpu-check/cifar10-random.safetensors")
+    if "cli" in stages:
+        from safetensors.torch import save_file
+
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        save_file(unet.state_dict(), str(ckpt))
+        ckpt.with_suffix(".json").write_text(json.dumps({"unet": PRESETS[small].to_dict(), "skip": "quad"}))
     for eta in ("0", "1") if "cli" in stages else ():
         if time.perf_counter() - STARTED > args.budget * 0.9:
             log(f"skipping the CLI run with eta = {eta}: over the time budget")
             continue
-        from safetensors.torch import save_file
-
-        ckpt = Path("/tmp/ddimctl-gpu-check/cifar10-random.safetensors")
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        save_file(unet.state_dict(), str(ckpt))
-        ckpt.with_suffix(".json").write_text(json.dumps({"unet": PRESETS[small].to_dict(), "skip": "quad"}))
         folder = Path(f"/tmp/ddimctl-gpu-check/samples-eta{eta}")
         if folder.exists():
             import shutil

@@ -152,6 +152,16 @@ def add_fidelity(m: Measurement, out: torch.Tensor, fp32_out: torch.Tensor) -> N
     m.psnr_median, m.psnr_min = float(p.median()), float(p.min())
 
 
+def add_ratios(measurements: list[Measurement], references: list[Measurement]) -> None:
+    """Each of our measurements against the fastest reference of each precision."""
+    best: dict[str, float] = {}
+    for r in references:
+        best[r.precision] = max(best.get(r.precision, 0.0), r.images_per_s)
+    for m in measurements:
+        if not m.name.startswith("diffusers"):
+            m.ratio = {precision: m.images_per_s / speed for precision, speed in best.items()}
+
+
 def add_mfu(m: Measurement, flops_per_forward: float, device: torch.device) -> None:
     peak = peak_flops(device, m.precision)
     if peak:
@@ -245,13 +255,12 @@ def run_benchmark(
             add_fidelity(m, out, base_out)
             refs.append(m)
         results.extend(refs)
-    for m, out in ((base, base_out), (mine, mine_out)):
-        add_fidelity(m, out, base_out)
+    add_fidelity(base, base_out, base_out)
+    if mine is not base:
+        add_fidelity(mine, mine_out, base_out)
     for m in results:
         add_mfu(m, flops, device)
-        for r in refs:
-            if m is not r and not m.name.startswith("diffusers"):
-                m.ratio[r.precision] = m.images_per_s / r.images_per_s
+    add_ratios(results, refs)
     return results
 
 

@@ -59,9 +59,8 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def start_host_copy(x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Start copying x to host memory; the returned function waits for it and returns the copy."""
-    if x.device.type != "cuda":
-        return lambda: x.cpu()
+    """Start copying x (on a CUDA device) to pinned host memory; the returned function waits for
+    the copy and returns it."""
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     host.copy_(x, non_blocking=True)
     copied = torch.cuda.Event()
