@@ -332,20 +332,22 @@ def invert(
     say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
 
 
-def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch: int) -> torch.Tensor:
+def run_in_batches(label: str, run, x: torch.Tensor, batch: int, evaluations: int) -> torch.Tensor:
+    """run(x_batch, advance) over batches of x, with one progress bar; results on the CPU."""
     parts = []
-    with progress_bar("inverting", x0.shape[0], sampler.evaluations) as advance:
-        for start in range(0, x0.shape[0], batch):
-            parts.append(sampler.invert(x0[start : start + batch], advance).cpu())
+    with progress_bar(label, x.shape[0], evaluations) as advance:
+        for start in range(0, x.shape[0], batch):
+            parts.append(run(x[start : start + batch], advance).cpu())
     return torch.cat(parts)
+
+
+def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch: int) -> torch.Tensor:
+    return run_in_batches("inverting", sampler.invert, x0, batch, sampler.evaluations)
 
 
 def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch: int, label="decoding"):
-    parts = []
-    with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
-        for start in range(0, x_T.shape[0], batch):
-            parts.append(sampler.sample(x_T[start : start + batch], None, advance).cpu())
-    return torch.cat(parts)
+    decode = lambda x, advance: sampler.sample(x, None, advance)  # noqa: E731  (eta = 0: no generators)
+    return run_in_batches(label, decode, x_T, batch, sampler.evaluations)
 
 
 @app.command()
