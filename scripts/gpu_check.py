@@ -49,6 +49,60 @@ def ensure_diffusers(wheels: Path) -> bool:
         return False
 
 
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if "flash" in lowered or "fmha" in lowered or "attention" in lowered or "efficient" in lowered:
+        return "attention"
+    if name.startswith("triton") or "triton" in lowered:
+        return "triton"
+    if any(k in lowered for k in ("conv", "xmma", "cudnn", "implicit", "wgrad", "dgrad", "fprop")):
+        return "conv"
+    if any(k in lowered for k in ("gemm", "cutlass", "sm90", "cublas", "nvjet")):
+        return "gemm"
+    return "other"
+
+
+def profile_kernels(unet, device, precision: str, mode: str | None, batch: int, shape) -> dict:
+    """GPU kernel time of one forward pass of the compiled network, summed by kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ddimctl import fast
+
+    eps = fast.prepare(unet, device, precision, mode, batch, copy_model=True)
+    fast.warm_up(eps, (batch, *shape), device)
+    x = torch.randn(batch, *shape, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    calls = 3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        for _ in range(calls):
+            eps(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0) if device.type == "cuda" else event.self_cpu_time_total
+        if device.type == "cuda" and getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        if us > 0:
+            kernels.append((event.key, us / 1000 / calls, event.count // calls))
+    kernels.sort(key=lambda k: -k[1])
+    by_kind: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+    del eps
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return {
+        "batch": batch,
+        "precision": precision,
+        "mode": mode,
+        "total_ms": sum(by_kind.values()),
+        "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": kernels[:40],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-results"))
@@ -65,9 +119,10 @@ def main() -> None:
         help="torch.compile modes to compare on CIFAR-10.",
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--stages", default="correctness,cifar10,ddpm256,training,cli", help="Stages to run.")
+    parser.add_argument("--stages", default="correctness,cifar10,profile,ddpm256,training,cli", help="Stages to run.")
     parser.add_argument("--baseline-runs", type=int, default=3)
     parser.add_argument("--batches", default="", help="CIFAR-10 batch sizes for the fast path (default 256,1024).")
+    parser.add_argument("--lean", action="store_true", help="Leave out the variants measured before (fp16, eager bf16).")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes, to try the script on a CPU.")
     args = parser.parse_args()
     out = Path(args.out)
@@ -157,7 +212,8 @@ def main() -> None:
         # whose compilation can take minutes, after the 256x256 and CLI stages (stage 6).
         variants = [(low, modes[0], b, False) for b in batches]
         variants += [(low, modes[0], batches[-1], True)]
-        variants += [("fp16" if device.type == "cuda" else "fp32", modes[0], batch, False), (low, None, batch, False)]
+        if not args.lean:
+            variants += [("fp16" if device.type == "cuda" else "fp32", modes[0], batch, False), (low, None, batch, False)]
         extra_variants = [(low, mode, batches[-1], False) for mode in modes[1:]]
 
         def run_variant(precision, mode, b, cudnn_benchmark) -> None:
@@ -190,6 +246,19 @@ def main() -> None:
                 continue
             run_variant(*variant)
 
+    # 2b. Where the time of one compiled forward goes: GPU kernel time by kind (convolutions and
+    # matmuls from cuDNN/cuBLAS, Inductor's Triton kernels (GroupNorm, SiLU, adds), attention).
+    if "profile" in stages:
+        profile = profile_kernels(unet, device, "bf16" if device.type == "cuda" else "fp32", modes[0],
+                                  big_batch if not args.smoke else 4, shape)
+        report["stages"]["profile"] = profile
+        save()
+        log(f"profile of one forward at batch {profile['batch']}: {profile['total_ms']:.1f} ms of kernels")
+        for kind, ms in profile["by_kind_ms"].items():
+            log(f"  {kind:12s} {ms:8.2f} ms  {100 * ms / max(profile['total_ms'], 1e-9):5.1f}%")
+        for name, ms, calls in profile["top"][:15]:
+            log(f"  {ms:8.2f} ms {calls:4d}x  {name[:110]}")
+
     # 3. The 256x256 architecture, 10 steps: reference fp16 against ours at batch 16 and 64, each
     # side's ratio taken against the reference's faster batch.
     if "ddpm256" in stages and time.perf_counter() - STARTED < args.budget * 0.65:
@@ -208,7 +277,8 @@ def main() -> None:
             results256.append(m)
             log(f"256x256 {m.name} batch {b}: {m.images_per_s:.1f} images/s")
         low = ("bf16", "fp16") if device.type == "cuda" else ("fp32",)
-        for precision, b in [(p, sizes[0]) for p in low] + [(low[0], sizes[1])]:
+        precisions = low[:1] if args.lean else low
+        for precision, b in [(p, sizes[0]) for p in precisions] + [(low[0], sizes[1])]:
             if time.perf_counter() - STARTED > args.budget * 0.8:
                 log(f"skipping 256x256 {precision} batch {b}: over the time budget")
                 continue
@@ -229,7 +299,9 @@ def main() -> None:
 
     # 4. Training throughput on the CIFAR-10 preset.
     for precision, compiled in (("fp32", False), ("bf16", False), ("bf16", True)) if "training" in stages else ():
-        if compiled and (time.perf_counter() - STARTED > args.budget * 0.85 or args.smoke):
+        if compiled and ("training-compiled" not in stages or args.smoke):
+            continue
+        if compiled and time.perf_counter() - STARTED > args.budget * 0.85:
             log("skipping compiled training: over the time budget")
             continue
         r = bench.benchmark_training(

@@ -474,11 +474,13 @@ def train(
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step, over all processes."),
     lr: float = typer.Option(2e-4, "--lr"),
     warmup: int = typer.Option(1000, "--warmup", help="Steps of linear learning-rate warm-up."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decays to 0 at --steps)."),
     ema_decay: float = typer.Option(0.9999, "--ema-decay"),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
     save_every: int = typer.Option(1000, "--save-every", help="Checkpoint and sample grid every N steps."),
     keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
     sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps of the sample grids."),
+    sample_count: int = typer.Option(16, "--sample-count", help="Images in each sample grid (0: none)."),
     seed: int = typer.Option(0, "--seed"),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA), fp32 or bf16."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
@@ -506,8 +508,8 @@ def train(
         fail(f"--precision for training must be auto, fp32 or bf16, got {precision!r}")
     options = training.TrainOptions(
         data=str(data), out=str(out), preset=preset, unet=overrides, steps=steps, batch_size=batch_size, lr=lr,
-        warmup=warmup, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep, sample_steps=sample_steps,
-        seed=seed, precision=precision, compile=compile_model,
+        warmup=warmup, lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
+        sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model,
     )
     config = options.unet_config()
     data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
