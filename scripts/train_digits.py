@@ -30,6 +30,8 @@ CANDIDATES = {
     "b128-lr4e-4-ema9995": ["--batch-size", "128", "--lr", "4e-4", "--ema-decay", "0.9995"],
     "b256-lr6e-4-ema9995": ["--batch-size", "256", "--lr", "6e-4", "--ema-decay", "0.9995"],
     "b128-lr4e-4-ema9999": ["--batch-size", "128", "--lr", "4e-4", "--ema-decay", "0.9999"],
+    # Side by side, three runs shared the GPU badly (run 3: 12 steps/s each); alone, one large batch.
+    "b512-lr1e-3-ema9995": ["--batch-size", "512", "--lr", "1e-3", "--ema-decay", "0.9995"],
 }
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(CANDIDATES)
     batch = {n: int(CANDIDATES[n][CANDIDATES[n].index("--batch-size") + 1]) for n in names}
 
-    probe_steps = 300
+    probe_steps = 150
     probes = {n: train_command(args.digits, args.work / f"probe-{n}", CANDIDATES[n], probe_steps, args.device) for n in names}
     for n in names:
         probes[n] += ["--sample-count", "0"]
