@@ -46,7 +46,24 @@ def test_uniform_has_exactly_s_steps(steps):
     assert len(tau) == steps
     assert tau[0] == 0 and tau[-1] < 1000
     assert (tau[1:] > tau[:-1]).all()
-    assert (tau[1:] - tau[:-1] == 1000 // steps).all()
+    assert tau[-1] > 1000 - 1000 / steps - 1  # the last step close to T for every S (App. D)
+
+
+def test_every_sequence_matches_an_independent_construction():
+    """All S from 1 to T: uniform is floor(i T / S) in Python integers; quad is the authors' numpy
+    expression, duplicates dropped."""
+    import numpy as np
+
+    T = 1000
+    for steps in range(1, T + 1):
+        uniform = [i * T // steps for i in range(steps)]
+        quad = sorted({int(s) for s in np.linspace(0, np.sqrt(0.8 * T), steps) ** 2})
+        assert ddim.timestep_sequence(steps, T, "uniform").tolist() == uniform, steps
+        assert ddim.timestep_sequence(steps, T, "quad").tolist() == quad, steps
+    # The first S where torch.linspace's rounding would differ: the authors have 287 and 511.
+    assert {287, 511} <= set(ddim.timestep_sequence(16, T, "quad").tolist())
+    # S = 501 starts the walk near T, not at t = 500.
+    assert ddim.timestep_sequence(501, T, "uniform")[-1] == 998
 
 
 def test_quad_matches_the_paper_without_duplicates():

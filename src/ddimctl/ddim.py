@@ -30,20 +30,28 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 def timestep_sequence(steps: int, train_steps: int, scheme: str = "uniform") -> torch.Tensor:
     """The paper's sub-sequence tau (increasing, tau_1 = 0), without duplicates.
 
-    uniform: 0, c, 2c, ... with c = T // S, exactly S steps (naive code yields S + 1 when S does
-    not divide T). quad: floor((i * sqrt(0.8 T) / (S - 1))^2); its int cast repeats early timesteps
-    (S = 50 gives 49 distinct), and a repeated timestep is a no-op step, so repeats are dropped.
+    uniform: tau_i = floor(i T / S), i = 0..S-1: exactly S steps, the last close to T for every S
+    (naive code walks S + 1 steps when S does not divide T, or starts far below T).
+    quad: int(linspace(0, sqrt(0.8 T), S)[i] ** 2) with numpy's linspace rounding, as in the authors'
+    code; its int cast repeats early timesteps (S = 50 gives 49 distinct), and a repeated timestep is
+    a no-op step, so repeats are dropped.
     """
     if not 1 <= steps <= train_steps:
         raise ValueError(f"steps must be between 1 and {train_steps}, got {steps}")
     if scheme == "uniform":
-        return torch.arange(steps, dtype=torch.long) * (train_steps // steps)
+        return torch.arange(steps, dtype=torch.long) * train_steps // steps
     if scheme == "quad":
-        if steps == 1:
-            return torch.zeros(1, dtype=torch.long)
-        tau = (torch.linspace(0, math.sqrt(0.8 * train_steps), steps, dtype=torch.float64) ** 2).long()
-        return torch.unique(tau)  # sorted
+        return torch.unique(_numpy_linspace(math.sqrt(0.8 * train_steps), steps).pow(2).long())  # sorted
     raise ValueError(f"unknown skip scheme {scheme!r}; use one of {', '.join(SKIP_SCHEMES)}")
+
+
+def _numpy_linspace(stop: float, num: int) -> torch.Tensor:
+    """numpy.linspace(0, stop, num) bit for bit (i * step, the end set exactly); torch.linspace rounds
+    differently, which moves quad timesteps by one at about 200 values of S."""
+    points = torch.arange(num, dtype=torch.float64) * (stop / max(num - 1, 1))
+    if num > 1:
+        points[-1] = stop
+    return points
 
 
 def ddim_sigma(abar_t: float, abar_s: float, eta: float) -> float:
