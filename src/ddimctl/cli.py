@@ -39,7 +39,9 @@ StepsOpt = typer.Option(50, "--steps", "-S", help="Number of DDIM steps S.")
 SkipOpt = typer.Option(None, "--skip", help="Timestep scheme: uniform or quad (default: the model's).")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
-PrecisionOpt = typer.Option("auto", "--precision", help="auto (bf16 on GPUs, fp32 on CPU), fp32, tf32, bf16, fp16.")
+PrecisionOpt = typer.Option(
+    "auto", "--precision", help="auto (bf16 on GPUs and on CPUs with native bf16, else fp32), fp32, tf32, bf16, fp16."
+)
 ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
 CompileOpt = typer.Option(
     None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA, for runs big enough to repay it)."
@@ -482,7 +484,7 @@ def train(
     sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps of the sample grids."),
     sample_count: int = typer.Option(16, "--sample-count", help="Images in each sample grid (0: none)."),
     seed: int = typer.Option(0, "--seed"),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on CUDA), fp32 or bf16."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs and on CPUs with native bf16), fp32 or bf16."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     device: str = DeviceOpt,
@@ -514,9 +516,11 @@ def train(
     config = options.unet_config()
     data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
     main_process = distributed.from_env().is_main
+    train_device = generate.pick_device(device)
     if main_process:
+        how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
         say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) on "
-            f"{len(data_files)} images into {out}")
+            f"{len(data_files)} images into {out} ({train_device}, {how})")
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} img/s"),
@@ -533,7 +537,7 @@ def train(
 
         started = time.perf_counter()
         newest = training.train(
-            options, generate.pick_device(device), resume,
+            options, train_device, resume,
             training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
         )
     if main_process:

@@ -124,11 +124,13 @@ def sample(
     callback: StepCallback | None = None,
     clip_x0: bool = False,
     sigma_hat: bool = False,
+    keep_known: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate x_0 from x_T by walking `timesteps` (increasing) downwards with the DDIM update.
 
     eta = 0 is deterministic; eta = 1 uses the DDPM posterior variance. sigma_hat replaces sigma by
     the paper's larger DDPM variance sqrt(1 - abar_t / abar_s) (Table 1's last row).
+    keep_known(s, x_s), for inpainting, puts the known pixels back after each step to timestep s.
     callback(i, t, x) runs after step i (0-based) from timestep t.
     """
     if eta < 0:
@@ -144,6 +146,8 @@ def sample(
             sigma = ddim_sigma(abar_t, abar_s, eta)
         noise = standard_normal(x, generator) if sigma > 0 else None
         x = ddim_step(x, eps.to(x.dtype), abar_t, abar_s, sigma, noise, clip_x0)
+        if keep_known is not None:
+            x = keep_known(s, x)
         if callback is not None:
             callback(i, t, x)
     return x
@@ -171,6 +175,104 @@ def invert(
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+@torch.no_grad()
+def invert_exact(
+    eps_model: EpsModel,
+    x_0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[int],
+    tol: float = 1e-3,
+    max_iters: int = 3,
+    memory: int = 1,
+    callback: StepCallback | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Encode x_0 to the x_T that `sample` (eta = 0, same timesteps) decodes back to x_0.
+
+    Each inversion step s -> t solves the implicit equation x_t = G(x_t), with G(x_t) = ddim_step(x_s,
+    eps(x_t, t), abar_s, abar_t): the sampling step from (x_t, t) then lands exactly on x_s. It starts
+    from the plain Euler guess (with the noise last predicted at s, so that guess is free after the
+    first step) and iterates G with Anderson acceleration over the last `memory` iterates, per image;
+    it stops when every image's root-mean-square change is below `tol` (on the [-1, 1] scale) or
+    after `max_iters` network calls. Returns x_T and the network calls per image.
+    """
+    if max_iters < 1 or not tol >= 0:
+        raise ValueError(f"exact inversion needs max_iters >= 1 and tol >= 0, got {max_iters} and {tol}")
+    taus = [int(t) for t in timesteps]
+    x = x_0
+    eps = eps_model(x, _batch_timesteps(taus[0], x)).to(x.dtype)
+    evaluations = 1
+    for i, (s, t) in enumerate(zip([-1] + taus[:-1], taus)):
+        abar_s, abar_t = _abar(alphas_cumprod, s), _abar(alphas_cumprod, t)
+        x_t = ddim_step(x, eps, abar_s, abar_t)  # Euler: the noise predicted at the start point
+        tried, mapped = [], []
+        for _ in range(max_iters):
+            eps = eps_model(x_t, _batch_timesteps(t, x_t)).to(x.dtype)
+            evaluations += 1
+            g = ddim_step(x, eps, abar_s, abar_t)
+            if (g - x_t).pow(2).flatten(1).mean(1).sqrt().max() <= tol:
+                x_t = g
+                break
+            tried, mapped = (tried + [x_t])[-memory - 1 :], (mapped + [g])[-memory - 1 :]
+            x_t = anderson_step(tried, mapped)
+        x = x_t
+        if callback is not None:
+            callback(i, t, x)
+    return x, evaluations
+
+
+def anderson_step(tried: list[torch.Tensor], mapped: list[torch.Tensor]) -> torch.Tensor:
+    """The next iterate of Anderson-accelerated fixed-point iteration, per image (leading index):
+    G(x_k) corrected by the combination of earlier differences that best cancels the residual
+    G(x) - x. With one iterate it is plain iteration, x_{k+1} = G(x_k)."""
+    if len(tried) < 2:
+        return mapped[-1]
+    b = tried[-1].shape[0]
+    residuals = torch.stack([(g - x).reshape(b, -1) for x, g in zip(tried, mapped)], dim=2).double()
+    outputs = torch.stack([g.reshape(b, -1) for g in mapped], dim=2).double()
+    d_res, d_out = residuals.diff(dim=2), outputs.diff(dim=2)  # (B, D, m)
+    gram = d_res.transpose(1, 2) @ d_res
+    gram = gram + 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)[:, None, None] * torch.eye(
+        gram.shape[1], dtype=gram.dtype
+    )
+    gamma = torch.linalg.solve(gram, d_res.transpose(1, 2) @ residuals[:, :, -1:])  # (B, m, 1)
+    return (outputs[:, :, -1:] - d_out @ gamma).reshape(mapped[-1].shape).to(mapped[-1].dtype)
+
+
+def noise_to(x_0: torch.Tensor, abar: float, noise: torch.Tensor) -> torch.Tensor:
+    """A draw from q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) with the given standard noise."""
+    return math.sqrt(abar) * x_0 + math.sqrt(1 - abar) * noise
+
+
+@torch.no_grad()
+def edit(
+    eps_model: EpsModel,
+    x_0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[int],
+    mask: torch.Tensor | None = None,
+    eta: float = 0.0,
+    generator: Generator = None,
+    x_start: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """SDEdit (Meng et al.) with DDIM, and masked inpainting: start from x_0 noised to t0 =
+    timesteps[-1] (or from `x_start`, e.g. its exact inversion) and walk `timesteps` down.
+
+    With a mask (1 = regenerate, 0 = keep, broadcast over channels), the kept pixels are replaced
+    after every step by x_0 noised to that step's timestep, and by x_0 itself at the end.
+    """
+    taus = [int(t) for t in timesteps]
+    if not taus:
+        return x_0.clone()
+    x = x_start if x_start is not None else noise_to(x_0, _abar(alphas_cumprod, taus[-1]), standard_normal(x_0, generator))
+    keep_known = None
+    if mask is not None:
+        def keep_known(s: int, x_s: torch.Tensor) -> torch.Tensor:
+            known = x_0 if s < 0 else noise_to(x_0, _abar(alphas_cumprod, s), standard_normal(x_0, generator))
+            return torch.lerp(known, x_s, mask)
+    return sample(eps_model, x, alphas_cumprod, taus, eta, generator, callback, keep_known=keep_known)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
