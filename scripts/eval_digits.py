@@ -73,7 +73,7 @@ def main() -> None:
     x_0 = test[: args.recon] * 2 - 1
     for steps in STEPS:
         sampler = generate.Sampler.create(model, steps, "uniform", device)
-        back = sampler.sample(sampler.invert(x_0), None).cpu()
+        back = sampler.sample(sampler.invert(x_0)[0], None).cpu()
         mse = ((back + 1) / 2).clamp(0, 1).sub((x_0 + 1) / 2).pow(2).flatten(1).mean(1)
         rows["recon"].append({"steps": steps, "mse_mean": float(mse.mean()), "mse_max": float(mse.max())})
 

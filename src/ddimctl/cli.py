@@ -42,6 +42,11 @@ BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (defa
 PrecisionOpt = typer.Option(
     "auto", "--precision", help="auto (bf16 on GPUs and on CPUs with native bf16, else fp32), fp32, tf32, bf16, fp16."
 )
+ExactOpt = typer.Option(
+    False, "--exact/--plain", help="Exact inversion: solve each step so that decoding returns the image at any S."
+)
+TolOpt = typer.Option(1e-3, "--tol", help="Exact inversion: per-step tolerance (RMS change, [-1, 1] scale).")
+MaxItersOpt = typer.Option(3, "--max-iters", help="Exact inversion: network calls per step at most.")
 ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
 CompileOpt = typer.Option(
     None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA, for runs big enough to repay it)."
@@ -188,7 +193,9 @@ def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
 @app.command()
 def sample(
     model: Optional[str] = ModelOpt,
-    steps: int = StepsOpt,
+    steps: Optional[int] = typer.Option(
+        None, "--steps", "-S", help="Number of DDIM steps S (default 50, or the S that --latents were made with)."
+    ),
     eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
     skip: Optional[str] = SkipOpt,
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
@@ -220,14 +227,20 @@ def sample(
     world = distributed.init(generate.pick_device(device))
     if world.distributed and not to_folder:
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
-    loaded = load(model)
+    # Latents decode with the model, S and skip they were made with, unless told otherwise.
+    made = generate.latents_settings(latents) if latents is not None else {}
+    loaded = load(model or made.get("model"))
+    steps = steps if steps is not None else int(made.get("steps", 50))
+    skip = skip or made.get("skip")
     x_T = generate.load_latents(latents, loaded.image_shape) if latents is not None else None
     if latents is not None and world.is_main:
-        made = generate.read_latents_metadata(latents)
-        asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip}
+        asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip, "eta": f"{eta:g}"}
         differ = [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]
         if differ:
             note(f"{latents.name} was inverted with {', '.join(differ)}: decoding will not return the images exactly")
+        elif made.get("inversion", "plain") == "plain":
+            note(f"{latents.name} came from plain inversion: the images return approximately (more exactly as S "
+                 f"grows); `ddimctl invert --exact` makes latents that decode back exactly")
     count = x_T.shape[0] if x_T is not None else num
     sampler, batch = make_sampler(
         loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
@@ -312,18 +325,22 @@ def invert(
     batch_size: Optional[int] = BatchOpt,
     out: Path = typer.Option(Path("latents.safetensors"), "--out", "-o", help="Latents file to write."),
     precision: str = ExactPrecisionOpt,
+    exact: bool = ExactOpt,
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
 ) -> None:
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
+    how = exact_settings(exact, tol, max_iters)
     images.check_writable(out)
     image_paths = expand_images(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=len(image_paths))
-    latents = run_inversion(sampler, x0, batch)
+    latents, _ = run_inversion(sampler, x0, batch, how)
     generate.save_latents(
         out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
-        sources=[p.name for p in image_paths],
+        sources=[p.name for p in image_paths], **generate.inversion_metadata(how),
     )
     table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
     for column in ("image", "mean", "std"):
@@ -334,22 +351,28 @@ def invert(
     say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
 
 
-def run_in_batches(label: str, run, x: torch.Tensor, batch: int, evaluations: int) -> torch.Tensor:
-    """run(x_batch, advance) over batches of x, with one progress bar; results on the CPU."""
-    parts = []
-    with progress_bar(label, x.shape[0], evaluations) as advance:
-        for start in range(0, x.shape[0], batch):
-            parts.append(run(x[start : start + batch], advance).cpu())
-    return torch.cat(parts)
+def exact_settings(exact: bool, tol: float, max_iters: int) -> generate.ExactInversion | None:
+    return generate.ExactInversion(tol, max_iters) if exact else None
 
 
-def run_inversion(sampler: generate.Sampler, x0: torch.Tensor, batch: int) -> torch.Tensor:
-    return run_in_batches("inverting", sampler.invert, x0, batch, sampler.evaluations)
+def run_inversion(
+    sampler: generate.Sampler, x0: torch.Tensor, batch: int, exact: generate.ExactInversion | None = None
+) -> tuple[torch.Tensor, int]:
+    """Latents of x0 and the most network calls per image any batch took."""
+    calls = []
+    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], sampler.evaluations) as advance:
+
+        def invert(x: torch.Tensor) -> torch.Tensor:
+            latents, evaluations = sampler.invert(x, advance, exact)
+            calls.append(evaluations)
+            return latents
+
+        return generate.in_batches(invert, x0, batch), max(calls)
 
 
 def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch: int, label="decoding"):
-    decode = lambda x, advance: sampler.sample(x, None, advance)  # noqa: E731  (eta = 0: no generators)
-    return run_in_batches(label, decode, x_T, batch, sampler.evaluations)
+    with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
+        return generate.in_batches(lambda x: sampler.sample(x, None, advance), x_T, batch)  # eta = 0: no generators
 
 
 @app.command()
@@ -363,9 +386,13 @@ def reconstruct(
     out: Path = typer.Option(Path("recon.png"), "--out", "-o", help="Side-by-side PNG: input | reconstructions."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
     precision: str = ExactPrecisionOpt,
+    exact: bool = ExactOpt,
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
 ) -> None:
     """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR. A folder counts
     as all the images in it."""
+    how = exact_settings(exact, tol, max_iters)
     steps_list = parse_list(steps, "--steps")
     images.check_writable(out)
     image_paths = expand_images(image_paths)
@@ -377,7 +404,8 @@ def reconstruct(
     for s in steps_list:
         sampler, batch = make_sampler(loaded, s, skip, device, precision=precision, compile_model=False,
                                       batch_size=batch_size, count=len(image_paths))
-        recon = run_decoding(sampler, run_inversion(sampler, x0, batch), batch, f"decoding S={s}")
+        latents, evaluations = run_inversion(sampler, x0, batch, how)
+        recon = run_decoding(sampler, latents, batch, f"decoding S={s}")
         columns.append(images.to_uint8(recon))
         mse = (((recon + 1) / 2).clamp(0, 1) - target).pow(2).flatten(1).mean(1)
         per_image = [
@@ -386,7 +414,7 @@ def reconstruct(
         results.append(
             {
                 "steps": s,
-                "evaluations": sampler.evaluations,
+                "evaluations": evaluations,  # network calls per image of the inversion
                 "mse": float(mse.mean()),
                 "psnr": psnr(float(mse.mean())),
                 "images": per_image,
@@ -396,7 +424,7 @@ def reconstruct(
     tiles = torch.stack([c[:32] for c in columns], dim=1).flatten(0, 1)
     images.save_image(images.grid(tiles, columns=len(columns)), out)
 
-    report = {"model": loaded.name, "skip": skip or loaded.skip, "results": results}
+    report = {"model": loaded.name, "skip": skip or loaded.skip, **generate.inversion_metadata(how), "results": results}
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
@@ -432,8 +460,14 @@ def interpolate(
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write an animated GIF."),
     batch_size: Optional[int] = BatchOpt,
     precision: str = ExactPrecisionOpt,
+    exact: bool = typer.Option(
+        True, "--exact/--plain", help="Exact inversion (default: the end frames are the input images at any S)."
+    ),
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
 ) -> None:
     """Slerp between the latents of two images (or two seeds) and decode every frame with eta = 0."""
+    how = exact_settings(exact, tol, max_iters)
     paths = image_paths or []
     if seeds is None and len(paths) != 2:
         fail(f"interpolate takes two images A B, or --seeds S1 S2; got {len(paths)} image(s)")
@@ -450,7 +484,7 @@ def interpolate(
     if seeds is not None:
         ends = torch.cat([generate.initial_noise(generate.image_generators(s, [0]), loaded.image_shape) for s in seeds])
     else:
-        ends = run_inversion(sampler, x0, batch)
+        ends, _ = run_inversion(sampler, x0, batch, how)
     alphas = torch.linspace(0, 1, frames).tolist()
     z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
     pixels = images.to_uint8(run_decoding(sampler, z, batch))
@@ -458,6 +492,71 @@ def interpolate(
     if gif:
         images.save_gif(list(pixels), gif)
     say(f"wrote {frames} frames to {out}" + (f" and {gif}" if gif else ""))
+
+
+@app.command()
+def edit(
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to edit."),
+    strength: float = typer.Option(
+        ..., "--strength", help="0..1: where the edit starts (t0 at this fraction of the S steps); higher changes more."
+    ),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask: white = regenerate, black = keep."),
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    skip: Optional[str] = SkipOpt,
+    eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
+    seed: int = typer.Option(0, "--seed", help="Image i's noise depends only on (seed, i)."),
+    exact: bool = typer.Option(False, "--exact/--noise", help="Start from the exact inversion to t0, not fresh noise."),
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
+    out: str = typer.Option("edited/", "--out", "-o", help="A folder (one PNG per input, named like it), or a .png for one image."),
+    strip: bool = typer.Option(False, "--strip", help="Write input | edited side by side."),
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    precision: str = ExactPrecisionOpt,
+) -> None:
+    """SDEdit with DDIM: noise the images to t0 and denoise them back, or inpaint the masked part."""
+    how = exact_settings(exact, tol, max_iters)
+    if not 0 <= strength <= 1:
+        fail(f"--strength must be between 0 and 1, got {strength}")
+    if not (eta >= 0 and math.isfinite(eta)):
+        fail(f"--eta must be a finite number >= 0, got {eta}")
+    out_path = Path(out).expanduser()
+    image_paths = expand_images(image_paths)
+    to_folder = is_directory_target(out_path, out)
+    if not to_folder and (out_path.suffix.lower() != ".png" or len(image_paths) != 1):
+        fail(f"--out {out}: give a folder ending in / (one PNG per input), or a .png file for a single image")
+    names = [p.stem + ".png" for p in image_paths]
+    if to_folder and len(set(names)) < len(names):
+        fail("two inputs have the same name, and their outputs would overwrite each other; edit them separately")
+    if mask is not None and not mask.is_file():
+        fail(f"--mask {mask}: no such image file")
+    targets = [out_path / n for n in names] if to_folder else [out_path]
+    if to_folder:
+        out_path.mkdir(parents=True, exist_ok=True)
+    images.check_writable(targets[0])
+    loaded = load(model)
+    x0 = read_images(image_paths, loaded)
+    channels, resolution, _ = loaded.image_shape
+    keep = None
+    if mask is not None:
+        keep = (images.load_image(mask, resolution, 1, notice=note)[None] > 0).float()  # 1 = regenerate
+    sampler, batch = make_sampler(loaded, steps, skip, device, eta=eta, precision=precision, compile_model=False,
+                                  batch_size=batch_size, count=len(image_paths))
+    walked = generate.edit_steps(strength, len(sampler.timesteps))
+    edited = []
+    with progress_bar("editing", len(image_paths), max(walked, 1)) as advance:
+        for start in range(0, len(image_paths), batch):
+            generators = generate.image_generators(seed, range(start, min(start + batch, len(image_paths))))
+            edited.append(sampler.edit(x0[start : start + batch], strength, generators, keep, how, advance).cpu())
+    pixels, inputs = images.to_uint8(torch.cat(edited)), images.to_uint8(x0)
+    for target, before, after in zip(targets, inputs, pixels):
+        images.save_image(images.grid(torch.stack([before, after]), columns=2) if strip else after, target)
+    t0 = int(sampler.timesteps[walked - 1]) if walked else None
+    where = f"{out_path}/" if to_folder else str(out_path)
+    say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, strength {strength:g}: "
+        f"{walked} of {len(sampler.timesteps)} steps from t0 = {t0}, eta={eta:g}, "
+        f"{'exact inversion' if exact else f'seed={seed}'}{', masked' if mask else ''}]")
 
 
 @app.command()

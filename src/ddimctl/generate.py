@@ -68,6 +68,30 @@ def start_host_copy(x: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: (copied.synchronize(), host)[1]
 
 
+@dataclass(frozen=True)
+class ExactInversion:
+    """Settings of exact inversion (ddim.invert_exact): per-step tolerance and network-call cap."""
+
+    tol: float = 1e-3
+    max_iters: int = 3
+
+    def __post_init__(self):
+        if not (self.tol >= 0 and self.max_iters >= 1):
+            raise DdimctlError(f"exact inversion needs a tolerance >= 0 and at least 1 iteration, got {self.tol} and {self.max_iters}")
+
+
+def edit_steps(strength: float, steps: int) -> int:
+    """How many of the S timesteps an edit of this strength walks (t0 is the last of them)."""
+    if not 0 <= strength <= 1:
+        raise DdimctlError(f"edit strength must be between 0 and 1, got {strength}")
+    return round(strength * steps)
+
+
+def in_batches(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    """run() over batches of x (along the first axis); results on the CPU."""
+    return torch.cat([run(x[start : start + batch]).cpu() for start in range(0, x.shape[0], batch)])
+
+
 @dataclass
 class Sampler:
     """A model on a device with one DDIM configuration, ready to run batches."""
@@ -108,10 +132,39 @@ class Sampler:
             self.eps_model, x, self._alphas_cumprod, self.timesteps, self.eta, gen, callback, sigma_hat=self.sigma_hat
         )
 
-    def invert(self, x_0: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+    def invert(
+        self, x_0: torch.Tensor, progress: ProgressFn | None = None, exact: ExactInversion | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """x_T of x_0 and the network calls per image it took: plain (S calls), or exact."""
         x = x_0.to(self.device, torch.float32)
         callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
-        return ddim.invert(self.eps_model, x, self._alphas_cumprod, self.timesteps, callback)
+        if exact is None:
+            return ddim.invert(self.eps_model, x, self._alphas_cumprod, self.timesteps, callback), self.evaluations
+        return ddim.invert_exact(
+            self.eps_model, x, self._alphas_cumprod, self.timesteps, exact.tol, exact.max_iters, callback=callback
+        )
+
+    def edit(
+        self,
+        x_0: torch.Tensor,
+        strength: float,
+        generators: Sequence[torch.Generator],
+        mask: torch.Tensor | None = None,
+        exact: ExactInversion | None = None,
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
+        """SDEdit / inpainting of x_0 from t0 at fraction `strength` of this sampler's timesteps:
+        noise from the generators (image i's own), or exact inversion to t0 when `exact` is given."""
+        timesteps = self.timesteps[: edit_steps(strength, len(self.timesteps))]
+        x = x_0.to(self.device, torch.float32)
+        start = None
+        if exact is not None and len(timesteps):
+            start, _ = ddim.invert_exact(self.eps_model, x, self._alphas_cumprod, timesteps, exact.tol, exact.max_iters)
+        callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
+        mask = mask.to(self.device, torch.float32) if mask is not None else None
+        return ddim.edit(
+            self.eps_model, x, self._alphas_cumprod, timesteps, mask, self.eta, list(generators), start, callback
+        )
 
     def sample_indices(
         self,
@@ -155,6 +208,13 @@ def save_latents(path: Path, latents: torch.Tensor, **metadata) -> None:
     atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), meta)
 
 
+def inversion_metadata(exact: ExactInversion | None) -> dict[str, str]:
+    """How latents were made, for the latents file and reports."""
+    if exact is None:
+        return {"inversion": "plain"}
+    return {"inversion": "exact", "tol": f"{exact.tol:g}", "max_iters": str(exact.max_iters)}
+
+
 def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
@@ -174,8 +234,17 @@ def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
     return latents.float()
 
 
-def read_latents_metadata(path: Path) -> dict[str, str]:
+def latents_settings(path: Path) -> dict[str, str]:
+    """The settings a latents file was made with (model, steps, skip, eta, inversion, ...)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    if not Path(path).is_file():
+        raise DdimctlError(f"--latents {path}: no such file")
+    try:
+        with safe_open(str(path), "pt") as f:
+            made = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DdimctlError(f"--latents {path}: not a safetensors file ({e}); write one with `ddimctl invert`") from e
+    if "eta" in made:
+        made["eta"] = f"{float(made['eta']):g}"
+    return made
