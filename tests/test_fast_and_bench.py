@@ -14,14 +14,39 @@ from ddimctl.errors import DdimctlError
 from ddimctl.unet import PRESETS, UNet
 
 
-def test_precision_resolution():
+def native_bf16(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+
+
+def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
+    native_bf16(monkeypatch, False, False)
     assert fast.resolve_precision("auto", cpu) == "fp32"
     assert fast.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(DdimctlError, match="needs a CUDA GPU"):
         fast.resolve_precision("fp16", cpu)
     with pytest.raises(DdimctlError, match="--precision must be one of"):
         fast.resolve_precision("int4", cpu)
+
+
+@pytest.mark.parametrize("avx512_bf16,amx", [(True, False), (False, True), (True, True)])
+def test_auto_precision_is_bf16_on_cpus_with_native_bf16(monkeypatch, avx512_bf16, amx):
+    from ddimctl.train import uses_bf16
+
+    cpu = torch.device("cpu")
+    native_bf16(monkeypatch, avx512_bf16, amx)
+    assert fast.resolve_precision("auto", cpu) == "bf16"
+    assert fast.resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins
+    assert uses_bf16("auto", cpu) and not uses_bf16("fp32", cpu)
+    native_bf16(monkeypatch, False, False)
+    assert not uses_bf16("auto", cpu) and uses_bf16("bf16", cpu)
+
+
+def test_older_torch_without_the_checks_means_no_native_bf16(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert not fast.cpu_has_native_bf16()
 
 
 def test_fixed_batch_pads_and_returns_float32():
@@ -43,7 +68,22 @@ def test_bf16_path_stays_close_to_fp32():
     ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
     low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16", copy_model=True), x_T, abar, tau)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert float(bench.psnr_per_image(low, ref).median()) > 25
+    assert float(bench.psnr_per_image(low, ref).median()) > 25  # a random network: outputs far outside [-1, 1]
+
+
+def test_bf16_samples_of_the_trained_digits_model_match_fp32():
+    """docs/benchmarks.md measured a median of 51-58 dB on 64 images; here 16, S = 10, both etas."""
+    from ddimctl import generate, weights
+
+    model = weights.load_model("digits")
+    for eta in (0.0, 1.0):
+        runs = {}
+        for precision in ("fp32", "bf16"):
+            sampler = generate.Sampler.create(model, 10, None, torch.device("cpu"), eta=eta)
+            sampler.eps_model = fast.prepare(model.unet, torch.device("cpu"), precision, copy_model=True)
+            runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(16)), 0, 16)])
+        assert torch.isfinite(runs["bf16"]).all()
+        assert float(bench.psnr_per_image(runs["bf16"], runs["fp32"]).median()) > 40
 
 
 @pytest.mark.parametrize("mode", ["default", "tuned"])

@@ -6,7 +6,6 @@ whole sampling loop after warm-up (compilation reported separately), median of s
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -237,7 +236,7 @@ def run_benchmark(
     results.append(base)
     mine, mine_out = base, base_out
     if fast.resolve_precision(precision, device) != "fp32" or compile_mode is not None:
-        log(f"ddimctl {precision} compile={compile_mode or 'none'}")
+        log(f"ddimctl {fast.resolve_precision(precision, device)} compile={compile_mode or 'none'}")
         mine, mine_out = run_ours(unet, x_T, steps, precision, compile_mode, runs, abar)
         results.append(mine)
     if reference:
@@ -276,12 +275,20 @@ def summary_rows(measurements: list[Measurement]) -> list[list[str]]:
                 ", ".join(f"{v:.2f}x {k}" for k, v in m.ratio.items()) or "-",
                 f"{100 * m.mfu:.1f}%" if m.mfu is not None else "-",
                 f"{m.peak_memory_gib:.2f}" if m.peak_memory_gib else "-",
-                "-" if m.psnr_median is None else (f"{m.psnr_median:.1f} / {m.psnr_min:.1f}" if math.isfinite(m.psnr_median) else "inf"),
+                psnr_cell(m),
                 "yes" if m.finite else "NO",
                 f"{m.compile_s:.1f}" if m.compile_s else "-",
             ]
         )
     return rows
+
+
+def psnr_cell(m: Measurement) -> str:
+    if m.psnr_median is None:
+        return "- (baseline)" if m.name.startswith("ddimctl fp32") else "-"
+    if m.psnr_min >= 120:  # psnr_per_image's ceiling: no pixel differs
+        return "identical"
+    return f"{m.psnr_median:.1f} / {m.psnr_min:.1f}"
 
 
 SUMMARY_HEADER = ["setup", "batch", "S", "images/s", "vs reference", "MFU", "peak GiB", "PSNR med/min dB", "finite", "compile s"]
