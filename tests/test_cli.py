@@ -59,8 +59,8 @@ def images_dir(tmp_path):
 def test_sample_grid(tiny_checkpoint, tmp_path):
     result = ddimctl("sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 4, "--out", "grid.png", cwd=tmp_path)
     img = Image.open(tmp_path / "grid.png")
-    # 5 images of 16x16 in a 3x2 grid with 2 px padding.
-    assert img.size == (3 * 18 + 2, 2 * 18 + 2) and img.mode == "RGB"
+    # 5 images of 16x16 in a 3x2 grid with 2 px padding, enlarged 5 times to be at least 256 px wide.
+    assert img.size == (5 * (3 * 18 + 2), 5 * (2 * 18 + 2)) and img.mode == "RGB"
     assert "wrote 5 images" in result.stderr
 
 
@@ -86,7 +86,7 @@ def test_folder_output_resumes(tiny_checkpoint, tmp_path):
     stamp = (tmp_path / "run" / "000000.png").stat().st_mtime_ns
     result = ddimctl(*args, cwd=tmp_path)
     assert "3 of 4 images already" in result.stderr
-    assert re.search(r"sampling waited \d+\.\d\ds for the PNG writers", result.stderr)
+    assert "waited" not in result.stderr  # 4 tiny PNGs never hold sampling up: nothing to say
     assert np.array_equal(pixels(tmp_path / "run" / "000002.png"), original)
     assert (tmp_path / "run" / "000000.png").stat().st_mtime_ns == stamp
 
@@ -110,7 +110,8 @@ def test_writer_stalls_are_measured(monkeypatch, tmp_path):
 
 def test_images_match_the_library(tiny_checkpoint, tmp_path):
     """The CLI's PNG is exactly the library's sample of the (seed, i) noise, quantised."""
-    ddimctl("sample", "--model", tiny_checkpoint, "-n", 2, "--steps", 6, "--seed", 3, "--out", "o/", cwd=tmp_path)
+    ddimctl("sample", "--model", tiny_checkpoint, "-n", 2, "--steps", 6, "--seed", 3, "--out", "o/", "--precision", "fp32",
+            cwd=tmp_path)
     model = weights.load_model(str(tiny_checkpoint))
     x_T = generate.initial_noise(generate.image_generators(3, [0, 1]), model.image_shape)
     x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, ddim.timestep_sequence(6, 1000, "uniform"))
@@ -133,7 +134,8 @@ def test_invert_writes_latents_that_sample_decodes(tiny_checkpoint, images_dir):
     assert meta["model"] == "tiny.safetensors" and meta["steps"] == "8" and meta["skip"] == "uniform"
     assert json.loads(meta["sources"]) == ["wide.png", "gray.png", "alpha.png", "palette.gif"]
 
-    same = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 8, "--latents", "z.safetensors", "--out", "dec/", cwd=images_dir)
+    same = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 8, "--latents", "z.safetensors", "--out", "dec/",
+                   "--precision", "fp32", cwd=images_dir)
     assert len(list((images_dir / "dec").iterdir())) == 4
     assert "was inverted with" not in same.stderr
     other = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 4, "--latents", "z.safetensors", "--out", "o.png", cwd=images_dir)
@@ -153,18 +155,24 @@ def test_reconstruct_table_and_side_by_side(tiny_checkpoint, images_dir):
     result = ddimctl("reconstruct", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", "2,4", "--out", "r.png", cwd=images_dir)
     rows = [re.match(r"│\s*(\d+)\s*│\s*([\d.]+)", line) for line in result.stdout.splitlines()]
     assert [(m.group(1), float(m.group(2)) > 0) for m in rows if m] == [("2", True), ("4", True)]
-    assert Image.open(images_dir / "r.png").size == (3 * 18 + 2, 2 * 18 + 2)  # input + 2 S, 2 images
+    # input + 2 S, 2 images; enlarged 5 times, with a 14 px band of labels (input, S=2, S=4) on top
+    assert Image.open(images_dir / "r.png").size == (5 * (3 * 18 + 2), 5 * (2 * 18 + 2) + 14)
 
 
 def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
     ddimctl("interpolate", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", 4, "--frames", 5, "--gif", "i.gif", cwd=images_dir)
-    assert Image.open(images_dir / "interp.png").size == (5 * 18 + 2, 18 + 2)
+    # The inputs at both ends, enlarged to at least 256 px wide, with a band of labels on top.
+    assert Image.open(images_dir / "interp.png").size == (2 * (7 * 18 + 2), 2 * (18 + 2) + 14)
     gif = Image.open(images_dir / "i.gif")
-    assert gif.n_frames == 8  # there and back
-    ddimctl("interpolate", "--seeds", 1, 2, "--model", tiny_checkpoint, "--steps", 4, "--frames", 3, "--out", "s.png", cwd=images_dir)
-    ddimctl("sample", "--model", tiny_checkpoint, "-n", 1, "--seed", 2, "--steps", 4, "--out", "end/", cwd=images_dir)
-    strip = pixels(images_dir / "s.png")
+    assert gif.n_frames == 8 and gif.size == (256, 256)  # there and back; 16 px frames enlarged 16 times
+    ddimctl("interpolate", "--seeds", "1,2", "--model", tiny_checkpoint, "--steps", 4, "--frames", 3, "--out", "s.png",
+            "--scale", 1, cwd=images_dir)
+    ddimctl("sample", "--model", tiny_checkpoint, "-n", 1, "--seed", 2, "--steps", 4, "--out", "end/", "--precision", "fp32",
+            cwd=images_dir)
+    strip = pixels(images_dir / "s.png")[14:]  # below the labels
     assert np.array_equal(strip[2:18, 2 + 2 * 18 : 18 + 2 * 18], pixels(images_dir / "end" / "000000.png"))
+    bad = ddimctl("interpolate", "--seeds", "1", "--model", tiny_checkpoint, cwd=images_dir, check=False)
+    assert_one_line_error(bad, "--seeds takes two integers")
 
 
 @pytest.mark.parametrize(
@@ -251,10 +259,14 @@ def test_bundled_digits_model_round_trip(tmp_path):
 
 
 def test_bundled_digits_model_samples_offline(tmp_path):
-    result = ddimctl("sample", "--model", "digits", "-n", "4", "--steps", "10", "--out", "d.png", cwd=tmp_path)
+    result = ddimctl("sample", "--model", "digits", "-n", "4", "--steps", "10", "--out", "d.png", "--scale", "1", cwd=tmp_path)
     assert "digits, S=10" in result.stderr
     img = np.asarray(Image.open(tmp_path / "d.png"))
     assert img.shape == (2 * 18 + 2, 2 * 18 + 2)
+    ddimctl("sample", "--model", "digits", "-n", "4", "--steps", "2", "--out", "big.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "big.png").size == (7 * 38, 7 * 38)  # enlarged to at least 256 px
+    ddimctl("sample", "--model", "digits", "-n", "2", "--steps", "2", "--out", "one/", cwd=tmp_path)
+    assert Image.open(tmp_path / "one" / "000000.png").size == (16, 16)  # folders: the model's resolution
     # Digits are bright strokes on black: every tile has both.
     for r in range(2):
         for c in range(2):
@@ -272,3 +284,38 @@ def test_reconstruct_takes_a_folder(tiny_checkpoint, images_dir, tmp_path):
     assert [Path(im["image"]).name for im in report["results"][0]["images"]] == ["a.png", "b.png"]
     (tmp_path / "empty").mkdir()
     assert_one_line_error(ddimctl("invert", "empty", "--model", tiny_checkpoint, cwd=tmp_path, check=False), "holds no images")
+
+
+def test_version_and_shell_completion(tmp_path):
+    from ddimctl import __version__
+
+    assert ddimctl("--version", cwd=tmp_path).stdout.startswith(f"ddimctl {__version__}")
+    assert "--install-completion" in ddimctl("--help", cwd=tmp_path).stdout
+
+
+def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):
+    """stderr is a pipe here: progress comes as plain lines (done/total, rate, elapsed, time left)."""
+    env_run = subprocess.run(
+        [sys.executable, "-m", "ddimctl", "sample", "--model", str(tiny_checkpoint), "-n", "2", "--steps", "3",
+         "--batch-size", "1", "--out", "p.png"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "DDIMCTL_PROGRESS_SECONDS": "0"},
+    )
+    lines = [line for line in env_run.stderr.splitlines() if line.startswith("sampling: ")]
+    assert len(lines) == 6, env_run.stderr  # one per network call of a batch
+    assert re.fullmatch(r"sampling: 6/6 evals, [\d.]+ img/s, elapsed \d+:\d\d, left 0:00", lines[-1])
+    assert "━" not in env_run.stderr
+
+
+def test_no_network_default_model_answers_in_one_line(tmp_path):
+    """The Hub's host does not resolve: one error line at once, no retries, pointing to --model digits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT="http://ddimctl-test.invalid", HF_HUB_CACHE=str(tmp_path / "hf"), DDIMCTL_CACHE=str(tmp_path / "c"))
+    for args in (["sample", "--steps", "50", "--eta", "0"], ["reconstruct", str(tmp_path / "x.png")]):
+        if args[0] == "reconstruct":
+            Image.fromarray(np.zeros((32, 32, 3), dtype="uint8")).save(tmp_path / "x.png")
+        result = subprocess.run([sys.executable, "-m", "ddimctl", *args], capture_output=True, text=True, cwd=tmp_path,
+                                env=env, timeout=120)
+        assert result.returncode == 1 and "Retrying" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) <= 3 and "does not resolve" in lines[-1] and "--model digits" in lines[-1], result.stderr

@@ -36,10 +36,11 @@ def test_edit_strength_zero_and_exact_edit_return_the_input(tmp_path):
     diff = (gray(tmp_path / "exact.png") - gray(THREE)) / 255
     assert (diff**2).mean() < 1e-3
     noised = ddimctl("edit", THREE, "--model", "digits", "--strength", "0.6", "--steps", "10", "--out", "noise.png",
-                     "--strip", cwd=tmp_path)
+                     "--strip", "--scale", "1", cwd=tmp_path)
     assert "6 of 10 steps" in noised.stderr
     strip = gray(tmp_path / "noise.png")
-    assert strip.shape == (20, 38)  # input | edited, with the grid's padding
+    assert strip.shape == (14 + 20, 38)  # labels, then input | edited with the grid's padding
+    assert np.array_equal(strip[16:32, 2:18], gray(THREE))
 
 
 def test_edit_is_reproducible_per_image(tmp_path):
@@ -70,7 +71,7 @@ def test_exact_latents_record_how_they_were_made_and_decode_back(tmp_path):
         meta = f.metadata()
     assert meta["inversion"] == "exact" and meta["tol"] == "0.001" and meta["max_iters"] == "3"
     # sample takes the model, S and skip from the file: no --model needed.
-    result = ddimctl("sample", "--latents", "z.safetensors", "--out", "back.png", cwd=tmp_path)
+    result = ddimctl("sample", "--latents", "z.safetensors", "--out", "back.png", "--scale", "1", cwd=tmp_path)
     assert "digits, S=10" in result.stderr and "plain inversion" not in result.stderr
     back = gray(tmp_path / "back.png")[2:18, 2:18]
     assert ((back - gray(THREE)) / 255).var() < 1e-3 and np.abs(back - gray(THREE)).mean() < 3
@@ -83,7 +84,8 @@ def test_exact_latents_record_how_they_were_made_and_decode_back(tmp_path):
 
 def test_interpolate_is_exact_by_default(tmp_path):
     ddimctl("interpolate", THREE, SEVEN, "--model", "digits", "--steps", "10", "--frames", "3", "--out", "i.png",
-            cwd=tmp_path)
-    strip = gray(tmp_path / "i.png")
-    first, last = strip[2:18, 2:18], strip[2:18, 38:54]
-    assert np.abs(first - gray(THREE)).mean() < 3 and np.abs(last - gray(SEVEN)).mean() < 3
+            "--scale", "1", cwd=tmp_path)
+    strip = gray(tmp_path / "i.png")[14:]  # columns: input, 3 frames, input
+    tile = lambda col: strip[2:18, 2 + col * 18 : 18 + col * 18]  # noqa: E731
+    assert np.array_equal(tile(0), gray(THREE)) and np.array_equal(tile(4), gray(SEVEN))
+    assert np.abs(tile(1) - gray(THREE)).mean() < 3 and np.abs(tile(3) - gray(SEVEN)).mean() < 3

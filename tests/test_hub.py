@@ -107,6 +107,17 @@ def test_unreachable_endpoint(tmp_path):
         weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint="http://127.0.0.1:9")
 
 
+def test_a_host_that_does_not_resolve_fails_at_once_or_uses_the_cache(hub, tmp_path, capsys):
+    """No retries against a name with no DNS answer: the error names it, and a cached file is used."""
+    nowhere = "http://ddimctl-test.invalid"
+    with pytest.raises(DdimctlError, match="host name does not resolve"):
+        weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=nowhere)
+    assert "Retrying" not in capsys.readouterr().err
+    e = entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"])
+    weights.load_registered(e, hub_cache=str(tmp_path), endpoint=hub.endpoint)  # now cached
+    assert same_weights(weights.load_registered(e, hub_cache=str(tmp_path), endpoint=nowhere).unet, hub.model)
+
+
 def test_unknown_sha_prints_the_hash(hub, tmp_path, capsys):
     weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=hub.endpoint)
     assert hub.sha["diffusion_pytorch_model.safetensors"] in capsys.readouterr().err

@@ -94,12 +94,18 @@ def test_run_dir_is_a_model_and_exports_to_diffusers(data_dir, tmp_path):
 
     run("export", "r", "exported", cwd=tmp_path)
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported").eval()
+    pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path / "exported")
+    ref = diffusers.UNet2DModel.from_pretrained(tmp_path / "exported", subfolder="unet").eval()
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 900])
     with torch.no_grad():
         assert (ref(x, t).sample - loaded.unet(x, t)).abs().max() < 1e-5
-    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "exported")
+        assert (pipeline.unet(x, t).sample - loaded.unet(x, t)).abs().max() < 1e-5
+    scheduler = diffusers.DDIMScheduler.from_pretrained(tmp_path / "exported", subfolder="scheduler")
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_end == 0.02
+    assert not scheduler.config.clip_sample
+    # And ddimctl reads its own export back.
+    back = weights.load_model(str(tmp_path / "exported"))
+    assert all(torch.equal(back.unet.state_dict()[k], v) for k, v in loaded.unet.state_dict().items())
 
 
 def test_ddp_on_two_gloo_processes_and_its_resume(data_dir, tmp_path):
@@ -184,4 +190,18 @@ def test_unwritable_run_dir_is_a_one_line_error(data_dir, tmp_path):
     (tmp_path / "afile").write_text("")
     result = run("train", data_dir, "--out", "afile/run", "--steps", 2, *TINY, cwd=tmp_path, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot create the run folder afile/run: afile is a file, not a folder"), last
+    assert "training a" not in result.stderr  # refused before any work
+
+
+def test_channels_follow_the_data_unless_given(data_dir, tmp_path):
+    """The fixture's images are all grayscale: a 3-channel preset trains a 1-channel model."""
+    result = run("train", data_dir, "--out", "gray", "--steps", 1, "--preset", "tiny", "--batch-size", 4,
+                 "--sample-count", 0, cwd=tmp_path)
+    assert "1 channel: every image is grayscale" in result.stderr
+    assert json.loads((tmp_path / "gray" / "config.json").read_text())["unet"]["in_channels"] == 1
+    Image.fromarray(np.zeros((8, 8, 3), dtype="uint8"), "RGB").save(data_dir / "colour.png")
+    result = run("train", data_dir, "--out", "rgb", "--steps", 1, "--preset", "tiny", "--batch-size", 4,
+                 "--sample-count", 0, cwd=tmp_path)
+    assert "3 channels: RGB images found" in result.stderr

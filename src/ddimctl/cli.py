@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -13,12 +14,20 @@ from typing import Optional
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from . import ddim, distributed, fast, generate, images, weights
-from .data import IMAGE_SUFFIXES, find_images
+from .data import IMAGE_SUFFIXES, find_images, infer_channels
 from .errors import DdimctlError
 
 app = typer.Typer(
@@ -26,11 +35,27 @@ app = typer.Typer(
     help="Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 # Outside a terminal rich would wrap at 80 columns; tables piped to a file should keep their rows.
 stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"ddimctl {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021)."""
 
 
 # Options shared by every command that runs the sampler.
@@ -41,6 +66,11 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
 PrecisionOpt = typer.Option(
     "auto", "--precision", help="auto (bf16 on GPUs and on CPUs with native bf16, else fp32), fp32, tf32, bf16, fp16."
+)
+ScaleOpt = typer.Option(
+    None, "--scale", min=1,
+    help="Enlarge pictures N times (nearest neighbour). Default: grids, strips and GIFs at least 256 px wide; "
+    "one-PNG-per-image folders at the model's resolution.",
 )
 ExactOpt = typer.Option(
     False, "--exact/--plain", help="Exact inversion: solve each step so that decoding returns the image at any S."
@@ -67,15 +97,54 @@ class ImagesPerSecond(ProgressColumn):
         return Text(f"{task.speed / per_image:.1f} img/s", style="progress.data.speed")
 
 
+class PlainProgress:
+    """Progress for logs and pipes: a plain line every few seconds (rich draws nothing there until
+    the end), with done/total, rate, elapsed and time left."""
+
+    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "evals"):
+        self.description, self.total, self.per_image, self.unit = description, total, per_image, unit
+        self.every = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", "5"))
+        self.started = self.last = time.perf_counter()
+        self.done = 0
+
+    def advance(self, n: int = 1, extra: str = "") -> None:
+        self.update(self.done + n, extra)
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last, elapsed = now, now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        speed = f"{rate / self.per_image:.1f} img/s" if self.unit == "evals" else f"{rate:.1f} {self.unit}/s"
+        print(f"{self.description}: {done}/{self.total} {self.unit}, {speed}{extra}, elapsed {clock(elapsed)}, "
+              f"left {clock(left)}", file=sys.stderr, flush=True)
+
+
+def clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
 @contextmanager
 def progress_bar(description: str, images_count: int, evals_per_image: int, enabled: bool = True):
     """A bar over every model evaluation; yields advance(n_images) for one evaluation of a batch."""
+    if not stderr.is_terminal:
+        plain = PlainProgress(description, images_count * evals_per_image, evals_per_image)
+        yield plain.advance if enabled else (lambda n: None)
+        return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("evals"),
         ImagesPerSecond(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(),
         console=stderr,
         transient=False,
@@ -178,10 +247,16 @@ def expand_images(paths: list[Path]) -> list[Path]:
     return out
 
 
-def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
-    for p in paths:  # every path checked before any work
+def check_inputs(paths: list[Path]) -> list[Path]:
+    """Image files (folders expanded), every one checked to exist before a model is loaded."""
+    paths = expand_images(paths)
+    for p in paths:
         if not p.is_file():
             fail(f"{p}: no such image file")
+    return paths
+
+
+def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
     channels, resolution, _ = model.image_shape
     return torch.stack([images.load_image(p, resolution, channels, notice=note) for p in paths])
 
@@ -207,6 +282,7 @@ def sample(
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="DDPM with the larger variance (Table 1's last row)."),
     precision: str = PrecisionOpt,
     compile_model: Optional[bool] = CompileOpt,
+    scale: Optional[int] = ScaleOpt,
 ) -> None:
     """Generate images with DDIM: S steps, any eta."""
     if eta < 0:
@@ -249,13 +325,13 @@ def sample(
     started = time.perf_counter()
     stalled = None
     if to_folder:
-        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T)
+        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T, scale or 1)
     else:
         collected = []
         with progress_bar("sampling", count, sampler.evaluations) as advance:
             for _, x0 in sampler.sample_indices(list(range(count)), seed, batch, x_T, advance):
                 collected.append(images.to_uint8(x0))
-        images.save_image(images.grid(torch.cat(collected)), out_path)
+        images.save_picture(images.grid(torch.cat(collected)), out_path, scale)
         done = count
     distributed.shutdown()
     elapsed = time.perf_counter() - started
@@ -267,7 +343,7 @@ def sample(
             f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}, "
             f"{fast.resolve_precision(precision, sampler.device)}, batch {batch}]"
         )
-        if stalled is not None:
+        if stalled is not None and stalled >= 0.05:  # only worth saying when the writers held sampling up
             note(f"sampling waited {stalled:.2f}s for the PNG writers")
 
 
@@ -279,6 +355,7 @@ def sample_to_folder(
     folder: Path,
     world: distributed.World,
     x_T: torch.Tensor | None = None,
+    scale: int = 1,
 ) -> tuple[int, float]:
     """Images 0..count-1 as zero-padded PNGs in `folder`, skipping those already there; this
     process's share under torchrun. Returns how many this process wrote, and the seconds sampling
@@ -295,7 +372,7 @@ def sample_to_folder(
         f"sampling {folder.name}", len(todo), sampler.evaluations, enabled=world.is_main
     ) as advance:
         for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
-            writer.submit([(p, name_of(i)) for i, p in zip(indices, images.to_uint8(x0))])
+            writer.submit([(p, name_of(i)) for i, p in zip(indices, images.enlarge(images.to_uint8(x0), scale))])
     world.barrier()
     return len(todo), writer.stalled_s
 
@@ -332,7 +409,7 @@ def invert(
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
     how = exact_settings(exact, tol, max_iters)
     images.check_writable(out)
-    image_paths = expand_images(image_paths)
+    image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
@@ -386,6 +463,7 @@ def reconstruct(
     out: Path = typer.Option(Path("recon.png"), "--out", "-o", help="Side-by-side PNG: input | reconstructions."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
     precision: str = ExactPrecisionOpt,
+    scale: Optional[int] = ScaleOpt,
     exact: bool = ExactOpt,
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
@@ -395,7 +473,7 @@ def reconstruct(
     how = exact_settings(exact, tol, max_iters)
     steps_list = parse_list(steps, "--steps")
     images.check_writable(out)
-    image_paths = expand_images(image_paths)
+    image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     target = (x0 + 1) / 2
@@ -422,7 +500,8 @@ def reconstruct(
         )
     # One row per image (the first 32): the input, then its reconstruction for each S.
     tiles = torch.stack([c[:32] for c in columns], dim=1).flatten(0, 1)
-    images.save_image(images.grid(tiles, columns=len(columns)), out)
+    labels = ["input"] + [f"S={s}" for s in steps_list]
+    images.save_picture(images.grid(tiles, columns=len(columns)), out, scale, labels, tile=loaded.config.resolution)
 
     report = {"model": loaded.name, "skip": skip or loaded.skip, **generate.inversion_metadata(how), "results": results}
     if as_json:
@@ -431,7 +510,7 @@ def reconstruct(
     table = Table(title=f"reconstruction ({loaded.name}, MSE per pixel on [0, 1])")
     table.add_column("S", justify="right")
     table.add_column("mean MSE", justify="right")
-    table.add_column("mean PSNR (dB)", justify="right")
+    table.add_column("PSNR of the mean MSE (dB)", justify="right")
     shown = image_paths[:6]
     for p in shown:
         table.add_column(f"MSE {p.name}", justify="right")
@@ -450,7 +529,7 @@ def psnr(mse: float) -> float:
 @app.command()
 def interpolate(
     image_paths: list[Path] = typer.Argument(None, metavar="[A B]", help="Two images to blend."),
-    seeds: Optional[tuple[int, int]] = typer.Option(None, "--seeds", help="Blend two random latents instead."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Blend two random latents instead, e.g. --seeds 1,2."),
     model: Optional[str] = ModelOpt,
     steps: int = StepsOpt,
     skip: Optional[str] = SkipOpt,
@@ -460,6 +539,7 @@ def interpolate(
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write an animated GIF."),
     batch_size: Optional[int] = BatchOpt,
     precision: str = ExactPrecisionOpt,
+    scale: Optional[int] = ScaleOpt,
     exact: bool = typer.Option(
         True, "--exact/--plain", help="Exact inversion (default: the end frames are the input images at any S)."
     ),
@@ -468,9 +548,16 @@ def interpolate(
 ) -> None:
     """Slerp between the latents of two images (or two seeds) and decode every frame with eta = 0."""
     how = exact_settings(exact, tol, max_iters)
-    paths = image_paths or []
+    paths = check_inputs(image_paths or [])
+    if seeds is not None:
+        try:
+            seeds = [int(v) for v in seeds.split(",")]
+        except ValueError:
+            seeds = []
+        if len(seeds) != 2:
+            fail("--seeds takes two integers separated by a comma, such as --seeds 1,2")
     if seeds is None and len(paths) != 2:
-        fail(f"interpolate takes two images A B, or --seeds S1 S2; got {len(paths)} image(s)")
+        fail(f"interpolate takes two images A B, or --seeds S1,S2; got {len(paths)} image(s)")
     if seeds is not None and paths:
         fail("give either two images or --seeds, not both")
     if frames < 2:
@@ -488,10 +575,16 @@ def interpolate(
     alphas = torch.linspace(0, 1, frames).tolist()
     z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
     pixels = images.to_uint8(run_decoding(sampler, z, batch))
-    images.save_image(images.grid(pixels, columns=frames), out)
+    labels = [f"{a:.2f}" for a in alphas]
+    strip = pixels
+    if x0 is not None:  # the input images at the ends, to compare with the end frames
+        inputs = images.to_uint8(x0)
+        strip = torch.cat([inputs[:1], pixels, inputs[1:]])
+        labels = ["input", *labels, "input"]
+    images.save_picture(images.grid(strip, columns=len(strip)), out, scale, labels, tile=loaded.config.resolution)
     if gif:
-        images.save_gif(list(pixels), gif)
-    say(f"wrote {frames} frames to {out}" + (f" and {gif}" if gif else ""))
+        images.save_gif(list(pixels), gif, scale=scale)
+    say(f"wrote {frames} frames to {out}" + (" (inputs at both ends)" if x0 is not None else "") + (f" and {gif}" if gif else ""))
 
 
 @app.command()
@@ -510,7 +603,8 @@ def edit(
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
     out: str = typer.Option("edited/", "--out", "-o", help="A folder (one PNG per input, named like it), or a .png for one image."),
-    strip: bool = typer.Option(False, "--strip", help="Write input | edited side by side."),
+    strip: bool = typer.Option(False, "--strip", help="Write input | edited side by side (labelled, enlarged)."),
+    scale: Optional[int] = ScaleOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
     precision: str = ExactPrecisionOpt,
@@ -522,7 +616,7 @@ def edit(
     if not (eta >= 0 and math.isfinite(eta)):
         fail(f"--eta must be a finite number >= 0, got {eta}")
     out_path = Path(out).expanduser()
-    image_paths = expand_images(image_paths)
+    image_paths = check_inputs(image_paths)
     to_folder = is_directory_target(out_path, out)
     if not to_folder and (out_path.suffix.lower() != ".png" or len(image_paths) != 1):
         fail(f"--out {out}: give a folder ending in / (one PNG per input), or a .png file for a single image")
@@ -551,7 +645,11 @@ def edit(
             edited.append(sampler.edit(x0[start : start + batch], strength, generators, keep, how, advance).cpu())
     pixels, inputs = images.to_uint8(torch.cat(edited)), images.to_uint8(x0)
     for target, before, after in zip(targets, inputs, pixels):
-        images.save_image(images.grid(torch.stack([before, after]), columns=2) if strip else after, target)
+        if strip:
+            images.save_picture(images.grid(torch.stack([before, after]), columns=2), target, scale,
+                                ["input", "edited"], tile=resolution)
+        else:
+            images.save_image(images.enlarge(after, scale or 1), target)
     t0 = int(sampler.timesteps[walked - 1]) if walked else None
     where = f"{out_path}/" if to_folder else str(out_path)
     say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, strength {strength:g}: "
@@ -563,9 +661,13 @@ def edit(
 def train(
     data: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, checkpoints, samples, log."),
-    preset: str = typer.Option("small", "--preset", help="Architecture: cifar10, celeba64, ddpm256, small, tiny."),
+    preset: str = typer.Option(
+        "small", "--preset", help="Architecture: cifar10, celeba64, ddpm256, digits, small, tiny."
+    ),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size (default: the preset's)."),
-    channels: Optional[int] = typer.Option(None, "--channels", help="1 (grayscale) or 3 (RGB)."),
+    channels: Optional[int] = typer.Option(
+        None, "--channels", help="1 (grayscale) or 3 (RGB); default: 1 when every image is grayscale."
+    ),
     base_channels: Optional[int] = typer.Option(None, "--base-channels", help="Width of the first level."),
     channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers, e.g. 1,2,2,2."),
     res_blocks: Optional[int] = typer.Option(None, "--res-blocks", help="Residual blocks per level."),
@@ -577,7 +679,9 @@ def train(
     warmup: int = typer.Option(1000, "--warmup", help="Steps of linear learning-rate warm-up."),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decays to 0 at --steps)."),
     ema_decay: float = typer.Option(0.9999, "--ema-decay"),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
+    flip: bool = typer.Option(
+        True, "--flip/--no-flip", help="Random horizontal flips (turn off for digits, text, anything with a handedness)."
+    ),
     save_every: int = typer.Option(1000, "--save-every", help="Checkpoint and sample grid every N steps."),
     keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
     sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps of the sample grids."),
@@ -591,6 +695,18 @@ def train(
     """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
     from . import train as training
 
+    if channels is not None and channels not in (1, 3):
+        fail(f"--channels must be 1 or 3, got {channels}")
+    data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
+    training.check_run_dir(out)
+    channels_note = None
+    if channels is None:
+        saved = training.saved_run_config(out) if resume else None
+        if saved is not None:
+            channels = saved["unet"]["in_channels"]
+        else:
+            channels = infer_channels(data_files)
+            channels_note = "1 channel: every image is grayscale" if channels == 1 else "3 channels: RGB images found"
     overrides = {}
     for key, value in [("resolution", resolution), ("in_channels", channels), ("out_channels", channels),
                        ("base_channels", base_channels), ("num_res_blocks", res_blocks), ("dropout", dropout)]:
@@ -600,8 +716,6 @@ def train(
         overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
     if attention is not None:
         overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
-    if channels is not None and channels not in (1, 3):
-        fail(f"--channels must be 1 or 3, got {channels}")
     for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--save-every", save_every), ("--keep", keep)]:
         if value < 1:
             fail(f"{name} must be at least 1, got {value}")
@@ -613,26 +727,33 @@ def train(
         sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model,
     )
     config = options.unet_config()
-    data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
     main_process = distributed.from_env().is_main
     train_device = generate.pick_device(device)
     if main_process:
         how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
         say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) on "
             f"{len(data_files)} images into {out} ({train_device}, {how})")
+        if channels_note:
+            say(f"{channels_note} (--channels overrides)")
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[speed]:.1f} img/s"),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
         TimeRemainingColumn(), console=stderr, disable=not main_process,
     ) as bar:
-        reading = bar.add_task("reading data", total=None, loss=0.0, speed=0.0)
-        task = bar.add_task("training", total=steps, loss=float("nan"), speed=0.0, visible=False)
+        reading = bar.add_task("reading data", total=None, status="")
+        task = bar.add_task("training", total=steps, status="", visible=False)
 
         def on_data(done: int, total: int) -> None:
             bar.update(reading, completed=done, total=total)
 
+        plain = PlainProgress("training", steps, unit="steps") if not stderr.is_terminal and main_process else None
+
         def on_step(step: int, loss: float, speed: float) -> None:
-            bar.update(task, completed=step, loss=loss, speed=speed, visible=True)
+            bar.update(task, completed=step, status=f"loss {loss:.4f}  {speed:.1f} img/s", visible=True)
+            if plain is not None:
+                plain.update(step, f", loss {loss:.4f}, {speed:.1f} img/s")
 
         started = time.perf_counter()
         newest = training.train(
@@ -659,14 +780,14 @@ def parse_list(text: str, option: str, kind=int, allow_empty: bool = False) -> l
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A training run folder, or any checkpoint --model accepts."),
-    out: Path = typer.Argument(..., help="Folder to write in diffusers format (UNet2DModel + DDPM scheduler)."),
+    out: Path = typer.Argument(..., help="Folder to write: a diffusers DDIMPipeline (UNet2DModel + DDIMScheduler)."),
 ) -> None:
-    """Write a model as a diffusers-format folder that others can load."""
+    """Write a model as a diffusers pipeline folder (DDIMPipeline.from_pretrained loads it)."""
     from .export import export_diffusers
 
     loaded = weights.load_model(str(run_dir))
     export_diffusers(loaded, out)
-    say(f"wrote {out} (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json)")
+    say(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")
 
 
 @app.command()

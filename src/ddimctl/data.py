@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import DdimctlError
 from .images import read_pixels
@@ -24,6 +25,21 @@ def find_images(folder: Path) -> list[Path]:
     if not files:
         raise DdimctlError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
+
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def infer_channels(files: list[Path]) -> int:
+    """1 when every image is grayscale, else 3; reads only the file headers."""
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in GRAYSCALE_MODES:
+                    return 3
+        except (UnidentifiedImageError, OSError):
+            continue  # unreadable files are reported when the data are loaded
+    return 1
 
 
 def load_folder(

@@ -32,6 +32,19 @@ def fidelity():
     return torch_fidelity
 
 
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's TF-Inception weights
+
+
+def missing_inception_hint() -> str:
+    """Where torch-fidelity looks for its Inception weights, for an error that names the missing piece."""
+    where = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if where.is_file():
+        return ("without a network, torch-fidelity cannot fetch a named reference (such as cifar10-train): "
+                "pass a folder of reference images or a .npz of saved statistics")
+    return (f"torch-fidelity needs its Inception weights {where}, which are not there and cannot be fetched "
+            f"without a network: run once where the network is reachable, or copy that file there")
+
+
 def folder_cache_name(folder: Path) -> str:
     """A name for torch-fidelity's statistics cache that changes when the folder's images change."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
@@ -59,8 +72,7 @@ def _run(fn, *args, **kwargs):
     except (OSError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DdimctlError(
-            f"FID failed ({first}); without a network, torch-fidelity cannot fetch the Inception weights or a "
-            f"named reference: run once where the network is reachable, or pass a folder of reference images"
+            f"FID failed ({first}); {missing_inception_hint()}"
         ) from e
     except (ValueError, AssertionError) as e:  # torch-fidelity's own checks (empty folder, too few images)
         raise DdimctlError(f"FID: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e

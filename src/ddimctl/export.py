@@ -1,4 +1,4 @@
-"""Export to the diffusers on-disk format (UNet2DModel config + weights, DDPMScheduler config)."""
+"""Export to the diffusers on-disk format: a DDIMPipeline folder (UNet2DModel + DDIMScheduler)."""
 
 from __future__ import annotations
 
@@ -38,28 +38,45 @@ def diffusers_unet_config(c: UNetConfig) -> dict:
 
 
 def diffusers_scheduler_config(loaded: LoadedModel) -> dict:
+    """DDIMScheduler settings that walk the model's schedule as ddimctl does (no clipping, abar = 1
+    after the last step); DDIMPipeline converts any scheduler it is given to this class anyway."""
     s = loaded.schedule
     return {
-        "_class_name": "DDPMScheduler",
+        "_class_name": "DDIMScheduler",
         "num_train_timesteps": s["train_steps"],
         "beta_start": s["beta_start"],
         "beta_end": s["beta_end"],
         "beta_schedule": "linear",
         "prediction_type": "epsilon",
         "clip_sample": False,
-        "variance_type": "fixed_small",
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "timestep_spacing": "leading",
+    }
+
+
+def model_index() -> dict:
+    return {
+        "_class_name": "DDIMPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
     }
 
 
 def export_diffusers(loaded: LoadedModel, out: Path) -> None:
+    """A complete diffusers pipeline folder: DDIMPipeline.from_pretrained(out) loads it, and
+    UNet2DModel / DDIMScheduler load its unet/ and scheduler/ subfolders."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DdimctlError(f"{out} exists and is not a folder; choose another output folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(loaded.unet.state_dict(), out / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    (out / "unet").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    atomic_save_safetensors(loaded.unet.state_dict(), out / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     for name, content in (
-        ("config.json", diffusers_unet_config(loaded.config)),
-        ("scheduler_config.json", diffusers_scheduler_config(loaded)),
+        ("unet/config.json", diffusers_unet_config(loaded.config)),
+        ("scheduler/scheduler_config.json", diffusers_scheduler_config(loaded)),
+        ("model_index.json", model_index()),  # last: a folder with it is complete
     ):
         with atomic_path(out / name) as tmp:
             tmp.write_text(json.dumps(content, indent=2) + "\n")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
@@ -29,6 +31,22 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def host_resolves(endpoint: str | None = None) -> bool:
+    """Whether the Hub endpoint's host name resolves (a local lookup, no connection made)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(endpoint or constants.ENDPOINT).hostname
+    if not host:
+        return False
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
 
 
 def cached_file(repo: str, filename: str, revision: str = "main", cache_dir: str | None = None) -> Path | None:
@@ -52,13 +70,22 @@ def download(
     Raises DdimctlError with a one-line message naming the model and what to do.
     """
     where = f"{repo}@{revision}/{filename}"
+    # huggingface_hub retries a host that does not resolve for ~25 s: with no DNS answer there is
+    # no network to wait for, so only the cache is asked.
+    local_only = not host_resolves(endpoint)
     try:
         path = Path(
-            hf_hub_download(repo, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint)
+            hf_hub_download(
+                repo, filename, revision=revision, cache_dir=cache_dir, endpoint=endpoint, local_files_only=local_only
+            )
         )
     except LocalEntryNotFoundError as e:  # offline, or the endpoint unreachable, and not cached
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-        reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub could not be reached"
+        reason = (
+            "offline mode is on (HF_HUB_OFFLINE)" if offline
+            else "the Hub's host name does not resolve (no network?)" if local_only
+            else "the Hub could not be reached"
+        )
         raise DdimctlError(
             f"model {name!r}: {where} is not in the Hub cache and {reason}; connect to the network "
             f"(or point HF_ENDPOINT at a mirror), or use the bundled --model digits or a local checkpoint"

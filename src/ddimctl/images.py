@@ -47,6 +47,43 @@ def grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> 
     return out
 
 
+def enlarge(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of 8-bit (..., H, W, C) images by an integer factor."""
+    if factor == 1:
+        return pixels
+    return pixels.repeat_interleave(factor, dim=-3).repeat_interleave(factor, dim=-2)
+
+
+def display_scale(width: int, target: int = 256) -> int:
+    """The factor that makes a picture `width` pixels wide at least `target` wide (1 for large ones)."""
+    return max(1, math.ceil(target / width))
+
+
+LABEL_BAND = 14  # pixels: the default bitmap font is about 11 high
+
+
+def save_picture(
+    pixels: torch.Tensor, path: Path, scale: int | None = None, labels: Sequence[str] = (), tile: int = 0, padding: int = 2
+) -> None:
+    """A grid or strip (H, W, C) for a person to look at: enlarged (scale None: to at least 256 px
+    wide), and, with `labels`, a band above naming each column of `tile`-wide tiles."""
+    factor = scale or display_scale(pixels.shape[1])
+    img = to_pil(enlarge(pixels, factor))
+    if labels:
+        from PIL import ImageDraw
+
+        band = Image.new(img.mode, (img.width, img.height + LABEL_BAND), 255 if img.mode == "L" else (255, 255, 255))
+        band.paste(img, (0, LABEL_BAND))
+        draw = ImageDraw.Draw(band)
+        for i, label in enumerate(labels):
+            centre = (padding + i * (tile + padding) + tile / 2) * factor
+            left, _, right, _ = draw.textbbox((0, 0), label)
+            draw.text((centre - (right - left) / 2, 1), label, fill=0 if img.mode == "L" else (0, 0, 0))
+        img = band
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+
+
 def save_image(pixels: torch.Tensor, path: Path) -> None:
     """Write one 8-bit (H, W, C) image; the format follows the suffix, .png by default."""
     with atomic_path(path) as tmp:
@@ -85,8 +122,9 @@ class BackgroundWriter:
             self._pool.shutdown(wait=True)
 
 
-def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120) -> None:
-    images = [to_pil(f) for f in frames]
+def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120, scale: int | None = None) -> None:
+    factor = scale or display_scale(frames[0].shape[1])
+    images = [to_pil(enlarge(f, factor)) for f in frames]
     # Play forwards then backwards so the loop has no jump.
     sequence = images + images[-2:0:-1]
     with atomic_path(path) as tmp:

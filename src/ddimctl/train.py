@@ -172,6 +172,27 @@ def run_config(options: TrainOptions, config: UNetConfig) -> dict:
     }
 
 
+def check_run_dir(run_dir: Path | str) -> None:
+    """Fail before any work when the run folder cannot be created or written."""
+    existing = Path(run_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is not writable; choose another --out")
+
+
+def saved_run_config(run_dir: Path | str) -> dict | None:
+    """config.json of an existing ddimctl run folder, or None."""
+    config_file = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if saved.get("format") == RUN_FORMAT and "unet" in saved else None
+
+
 def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, resume: bool) -> Path | None:
     """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
     config_file = run_dir / "config.json"
