@@ -73,8 +73,16 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
                  env={"DDIMCTL_TEST_KILL_AFTER_CHECKPOINT": "3"}, check=False)
     assert killed.returncode == -9  # a real SIGKILL straight after the step-3 checkpoint
     assert [p.name for p in train.checkpoint_files(tmp_path / "resumed")] == ["step-00000003.safetensors"]
+    # What a kill between writing the next checkpoint and renaming it leaves: a full-size temporary
+    # of a process that is gone (written here as atomic_path names it, with the dead process's id).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    orphan = ckpts / f".step-00000006.safetensors.{gone.pid}.abcd1234.tmp"
+    orphan.write_bytes((ckpts / "step-00000003.safetensors").read_bytes())
     again = run("train", data_dir, "--out", "resumed", "--steps", 6, "--save-every", 3, *TINY, "--resume", cwd=tmp_path)
     assert "resuming from step-00000003.safetensors (step 3)" in again.stderr
+    assert not orphan.exists() and not list(ckpts.glob("*.tmp"))
     a, b = checkpoint_tensors(tmp_path / "straight"), checkpoint_tensors(tmp_path / "resumed")
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
     for key in a:

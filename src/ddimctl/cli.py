@@ -29,6 +29,7 @@ from rich.text import Text
 from . import ddim, distributed, fast, generate, images, weights
 from .data import IMAGE_SUFFIXES, find_images, infer_channels
 from .errors import DdimctlError
+from .files import remove_stale_temporaries
 
 app = typer.Typer(
     name="ddimctl",
@@ -247,6 +248,17 @@ def expand_images(paths: list[Path]) -> list[Path]:
     return out
 
 
+MAX_STRIP_FRAMES = 256
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
+    """An output file's name and folder, checked before any model work."""
+    if Path(path).suffix.lower() not in suffixes:
+        fail(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    images.check_writable(path)
+
+
 def check_inputs(paths: list[Path]) -> list[Path]:
     """Image files (folders expanded), every one checked to exist before a model is loaded."""
     paths = expand_images(paths)
@@ -285,8 +297,8 @@ def sample(
     scale: Optional[int] = ScaleOpt,
 ) -> None:
     """Generate images with DDIM: S steps, any eta."""
-    if eta < 0:
-        fail(f"--eta must be >= 0, got {eta}")
+    if not (math.isfinite(eta) and eta >= 0):
+        fail(f"--eta must be a finite number >= 0, got {eta}")
     if num < 1 and latents is None:
         fail(f"--num must be at least 1, got {num}")
     out_path = Path(out).expanduser()
@@ -318,6 +330,14 @@ def sample(
             note(f"{latents.name} came from plain inversion: the images return approximately (more exactly as S "
                  f"grows); `ddimctl invert --exact` makes latents that decode back exactly")
     count = x_T.shape[0] if x_T is not None else num
+    if to_folder and world.is_main:
+        remove_stale_temporaries(out_path)
+        generate.claim_folder(out_path, {
+            "model": loaded.source, "steps": steps, "skip": skip or loaded.skip, "eta": f"{eta:g}",
+            "sigma_hat": sigma_hat, "seed": seed, "latents": str(latents) if latents else None,
+            "precision": fast.resolve_precision(precision, generate.pick_device(device)), "scale": scale or 1,
+        })
+    world.barrier()
     sampler, batch = make_sampler(
         loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
     )
@@ -362,10 +382,15 @@ def sample_to_folder(
     waited for the PNG writers."""
     width = max(6, len(str(count - 1)))
     name_of = lambda i: folder / f"{i:0{width}d}.png"  # noqa: E731
-    todo = [i for i in range(count) if not name_of(i).exists()]
+    side = sampler.model.config.resolution * scale
+    todo = [i for i in range(count) if not (name_of(i).exists() and generate.finished_image(name_of(i), (side, side)))]
     if len(todo) < count and world.is_main:
         note(f"{count - len(todo)} of {count} images already in {folder}; generating the rest")
     world.barrier()  # every process lists the folder before any writes to it
+    progress_on_interrupt.append(
+        lambda: f"{sum(name_of(i).exists() for i in range(count))} of {count} images written to {folder}; "
+        f"rerun the same command to finish"
+    )
     todo = todo[world.rank :: world.size]  # image i depends only on (seed, i): any split gives the same set
     # PNGs are encoded and written on worker threads while the device runs the next batch.
     with images.BackgroundWriter() as writer, progress_bar(
@@ -408,7 +433,7 @@ def invert(
 ) -> None:
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
     how = exact_settings(exact, tol, max_iters)
-    images.check_writable(out)
+    check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
@@ -472,7 +497,7 @@ def reconstruct(
     as all the images in it."""
     how = exact_settings(exact, tol, max_iters)
     steps_list = parse_list(steps, "--steps")
-    images.check_writable(out)
+    check_output(out, PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
@@ -535,7 +560,9 @@ def interpolate(
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     frames: int = typer.Option(8, "--frames", help="Frames including both ends."),
-    out: Path = typer.Option(Path("interp.png"), "--out", "-o", help="Strip PNG of all frames."),
+    out: str = typer.Option(
+        "interp.png", "--out", "-o", help=f"Strip PNG of all frames (up to {MAX_STRIP_FRAMES}), or a folder (ending in /) for one PNG per frame."
+    ),
     gif: Optional[Path] = typer.Option(None, "--gif", help="Also write an animated GIF."),
     batch_size: Optional[int] = BatchOpt,
     precision: str = ExactPrecisionOpt,
@@ -562,8 +589,18 @@ def interpolate(
         fail("give either two images or --seeds, not both")
     if frames < 2:
         fail(f"--frames must be at least 2, got {frames}")
-    for target in [out] + ([gif] if gif else []):
-        images.check_writable(target)
+    to_folder = is_directory_target(Path(out), out)
+    out = Path(out).expanduser()
+    if to_folder:
+        out.mkdir(parents=True, exist_ok=True)
+        images.check_writable(out / "x.png")
+    else:
+        check_output(out, PICTURE_SUFFIXES, "--out")
+    if (gif or not to_folder) and frames > MAX_STRIP_FRAMES:
+        fail(f"--frames {frames}: a strip or GIF holds at most {MAX_STRIP_FRAMES} frames; write them one PNG each "
+             f"with --out FOLDER/ (and no --gif)")
+    if gif:
+        check_output(gif, (".gif",), "--gif")
     loaded = load(model)
     x0 = read_images(paths, loaded) if seeds is None else None
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
@@ -573,6 +610,16 @@ def interpolate(
     else:
         ends, _ = run_inversion(sampler, x0, batch, how)
     alphas = torch.linspace(0, 1, frames).tolist()
+    if to_folder:  # streamed batch by batch: memory does not grow with the number of frames
+        width = max(6, len(str(frames - 1)))
+        with images.BackgroundWriter() as writer, progress_bar("decoding", frames, sampler.evaluations) as advance:
+            for start in range(0, frames, batch):
+                z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas[start : start + batch]])
+                x = generate.check_finite(list(range(start, start + len(z))), sampler.sample(z, None, advance).cpu())
+                writer.submit([(p, out / f"{start + i:0{width}d}.png")
+                               for i, p in enumerate(images.enlarge(images.to_uint8(x), scale or 1))])
+        say(f"wrote {frames} frames to {out}/ (one PNG each)")
+        return
     z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
     pixels = images.to_uint8(run_decoding(sampler, z, batch))
     labels = [f"{a:.2f}" for a in alphas]
@@ -756,6 +803,7 @@ def train(
                 plain.update(step, f", loss {loss:.4f}, {speed:.1f} img/s")
 
         started = time.perf_counter()
+        progress_on_interrupt.append(lambda: training.interrupted_at(out))
         newest = training.train(
             options, train_device, resume,
             training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
@@ -771,7 +819,7 @@ def parse_list(text: str, option: str, kind=int, allow_empty: bool = False) -> l
     except ValueError:
         values = None
     smallest = 1 if kind is int else 0
-    if values is None or (not values and not allow_empty) or any(v < smallest for v in values):
+    if values is None or (not values and not allow_empty) or any(not (v >= smallest and math.isfinite(v)) for v in values):
         what = "positive integers" if kind is int else "non-negative numbers"
         fail(f"{option} takes {what} separated by commas, such as 10,20,50, got {text!r}")
     return values
@@ -939,15 +987,34 @@ def bench(
     stdout.print(table)
 
 
+# What a command has done so far, for the line Ctrl-C prints (set by long-running commands).
+progress_on_interrupt: list = []
+
+
 def main() -> None:
     try:
-        app()
+        from typer._click.exceptions import ClickException  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import ClickException
+    def interrupted() -> None:
+        done = progress_on_interrupt[-1]() if progress_on_interrupt else ""
+        print(f"interrupted{'; ' + done if done else ''}", file=sys.stderr)
+        sys.exit(130)
+
+    try:
+        # click's standalone mode would turn Ctrl-C into a silent exit 130 (typer) or "Aborted!".
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        interrupted()
+    except ClickException as e:  # usage errors: click's usage line and message
+        e.show()
+        sys.exit(e.exit_code)
     except DdimctlError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, permissions, ...: say what failed, in one line
         print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    if code == 130:  # typer's way of reporting a KeyboardInterrupt in non-standalone mode
+        interrupted()
+    sys.exit(code if isinstance(code, int) else 0)

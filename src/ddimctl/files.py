@@ -4,6 +4,7 @@ and where ddimctl keeps its cache."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,8 @@ def atomic_path(path: str | os.PathLike):
     A crash or kill at any moment leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer's process id in the name tells a stale temporary (its process is gone) from a live one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -30,6 +32,31 @@ def atomic_path(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+TEMPORARY = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files atomic_path left in `folder` when its process was killed (kill -9
+    between writing and renaming); those of live processes stay. Returns how many were removed."""
+    removed = 0
+    for candidate in Path(folder).glob(".*.tmp"):
+        match = TEMPORARY.match(candidate.name)
+        if match and not _process_alive(int(match.group(1))):
+            candidate.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def cache_dir() -> Path:

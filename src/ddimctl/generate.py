@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from . import ddim
 from .errors import DdimctlError
+from .files import atomic_path
 from .weights import LoadedModel, atomic_save_safetensors
 
 ProgressFn = Callable[[int], None]  # called with the number of images that just had one model call
@@ -43,12 +44,18 @@ def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DdimctlError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     try:
-        return torch.device(device)
+        picked = torch.device(device)
     except RuntimeError as e:
         raise DdimctlError(f"unknown --device {device!r}; use auto, cpu or cuda") from e
+    if picked.type not in ("cpu", "cuda"):
+        raise DdimctlError(f"--device {device} is not supported; use auto, cpu or cuda (cuda:N for one GPU)")
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DdimctlError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if picked.index is not None and picked.index >= torch.cuda.device_count():
+            raise DdimctlError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return picked
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -88,8 +95,22 @@ def edit_steps(strength: float, steps: int) -> int:
 
 
 def in_batches(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
-    """run() over batches of x (along the first axis); results on the CPU."""
-    return torch.cat([run(x[start : start + batch]).cpu() for start in range(0, x.shape[0], batch)])
+    """run() over batches of x (along the first axis); results on the CPU, checked to be finite."""
+    out = torch.cat([run(x[start : start + batch]).cpu() for start in range(0, x.shape[0], batch)])
+    return check_finite(list(range(x.shape[0])), out)
+
+
+def check_finite(indices: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """x, unless some rows hold NaN or infinite values: those must never become images."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bad.any():
+        which = [indices[i] for i in bad.nonzero().flatten().tolist()]
+        raise DdimctlError(
+            f"{len(which)} image(s) came out NaN or infinite (number {', '.join(map(str, which[:5]))}"
+            f"{', ...' if len(which) > 5 else ''}), so none of this batch was written; the weights or inputs are broken, "
+            f"or try --precision fp32"
+        )
+    return x
 
 
 @dataclass
@@ -189,14 +210,54 @@ class Sampler:
                 x_T = latents[batch]
             x_0 = self.sample(x_T, generators, progress)
             if waiting is not None:
-                yield waiting[0], waiting[1]()
+                yield waiting[0], check_finite(waiting[0], waiting[1]())
                 waiting = None
             if x_0.is_cuda:
                 waiting = (batch, start_host_copy(x_0))
             else:
-                yield batch, x_0
+                yield batch, check_finite(batch, x_0)
         if waiting is not None:
-            yield waiting[0], waiting[1]()
+            yield waiting[0], check_finite(waiting[0], waiting[1]())
+
+
+# --------------------------------------------------------------------------------------------
+# Folders of samples: one PNG per image, resumable, never mixing two runs.
+
+FOLDER_RECORD = ".ddimctl-sample.json"
+
+
+def claim_folder(folder: Path, settings: dict[str, str]) -> None:
+    """Record the settings of the run writing into `folder`, or refuse when the folder already holds
+    images of a run with other settings (their images would mix)."""
+    record = Path(folder) / FOLDER_RECORD
+    if record.is_file():
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            before = {}
+        differ = [f"{k} {before.get(k)!s} (now {v})" for k, v in settings.items() if str(before.get(k)) != str(v)]
+        if differ:
+            raise DdimctlError(
+                f"{folder} holds images of a run with other settings ({', '.join(differ)}); "
+                f"use the same settings to finish it, or another --out"
+            )
+        return
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2))
+
+
+def finished_image(path: Path, size: tuple[int, int]) -> bool:
+    """Whether a PNG from an earlier run is complete (a 0-byte or truncated file is redone)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.size != size:
+                return False
+            img.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +287,11 @@ def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
     if "latents" not in tensors:
         raise DdimctlError(f"--latents {path}: no tensor named 'latents' in it")
     latents = tensors["latents"]
+    if latents.dim() == 4 and latents.shape[0] == 0:
+        raise DdimctlError(f"--latents {path}: holds no latents (0 rows); write some with `ddimctl invert`")
+    if latents.is_floating_point() and not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents.flatten(1))).any(1).nonzero().flatten().tolist()
+        raise DdimctlError(f"--latents {path}: latent(s) {', '.join(map(str, bad[:5]))} hold NaN or infinite values")
     if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(image_shape):
         raise DdimctlError(
             f"--latents {path}: shape {tuple(latents.shape)} does not fit this model, which needs "

@@ -151,7 +151,7 @@ def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[st
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("RGB" if channels == 3 else "L")
+            img = to_8bit(img).convert("RGB" if channels == 3 else "L")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DdimctlError(f"{path}: not a readable image ({str(e).splitlines()[0]}); pass a PNG or JPEG file") from e
     if img.size != (resolution, resolution):
@@ -160,6 +160,20 @@ def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[st
         img = fit(img, resolution)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale images scaled to 8 bits (Pillow's convert("L") would clip them,
+    turning a 16-bit image all white)."""
+    if img.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return img
+    import numpy as np
+
+    array = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode != "F" else max(1.0, float(array.max()))
+    if img.mode == "I" and array.max() > 65535:  # a true 32-bit image: use its own range
+        top = float(array.max())
+    return Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), "L")
 
 
 def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:

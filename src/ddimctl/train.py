@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, fast, images
 from .errors import DdimctlError
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temporaries
 from .generate import Sampler, image_seed
 from .unet import PRESETS, UNet, UNetConfig
 from .weights import DEFAULT_SCHEDULE, LoadedModel, atomic_save_safetensors, schedule_alphas_cumprod
@@ -57,7 +57,25 @@ class TrainOptions:
     compile: bool = False
     log_every: int = 10
 
+    def check(self) -> None:
+        """Every option, before anything is created on disk."""
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        rules = [
+            (finite(self.lr) and self.lr > 0, f"learning rate must be a finite number > 0, got {self.lr}"),
+            (finite(self.grad_clip) and self.grad_clip > 0, f"gradient clipping must be a finite number > 0, got {self.grad_clip}"),
+            (finite(self.ema_decay) and 0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
+            (self.warmup >= 0, f"warm-up steps must be >= 0, got {self.warmup}"),
+            (self.steps >= 1 and self.batch_size >= 1, f"steps and batch size must be >= 1, got {self.steps} and {self.batch_size}"),
+            (self.save_every >= 1 and self.keep >= 1, f"save-every and keep must be >= 1, got {self.save_every} and {self.keep}"),
+            (self.sample_count >= 0 and self.sample_steps >= 1, "sample grids need a count >= 0 and steps >= 1"),
+            (self.precision in ("auto", "fp32", "bf16"), f"training precision must be auto, fp32 or bf16, got {self.precision!r}"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise DdimctlError(message)
+
     def unet_config(self) -> UNetConfig:
+        self.check()
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
         if self.preset not in PRESETS:
@@ -220,6 +238,44 @@ def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, re
     return existing[-1] if existing else None
 
 
+def interrupted_at(run_dir: Path | str) -> str:
+    """What a stopped run leaves, for the line Ctrl-C prints."""
+    files = checkpoint_files(Path(run_dir)) if Path(run_dir).is_dir() else []
+    if not files:
+        return f"no checkpoint was written to {run_dir} yet"
+    return f"the newest checkpoint is {files[-1].name}; resume with the same command and --resume"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (unreadable, truncated, no optimizer state), or None."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+            for key in keys:  # reading every tensor finds a file cut short
+                f.get_slice(key)[...]
+    except Exception as e:  # safetensors raises several types for a damaged file
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if "step" not in meta or not any(k.startswith("model.") for k in keys):
+        return "not a ddimctl training checkpoint"
+    if not any(k.startswith("optim.") for k in keys) or "param_groups" not in meta:
+        return "holds no optimizer state"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
+    """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped."""
+    files = checkpoint_files(run_dir)
+    for path in reversed(files):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        say(f"notice: skipping {path.name}: {problem}")
+    raise DdimctlError(
+        f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
+        f"start afresh with another --out"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The loop
 
@@ -246,7 +302,12 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     if options.batch_size % world.size:
         raise DdimctlError(f"--batch-size {options.batch_size} is not divisible by the {world.size} processes")
     resume_from = prepare_run_dir(run_dir, options, config, resume)
+    if resume_from is not None:
+        resume_from = resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
     if world.is_main:
+        for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / "samples"):
+            if folder.is_dir():
+                remove_stale_temporaries(folder)  # left by a process killed while saving
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
         with atomic_path(run_dir / "config.json") as tmp:
@@ -278,6 +339,8 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     train_steps = abar.shape[0]
     use_bf16 = uses_bf16(options.precision, device)
     log = open(run_dir / "train.log", "a") if world.is_main else None
+    if log and resume_from is not None:  # later lines may repeat steps the lost run had logged
+        log.write(f"resumed from {resume_from.name} (step {step})\n")
     newest = resume_from
     kill_at = int(os.environ.get("DDIMCTL_TEST_KILL_AFTER_CHECKPOINT", "0"))  # tests: a real SIGKILL
 

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import ddim, hub
@@ -86,12 +87,18 @@ def registry() -> dict[str, ModelEntry]:
             extra = tomllib.loads(Path(extra_file).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise DdimctlError(f"DDIMCTL_REGISTRY={extra_file}: not a readable TOML file ({e})") from e
+        for table in ("schedule", "models"):
+            if not isinstance(extra.get(table, {}), dict):
+                raise DdimctlError(
+                    f"DDIMCTL_REGISTRY={extra_file}: [{table}] must be a table of entries, such as [models.NAME]"
+                )
         data["schedule"] = {**data.get("schedule", {}), **extra.get("schedule", {})}
         data["models"] = {**data["models"], **extra.get("models", {})}
     schedules = data.get("schedule", {})
     known = {f for f in ModelEntry.__dataclass_fields__ if f not in {"name", "schedule", "extra"}}
     entries = {}
     for name, raw in data["models"].items():
+        check_entry(name, raw)
         raw = dict(raw)
         schedule_name = raw.pop("schedule", "ddpm-linear")
         if schedule_name not in schedules:
@@ -103,6 +110,27 @@ def registry() -> dict[str, ModelEntry]:
             extra={k: v for k, v in raw.items() if k not in known},
         )
     return entries
+
+
+# Fields every registry entry needs, and the type each field must have.
+REQUIRED_FIELDS = ("description", "architecture", "resolution", "skip", "license")
+FIELD_TYPES = {"resolution": int, "params": int, "description": str, "architecture": str, "skip": str,
+               "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str}
+
+
+def check_entry(name: str, raw) -> None:
+    """One-line errors for a malformed registry entry (a user's DDIMCTL_REGISTRY file, say)."""
+    where = f"model {name!r} in the registry"
+    if not isinstance(raw, dict):
+        raise DdimctlError(f"{where} is a {type(raw).__name__}, not a table; write it as [models.{name}] with its fields")
+    missing = [f for f in REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise DdimctlError(f"{where} lacks {', '.join(missing)}; see weights.toml for a complete entry")
+    for key, kind in FIELD_TYPES.items():
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            raise DdimctlError(f"{where}: {key} must be a {kind.__name__}, got {raw[key]!r}")
+    if not raw.get("bundled") and not (raw.get("repo") and raw.get("file")):
+        raise DdimctlError(f"{where} needs repo and file (a Hub download) or bundled (a packaged file)")
 
 
 def default_model() -> str:
@@ -346,6 +374,15 @@ def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) ->
     except ValueError as e:
         raise DdimctlError(f"{what}: {e}") from e
     state = to_diffusers_names(state)
+    expected = unet.state_dict()
+    for key, value in state.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise DdimctlError(
+                f"{what}: weights do not fit the UNet architecture ({key} has shape {tuple(value.shape)}, the "
+                f"architecture needs {tuple(expected[key].shape)}); check the config beside the checkpoint"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise DdimctlError(f"{what}: the weights hold NaN or infinite values ({key}); the checkpoint is broken")
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}") + (
@@ -362,7 +399,10 @@ def converted_path(entry: ModelEntry, sha256: str) -> Path:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # a full disk, say: safetensors raises its own error, not OSError
+            raise OSError(f"could not write {path} ({e})") from e
 
 
 def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None) -> LoadedModel:

@@ -1,0 +1,234 @@
+"""Bad inputs and faults, each a real `ddimctl` command run on files these cases build.
+
+Shared by tests/test_reliability.py (every case must be clean) and scripts/reliability_table.py
+(docs/reliability.md). A case builds what it needs in a fresh folder and returns the command line;
+`expect` is a fragment of the last line printed, `code` the exit status a clean run gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+DATA = Path(__file__).parent / "data"
+THREE = str(DATA / "digit-three.png")
+DIGITS = ["--model", "digits"]
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[Path], list[str]]  # makes the files it needs in the folder; returns the arguments
+    expect: str
+    code: int = 1
+    env: dict | None = None
+    python: str | None = None  # run through `python -c` with this prelude instead of `-m ddimctl`
+    leaves: Callable[[Path], list[str]] | None = None  # what the case must not leave behind (listed if found)
+    also: str | None = None  # a fragment that must appear somewhere in stderr
+
+
+def run_case(case: Case, folder: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return execute(case, folder, case.build(folder), timeout)
+
+
+def execute(case: Case, folder: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_HUB_OFFLINE": "1", "DDIMCTL_CACHE": str(folder / ".cache")}, **(case.env or {}))
+    if case.python:
+        command = [sys.executable, "-c", case.python + "\nfrom ddimctl.cli import main\nmain()", *args]
+    else:
+        command = [sys.executable, "-m", "ddimctl", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env, timeout=timeout)
+
+
+def tiny_checkpoint(folder: Path, mutate: Callable[[dict], None] | None = None) -> str:
+    from ddimctl.unet import PRESETS, UNet
+
+    torch.manual_seed(0)
+    state = UNet(PRESETS["tiny"]).state_dict()
+    if mutate:
+        mutate(state)
+    save_file(state, str(folder / "tiny.safetensors"))
+    (folder / "tiny.json").write_text(json.dumps({"unet": PRESETS["tiny"].to_dict()}))
+    return str(folder / "tiny.safetensors")
+
+
+def latents(folder: Path, tensor: torch.Tensor, name: str = "z.safetensors") -> str:
+    save_file({"latents": tensor}, str(folder / name), metadata={"model": "digits", "steps": "2"})
+    return name
+
+
+def gray_pngs(folder: Path, count: int = 6) -> str:
+    (folder / "data").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray((rng.random((16, 16)) * 255).astype("uint8"), "L").save(folder / "data" / f"{i}.png")
+    return "data"
+
+
+TRAIN = ["--preset", "tiny", "--batch-size", "2", "--sample-count", "0", "--warmup", "1"]
+
+
+def trained_run(folder: Path, steps: int = 2) -> None:
+    """A tiny run folder with checkpoints at every step (built in-process: fast)."""
+    from ddimctl import train
+
+    gray_pngs(folder)
+    options = train.TrainOptions(data=str(folder / "data"), out=str(folder / "run"), preset="tiny", steps=steps,
+                                 batch_size=2, save_every=1, keep=5, sample_count=0, warmup=1,
+                                 unet={"in_channels": 1, "out_channels": 1})
+    train.train(options, torch.device("cpu"))
+
+
+def truncate_newest(folder: Path) -> None:
+    newest = sorted((folder / "run" / "checkpoints").glob("*.safetensors"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+
+def strip_optimizer(folder: Path) -> None:
+    from safetensors import safe_open
+
+    for path in (folder / "run" / "checkpoints").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("optim.")}
+        save_file(kept, str(path), metadata={"step": meta["step"]})
+
+
+def sixteen_bit(folder: Path) -> str:
+    array = (np.asarray(Image.open(THREE), dtype=np.uint32) * 257).astype(np.uint16)  # 8 -> 16 bits exactly
+    Image.fromarray(array).save(folder / "three16.png")
+    return "three16.png"
+
+
+def no_run_folder(name: str) -> Callable[[Path], list[str]]:
+    return lambda folder: [name] if (folder / name).exists() else []
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in folder.rglob("*.tmp")]
+
+
+FULL_DISK = (
+    "import safetensors.torch, ddimctl.weights\n"
+    "def full(*a, **k):\n"
+    "    raise safetensors.SafetensorError('No space left on device (os error 28)')\n"
+    "ddimctl.weights.save_file = full\n"
+    "import sys; sys.argv[0] = 'ddimctl'\n"
+)
+
+CASES = [
+    # Devices and options
+    Case("unsupported device", lambda f: ["sample", *DIGITS, "--device", "meta"], "--device meta is not supported"),
+    Case("CUDA asked for, none there", lambda f: ["sample", *DIGITS, "--device", "cuda"], "no CUDA GPU is visible"),
+    Case("eta NaN", lambda f: ["sample", *DIGITS, "--eta", "nan"], "--eta must be a finite number >= 0"),
+    Case("eta infinite", lambda f: ["sample", *DIGITS, "--eta", "inf"], "--eta must be a finite number >= 0"),
+    Case("eta negative", lambda f: ["sample", *DIGITS, "--eta", "-1"], "--eta must be a finite number >= 0"),
+    Case("steps 0", lambda f: ["sample", *DIGITS, "--steps", "0"], "--steps must be between 1 and 1000"),
+    Case("steps above T", lambda f: ["sample", *DIGITS, "--steps", "5000"], "--steps must be between 1 and 1000"),
+    Case("unknown skip", lambda f: ["sample", *DIGITS, "--skip", "cosine"], "uniform"),
+    Case("no images", lambda f: ["sample", *DIGITS, "-n", "0"], "--num must be at least 1"),
+    Case("batch size 0", lambda f: ["sample", *DIGITS, "--batch-size", "0"], "--batch-size must be at least 1"),
+    Case("unknown precision", lambda f: ["sample", *DIGITS, "--precision", "int4"], "--precision must be one of"),
+    Case("fp16 on a CPU", lambda f: ["sample", *DIGITS, "--precision", "fp16"], "needs a CUDA GPU"),
+    Case("exact inversion tolerance NaN", lambda f: ["invert", THREE, *DIGITS, "--exact", "--tol", "nan"], "tolerance >= 0"),
+    # Models and registries
+    Case("unknown model", lambda f: ["sample", "--model", "nosuch"], "unknown model 'nosuch'"),
+    Case("wrong-shape tensor beside a config",
+         lambda f: ["sample", "--model", tiny_checkpoint(f, lambda s: s.update({"conv_in.weight": torch.zeros(32, 3, 5, 5)}))],
+         "conv_in.weight has shape (32, 3, 5, 5)"),
+    Case("NaN weights", lambda f: ["sample", "--model", tiny_checkpoint(f, lambda s: s["conv_out.bias"].fill_(float("nan")))],
+         "NaN or infinite values (conv_out.bias)"),
+    Case("registry entry missing fields", lambda f: ["models"], "lacks architecture, resolution, skip, license"),
+    Case("registry resolution not a number", lambda f: ["models"], "resolution must be a int, got 'sixteen'"),
+    Case("registry models = 5", lambda f: ["models"], "[models] must be a table"),
+    Case("registry not TOML", lambda f: ["models"], "not a readable TOML file"),
+    Case("Hub host does not resolve", lambda f: ["sample", "--steps", "50", "--eta", "0"], "does not resolve (no network?)",
+         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://ddimctl-test.invalid"}),
+    # Latents
+    Case("latents with zero rows", lambda f: ["sample", *DIGITS, "--latents", latents(f, torch.zeros(0, 1, 16, 16))],
+         "holds no latents (0 rows)"),
+    Case("latents with NaN", lambda f: ["sample", *DIGITS, "--latents", latents(f, torch.full((2, 1, 16, 16), float("nan")))],
+         "latent(s) 0, 1 hold NaN or infinite values"),
+    Case("latents of another shape", lambda f: ["sample", *DIGITS, "--latents", latents(f, torch.zeros(2, 3, 8, 8))],
+         "does not fit this model"),
+    Case("latents not safetensors", lambda f: (f / "z.safetensors").write_text("hello") and ["sample", "--latents", "z.safetensors"],
+         "not a safetensors file"),
+    Case("latents file missing", lambda f: ["sample", *DIGITS, "--latents", "nothere.safetensors"], "no such file"),
+    # Input images
+    Case("image missing", lambda f: ["invert", "nothere.png", *DIGITS], "nothere.png: no such image file"),
+    Case("not an image", lambda f: (f / "a.png").write_text("text") and ["invert", "a.png", *DIGITS], "not a readable image"),
+    Case("truncated PNG", lambda f: (f / "t.png").write_bytes(Path(THREE).read_bytes()[:60]) and ["invert", "t.png", *DIGITS],
+         "not a readable image"),
+    Case("empty folder", lambda f: (f / "empty").mkdir() or ["invert", "empty", *DIGITS], "holds no images"),
+    Case("16-bit grayscale PNG is read at full depth", lambda f: ["reconstruct", sixteen_bit(f), *DIGITS, "--steps", "10",
+                                                                  "--exact", "--json"], '"mse"', code=0),
+    # Outputs
+    Case("grid output not an image name", lambda f: ["sample", *DIGITS, "--out", "x.txt"], "give an image file"),
+    Case("output folder missing", lambda f: ["sample", *DIGITS, "--out", "no/where/x.png"], "folder no/where does not exist"),
+    Case("latents output not .safetensors", lambda f: ["invert", THREE, *DIGITS, "--out", "z.bin"], "must end in .safetensors"),
+    Case("reconstruct into a .txt", lambda f: ["reconstruct", THREE, *DIGITS, "--out", "r.txt"], "must end in .png"),
+    Case("interpolate GIF name", lambda f: ["interpolate", THREE, THREE, *DIGITS, "--gif", "x.png"], "must end in .gif"),
+    Case("rerun into a folder with another seed",
+         lambda f: subprocess.run([sys.executable, "-m", "ddimctl", "sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/"],
+                                  capture_output=True, env={**os.environ, "DDIMCTL_CACHE": str(f / ".cache")}, cwd=f)
+         and ["sample", *DIGITS, "-n", "2", "--steps", "2", "--seed", "5", "--out", "s/"],
+         "other settings (seed 0 (now 5))"),
+    Case("safetensors write on a full disk", lambda f: ["invert", THREE, *DIGITS, "--steps", "2", "--out", "z.safetensors"],
+         "No space left on device", python=FULL_DISK, leaves=temporaries),
+    # Interpolate and edit
+    Case("interpolate one image", lambda f: ["interpolate", THREE, *DIGITS], "takes two images"),
+    Case("interpolate --seeds with one value", lambda f: ["interpolate", "--seeds", "1", *DIGITS], "two integers"),
+    Case("interpolate one frame", lambda f: ["interpolate", THREE, THREE, *DIGITS, "--frames", "1"], "at least 2"),
+    Case("interpolate 100000 frames into a strip", lambda f: ["interpolate", THREE, THREE, *DIGITS, "--frames", "100000"],
+         "at most 256 frames"),
+    Case("edit strength above 1", lambda f: ["edit", THREE, *DIGITS, "--strength", "1.5"], "between 0 and 1"),
+    Case("edit mask missing", lambda f: ["edit", THREE, *DIGITS, "--strength", "0.5", "--mask", "m.png"], "no such image file"),
+    Case("exact inversion with 0 iterations", lambda f: ["invert", THREE, *DIGITS, "--exact", "--max-iters", "0"],
+         "at least 1 iteration"),
+    # Training
+    Case("train lr NaN", lambda f: ["train", gray_pngs(f), "--out", "run", "--lr", "nan", *TRAIN], "learning rate must be",
+         leaves=no_run_folder("run")),
+    Case("train lr negative", lambda f: ["train", gray_pngs(f), "--out", "run", "--lr", "-1", *TRAIN], "learning rate must be",
+         leaves=no_run_folder("run")),
+    Case("train EMA decay 1.5", lambda f: ["train", gray_pngs(f), "--out", "run", "--ema-decay", "1.5", *TRAIN],
+         "EMA decay must be in [0, 1)", leaves=no_run_folder("run")),
+    Case("train run folder under a file", lambda f: (f / "afile").write_text("") or ["train", gray_pngs(f), "--out", "afile/run", *TRAIN],
+         "afile is a file, not a folder"),
+    Case("train data folder missing", lambda f: ["train", "nodata", "--out", "run", *TRAIN], "folder nodata does not exist",
+         leaves=no_run_folder("run")),
+    Case("train over an existing run", lambda f: trained_run(f) or ["train", "data", "--out", "run", *TRAIN, "--steps", "4"],
+         "already holds a run"),
+    Case("resume with a truncated newest checkpoint", lambda f: trained_run(f) or truncate_newest(f) or
+         ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--save-every", "1", "--keep", "5", "--resume"],
+         "done in", code=0),
+    Case("resume from checkpoints without optimizer state", lambda f: trained_run(f) or strip_optimizer(f) or
+         ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--resume"],
+         "holds no checkpoint that can be resumed from"),
+]
+
+REGISTRIES = {
+    "registry entry missing fields": '[models.broken]\ndescription = "x"\nrepo = "a/b"\nfile = "m.safetensors"\n',
+    "registry resolution not a number": (
+        '[models.broken]\ndescription = "x"\narchitecture = "tiny"\nresolution = "sixteen"\nskip = "uniform"\n'
+        'license = "MIT"\nrepo = "a/b"\nfile = "m.safetensors"\n'
+    ),
+    "registry models = 5": "models = 5\n",
+    "registry not TOML": "this is [not toml\n",
+}
+for case in CASES:
+    if case.name in REGISTRIES:
+        case.env = {"DDIMCTL_REGISTRY": "my.toml"}  # relative to the case's folder
+        case.build = (lambda text: lambda f: (f / "my.toml").write_text(text) and ["models"])(REGISTRIES[case.name])
+    if case.name == "resume with a truncated newest checkpoint":
+        case.also = "notice: skipping step-00000002.safetensors: unreadable"

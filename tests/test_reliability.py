@@ -1,0 +1,88 @@
+"""Every bad input and fault of tests/reliability_cases.py ends cleanly: the expected exit status,
+one `error:` line that names the problem (or the expected result), no traceback, nothing left behind."""
+
+import pytest
+from reliability_cases import CASES, run_case
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_case_is_clean(case, tmp_path):
+    result = run_case(case, tmp_path)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == case.code, result.stderr
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    out_last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    if case.code:
+        assert last.startswith("error: ") and case.expect in last, result.stderr
+        assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) == 1
+    else:
+        assert case.expect in last or case.expect in result.stdout, (last, out_last)
+    if case.also:
+        assert case.also in result.stderr, result.stderr
+    if case.leaves:
+        assert case.leaves(tmp_path) == []
+
+
+def test_ctrl_c_says_what_was_written_and_leaves_no_temporaries(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddimctl", "sample", "--model", "digits", "-n", "5000", "--steps", "20",
+                             "--batch-size", "16", "--out", "s/"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "s").glob("*.png")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    written = len(list((tmp_path / "s").glob("*.png")))
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted; {written} of 5000 images written to s; rerun the same command to finish"
+    )
+    assert not list((tmp_path / "s").glob(".*.tmp"))
+
+
+def test_broken_pngs_are_redone_and_orphaned_temporaries_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "ddimctl", "sample", "--model", "digits", "-n", "3", "--steps", "2", "--out", "s/"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(args, cwd=tmp_path, env=env, check=True, capture_output=True)
+    good = (tmp_path / "s" / "000001.png").read_bytes()
+    (tmp_path / "s" / "000001.png").write_bytes(b"")  # 0 bytes
+    (tmp_path / "s" / "000002.png").write_bytes(good[:40])  # truncated
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / "s" / f".000000.png.{gone.pid}.abcd1234.tmp"
+    orphan.write_bytes(good)
+    result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "1 of 3 images already" in result.stderr
+    assert (tmp_path / "s" / "000001.png").read_bytes() == good and not orphan.exists()
+
+
+def test_sixteen_bit_images_read_at_full_depth(tmp_path):
+    """16-bit grayscale (and big-endian I;16B) PNGs give the 8-bit image they were scaled from, not white."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from reliability_cases import THREE
+
+    from ddimctl import images
+
+    eight = images.read_pixels(THREE, 16, 1)
+    wide = np.asarray(Image.open(THREE), dtype=np.uint32) * 257
+    Image.fromarray(wide.astype(np.uint16)).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert torch.equal(images.read_pixels(tmp_path / "g16.png", 16, 1), eight)
+    big_endian = Image.frombytes("I;16B", (16, 16), wide.astype(">u2").tobytes())
+    converted = images.to_8bit(big_endian)
+    assert converted.mode == "L"
+    assert torch.equal(torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8).reshape(1, 16, 16), eight)
+    rgb = images.read_pixels(tmp_path / "g16.png", 16, 3)  # to RGB: three equal channels
+    assert torch.equal(rgb[0], eight[0]) and torch.equal(rgb[2], eight[0])
