@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import bench, fast, generate, weights  # noqa: E402
+from ddimctl import bench, fast, sampling, weights  # noqa: E402
 from ddimctl.unet import PRESETS, UNet  # noqa: E402
 
 
 def run(model, steps: int, eta: float, precision: str, n: int, batch: int) -> tuple[torch.Tensor, float]:
-    sampler = generate.Sampler.create(model, steps, "uniform", torch.device("cpu"), eta=eta)
+    sampler = sampling.Sampler.create(model, steps, "uniform", torch.device("cpu"), eta=eta)
     sampler.eps_model = fast.prepare(model.unet, torch.device("cpu"), precision, copy_model=True)
     started = time.perf_counter()
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), 0, batch)])

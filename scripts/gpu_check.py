@@ -176,12 +176,12 @@ def main() -> None:
         # over) with eta = 1, whose per-step noise comes from per-image CPU generators.
         import copy
 
-        from ddimctl import generate
+        from ddimctl import sampling
         from ddimctl.weights import DEFAULT_SCHEDULE, LoadedModel
 
         def run_batches(dev: torch.device) -> torch.Tensor:
             loaded = LoadedModel(copy.deepcopy(unet), "check", "gpu_check", dict(DEFAULT_SCHEDULE), "uniform")
-            sampler = generate.Sampler.create(loaded, 10, None, dev, eta=1.0)
+            sampler = sampling.Sampler.create(loaded, 10, None, dev, eta=1.0)
             sampler.eps_model = fast.prepare(loaded.unet, dev, "fp32")
             return torch.cat([x for _, x in sampler.sample_indices(list(range(12)), 5, 5)])
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddimctl import ddim, generate, images
+from ddimctl import ddim, images, sampling
 from ddimctl.unet import PRESETS, UNet
 from ddimctl.weights import DEFAULT_SCHEDULE, LoadedModel
 
@@ -23,7 +23,7 @@ loaded = LoadedModel(unet, "free", "none", dict(DEFAULT_SCHEDULE), "quad")
 for eta in (0.0, 1.0):
     tau = ddim.timestep_sequence(50, 1000, "quad")
     free = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    sampler = generate.Sampler(loaded, tau, torch.device("cpu"), eta=eta, eps_model=free)
+    sampler = sampling.Sampler(loaded, tau, torch.device("cpu"), eta=eta, eps_model=free)
     out = Path(tempfile.mkdtemp())
     n = 4096
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddimctl import ddim, generate, weights
+from ddimctl import ddim, sampling, weights
 
 
 def ddimctl(*args, cwd, check=True):
@@ -69,8 +69,9 @@ def test_same_seed_same_images_for_any_batch_size(tiny_checkpoint, tmp_path, eta
     common = ["sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 5, "--eta", eta, "--seed", 7]
     ddimctl(*common, "--batch-size", 5, "--out", "a/", cwd=tmp_path)
     ddimctl(*common, "--batch-size", 2, "--out", "b/", cwd=tmp_path)
-    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert names == [f"{i:06d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".ddimctl-sample.json", *names]  # the run's record
     for name in names:
         assert np.array_equal(pixels(tmp_path / "a" / name), pixels(tmp_path / "b" / name)), name
     # A different seed gives different images.
@@ -113,7 +114,7 @@ def test_images_match_the_library(tiny_checkpoint, tmp_path):
     ddimctl("sample", "--model", tiny_checkpoint, "-n", 2, "--steps", 6, "--seed", 3, "--out", "o/", "--precision", "fp32",
             cwd=tmp_path)
     model = weights.load_model(str(tiny_checkpoint))
-    x_T = generate.initial_noise(generate.image_generators(3, [0, 1]), model.image_shape)
+    x_T = sampling.initial_noise(sampling.image_generators(3, [0, 1]), model.image_shape)
     x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, ddim.timestep_sequence(6, 1000, "uniform"))
     expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(2):
@@ -136,7 +137,7 @@ def test_invert_writes_latents_that_sample_decodes(tiny_checkpoint, images_dir):
 
     same = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 8, "--latents", "z.safetensors", "--out", "dec/",
                    "--precision", "fp32", cwd=images_dir)
-    assert len(list((images_dir / "dec").iterdir())) == 4
+    assert len(list((images_dir / "dec").glob("*.png"))) == 4
     assert "was inverted with" not in same.stderr
     other = ddimctl("sample", "--model", tiny_checkpoint, "--steps", 4, "--latents", "z.safetensors", "--out", "o.png", cwd=images_dir)
     assert "z.safetensors was inverted with steps 8 (now 4)" in other.stderr
@@ -180,7 +181,7 @@ def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
     [
         (["sample", "--steps", "0"], ["--steps must be between 1 and 1000"]),
         (["sample", "--steps", "1001"], ["--steps must be between 1 and 1000"]),
-        (["sample", "--eta", "-0.5"], ["--eta must be >= 0"]),
+        (["sample", "--eta", "-0.5"], ["--eta must be a finite number >= 0"]),
         (["sample", "--skip", "cosine"], ["--skip must be one of uniform, quad"]),
         (["sample", "--out", "nowhere/x.png"], ["folder nowhere does not exist"]),
         (["sample", "--out", "x.txt"], ["give an image file"]),

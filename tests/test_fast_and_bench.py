@@ -73,13 +73,13 @@ def test_bf16_path_stays_close_to_fp32():
 
 def test_bf16_samples_of_the_trained_digits_model_match_fp32():
     """docs/benchmarks.md measured a median of 51-58 dB on 64 images; here 16, S = 10, both etas."""
-    from ddimctl import generate, weights
+    from ddimctl import sampling, weights
 
     model = weights.load_model("digits")
     for eta in (0.0, 1.0):
         runs = {}
         for precision in ("fp32", "bf16"):
-            sampler = generate.Sampler.create(model, 10, None, torch.device("cpu"), eta=eta)
+            sampler = sampling.Sampler.create(model, 10, None, torch.device("cpu"), eta=eta)
             sampler.eps_model = fast.prepare(model.unet, torch.device("cpu"), precision, copy_model=True)
             runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(16)), 0, 16)])
         assert torch.isfinite(runs["bf16"]).all()

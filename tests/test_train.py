@@ -133,8 +133,8 @@ def test_sharded_sampling_writes_the_same_set(tiny_checkpoint, tmp_path):
     args = ["sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 3, "--eta", "1"]
     run(*args, "--out", "one/", cwd=tmp_path)
     run(*args, "--out", "two/", "--batch-size", 2, cwd=tmp_path, torchrun=2)
-    names = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 5
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.png")) and len(names) == 5
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 

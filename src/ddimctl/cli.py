@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import ddim, distributed, fast, generate, images, weights
+from . import ddim, distributed, fast, images, metrics, sampling, weights
 from .data import IMAGE_SUFFIXES, find_images, infer_channels
 from .errors import DdimctlError
 from .files import remove_stale_temporaries
@@ -177,60 +177,9 @@ def load(model: str | None) -> weights.LoadedModel:
         return weights.load_model(spec)
 
 
-def check_steps(steps: int, model: weights.LoadedModel) -> None:
-    if not 1 <= steps <= model.train_steps:
-        fail(f"--steps must be between 1 and {model.train_steps} (the model's train steps), got {steps}")
-
-
-def check_skip(skip: str | None) -> None:
-    if skip is not None and skip not in ddim.SKIP_SCHEMES:
-        fail(f"--skip must be one of {', '.join(ddim.SKIP_SCHEMES)}, got {skip!r}")
-
-
-def make_sampler(
-    model: weights.LoadedModel,
-    steps: int,
-    skip: str | None,
-    device: str,
-    eta: float = 0.0,
-    sigma_hat: bool = False,
-    precision: str = "auto",
-    compile_model: bool | None = None,
-    batch_size: int | None = None,
-    count: int | None = None,
-    reuse: generate.Sampler | None = None,
-) -> tuple[generate.Sampler, int]:
-    """A sampler on the chosen device and precision, and the batch size to run it with. `reuse`
-    shares another sampler's prepared (compiled) network, so a sweep compiles once."""
-    check_skip(skip)
-    check_steps(steps, model)
-    if batch_size is not None and batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {batch_size}")
-    dev = generate.pick_device(device)
-    dev = distributed.local_device(dev, distributed.from_env())
-    precision = fast.resolve_precision(precision, dev)
-    if reuse is not None:
-        sampler = generate.Sampler.create(
-            model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=reuse.eps_model, batch=reuse.batch
-        )
-        return sampler, reuse.batch
-    batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
-    if count:
-        batch = min(batch, count)
-    use_compile = compile_model
-    if compile_model is None:
-        use_compile = dev.type == "cuda" and (count is None or fast.worth_compiling(model.unet, count * steps))
-        if dev.type == "cuda" and not use_compile:
-            note(f"{count} images x {steps} steps: too little work to repay compiling the UNet (--compile forces it)")
-    eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
-    if use_compile:
-        with stderr.status(f"compiling the UNet for {precision} batches of {batch} (once per run)"):
-            seconds = fast.warm_up(eps, (batch, *model.image_shape), dev)
-        note(f"compiled in {seconds:.1f}s")
-    sampler = generate.Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps, batch=batch)
-    if len(sampler.timesteps) != steps:
-        note(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
-    return sampler, batch
+def make_sampler(model: weights.LoadedModel, steps: int, skip: str | None, device: str, *args, **options):
+    """sampling.prepare, with its decisions shown as notes."""
+    return sampling.prepare(model, steps, skip, device, *args, notify=note, **options)
 
 
 def is_directory_target(out: Path, raw: str) -> bool:
@@ -312,18 +261,18 @@ def sample(
             fail(f"--out {out}: cannot create the folder ({e.strerror})")
     images.check_writable(out_path if not to_folder else out_path / "x")
 
-    world = distributed.init(generate.pick_device(device))
+    world = distributed.init(sampling.pick_device(device))
     if world.distributed and not to_folder:
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     # Latents decode with the model, S and skip they were made with, unless told otherwise.
-    made = generate.latents_settings(latents) if latents is not None else {}
+    made = sampling.latents_settings(latents) if latents is not None else {}
     loaded = load(model or made.get("model"))
     steps = steps if steps is not None else int(made.get("steps", 50))
     skip = skip or made.get("skip")
-    x_T = generate.load_latents(latents, loaded.image_shape) if latents is not None else None
+    x_T = sampling.load_latents(latents, loaded.image_shape) if latents is not None else None
     if latents is not None and world.is_main:
         asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip, "eta": f"{eta:g}"}
-        differ = [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]
+        differ = sampling.latents_differences(made, asked)
         if differ:
             note(f"{latents.name} was inverted with {', '.join(differ)}: decoding will not return the images exactly")
         elif made.get("inversion", "plain") == "plain":
@@ -332,10 +281,10 @@ def sample(
     count = x_T.shape[0] if x_T is not None else num
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
-        generate.claim_folder(out_path, {
+        sampling.claim_folder(out_path, {
             "model": loaded.source, "steps": steps, "skip": skip or loaded.skip, "eta": f"{eta:g}",
             "sigma_hat": sigma_hat, "seed": seed, "latents": str(latents) if latents else None,
-            "precision": fast.resolve_precision(precision, generate.pick_device(device)), "scale": scale or 1,
+            "precision": fast.resolve_precision(precision, sampling.pick_device(device)), "scale": scale or 1,
         })
     world.barrier()
     sampler, batch = make_sampler(
@@ -345,7 +294,15 @@ def sample(
     started = time.perf_counter()
     stalled = None
     if to_folder:
-        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T, scale or 1)
+        progress_on_interrupt.append(
+            lambda: f"{sampling.images_written(out_path, count)} of {count} images written to {out_path}; "
+            f"rerun the same command to finish"
+        )
+        with progress_bar(f"sampling {out_path.name}", math.ceil(count / world.size), sampler.evaluations,
+                          enabled=world.is_main) as advance:
+            done, stalled = sampling.sample_to_folder(
+                sampler, batch, seed, count, out_path, world, x_T, scale or 1, advance, notify=note
+            )
     else:
         collected = []
         with progress_bar("sampling", count, sampler.evaluations) as advance:
@@ -365,41 +322,6 @@ def sample(
         )
         if stalled is not None and stalled >= 0.05:  # only worth saying when the writers held sampling up
             note(f"sampling waited {stalled:.2f}s for the PNG writers")
-
-
-def sample_to_folder(
-    sampler: generate.Sampler,
-    batch: int,
-    seed: int,
-    count: int,
-    folder: Path,
-    world: distributed.World,
-    x_T: torch.Tensor | None = None,
-    scale: int = 1,
-) -> tuple[int, float]:
-    """Images 0..count-1 as zero-padded PNGs in `folder`, skipping those already there; this
-    process's share under torchrun. Returns how many this process wrote, and the seconds sampling
-    waited for the PNG writers."""
-    width = max(6, len(str(count - 1)))
-    name_of = lambda i: folder / f"{i:0{width}d}.png"  # noqa: E731
-    side = sampler.model.config.resolution * scale
-    todo = [i for i in range(count) if not (name_of(i).exists() and generate.finished_image(name_of(i), (side, side)))]
-    if len(todo) < count and world.is_main:
-        note(f"{count - len(todo)} of {count} images already in {folder}; generating the rest")
-    world.barrier()  # every process lists the folder before any writes to it
-    progress_on_interrupt.append(
-        lambda: f"{sum(name_of(i).exists() for i in range(count))} of {count} images written to {folder}; "
-        f"rerun the same command to finish"
-    )
-    todo = todo[world.rank :: world.size]  # image i depends only on (seed, i): any split gives the same set
-    # PNGs are encoded and written on worker threads while the device runs the next batch.
-    with images.BackgroundWriter() as writer, progress_bar(
-        f"sampling {folder.name}", len(todo), sampler.evaluations, enabled=world.is_main
-    ) as advance:
-        for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, advance):
-            writer.submit([(p, name_of(i)) for i, p in zip(indices, images.enlarge(images.to_uint8(x0), scale))])
-    world.barrier()
-    return len(todo), writer.stalled_s
 
 
 @app.command()
@@ -440,9 +362,9 @@ def invert(
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=len(image_paths))
     latents, _ = run_inversion(sampler, x0, batch, how)
-    generate.save_latents(
+    sampling.save_latents(
         out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
-        sources=[p.name for p in image_paths], **generate.inversion_metadata(how),
+        sources=[p.name for p in image_paths], **sampling.inversion_metadata(how),
     )
     table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
     for column in ("image", "mean", "std"):
@@ -453,28 +375,18 @@ def invert(
     say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
 
 
-def exact_settings(exact: bool, tol: float, max_iters: int) -> generate.ExactInversion | None:
-    return generate.ExactInversion(tol, max_iters) if exact else None
+def exact_settings(exact: bool, tol: float, max_iters: int) -> sampling.ExactInversion | None:
+    return sampling.ExactInversion(tol, max_iters) if exact else None
 
 
-def run_inversion(
-    sampler: generate.Sampler, x0: torch.Tensor, batch: int, exact: generate.ExactInversion | None = None
-) -> tuple[torch.Tensor, int]:
-    """Latents of x0 and the most network calls per image any batch took."""
-    calls = []
+def run_inversion(sampler: sampling.Sampler, x0: torch.Tensor, batch: int, exact=None) -> tuple[torch.Tensor, int]:
     with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], sampler.evaluations) as advance:
-
-        def invert(x: torch.Tensor) -> torch.Tensor:
-            latents, evaluations = sampler.invert(x, advance, exact)
-            calls.append(evaluations)
-            return latents
-
-        return generate.in_batches(invert, x0, batch), max(calls)
+        return sampling.invert_batches(sampler, x0, batch, exact, advance)
 
 
-def run_decoding(sampler: generate.Sampler, x_T: torch.Tensor, batch: int, label="decoding"):
+def run_decoding(sampler: sampling.Sampler, x_T: torch.Tensor, batch: int, label="decoding") -> torch.Tensor:
     with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
-        return generate.in_batches(lambda x: sampler.sample(x, None, advance), x_T, batch)  # eta = 0: no generators
+        return sampling.decode_batches(sampler, x_T, batch, advance)
 
 
 @app.command()
@@ -501,7 +413,6 @@ def reconstruct(
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
-    target = (x0 + 1) / 2
     columns = [images.to_uint8(x0)]
     results = []
     for s in steps_list:
@@ -510,16 +421,16 @@ def reconstruct(
         latents, evaluations = run_inversion(sampler, x0, batch, how)
         recon = run_decoding(sampler, latents, batch, f"decoding S={s}")
         columns.append(images.to_uint8(recon))
-        mse = (((recon + 1) / 2).clamp(0, 1) - target).pow(2).flatten(1).mean(1)
+        mse = metrics.mse_per_image(recon, x0)
         per_image = [
-            {"image": str(p), "mse": float(m), "psnr": psnr(float(m))} for p, m in zip(image_paths, mse)
+            {"image": str(p), "mse": float(m), "psnr": metrics.psnr(float(m))} for p, m in zip(image_paths, mse)
         ]
         results.append(
             {
                 "steps": s,
                 "evaluations": evaluations,  # network calls per image of the inversion
                 "mse": float(mse.mean()),
-                "psnr": psnr(float(mse.mean())),
+                "psnr": metrics.psnr(float(mse.mean())),
                 "images": per_image,
             }
         )
@@ -528,7 +439,7 @@ def reconstruct(
     labels = ["input"] + [f"S={s}" for s in steps_list]
     images.save_picture(images.grid(tiles, columns=len(columns)), out, scale, labels, tile=loaded.config.resolution)
 
-    report = {"model": loaded.name, "skip": skip or loaded.skip, **generate.inversion_metadata(how), "results": results}
+    report = {"model": loaded.name, "skip": skip or loaded.skip, **sampling.inversion_metadata(how), "results": results}
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
@@ -545,10 +456,6 @@ def reconstruct(
         )
     stdout.print(table)
     say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
-
-
-def psnr(mse: float) -> float:
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 @app.command()
@@ -606,7 +513,7 @@ def interpolate(
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=frames)
     if seeds is not None:
-        ends = torch.cat([generate.initial_noise(generate.image_generators(s, [0]), loaded.image_shape) for s in seeds])
+        ends = torch.cat([sampling.initial_noise(sampling.image_generators(s, [0]), loaded.image_shape) for s in seeds])
     else:
         ends, _ = run_inversion(sampler, x0, batch, how)
     alphas = torch.linspace(0, 1, frames).tolist()
@@ -615,7 +522,7 @@ def interpolate(
         with images.BackgroundWriter() as writer, progress_bar("decoding", frames, sampler.evaluations) as advance:
             for start in range(0, frames, batch):
                 z = torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas[start : start + batch]])
-                x = generate.check_finite(list(range(start, start + len(z))), sampler.sample(z, None, advance).cpu())
+                x = sampling.check_finite(list(range(start, start + len(z))), sampler.sample(z, None, advance).cpu())
                 writer.submit([(p, out / f"{start + i:0{width}d}.png")
                                for i, p in enumerate(images.enlarge(images.to_uint8(x), scale or 1))])
         say(f"wrote {frames} frames to {out}/ (one PNG each)")
@@ -684,11 +591,11 @@ def edit(
         keep = (images.load_image(mask, resolution, 1, notice=note)[None] > 0).float()  # 1 = regenerate
     sampler, batch = make_sampler(loaded, steps, skip, device, eta=eta, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=len(image_paths))
-    walked = generate.edit_steps(strength, len(sampler.timesteps))
+    walked = sampling.edit_steps(strength, len(sampler.timesteps))
     edited = []
     with progress_bar("editing", len(image_paths), max(walked, 1)) as advance:
         for start in range(0, len(image_paths), batch):
-            generators = generate.image_generators(seed, range(start, min(start + batch, len(image_paths))))
+            generators = sampling.image_generators(seed, range(start, min(start + batch, len(image_paths))))
             edited.append(sampler.edit(x0[start : start + batch], strength, generators, keep, how, advance).cpu())
     pixels, inputs = images.to_uint8(torch.cat(edited)), images.to_uint8(x0)
     for target, before, after in zip(targets, inputs, pixels):
@@ -775,7 +682,7 @@ def train(
     )
     config = options.unet_config()
     main_process = distributed.from_env().is_main
-    train_device = generate.pick_device(device)
+    train_device = sampling.pick_device(device)
     if main_process:
         how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
         say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) on "
@@ -860,7 +767,7 @@ def fid(
     from . import evaluate
 
     evaluate.fidelity()
-    dev = generate.pick_device(device)
+    dev = sampling.pick_device(device)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
     if save_stats is not None:
@@ -909,7 +816,7 @@ def sweep(
     if num < 2:
         fail(f"--num must be at least 2 for FID, got {num}")
     out.mkdir(parents=True, exist_ok=True)
-    world = distributed.init(generate.pick_device(device))
+    world = distributed.init(sampling.pick_device(device))
     loaded = load(model)
     rows: list[float | None] = eta_list + ([None] if sigma_hat else [])
     cells, first = [], None
@@ -953,7 +860,7 @@ def bench(
     from . import bench as benchmarks
     from .unet import PRESETS, UNet
 
-    dev = generate.pick_device(device)
+    dev = sampling.pick_device(device)
     if model in PRESETS or (model in weights.registry() and not weights.is_cached(weights.registry()[model])):
         arch = PRESETS[model] if model in PRESETS else PRESETS[weights.registry()[model].architecture]
         torch.manual_seed(0)

@@ -1,6 +1,9 @@
-"""Distances between image sets: the Frechet distance between Gaussians fitted to features."""
+"""Image metrics: per-image MSE and PSNR (the paper's Table 2), and the Frechet distance between
+Gaussians fitted to features."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -28,3 +31,14 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 
 def frechet_distance_between(a: torch.Tensor, b: torch.Tensor) -> float:
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+
+
+def mse_per_image(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per image on the [0, 1] scale (the paper's Table 2 measure) of [-1, 1]
+    tensors; x is clamped to the displayable range first, as a saved image would be."""
+    return (((x + 1) / 2).clamp(0, 1) - (target + 1) / 2).pow(2).flatten(1).mean(1)
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of an MSE on the [0, 1] scale."""
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)

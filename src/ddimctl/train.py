@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed, fast, images
 from .errors import DdimctlError
 from .files import atomic_path, remove_stale_temporaries
-from .generate import Sampler, image_seed
+from .sampling import Sampler, image_seed
 from .unet import PRESETS, UNet, UNetConfig
 from .weights import DEFAULT_SCHEDULE, LoadedModel, atomic_save_safetensors, schedule_alphas_cumprod
 

@@ -221,7 +221,128 @@ class Sampler:
 
 
 # --------------------------------------------------------------------------------------------
+# A sampler ready for a run: device, precision, batch size, and compiling when it pays.
+
+
+def prepare(
+    model: LoadedModel,
+    steps: int,
+    skip: str | None,
+    device: str,
+    eta: float = 0.0,
+    sigma_hat: bool = False,
+    precision: str = "auto",
+    compile_model: bool | None = None,
+    batch_size: int | None = None,
+    count: int | None = None,
+    reuse: Sampler | None = None,
+    notify: Callable[[str], None] = lambda message: None,
+) -> tuple[Sampler, int]:
+    """A sampler on the chosen device and precision, and the batch size to run it with. compile_model
+    None compiles on CUDA when `count` images at S steps repay it; `reuse` shares another sampler's
+    prepared (compiled) network, so a sweep compiles once. notify() hears what was decided."""
+    from . import distributed, fast
+
+    if skip is not None and skip not in ddim.SKIP_SCHEMES:
+        raise DdimctlError(f"--skip must be one of {', '.join(ddim.SKIP_SCHEMES)}, got {skip!r}")
+    if not 1 <= steps <= model.train_steps:
+        raise DdimctlError(f"--steps must be between 1 and {model.train_steps} (the model's train steps), got {steps}")
+    if batch_size is not None and batch_size < 1:
+        raise DdimctlError(f"--batch-size must be at least 1, got {batch_size}")
+    dev = distributed.local_device(pick_device(device), distributed.from_env())
+    precision = fast.resolve_precision(precision, dev)
+    if reuse is not None:
+        sampler = Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=reuse.eps_model, batch=reuse.batch)
+        return sampler, reuse.batch
+    batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
+    if count:
+        batch = min(batch, count)
+    use_compile = compile_model
+    if compile_model is None:
+        use_compile = dev.type == "cuda" and (count is None or fast.worth_compiling(model.unet, count * steps))
+        if dev.type == "cuda" and not use_compile:
+            notify(f"{count} images x {steps} steps: too little work to repay compiling the UNet (--compile forces it)")
+    eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
+    if use_compile:
+        notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
+        notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
+    sampler = Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps, batch=batch)
+    if len(sampler.timesteps) != steps:
+        notify(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
+    return sampler, batch
+
+
+def invert_batches(
+    sampler: Sampler, x_0: torch.Tensor, batch: int, exact: ExactInversion | None = None, progress: ProgressFn | None = None
+) -> tuple[torch.Tensor, int]:
+    """Latents of x_0 (on the CPU) and the most network calls per image any batch took."""
+    calls = []
+
+    def invert(x: torch.Tensor) -> torch.Tensor:
+        latents, evaluations = sampler.invert(x, progress, exact)
+        calls.append(evaluations)
+        return latents
+
+    return in_batches(invert, x_0, batch), max(calls)
+
+
+def decode_batches(sampler: Sampler, x_T: torch.Tensor, batch: int, progress: ProgressFn | None = None) -> torch.Tensor:
+    """x_0 of each latent (on the CPU), with eta = 0 (no generators needed)."""
+    return in_batches(lambda x: sampler.sample(x, None, progress), x_T, batch)
+
+
+def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str]:
+    """The settings under which latents were made that differ from the ones asked for now."""
+    return [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]
+
+
+# --------------------------------------------------------------------------------------------
 # Folders of samples: one PNG per image, resumable, never mixing two runs.
+
+
+def image_names(folder: Path, count: int) -> Callable[[int], Path]:
+    width = max(6, len(str(count - 1)))
+    return lambda i: Path(folder) / f"{i:0{width}d}.png"
+
+
+def images_written(folder: Path, count: int) -> int:
+    name_of = image_names(folder, count)
+    return sum(name_of(i).exists() for i in range(count))
+
+
+def sample_to_folder(
+    sampler: Sampler,
+    batch: int,
+    seed: int,
+    count: int,
+    folder: Path,
+    world,
+    x_T: torch.Tensor | None = None,
+    scale: int = 1,
+    progress: ProgressFn | None = None,
+    notify: Callable[[str], None] = lambda message: None,
+) -> tuple[int, float]:
+    """Images 0..count-1 as zero-padded PNGs in `folder`, skipping complete ones already there; this
+    process's share under torchrun. PNGs are encoded on worker threads while the device runs the next
+    batch. Returns how many this process wrote, and the seconds sampling waited for the writers."""
+    from . import images
+
+    name_of = image_names(folder, count)
+    side = sampler.model.config.resolution * scale
+    todo = [i for i in range(count) if not (name_of(i).exists() and finished_image(name_of(i), (side, side)))]
+    if len(todo) < count and world.is_main:
+        notify(f"{count - len(todo)} of {count} images already in {folder}; generating the rest")
+    world.barrier()  # every process lists the folder before any writes to it
+    todo = todo[world.rank :: world.size]  # image i depends only on (seed, i): any split gives the same set
+    with images.BackgroundWriter() as writer:
+        for indices, x0 in sampler.sample_indices(todo, seed, batch, x_T, progress):
+            writer.submit([(p, name_of(i)) for i, p in zip(indices, images.enlarge(images.to_uint8(x0), scale))])
+    world.barrier()
+    return len(todo), writer.stalled_s
+
+
+# --------------------------------------------------------------------------------------------
+# Folders of samples: the record of the run writing into one.
 
 FOLDER_RECORD = ".ddimctl-sample.json"
 
