@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import bench, fast, sampling, weights  # noqa: E402
+from ddimctl import bench, fast, registry, sampling, weights  # noqa: E402
 from ddimctl.unet import PRESETS, UNet  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     for name in args.models.split(","):
         if name == "cifar10":
             torch.manual_seed(0)
-            model = weights.LoadedModel(UNet(PRESETS["cifar10"]).eval(), "cifar10-random", "random", dict(weights.DEFAULT_SCHEDULE), "uniform")
+            model = weights.LoadedModel(UNet(PRESETS["cifar10"]).eval(), "cifar10-random", "random", dict(registry.DEFAULT_SCHEDULE), "uniform")
             batch = 16
         else:
             model, batch = weights.load_model(name), 64

@@ -177,7 +177,8 @@ def main() -> None:
         import copy
 
         from ddimctl import sampling
-        from ddimctl.weights import DEFAULT_SCHEDULE, LoadedModel
+        from ddimctl.registry import DEFAULT_SCHEDULE
+        from ddimctl.weights import LoadedModel
 
         def run_batches(dev: torch.device) -> torch.Tensor:
             loaded = LoadedModel(copy.deepcopy(unet), "check", "gpu_check", dict(DEFAULT_SCHEDULE), "uniform")

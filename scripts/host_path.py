@@ -15,7 +15,8 @@ import torch
 
 from ddimctl import ddim, images, sampling
 from ddimctl.unet import PRESETS, UNet
-from ddimctl.weights import DEFAULT_SCHEDULE, LoadedModel
+from ddimctl.registry import DEFAULT_SCHEDULE  # noqa: E402
+from ddimctl.weights import LoadedModel
 
 with torch.device("meta"):
     unet = UNet(PRESETS["cifar10"])

@@ -120,10 +120,10 @@ def temporaries(folder: Path) -> list[str]:
 
 
 FULL_DISK = (
-    "import safetensors.torch, ddimctl.weights\n"
+    "import safetensors, ddimctl.files\n"
     "def full(*a, **k):\n"
     "    raise safetensors.SafetensorError('No space left on device (os error 28)')\n"
-    "ddimctl.weights.save_file = full\n"
+    "ddimctl.files.save_file = full\n"
     "import sys; sys.argv[0] = 'ddimctl'\n"
 )
 

@@ -1,6 +1,5 @@
 """`ddimctl edit` and exact inversion through the command line, on the bundled digits model."""
 
-import json
 
 import numpy as np
 import pytest

@@ -12,19 +12,19 @@ from conftest import random_unet
 from hub_server import FakeHub
 from safetensors.torch import save
 
-from ddimctl import weights
+from ddimctl import registry, weights
 from ddimctl.errors import DdimctlError
 
 REPO = "test-org/ddpm-tiny"
 
 
-def entry(file="diffusion_pytorch_model.safetensors", sha256="", repo=REPO, name="tiny-hub") -> weights.ModelEntry:
-    return weights.ModelEntry(
+def entry(file="diffusion_pytorch_model.safetensors", sha256="", repo=REPO, name="tiny-hub") -> registry.ModelEntry:
+    return registry.ModelEntry(
         name=name,
         description="test",
         architecture="tiny",
         resolution=16,
-        schedule=dict(weights.DEFAULT_SCHEDULE),
+        schedule=dict(registry.DEFAULT_SCHEDULE),
         skip="uniform",
         license="MIT",
         repo=repo,

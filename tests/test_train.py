@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddimctl import ddim, train, weights
+from ddimctl import ddim, runs, train, weights
 from ddimctl.distributed import World
 
 
@@ -40,7 +40,7 @@ TINY = ["--preset", "tiny", "--channels", "1", "--batch-size", "4", "--sample-st
 
 
 def checkpoint_tensors(run_dir):
-    return load_file(train.checkpoint_files(run_dir)[-1])
+    return load_file(runs.checkpoint_files(run_dir)[-1])
 
 
 def test_loss_is_mse_of_noise_prediction():
@@ -72,7 +72,7 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
     killed = run("train", data_dir, "--out", "resumed", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path,
                  env={"DDIMCTL_TEST_KILL_AFTER_CHECKPOINT": "3"}, check=False)
     assert killed.returncode == -9  # a real SIGKILL straight after the step-3 checkpoint
-    assert [p.name for p in train.checkpoint_files(tmp_path / "resumed")] == ["step-00000003.safetensors"]
+    assert [p.name for p in runs.checkpoint_files(tmp_path / "resumed")] == ["step-00000003.safetensors"]
     # What a kill between writing the next checkpoint and renaming it leaves: a full-size temporary
     # of a process that is gone (written here as atomic_path names it, with the dead process's id).
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -172,7 +172,7 @@ def test_existing_run_is_never_overwritten(data_dir, tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """A full disk in the middle of a save: the old checkpoint survives and no temporary file stays."""
-    from ddimctl import weights as weights_module
+    from ddimctl import files as files_module
     from ddimctl.unet import PRESETS, UNet
 
     model = UNet(PRESETS["tiny"])
@@ -186,10 +186,10 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             f.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(weights_module, "save_file", full_disk)
+    monkeypatch.setattr(files_module, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         train.save_checkpoint(tmp_path, 2, model, ema, optimizer, keep=1)
-    assert [p.name for p in train.checkpoint_files(tmp_path)] == ["step-00000001.safetensors"]
+    assert [p.name for p in runs.checkpoint_files(tmp_path)] == ["step-00000001.safetensors"]
     assert first.read_bytes() == saved
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]
 

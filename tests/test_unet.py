@@ -8,7 +8,7 @@ import torch
 from conftest import DATA, random_unet
 from safetensors.torch import save_file
 
-from ddimctl import weights
+from ddimctl import layouts, weights
 from ddimctl.unet import PRESETS, UNet, count_parameters
 
 diffusers = pytest.importorskip("diffusers")
@@ -62,7 +62,7 @@ def test_cifar10_names_and_shapes_match_the_hub_checkpoint():
     for line in (DATA / "cifar10-keys.txt").read_text().splitlines():
         name, shape = line.split("\t")
         listed[name] = json.loads(shape)
-    listed = weights.to_diffusers_names({k: torch.empty(v) for k, v in listed.items()})
+    listed = layouts.to_diffusers_names({k: torch.empty(v) for k, v in listed.items()})
     with torch.device("meta"):
         ours = {k: list(v.shape) for k, v in UNet(PRESETS["cifar10"]).state_dict().items()}
     assert ours == {k: list(v.shape) for k, v in listed.items()}

@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import ddim, distributed, fast, images, metrics, sampling, weights
+from . import ddim, distributed, fast, images, metrics, registry, runs, sampling, weights
 from .data import IMAGE_SUFFIXES, find_images, infer_channels
 from .errors import DdimctlError
 from .files import remove_stale_temporaries
@@ -172,7 +172,7 @@ def fail(message: str) -> None:
 
 
 def load(model: str | None) -> weights.LoadedModel:
-    spec = model or weights.default_model()
+    spec = model or registry.default_model()
     with stderr.status(f"loading {spec}"):
         return weights.load_model(spec)
 
@@ -294,15 +294,7 @@ def sample(
     started = time.perf_counter()
     stalled = None
     if to_folder:
-        progress_on_interrupt.append(
-            lambda: f"{sampling.images_written(out_path, count)} of {count} images written to {out_path}; "
-            f"rerun the same command to finish"
-        )
-        with progress_bar(f"sampling {out_path.name}", math.ceil(count / world.size), sampler.evaluations,
-                          enabled=world.is_main) as advance:
-            done, stalled = sampling.sample_to_folder(
-                sampler, batch, seed, count, out_path, world, x_T, scale or 1, advance, notify=note
-            )
+        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T, scale or 1)
     else:
         collected = []
         with progress_bar("sampling", count, sampler.evaluations) as advance:
@@ -324,14 +316,25 @@ def sample(
             note(f"sampling waited {stalled:.2f}s for the PNG writers")
 
 
+def sample_to_folder(sampler, batch, seed, count, folder, world, x_T=None, scale=1) -> tuple[int, float]:
+    """sampling.sample_to_folder with a progress bar and a line for Ctrl-C."""
+    progress_on_interrupt.append(
+        lambda: f"{sampling.images_written(folder, count)} of {count} images written to {folder}; "
+        f"rerun the same command to finish"
+    )
+    with progress_bar(f"sampling {folder.name}", math.ceil(count / world.size), sampler.evaluations,
+                      enabled=world.is_main) as advance:
+        return sampling.sample_to_folder(sampler, batch, seed, count, folder, world, x_T, scale, advance, notify=note)
+
+
 @app.command()
 def models() -> None:
     """List the pretrained models of the registry (weights.toml)."""
     table = Table(title="ddimctl models (weights.toml)")
     for column in ("name", "resolution", "parameters", "skip", "source", "licence", "cached"):
         table.add_column(column)
-    default = weights.default_model()
-    for entry in weights.registry().values():
+    default = registry.default_model()
+    for entry in registry.registry().values():
         name = entry.name + (" (default)" if entry.name == default else "")
         cached = "yes" if weights.is_cached(entry) else "no"
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
@@ -655,7 +658,7 @@ def train(
     training.check_run_dir(out)
     channels_note = None
     if channels is None:
-        saved = training.saved_run_config(out) if resume else None
+        saved = runs.saved_config(out) if resume else None
         if saved is not None:
             channels = saved["unet"]["in_channels"]
         else:
@@ -861,8 +864,8 @@ def bench(
     from .unet import PRESETS, UNet
 
     dev = sampling.pick_device(device)
-    if model in PRESETS or (model in weights.registry() and not weights.is_cached(weights.registry()[model])):
-        arch = PRESETS[model] if model in PRESETS else PRESETS[weights.registry()[model].architecture]
+    if model in PRESETS or (model in registry.registry() and not weights.is_cached(registry.registry()[model])):
+        arch = PRESETS[model] if model in PRESETS else PRESETS[registry.registry()[model].architecture]
         torch.manual_seed(0)
         unet = UNet(arch).eval()
         source = f"random weights in the {model} architecture (speed does not depend on the values)"

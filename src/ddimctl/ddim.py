@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,33 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 SKIP_SCHEMES = ("uniform", "quad")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A noise schedule: betas linear from beta_start to beta_end over train_steps (T) steps, the
+    schedule of every public DDPM checkpoint."""
+
+    train_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    kind: str = "linear"
+
+    def __post_init__(self):
+        if self.kind != "linear":
+            raise ValueError(f"unknown schedule kind {self.kind!r}; only 'linear' is supported")
+        if not (self.train_steps >= 1 and 0 < self.beta_start <= self.beta_end < 1):
+            raise ValueError(f"a schedule needs T >= 1 and 0 < beta_start <= beta_end < 1, got {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Schedule:
+        return cls(int(d["train_steps"]), float(d["beta_start"]), float(d["beta_end"]), d.get("kind", "linear"))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "train_steps": self.train_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return alphas_cumprod(linear_betas(self.train_steps, self.beta_start, self.beta_end))
 
 
 def linear_betas(train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:

@@ -8,7 +8,8 @@ from pathlib import Path
 from .errors import DdimctlError
 from .files import atomic_path
 from .unet import UNetConfig
-from .weights import LoadedModel, atomic_save_safetensors
+from .files import atomic_save_safetensors
+from .weights import LoadedModel
 
 
 def diffusers_unet_config(c: UNetConfig) -> dict:

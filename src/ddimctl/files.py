@@ -9,6 +9,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -57,6 +61,16 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Tensors to a safetensors file, atomically; any failure (a full disk) is an OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # a full disk, say: safetensors raises its own error, not OSError
+            raise OSError(f"could not write {path} ({e})") from e
 
 
 def cache_dir() -> Path:

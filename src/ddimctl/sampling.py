@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from . import ddim
 from .errors import DdimctlError
 from .files import atomic_path
-from .weights import LoadedModel, atomic_save_safetensors
+from .files import atomic_save_safetensors
+from .weights import LoadedModel
 
 ProgressFn = Callable[[int], None]  # called with the number of images that just had one model call
 

@@ -23,15 +23,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, fast, images
+from . import ddim, distributed, fast, images, runs
 from .errors import DdimctlError
 from .files import atomic_path, remove_stale_temporaries
 from .sampling import Sampler, image_seed
 from .unet import PRESETS, UNet, UNetConfig
-from .weights import DEFAULT_SCHEDULE, LoadedModel, atomic_save_safetensors, schedule_alphas_cumprod
+from .files import atomic_save_safetensors
+from .registry import DEFAULT_SCHEDULE
+from .weights import LoadedModel
 
-CHECKPOINTS = "checkpoints"
-RUN_FORMAT = "ddimctl-run"
 
 
 @dataclass
@@ -145,10 +145,6 @@ def batch_indices(n: int, step: int, global_batch: int, seed: int, world: distri
 # Checkpoints: one safetensors file per save (model, EMA, optimizer), written atomically
 
 
-def checkpoint_files(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / CHECKPOINTS).glob("step-*.safetensors"))
-
-
 def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, keep: int) -> Path:
     tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu() for k, v in ema.state_dict().items()})
@@ -157,9 +153,9 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, keep: int) 
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = value.detach().cpu().reshape(value.shape)
     metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
-    path = run_dir / CHECKPOINTS / f"step-{step:08d}.safetensors"
+    path = runs.checkpoint_path(run_dir, step)
     atomic_save_safetensors(tensors, path, metadata)
-    for old in checkpoint_files(run_dir)[:-keep]:
+    for old in runs.checkpoint_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
@@ -182,7 +178,7 @@ def load_checkpoint(path: Path, model, ema, optimizer, device: torch.device) -> 
 def run_config(options: TrainOptions, config: UNetConfig) -> dict:
     """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume."""
     return {
-        "format": RUN_FORMAT,
+        "format": runs.RUN_FORMAT,
         "unet": config.to_dict(),
         "schedule": dict(DEFAULT_SCHEDULE),
         "skip": "uniform",
@@ -201,26 +197,16 @@ def check_run_dir(run_dir: Path | str) -> None:
         raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is not writable; choose another --out")
 
 
-def saved_run_config(run_dir: Path | str) -> dict | None:
-    """config.json of an existing ddimctl run folder, or None."""
-    config_file = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return saved if saved.get("format") == RUN_FORMAT and "unet" in saved else None
-
-
 def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, resume: bool) -> Path | None:
     """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
-    config_file = run_dir / "config.json"
-    existing = checkpoint_files(run_dir) if run_dir.is_dir() else []
+    config_file = run_dir / runs.CONFIG
+    existing = runs.checkpoint_files(run_dir) if run_dir.is_dir() else []
     if config_file.is_file():
         try:
             saved = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise DdimctlError(f"{config_file} is not valid JSON; choose another --out") from e
-        if saved.get("format") != RUN_FORMAT:
+        if not runs.is_run_config(saved):
             raise DdimctlError(f"{run_dir} holds something other than a ddimctl run; choose another --out")
         mine = config.to_dict()
         theirs = UNetConfig(**{**mine, **saved.get("unet", {})}).to_dict()
@@ -240,7 +226,7 @@ def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, re
 
 def interrupted_at(run_dir: Path | str) -> str:
     """What a stopped run leaves, for the line Ctrl-C prints."""
-    files = checkpoint_files(Path(run_dir)) if Path(run_dir).is_dir() else []
+    files = runs.checkpoint_files(Path(run_dir)) if Path(run_dir).is_dir() else []
     if not files:
         return f"no checkpoint was written to {run_dir} yet"
     return f"the newest checkpoint is {files[-1].name}; resume with the same command and --resume"
@@ -264,7 +250,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
     """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped."""
-    files = checkpoint_files(run_dir)
+    files = runs.checkpoint_files(run_dir)
     for path in reversed(files):
         problem = checkpoint_problem(path)
         if problem is None:
@@ -305,12 +291,12 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     if resume_from is not None:
         resume_from = resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
     if world.is_main:
-        for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / "samples"):
+        for folder in (run_dir, run_dir / runs.CHECKPOINTS, run_dir / runs.SAMPLES):
             if folder.is_dir():
                 remove_stale_temporaries(folder)  # left by a process killed while saving
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        with atomic_path(run_dir / "config.json") as tmp:
+        (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
+        with atomic_path(run_dir / runs.CONFIG) as tmp:
             tmp.write_text(json.dumps(run_config(options, config), indent=2))
     world.barrier()
 
@@ -335,10 +321,10 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
         trained = torch.compile(trained)
-    abar = schedule_alphas_cumprod(DEFAULT_SCHEDULE).float().to(device)
+    abar = ddim.Schedule.from_dict(DEFAULT_SCHEDULE).alphas_cumprod().float().to(device)
     train_steps = abar.shape[0]
     use_bf16 = uses_bf16(options.precision, device)
-    log = open(run_dir / "train.log", "a") if world.is_main else None
+    log = open(run_dir / runs.LOG, "a") if world.is_main else None
     if log and resume_from is not None:  # later lines may repeat steps the lost run had logged
         log.write(f"resumed from {resume_from.name} (step {step})\n")
     newest = resume_from
@@ -390,7 +376,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         log.close()
     world.barrier()
     distributed.shutdown()
-    return newest or checkpoint_files(run_dir)[-1]
+    return newest or runs.checkpoint_files(run_dir)[-1]
 
 
 @torch.no_grad()
@@ -403,7 +389,7 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
     sampler = Sampler.create(loaded, steps, "uniform", device)
     grids = [x for _, x in sampler.sample_indices(list(range(options.sample_count)), 0, options.sample_count)]
     pixels = images.to_uint8(torch.cat(grids))
-    images.save_image(images.grid(pixels), run_dir / "samples" / f"step-{step:08d}.png")
+    images.save_image(images.grid(pixels), runs.sample_grid_path(run_dir, step))
 
 
 def params_for(config: UNetConfig) -> int:

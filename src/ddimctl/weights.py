@@ -1,140 +1,29 @@
-"""Weight loading: the registry (weights.toml), checkpoint formats, and `--model` resolution.
-
-Accepted layouts, all renamed to the diffusers UNet2DModel names that ddimctl.unet uses:
-- diffusers (the google/ddpm-* Hub files), with current (to_q...) or 2022 (query...) attention names;
-- the original DDPM layout of the DDIM authors' code (temb.dense, down.l.block.b, 1x1-conv attention,
-  up levels counted from the highest resolution);
-- that code's list checkpoint [model, optimizer, epoch, step, ema] saved from DataParallel.
+"""Weight loading: `--model` resolution to a UNet with its schedule, from the registry (registry.py),
+the Hub (hub.py), or local files in any layout layouts.py renames (including the DDIM authors' list
+checkpoint [model, optimizer, epoch, step, ema] saved from DataParallel).
 Pickles are only ever read with weights_only=True; Hub pickles are converted once to safetensors.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from . import ddim, hub
+from . import ddim, hub, runs
 from .errors import DdimctlError
-from .files import atomic_path, cache_dir
-from .unet import PRESETS, UNet, UNetConfig, count_parameters
+from .files import atomic_save_safetensors, cache_dir
+from .layouts import config_from_diffusers, infer_config, schedule_from_diffusers, to_diffusers_names
+from .registry import DEFAULT_SCHEDULE, ModelEntry, registry
+from .unet import PRESETS, UNet, UNetConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-DEFAULT_SCHEDULE = {"kind": "linear", "train_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
-
-
-# --------------------------------------------------------------------------------------------
-# The registry
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    description: str
-    architecture: str
-    resolution: int
-    schedule: dict
-    skip: str
-    license: str
-    repo: str = ""
-    revision: str = "main"
-    file: str = ""
-    sha256: str = ""
-    params: int = 0
-    bundled: str = ""  # a file inside the package instead of a Hub download
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def source(self) -> str:
-        return "bundled" if self.bundled else f"hf://{self.repo}"
-
-
-def registry_path() -> Path:
-    """weights.toml: inside the installed package, or at the root of a source checkout."""
-    packaged = resources.files("ddimctl").joinpath("weights.toml")
-    if packaged.is_file():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "weights.toml"
-
-
-@cache
-def _registry_file() -> dict:
-    return tomllib.loads(registry_path().read_text())
-
-
-@cache
-def registry() -> dict[str, ModelEntry]:
-    """weights.toml, plus the models of the file named by $DDIMCTL_REGISTRY (a user's own list)."""
-    data = dict(_registry_file())
-    extra_file = os.environ.get("DDIMCTL_REGISTRY")
-    if extra_file:
-        try:
-            extra = tomllib.loads(Path(extra_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise DdimctlError(f"DDIMCTL_REGISTRY={extra_file}: not a readable TOML file ({e})") from e
-        for table in ("schedule", "models"):
-            if not isinstance(extra.get(table, {}), dict):
-                raise DdimctlError(
-                    f"DDIMCTL_REGISTRY={extra_file}: [{table}] must be a table of entries, such as [models.NAME]"
-                )
-        data["schedule"] = {**data.get("schedule", {}), **extra.get("schedule", {})}
-        data["models"] = {**data["models"], **extra.get("models", {})}
-    schedules = data.get("schedule", {})
-    known = {f for f in ModelEntry.__dataclass_fields__ if f not in {"name", "schedule", "extra"}}
-    entries = {}
-    for name, raw in data["models"].items():
-        check_entry(name, raw)
-        raw = dict(raw)
-        schedule_name = raw.pop("schedule", "ddpm-linear")
-        if schedule_name not in schedules:
-            raise DdimctlError(f"model {name!r} in the registry names an unknown schedule {schedule_name!r}")
-        entries[name] = ModelEntry(
-            name=name,
-            schedule=dict(schedules[schedule_name]),
-            **{k: v for k, v in raw.items() if k in known},
-            extra={k: v for k, v in raw.items() if k not in known},
-        )
-    return entries
-
-
-# Fields every registry entry needs, and the type each field must have.
-REQUIRED_FIELDS = ("description", "architecture", "resolution", "skip", "license")
-FIELD_TYPES = {"resolution": int, "params": int, "description": str, "architecture": str, "skip": str,
-               "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str}
-
-
-def check_entry(name: str, raw) -> None:
-    """One-line errors for a malformed registry entry (a user's DDIMCTL_REGISTRY file, say)."""
-    where = f"model {name!r} in the registry"
-    if not isinstance(raw, dict):
-        raise DdimctlError(f"{where} is a {type(raw).__name__}, not a table; write it as [models.{name}] with its fields")
-    missing = [f for f in REQUIRED_FIELDS if f not in raw]
-    if missing:
-        raise DdimctlError(f"{where} lacks {', '.join(missing)}; see weights.toml for a complete entry")
-    for key, kind in FIELD_TYPES.items():
-        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
-            raise DdimctlError(f"{where}: {key} must be a {kind.__name__}, got {raw[key]!r}")
-    if not raw.get("bundled") and not (raw.get("repo") and raw.get("file")):
-        raise DdimctlError(f"{where} needs repo and file (a Hub download) or bundled (a packaged file)")
-
-
-def default_model() -> str:
-    return _registry_file().get("default", "cifar10")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,163 +71,6 @@ def _looks_like_weights(d: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Renaming to the diffusers layout
-
-_LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-_ORIGINAL_RESNET = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
-_ORIGINAL_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-
-
-def to_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename any accepted layout to diffusers' UNet2DModel names (a no-op on those)."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if "temb.dense.0.weight" in state:
-        return _from_original(state)
-    renamed = {}
-    for key, value in state.items():
-        if ".attentions." in key:
-            for old, new in _LEGACY_ATTENTION.items():
-                key = key.replace(old, new)
-        renamed[key] = value
-    return renamed
-
-
-def _from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"down\.(\d+)\.", k)))
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "temb":  # temb.dense.{0,1}
-            new = f"time_embedding.linear_{int(parts[2]) + 1}.{parts[3]}"
-        elif parts[0] in {"down", "up"}:
-            level = int(parts[1])
-            prefix = f"down_blocks.{level}" if parts[0] == "down" else f"up_blocks.{levels - 1 - level}"
-            kind, rest = parts[2], parts[3:]
-            if kind == "block":
-                new = f"{prefix}.resnets.{rest[0]}.{_rename_resnet(rest[1:])}"
-            elif kind == "attn":
-                new = f"{prefix}.attentions.{rest[0]}.{_rename_attention(rest[1:])}"
-            elif kind in {"downsample", "upsample"}:
-                new = f"{prefix}.{kind}rs.0.{'.'.join(rest)}"
-            else:
-                raise DdimctlError(f"unexpected key {key!r} in an original-layout checkpoint")
-        elif parts[0] == "mid":
-            sub = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}[parts[1]]
-            rename = _rename_attention if parts[1] == "attn_1" else _rename_resnet
-            new = f"mid_block.{sub}.{rename(parts[2:])}"
-        elif parts[0] == "norm_out":
-            new = "conv_norm_out." + ".".join(parts[1:])
-        else:
-            new = key
-        if ".attentions." in new and value.dim() == 4:  # 1x1 convolutions become linear layers
-            value = value[:, :, 0, 0]
-        out[new] = value
-    return out
-
-
-def _rename_resnet(parts: list[str]) -> str:
-    return ".".join([_ORIGINAL_RESNET.get(parts[0], parts[0])] + parts[1:])
-
-
-def _rename_attention(parts: list[str]) -> str:
-    return ".".join([_ORIGINAL_ATTENTION[parts[0]]] + parts[1:])
-
-
-# --------------------------------------------------------------------------------------------
-# Architecture from a config file or from the weights themselves
-
-# Resolution is not visible in the weights; these are the public layouts by number of levels.
-_RESOLUTION_BY_LEVELS = {4: 32, 5: 64, 6: 256}
-
-
-def infer_config(state: dict[str, torch.Tensor], resolution: int | None = None) -> UNetConfig:
-    """The UNetConfig that a diffusers-named state dict was built with."""
-    try:
-        base = state["conv_in.weight"].shape[0]
-        levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks."))
-        mult = tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // base for i in range(levels))
-        blocks = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("down_blocks.0.resnets."))
-        attention_levels = [i for i in range(levels) if f"down_blocks.{i}.attentions.0.to_q.weight" in state]
-        in_channels = state["conv_in.weight"].shape[1]
-        out_channels = state["conv_out.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise DdimctlError(f"these weights are not a DDPM UNet (missing {e})") from e
-    if resolution is None:
-        if levels not in _RESOLUTION_BY_LEVELS:
-            raise DdimctlError(
-                f"cannot tell the resolution of a {levels}-level UNet; put a config.json beside the weights"
-            )
-        resolution = _RESOLUTION_BY_LEVELS[levels]
-    return UNetConfig(
-        resolution=resolution,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        base_channels=base,
-        channel_mult=mult,
-        num_res_blocks=blocks,
-        attention_resolutions=tuple(resolution >> i for i in attention_levels),
-    )
-
-
-def config_from_diffusers(cfg: dict) -> UNetConfig:
-    """UNetConfig from a diffusers UNet2DModel config.json, refusing features this UNet lacks."""
-    unsupported = {
-        "act_fn": ("silu",),
-        "time_embedding_type": ("positional",),
-        "flip_sin_to_cos": (False,),
-        "freq_shift": (1,),
-        "center_input_sample": (False,),
-        "resnet_time_scale_shift": ("default",),
-        "add_attention": (True,),
-        "class_embed_type": (None,),
-    }
-    for key, allowed in unsupported.items():
-        if key in cfg and cfg[key] not in allowed:
-            raise DdimctlError(f"config.json sets {key}={cfg[key]!r}, which the DDPM UNet does not support")
-    widths = cfg["block_out_channels"]
-    base = widths[0]
-    resolution = cfg["sample_size"]
-    resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
-    head_dim = cfg.get("attention_head_dim")
-    attention = [i for i, kind in enumerate(cfg["down_block_types"]) if "Attn" in kind]
-    for i in attention:
-        if head_dim is not None and head_dim != widths[i]:
-            raise DdimctlError("config.json asks for multi-head attention; the DDPM UNet has one head")
-    return UNetConfig(
-        resolution=resolution,
-        in_channels=cfg.get("in_channels", 3),
-        out_channels=cfg.get("out_channels", 3),
-        base_channels=base,
-        channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=cfg.get("layers_per_block", 2),
-        attention_resolutions=tuple(resolution >> i for i in attention),
-        norm_groups=cfg.get("norm_num_groups", 32),
-        norm_eps=cfg.get("norm_eps", 1e-6),
-    )
-
-
-def schedule_from_diffusers(cfg: dict) -> dict:
-    kind = cfg.get("beta_schedule", "linear")
-    if kind != "linear" or cfg.get("trained_betas"):
-        raise DdimctlError(f"scheduler config uses beta_schedule={kind!r}; ddimctl supports the linear schedule")
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise DdimctlError(f"scheduler config predicts {cfg['prediction_type']!r}; ddimctl needs epsilon prediction")
-    return {
-        "kind": "linear",
-        "train_steps": cfg.get("num_train_timesteps", 1000),
-        "beta_start": cfg.get("beta_start", 1e-4),
-        "beta_end": cfg.get("beta_end", 0.02),
-    }
-
-
-def schedule_alphas_cumprod(schedule: dict) -> torch.Tensor:
-    if schedule.get("kind", "linear") != "linear":
-        raise DdimctlError(f"unknown schedule kind {schedule['kind']!r}; ddimctl supports 'linear'")
-    betas = ddim.linear_betas(schedule["train_steps"], schedule["beta_start"], schedule["beta_end"])
-    return ddim.alphas_cumprod(betas)
-
-
-# --------------------------------------------------------------------------------------------
 # --model resolution
 
 
@@ -365,7 +97,10 @@ class LoadedModel:
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        return schedule_alphas_cumprod(self.schedule)
+        try:
+            return ddim.Schedule.from_dict(self.schedule).alphas_cumprod()
+        except (ValueError, KeyError) as e:
+            raise DdimctlError(f"model {self.name!r}: its noise schedule cannot be used ({e})") from e
 
 
 def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) -> UNet:
@@ -394,15 +129,6 @@ def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) ->
 
 def converted_path(entry: ModelEntry, sha256: str) -> Path:
     return cache_dir() / "converted" / entry.name / f"{sha256}.safetensors"
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        except SafetensorError as e:  # a full disk, say: safetensors raises its own error, not OSError
-            raise OSError(f"could not write {path} ({e})") from e
 
 
 def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None) -> LoadedModel:
@@ -461,8 +187,8 @@ def load_local(path: Path) -> LoadedModel:
             folder = path / "unet"  # a diffusers pipeline folder
         config_file = folder / "config.json"
         cfg = _read_json(config_file) if config_file.is_file() else {}
-        if cfg.get("format") == "ddimctl-run":  # a `ddimctl train` folder: its newest checkpoint
-            weights = _newest_run_checkpoint(path)
+        if runs.is_run_config(cfg):  # a `ddimctl train` folder: its newest checkpoint
+            weights = runs.newest_checkpoint(path)
         else:
             name = next((n for n in WEIGHT_FILES if (folder / n).is_file()), None)
             if name is None:
@@ -495,13 +221,6 @@ def load_local(path: Path) -> LoadedModel:
     return LoadedModel(unet, path.name, str(path), schedule, skip)
 
 
-def _newest_run_checkpoint(run_dir: Path) -> Path:
-    found = sorted((run_dir / "checkpoints").glob("step-*.safetensors"))
-    if not found:
-        raise DdimctlError(f"{run_dir}: this training run has no checkpoint yet; train longer or wait for the first save")
-    return found[-1]
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -523,14 +242,4 @@ def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None 
     )
 
 
-__all__ = [
-    "LoadedModel",
-    "ModelEntry",
-    "atomic_save_safetensors",
-    "count_parameters",
-    "infer_config",
-    "load_model",
-    "read_checkpoint",
-    "registry",
-    "to_diffusers_names",
-]
+__all__ = ["LoadedModel", "build_unet", "is_cached", "load_local", "load_model", "load_registered", "read_checkpoint"]

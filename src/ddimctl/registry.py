@@ -1,0 +1,115 @@
+"""The registry of pretrained models: weights.toml (packaged), plus the user's $DDIMCTL_REGISTRY file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from . import ddim
+from .errors import DdimctlError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_SCHEDULE = ddim.Schedule().to_dict()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    architecture: str
+    resolution: int
+    schedule: dict
+    skip: str
+    license: str
+    repo: str = ""
+    revision: str = "main"
+    file: str = ""
+    sha256: str = ""
+    params: int = 0
+    bundled: str = ""  # a file inside the package instead of a Hub download
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return "bundled" if self.bundled else f"hf://{self.repo}"
+
+
+def registry_path() -> Path:
+    """weights.toml: inside the installed package, or at the root of a source checkout."""
+    packaged = resources.files("ddimctl").joinpath("weights.toml")
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "weights.toml"
+
+
+@cache
+def _registry_file() -> dict:
+    return tomllib.loads(registry_path().read_text())
+
+
+@cache
+def registry() -> dict[str, ModelEntry]:
+    """weights.toml, plus the models of the file named by $DDIMCTL_REGISTRY (a user's own list)."""
+    data = dict(_registry_file())
+    extra_file = os.environ.get("DDIMCTL_REGISTRY")
+    if extra_file:
+        try:
+            extra = tomllib.loads(Path(extra_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise DdimctlError(f"DDIMCTL_REGISTRY={extra_file}: not a readable TOML file ({e})") from e
+        for table in ("schedule", "models"):
+            if not isinstance(extra.get(table, {}), dict):
+                raise DdimctlError(
+                    f"DDIMCTL_REGISTRY={extra_file}: [{table}] must be a table of entries, such as [models.NAME]"
+                )
+        data["schedule"] = {**data.get("schedule", {}), **extra.get("schedule", {})}
+        data["models"] = {**data["models"], **extra.get("models", {})}
+    schedules = data.get("schedule", {})
+    known = {f for f in ModelEntry.__dataclass_fields__ if f not in {"name", "schedule", "extra"}}
+    entries = {}
+    for name, raw in data["models"].items():
+        check_entry(name, raw)
+        raw = dict(raw)
+        schedule_name = raw.pop("schedule", "ddpm-linear")
+        if schedule_name not in schedules:
+            raise DdimctlError(f"model {name!r} in the registry names an unknown schedule {schedule_name!r}")
+        entries[name] = ModelEntry(
+            name=name,
+            schedule=dict(schedules[schedule_name]),
+            **{k: v for k, v in raw.items() if k in known},
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+    return entries
+
+
+# Fields every registry entry needs, and the type each field must have.
+REQUIRED_FIELDS = ("description", "architecture", "resolution", "skip", "license")
+FIELD_TYPES = {"resolution": int, "params": int, "description": str, "architecture": str, "skip": str,
+               "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str}
+
+
+def check_entry(name: str, raw) -> None:
+    """One-line errors for a malformed registry entry (a user's DDIMCTL_REGISTRY file, say)."""
+    where = f"model {name!r} in the registry"
+    if not isinstance(raw, dict):
+        raise DdimctlError(f"{where} is a {type(raw).__name__}, not a table; write it as [models.{name}] with its fields")
+    missing = [f for f in REQUIRED_FIELDS if f not in raw]
+    if missing:
+        raise DdimctlError(f"{where} lacks {', '.join(missing)}; see weights.toml for a complete entry")
+    for key, kind in FIELD_TYPES.items():
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            raise DdimctlError(f"{where}: {key} must be a {kind.__name__}, got {raw[key]!r}")
+    if not raw.get("bundled") and not (raw.get("repo") and raw.get("file")):
+        raise DdimctlError(f"{where} needs repo and file (a Hub download) or bundled (a packaged file)")
+
+
+def default_model() -> str:
+    return _registry_file().get("default", "cifar10")
