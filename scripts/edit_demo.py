@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import data, images, sampling, weights  # noqa: E402
+from ddimctl import data, images, sampling, seeds, weights  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     mse = lambda a: float((a - clean).pow(2).mean())  # noqa: E731
     print(f"{args.n} test digits, sigma 0.35: corrupted input MSE to the clean digit {mse(corrupted):.4f}")
     sampler = sampling.Sampler.create(model, args.steps, None, torch.device("cpu"))
-    generators = lambda: sampling.image_generators(0, range(args.n))  # noqa: E731
+    generators = lambda: seeds.image_generators(0, range(args.n))  # noqa: E731
     best = None
     for strength in (0.2, 0.3, 0.4, 0.5, 0.6):
         out = (sampler.edit(corrupted * 2 - 1, strength, generators()) + 1) / 2

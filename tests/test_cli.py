@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddimctl import ddim, sampling, weights
+from ddimctl import ddim, seeds, weights
 
 
 def ddimctl(*args, cwd, check=True):
@@ -114,7 +114,7 @@ def test_images_match_the_library(tiny_checkpoint, tmp_path):
     ddimctl("sample", "--model", tiny_checkpoint, "-n", 2, "--steps", 6, "--seed", 3, "--out", "o/", "--precision", "fp32",
             cwd=tmp_path)
     model = weights.load_model(str(tiny_checkpoint))
-    x_T = sampling.initial_noise(sampling.image_generators(3, [0, 1]), model.image_shape)
+    x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1]), model.image_shape)
     x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, ddim.timestep_sequence(6, 1000, "uniform"))
     expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(2):

@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from . import ddim, distributed, fast, images, metrics, registry, runs, sampling, weights
+from . import ddim, distributed, fast, images, metrics, registry, runs, sampling, seeds, weights
 from .data import IMAGE_SUFFIXES, find_images, infer_channels
 from .errors import DdimctlError
 from .files import remove_stale_temporaries
@@ -516,7 +516,7 @@ def interpolate(
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=frames)
     if seeds is not None:
-        ends = torch.cat([sampling.initial_noise(sampling.image_generators(s, [0]), loaded.image_shape) for s in seeds])
+        ends = torch.cat([seeds.initial_noise(seeds.image_generators(s, [0]), loaded.image_shape) for s in seeds])
     else:
         ends, _ = run_inversion(sampler, x0, batch, how)
     alphas = torch.linspace(0, 1, frames).tolist()
@@ -598,7 +598,7 @@ def edit(
     edited = []
     with progress_bar("editing", len(image_paths), max(walked, 1)) as advance:
         for start in range(0, len(image_paths), batch):
-            generators = sampling.image_generators(seed, range(start, min(start + batch, len(image_paths))))
+            generators = seeds.image_generators(seed, range(start, min(start + batch, len(image_paths))))
             edited.append(sampler.edit(x0[start : start + batch], strength, generators, keep, how, advance).cpu())
     pixels, inputs = images.to_uint8(torch.cat(edited)), images.to_uint8(x0)
     for target, before, after in zip(targets, inputs, pixels):

@@ -1,4 +1,5 @@
-"""Batched sampling, inversion and seeds: the glue between a loaded model and ddimctl.ddim.
+"""Batched sampling, inversion, editing and sample folders: the glue between a loaded model and
+ddimctl.ddim.
 
 Image i of a run depends only on (seed, i): its starting noise and every later noise draw come from
 its own generator, so batch size and the number of processes sharing the work change nothing.
@@ -6,7 +7,6 @@ its own generator, so batch size and the number of processes sharing the work ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,30 +16,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import ddim
+from . import ddim, seeds
 from .errors import DdimctlError
 from .files import atomic_path
 from .files import atomic_save_safetensors
 from .weights import LoadedModel
 
 ProgressFn = Callable[[int], None]  # called with the number of images that just had one model call
-
-
-def image_seed(seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"ddimctl:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def image_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(image_seed(seed, i)) for i in indices]
-
-
-def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
-    """x_T of each image from its own generator (written in place: 30% faster than stacking)."""
-    x_T = torch.empty((len(generators), *shape))
-    for row, g in zip(x_T, generators):
-        torch.randn(row.shape, generator=g, out=row)
-    return x_T
 
 
 def pick_device(device: str) -> torch.device:
@@ -205,8 +188,8 @@ class Sampler:
         waiting = None  # (indices, wait for x_0 on the host) of the previous batch, on CUDA
         for start in range(0, len(indices), batch_size):
             batch = list(indices[start : start + batch_size])
-            generators = image_generators(seed, batch)
-            x_T = initial_noise(generators, self.model.image_shape)
+            generators = seeds.image_generators(seed, batch)
+            x_T = seeds.initial_noise(generators, self.model.image_shape)
             if latents is not None:
                 x_T = latents[batch]
             x_0 = self.sample(x_T, generators, progress)

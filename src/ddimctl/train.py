@@ -23,10 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from . import ddim, distributed, fast, images, runs
+from . import ddim, distributed, fast, images, runs, seeds
 from .errors import DdimctlError
 from .files import atomic_path, remove_stale_temporaries
-from .sampling import Sampler, image_seed
+from .sampling import Sampler
 from .unet import PRESETS, UNet, UNetConfig
 from .files import atomic_save_safetensors
 from .registry import DEFAULT_SCHEDULE
@@ -135,7 +135,7 @@ def batch_indices(n: int, step: int, global_batch: int, seed: int, world: distri
     positions = torch.arange(step * global_batch, (step + 1) * global_batch)
     out = torch.empty_like(positions)
     for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(seed, -1 - epoch)))
+        perm = torch.randperm(n, generator=seeds.epoch_order(seed, epoch))
         here = positions.div(n, rounding_mode="floor") == epoch
         out[here] = perm[positions[here] % n]
     return out[world.rank :: world.size]
@@ -333,8 +333,8 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     model.train()
     started, images_seen = time.perf_counter(), 0
     while step < options.steps:
-        rng = torch.Generator().manual_seed(image_seed(options.seed, step * 65536 + world.rank))
-        torch.manual_seed(image_seed(options.seed + 1, step * 65536 + world.rank))  # dropout
+        rng = seeds.training_batch(options.seed, step, world.rank)
+        torch.manual_seed(seeds.dropout(options.seed, step, world.rank))
         idx = batch_indices(data.shape[0], step, options.batch_size, options.seed, world)
         x0 = data[idx].float().div(127.5).sub(1)
         if options.flip:
