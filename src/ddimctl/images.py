@@ -162,6 +162,24 @@ def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[st
     return pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
 
 
+def load_images(paths: Sequence[Path], resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+    """load_image for each path, as one (N, C, H, W) tensor."""
+    return torch.stack([load_image(p, resolution, channels, notice) for p in paths])
+
+
+def columns_grid(columns: Sequence[torch.Tensor], rows: int = 32) -> torch.Tensor:
+    """A grid whose column j holds columns[j][i] in row i (8-bit (N, H, W, C) each), the first `rows`
+    rows: an input and its reconstructions side by side."""
+    tiles = torch.stack([c[:rows] for c in columns], dim=1).flatten(0, 1)
+    return grid(tiles, columns=len(columns))
+
+
+def strip(*parts: torch.Tensor) -> torch.Tensor:
+    """One row of 8-bit images, the parts one after another."""
+    row = torch.cat(parts)
+    return grid(row, columns=len(row))
+
+
 def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit and 32-bit grayscale images scaled to 8 bits (Pillow's convert("L") would clip them,
     turning a 16-bit image all white)."""

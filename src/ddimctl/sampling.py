@@ -275,6 +275,41 @@ def decode_batches(sampler: Sampler, x_T: torch.Tensor, batch: int, progress: Pr
     return in_batches(lambda x: sampler.sample(x, None, progress), x_T, batch)
 
 
+def sample_batches(
+    sampler: Sampler, count: int, seed: int, batch: int, x_T: torch.Tensor | None = None, progress: ProgressFn | None = None
+) -> torch.Tensor:
+    """Images 0..count-1 of a run (on the CPU), for a grid."""
+    return torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(count)), seed, batch, x_T, progress)])
+
+
+def edit_batches(
+    sampler: Sampler,
+    x_0: torch.Tensor,
+    strength: float,
+    seed: int,
+    batch: int,
+    mask: torch.Tensor | None = None,
+    exact: ExactInversion | None = None,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Sampler.edit over batches; image i's noise from (seed, i). Results on the CPU, checked finite."""
+    parts = []
+    for start in range(0, x_0.shape[0], batch):
+        generators = seeds.image_generators(seed, range(start, min(start + batch, x_0.shape[0])))
+        parts.append(sampler.edit(x_0[start : start + batch], strength, generators, mask, exact, progress).cpu())
+    return check_finite(list(range(x_0.shape[0])), torch.cat(parts))
+
+
+def seed_latents(seed_list: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """x_T of image 0 of each seed: the latents `interpolate --seeds` blends."""
+    return torch.cat([seeds.initial_noise(seeds.image_generators(s, [0]), shape) for s in seed_list])
+
+
+def interpolation_latents(ends: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
+    """Slerp between the two latents `ends` at each alpha (0: the first, 1: the second)."""
+    return torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
+
+
 def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str]:
     """The settings under which latents were made that differ from the ones asked for now."""
     return [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]

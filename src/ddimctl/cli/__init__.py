@@ -1,0 +1,47 @@
+"""The `ddimctl` command line: parses options, calls the library, shows progress. No math here.
+
+One module per group of commands; common.py holds the app, the shared options and the helpers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import DdimctlError
+# Each module registers its commands, in this order in --help.
+from . import generate, inversion, training, evaluation  # noqa: F401, I001
+from .common import app, progress_on_interrupt
+
+
+def main() -> None:
+    try:
+        from typer._click.exceptions import ClickException  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click import ClickException
+    def interrupted() -> None:
+        done = progress_on_interrupt[-1]() if progress_on_interrupt else ""
+        print(f"interrupted{'; ' + done if done else ''}", file=sys.stderr)
+        sys.exit(130)
+
+    try:
+        # click's standalone mode would turn Ctrl-C into a silent exit 130 (typer) or "Aborted!".
+        code = app(standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        interrupted()
+    except ClickException as e:  # usage errors: click's usage line and message
+        e.show()
+        sys.exit(e.exit_code)
+    except DdimctlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # disk full, permissions, ...: say what failed, in one line
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        sys.exit(1)
+    if code == 130:  # typer's way of reporting a KeyboardInterrupt in non-standalone mode
+        interrupted()
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,280 @@
+"""What the commands share: the app, options, consoles, progress, input and output checks."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from .. import images, registry, sampling, weights
+from ..data import find_images
+from ..errors import DdimctlError
+
+app = typer.Typer(
+    name="ddimctl",
+    help="Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+# Outside a terminal rich would wrap at 80 columns; tables piped to a file should keep their rows.
+stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
+
+
+stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"ddimctl {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021)."""
+
+
+# Options shared by every command that runs the sampler.
+ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `ddimctl models`) or local checkpoint path.")
+
+
+StepsOpt = typer.Option(50, "--steps", "-S", help="Number of DDIM steps S.")
+
+
+SkipOpt = typer.Option(None, "--skip", help="Timestep scheme: uniform or quad (default: the model's).")
+
+
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+
+
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
+
+
+PrecisionOpt = typer.Option(
+    "auto", "--precision", help="auto (bf16 on GPUs and on CPUs with native bf16, else fp32), fp32, tf32, bf16, fp16."
+)
+
+
+ScaleOpt = typer.Option(
+    None, "--scale", min=1,
+    help="Enlarge pictures N times (nearest neighbour). Default: grids, strips and GIFs at least 256 px wide; "
+    "one-PNG-per-image folders at the model's resolution.",
+)
+
+
+ExactOpt = typer.Option(
+    False, "--exact/--plain", help="Exact inversion: solve each step so that decoding returns the image at any S."
+)
+
+
+TolOpt = typer.Option(1e-3, "--tol", help="Exact inversion: per-step tolerance (RMS change, [-1, 1] scale).")
+
+
+MaxItersOpt = typer.Option(3, "--max-iters", help="Exact inversion: network calls per step at most.")
+
+
+ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
+
+
+CompileOpt = typer.Option(
+    None, "--compile/--no-compile", help="torch.compile the UNet (default: on CUDA, for runs big enough to repay it)."
+)
+
+
+class ImagesPerSecond(ProgressColumn):
+    """Speed in images per second, from a task counted in image-evaluations."""
+
+    def render(self, task) -> Text:
+        per_image = task.fields.get("evals_per_image", 1)
+        if not task.speed:
+            return Text("-- img/s", style="progress.data.speed")
+        return Text(f"{task.speed / per_image:.1f} img/s", style="progress.data.speed")
+
+
+class PlainProgress:
+    """Progress for logs and pipes: a plain line every few seconds (rich draws nothing there until
+    the end), with done/total, rate, elapsed and time left."""
+
+    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "evals"):
+        self.description, self.total, self.per_image, self.unit = description, total, per_image, unit
+        self.every = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", "5"))
+        self.started = self.last = time.perf_counter()
+        self.done = 0
+
+    def advance(self, n: int = 1, extra: str = "") -> None:
+        self.update(self.done + n, extra)
+
+    def update(self, done: int, extra: str = "") -> None:
+        self.done = done
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last, elapsed = now, now - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        speed = f"{rate / self.per_image:.1f} img/s" if self.unit == "evals" else f"{rate:.1f} {self.unit}/s"
+        print(f"{self.description}: {done}/{self.total} {self.unit}, {speed}{extra}, elapsed {clock(elapsed)}, "
+              f"left {clock(left)}", file=sys.stderr, flush=True)
+
+
+def clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+@contextmanager
+def progress_bar(description: str, images_count: int, evals_per_image: int, enabled: bool = True):
+    """A bar over every model evaluation; yields advance(n_images) for one evaluation of a batch."""
+    if not stderr.is_terminal:
+        plain = PlainProgress(description, images_count * evals_per_image, evals_per_image)
+        yield plain.advance if enabled else (lambda n: None)
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("evals"),
+        ImagesPerSecond(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+        disable=not enabled,
+    ) as bar:
+        task = bar.add_task(description, total=images_count * evals_per_image, evals_per_image=evals_per_image)
+        yield lambda n: bar.advance(task, n)
+
+
+def note(message: str) -> None:
+    stderr.print(Text(message, style="dim"))
+
+
+def say(message: str) -> None:
+    stderr.print(message, markup=False, highlight=False)
+
+
+def fail(message: str) -> None:
+    raise DdimctlError(message)
+
+
+def load(model: str | None) -> weights.LoadedModel:
+    spec = model or registry.default_model()
+    with stderr.status(f"loading {spec}"):
+        return weights.load_model(spec)
+
+
+def make_sampler(model: weights.LoadedModel, steps: int, skip: str | None, device: str, *args, **options):
+    """sampling.prepare, with its decisions shown as notes."""
+    return sampling.prepare(model, steps, skip, device, *args, notify=note, **options)
+
+
+def is_directory_target(out: Path, raw: str) -> bool:
+    return raw.endswith(("/", "\\")) or out.is_dir()
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """Image files as given; a folder stands for the images in it (recursively, sorted)."""
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(find_images(p))
+        else:
+            out.append(p)
+    return out
+
+
+MAX_STRIP_FRAMES = 256
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
+    """An output file's name and folder, checked before any model work."""
+    if Path(path).suffix.lower() not in suffixes:
+        fail(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    images.check_writable(path)
+
+
+def check_inputs(paths: list[Path]) -> list[Path]:
+    """Image files (folders expanded), every one checked to exist before a model is loaded."""
+    paths = expand_images(paths)
+    for p in paths:
+        if not p.is_file():
+            fail(f"{p}: no such image file")
+    return paths
+
+
+def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
+    channels, resolution, _ = model.image_shape
+    return images.load_images(paths, resolution, channels, notice=note)
+
+
+def parse_list(text: str, option: str, kind=int, allow_empty: bool = False) -> list:
+    """A comma-separated option value such as 10,20,50 (positive for int, non-negative for float)."""
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = None
+    smallest = 1 if kind is int else 0
+    if values is None or (not values and not allow_empty) or any(not (v >= smallest and math.isfinite(v)) for v in values):
+        what = "positive integers" if kind is int else "non-negative numbers"
+        fail(f"{option} takes {what} separated by commas, such as 10,20,50, got {text!r}")
+    return values
+
+
+# What a command has done so far, for the line Ctrl-C prints (set by long-running commands).
+progress_on_interrupt: list = []
+
+
+def sample_to_folder(sampler, batch, seed, count, folder, world, x_T=None, scale=1) -> tuple[int, float]:
+    """sampling.sample_to_folder with a progress bar and a line for Ctrl-C."""
+    progress_on_interrupt.append(
+        lambda: f"{sampling.images_written(folder, count)} of {count} images written to {folder}; "
+        f"rerun the same command to finish"
+    )
+    with progress_bar(f"sampling {folder.name}", math.ceil(count / world.size), sampler.evaluations,
+                      enabled=world.is_main) as advance:
+        return sampling.sample_to_folder(sampler, batch, seed, count, folder, world, x_T, scale, advance, notify=note)
+
+
+def exact_settings(exact: bool, tol: float, max_iters: int) -> sampling.ExactInversion | None:
+    return sampling.ExactInversion(tol, max_iters) if exact else None
+
+
+def run_inversion(sampler: sampling.Sampler, x0: torch.Tensor, batch: int, exact=None) -> tuple[torch.Tensor, int]:
+    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], sampler.evaluations) as advance:
+        return sampling.invert_batches(sampler, x0, batch, exact, advance)
+
+
+def run_decoding(sampler: sampling.Sampler, x_T: torch.Tensor, batch: int, label="decoding") -> torch.Tensor:
+    with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
+        return sampling.decode_batches(sampler, x_T, batch, advance)

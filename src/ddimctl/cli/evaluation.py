@@ -1,0 +1,197 @@
+"""`models`, `fid`, `sweep` and `bench`: the registry, the paper's tables, speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from .. import distributed, fast, registry, sampling, weights
+from .common import (
+    BatchOpt,
+    CompileOpt,
+    DeviceOpt,
+    ModelOpt,
+    PrecisionOpt,
+    SkipOpt,
+    StepsOpt,
+    app,
+    fail,
+    load,
+    make_sampler,
+    note,
+    parse_list,
+    sample_to_folder,
+    say,
+    stdout,
+)
+
+
+@app.command()
+def models() -> None:
+    """List the pretrained models of the registry (weights.toml)."""
+    table = Table(title="ddimctl models (weights.toml)")
+    for column in ("name", "resolution", "parameters", "skip", "source", "licence", "cached"):
+        table.add_column(column)
+    default = registry.default_model()
+    for entry in registry.registry().values():
+        name = entry.name + (" (default)" if entry.name == default else "")
+        cached = "yes" if weights.is_cached(entry) else "no"
+        params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
+        table.add_row(name, f"{entry.resolution}", params, entry.skip, entry.source, entry.license, cached)
+    stdout.print(table)
+
+
+@app.command()
+def fid(
+    samples: Optional[Path] = typer.Argument(None, help="Folder of generated images (or use --model to sample now)."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="Folder, .npz statistics, or a name torch-fidelity knows (cifar10-train)."),
+    save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the FID statistics of SAMPLES to this .npz."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Sample from this model instead of reading SAMPLES."),
+    num: int = typer.Option(10_000, "--num", "-n", help="With --model: images to sample."),
+    steps: int = StepsOpt,
+    eta: float = typer.Option(0.0, "--eta"),
+    skip: Optional[str] = SkipOpt,
+    seed: int = typer.Option(0, "--seed"),
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Feature-extraction batch."),
+    feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: torch-fidelity's inception-v3-compat."),
+) -> None:
+    """FID via torch-fidelity (pip install 'ddimctl\\[eval]'): a folder of samples, or a model sampled now,
+    against a reference folder, a saved statistics file or a named data set."""
+    import tempfile
+
+    from .. import evaluate
+
+    evaluate.fidelity()
+    dev = sampling.pick_device(device)
+    if (samples is None) == (model is None):
+        fail("give SAMPLES (a folder of images) or --model to sample from, not both")
+    if save_stats is not None:
+        if samples is None:
+            fail("--save-stats writes the statistics of a folder: give SAMPLES")
+        evaluate.save_statistics(evaluate.statistics(str(samples), dev, batch_size, feature_extractor), save_stats)
+        say(f"wrote the FID statistics of {samples} to {save_stats}")
+        return
+    if ref is None:
+        fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
+    with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:
+        if model is not None:
+            if num < 2:
+                fail(f"--num must be at least 2 for FID, got {num}")
+            loaded = load(model)
+            sampler, batch = make_sampler(loaded, steps, skip, device, eta, count=num)
+            samples = Path(tmp)
+            sample_to_folder(sampler, batch, seed, num, samples, distributed.World())
+        value = evaluate.compute_fid(samples, ref, dev, batch_size, feature_extractor)
+    sys.stdout.write(f"{value:.4f}\n")
+
+
+@app.command()
+def sweep(
+    model: Optional[str] = ModelOpt,
+    steps: str = typer.Option("10,20,50,100", "--steps", "-S", help="Comma-separated S values."),
+    etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values."),
+    sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
+    num: int = typer.Option(50_000, "--num", "-n", help="Images per cell."),
+    ref: str = typer.Option(..., "--ref", help="Reference for FID: a folder or a name (cifar10-train)."),
+    out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Folder for the cells' images and the tables."),
+    skip: Optional[str] = SkipOpt,
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: Optional[int] = BatchOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    compile_model: Optional[bool] = CompileOpt,
+    feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: inception-v3-compat."),
+) -> None:
+    """Table 1 of the paper: samples for every (eta, S) cell, streamed to disk and resumable, then FID."""
+    from .. import evaluate
+
+    evaluate.fidelity()  # fail before hours of sampling, not after
+    steps_list = parse_list(steps, "--steps")
+    eta_list = parse_list(etas, "--eta", float)
+    if num < 2:
+        fail(f"--num must be at least 2 for FID, got {num}")
+    out.mkdir(parents=True, exist_ok=True)
+    world = distributed.init(sampling.pick_device(device))
+    loaded = load(model)
+    rows: list[float | None] = eta_list + ([None] if sigma_hat else [])
+    cells, first = [], None
+    for s in steps_list:
+        for eta in rows:
+            sampler, batch = make_sampler(
+                loaded, s, skip, device, eta or 0.0, eta is None, precision, compile_model, batch_size,
+                math.ceil(num / world.size), reuse=first,
+            )
+            first = first or sampler
+            folder = out / evaluate.cell_name(eta, s)
+            folder.mkdir(exist_ok=True)
+            sample_to_folder(sampler, batch, seed, num, folder, world)
+            if world.is_main:
+                value = evaluate.compute_fid(folder, ref, sampler.device, feature_extractor=feature_extractor)
+                cells.append({"row": "sigma-hat" if eta is None else f"{eta:g}", "eta": eta, "steps": s, "fid": value,
+                              "images": num, "folder": str(folder)})
+                say(f"{folder.name}: FID {value:.3f}")
+                evaluate.write_tables(out, loaded.name, cells)
+    distributed.shutdown()
+    if world.is_main:
+        say(f"wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'fid.png'}" if (out / "fid.png").exists() else ""))
+        stdout.print((out / "table.md").read_text(), markup=False, highlight=False)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option("cifar10", "--model", "-m", help="Registry name, path, or a preset (random weights)."),
+    steps: int = typer.Option(50, "--steps", "-S"),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Default: 256 on GPUs, 4 on CPU."),
+    precision: str = PrecisionOpt,
+    compile_mode: Optional[str] = typer.Option(
+        None, "--compile-mode", help="torch.compile mode, or 'none' (default: the sampler's default on CUDA)."
+    ),
+    runs: int = typer.Option(3, "--runs", help="Timed runs; the median is reported."),
+    reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time diffusers, if installed."),
+    device: str = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON only."),
+) -> None:
+    """Time the sampler (and diffusers' DDIM on the same weights and noise): images/s, MFU, memory, PSNR."""
+    from .. import bench as benchmarks
+    from ..unet import PRESETS, UNet
+
+    dev = sampling.pick_device(device)
+    if model in PRESETS or (model in registry.registry() and not weights.is_cached(registry.registry()[model])):
+        arch = PRESETS[model] if model in PRESETS else PRESETS[registry.registry()[model].architecture]
+        torch.manual_seed(0)
+        unet = UNet(arch).eval()
+        source = f"random weights in the {model} architecture (speed does not depend on the values)"
+    else:
+        unet = load(model).unet
+        source = model
+    mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
+    if mode not in (*fast.COMPILE_MODES, "none"):
+        fail(f"--compile-mode must be one of {', '.join(fast.COMPILE_MODES)} or none, got {mode!r}")
+    batch = batch_size or (256 if dev.type == "cuda" else 4)
+    if steps < 1 or steps > 1000:
+        fail(f"--steps must be between 1 and 1000, got {steps}")
+    if not as_json:
+        say(f"bench: {source}; {dev}; batch {batch}; S={steps}; {runs} timed runs each")
+    results = benchmarks.run_benchmark(
+        unet, dev, steps, batch, precision, None if mode == "none" else mode, runs, reference,
+        log=(lambda m: None) if as_json else note,
+    )
+    if as_json:
+        payload = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "source": source, "results": [m.to_dict() for m in results]}
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        return
+    table = Table(title=f"ddimctl bench ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
+    for column in benchmarks.SUMMARY_HEADER:
+        table.add_column(column)
+    for row in benchmarks.summary_rows(results):
+        table.add_row(*row)
+    stdout.print(table)

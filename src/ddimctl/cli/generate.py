@@ -1,0 +1,194 @@
+"""`sample` and `edit`: generating and editing images."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import distributed, fast, images, sampling
+from ..data import IMAGE_SUFFIXES
+from ..files import remove_stale_temporaries
+from .common import (
+    BatchOpt,
+    CompileOpt,
+    DeviceOpt,
+    ExactPrecisionOpt,
+    MaxItersOpt,
+    ModelOpt,
+    PrecisionOpt,
+    ScaleOpt,
+    SkipOpt,
+    StepsOpt,
+    TolOpt,
+    app,
+    check_inputs,
+    exact_settings,
+    fail,
+    is_directory_target,
+    load,
+    make_sampler,
+    note,
+    progress_bar,
+    read_images,
+    sample_to_folder,
+    say,
+)
+
+
+@app.command()
+def sample(
+    model: Optional[str] = ModelOpt,
+    steps: Optional[int] = typer.Option(
+        None, "--steps", "-S", help="Number of DDIM steps S (default 50, or the S that --latents were made with)."
+    ),
+    eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
+    skip: Optional[str] = SkipOpt,
+    num: int = typer.Option(16, "--num", "-n", help="Number of images."),
+    batch_size: Optional[int] = BatchOpt,
+    seed: int = typer.Option(0, "--seed", help="Image i depends only on (seed, i)."),
+    device: str = DeviceOpt,
+    out: str = typer.Option("samples.png", "--out", "-o", help="A .png grid, or a folder (ending in /) of PNGs."),
+    latents: Optional[Path] = typer.Option(None, "--latents", help="Decode these x_T (from `ddimctl invert`)."),
+    sigma_hat: bool = typer.Option(False, "--sigma-hat", help="DDPM with the larger variance (Table 1's last row)."),
+    precision: str = PrecisionOpt,
+    compile_model: Optional[bool] = CompileOpt,
+    scale: Optional[int] = ScaleOpt,
+) -> None:
+    """Generate images with DDIM: S steps, any eta."""
+    if not (math.isfinite(eta) and eta >= 0):
+        fail(f"--eta must be a finite number >= 0, got {eta}")
+    if num < 1 and latents is None:
+        fail(f"--num must be at least 1, got {num}")
+    out_path = Path(out).expanduser()
+    to_folder = is_directory_target(out_path, out)
+    if not to_folder and out_path.suffix.lower() not in IMAGE_SUFFIXES:
+        fail(f"--out {out}: give an image file such as samples.png, or a folder ending in /")
+    if to_folder:
+        try:
+            out_path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"--out {out}: cannot create the folder ({e.strerror})")
+    images.check_writable(out_path if not to_folder else out_path / "x")
+
+    world = distributed.init(sampling.pick_device(device))
+    if world.distributed and not to_folder:
+        fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
+    # Latents decode with the model, S and skip they were made with, unless told otherwise.
+    made = sampling.latents_settings(latents) if latents is not None else {}
+    loaded = load(model or made.get("model"))
+    steps = steps if steps is not None else int(made.get("steps", 50))
+    skip = skip or made.get("skip")
+    x_T = sampling.load_latents(latents, loaded.image_shape) if latents is not None else None
+    if latents is not None and world.is_main:
+        asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip, "eta": f"{eta:g}"}
+        differ = sampling.latents_differences(made, asked)
+        if differ:
+            note(f"{latents.name} was inverted with {', '.join(differ)}: decoding will not return the images exactly")
+        elif made.get("inversion", "plain") == "plain":
+            note(f"{latents.name} came from plain inversion: the images return approximately (more exactly as S "
+                 f"grows); `ddimctl invert --exact` makes latents that decode back exactly")
+    count = x_T.shape[0] if x_T is not None else num
+    if to_folder and world.is_main:
+        remove_stale_temporaries(out_path)
+        sampling.claim_folder(out_path, {
+            "model": loaded.source, "steps": steps, "skip": skip or loaded.skip, "eta": f"{eta:g}",
+            "sigma_hat": sigma_hat, "seed": seed, "latents": str(latents) if latents else None,
+            "precision": fast.resolve_precision(precision, sampling.pick_device(device)), "scale": scale or 1,
+        })
+    world.barrier()
+    sampler, batch = make_sampler(
+        loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
+    )
+
+    started = time.perf_counter()
+    stalled = None
+    if to_folder:
+        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T, scale or 1)
+    else:
+        with progress_bar("sampling", count, sampler.evaluations) as advance:
+            x0 = sampling.sample_batches(sampler, count, seed, batch, x_T, advance)
+        images.save_picture(images.grid(images.to_uint8(x0)), out_path, scale)
+        done = count
+    distributed.shutdown()
+    elapsed = time.perf_counter() - started
+    if world.is_main:
+        where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
+        what = f"{done} images" if world.size == 1 else f"{done} images per process x {world.size} processes"
+        say(
+            f"wrote {what} to {where} in {elapsed:.1f}s "
+            f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}, "
+            f"{fast.resolve_precision(precision, sampler.device)}, batch {batch}]"
+        )
+        if stalled is not None and stalled >= 0.05:  # only worth saying when the writers held sampling up
+            note(f"sampling waited {stalled:.2f}s for the PNG writers")
+
+
+@app.command()
+def edit(
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to edit."),
+    strength: float = typer.Option(
+        ..., "--strength", help="0..1: where the edit starts (t0 at this fraction of the S steps); higher changes more."
+    ),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask: white = regenerate, black = keep."),
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    skip: Optional[str] = SkipOpt,
+    eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
+    seed: int = typer.Option(0, "--seed", help="Image i's noise depends only on (seed, i)."),
+    exact: bool = typer.Option(False, "--exact/--noise", help="Start from the exact inversion to t0, not fresh noise."),
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
+    out: str = typer.Option("edited/", "--out", "-o", help="A folder (one PNG per input, named like it), or a .png for one image."),
+    strip: bool = typer.Option(False, "--strip", help="Write input | edited side by side (labelled, enlarged)."),
+    scale: Optional[int] = ScaleOpt,
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    precision: str = ExactPrecisionOpt,
+) -> None:
+    """SDEdit with DDIM: noise the images to t0 and denoise them back, or inpaint the masked part."""
+    how = exact_settings(exact, tol, max_iters)
+    if not 0 <= strength <= 1:
+        fail(f"--strength must be between 0 and 1, got {strength}")
+    if not (eta >= 0 and math.isfinite(eta)):
+        fail(f"--eta must be a finite number >= 0, got {eta}")
+    out_path = Path(out).expanduser()
+    image_paths = check_inputs(image_paths)
+    to_folder = is_directory_target(out_path, out)
+    if not to_folder and (out_path.suffix.lower() != ".png" or len(image_paths) != 1):
+        fail(f"--out {out}: give a folder ending in / (one PNG per input), or a .png file for a single image")
+    names = [p.stem + ".png" for p in image_paths]
+    if to_folder and len(set(names)) < len(names):
+        fail("two inputs have the same name, and their outputs would overwrite each other; edit them separately")
+    if mask is not None and not mask.is_file():
+        fail(f"--mask {mask}: no such image file")
+    targets = [out_path / n for n in names] if to_folder else [out_path]
+    if to_folder:
+        out_path.mkdir(parents=True, exist_ok=True)
+    images.check_writable(targets[0])
+    loaded = load(model)
+    x0 = read_images(image_paths, loaded)
+    channels, resolution, _ = loaded.image_shape
+    keep = None
+    if mask is not None:
+        keep = (images.load_image(mask, resolution, 1, notice=note)[None] > 0).float()  # 1 = regenerate
+    sampler, batch = make_sampler(loaded, steps, skip, device, eta=eta, precision=precision, compile_model=False,
+                                  batch_size=batch_size, count=len(image_paths))
+    walked = sampling.edit_steps(strength, len(sampler.timesteps))
+    with progress_bar("editing", len(image_paths), max(walked, 1)) as advance:
+        edited = sampling.edit_batches(sampler, x0, strength, seed, batch, keep, how, advance)
+    pixels, inputs = images.to_uint8(edited), images.to_uint8(x0)
+    for target, before, after in zip(targets, inputs, pixels):
+        if strip:
+            images.save_picture(images.strip(before[None], after[None]), target, scale, ["input", "edited"],
+                                tile=resolution)
+        else:
+            images.save_image(images.enlarge(after, scale or 1), target)
+    t0 = int(sampler.timesteps[walked - 1]) if walked else None
+    where = f"{out_path}/" if to_folder else str(out_path)
+    say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, strength {strength:g}: "
+        f"{walked} of {len(sampler.timesteps)} steps from t0 = {t0}, eta={eta:g}, "
+        f"{'exact inversion' if exact else f'seed={seed}'}{', masked' if mask else ''}]")

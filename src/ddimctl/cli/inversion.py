@@ -1,0 +1,229 @@
+"""`invert`, `reconstruct` and `interpolate`: images to latents and back."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from .. import images, metrics, sampling
+from .common import (
+    MAX_STRIP_FRAMES,
+    PICTURE_SUFFIXES,
+    BatchOpt,
+    DeviceOpt,
+    ExactOpt,
+    ExactPrecisionOpt,
+    MaxItersOpt,
+    ModelOpt,
+    ScaleOpt,
+    SkipOpt,
+    StepsOpt,
+    TolOpt,
+    app,
+    check_inputs,
+    check_output,
+    exact_settings,
+    fail,
+    is_directory_target,
+    load,
+    make_sampler,
+    parse_list,
+    progress_bar,
+    read_images,
+    run_decoding,
+    run_inversion,
+    say,
+    stdout,
+)
+
+
+@app.command()
+def invert(
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode."),
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    skip: Optional[str] = SkipOpt,
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    out: Path = typer.Option(Path("latents.safetensors"), "--out", "-o", help="Latents file to write."),
+    precision: str = ExactPrecisionOpt,
+    exact: bool = ExactOpt,
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
+) -> None:
+    """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
+    how = exact_settings(exact, tol, max_iters)
+    check_output(out, (".safetensors",), "--out")
+    image_paths = check_inputs(image_paths)
+    loaded = load(model)
+    x0 = read_images(image_paths, loaded)
+    sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
+                                  batch_size=batch_size, count=len(image_paths))
+    latents, _ = run_inversion(sampler, x0, batch, how)
+    sampling.save_latents(
+        out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
+        sources=[p.name for p in image_paths], **sampling.inversion_metadata(how),
+    )
+    table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
+    for column in ("image", "mean", "std"):
+        table.add_column(column, justify="right" if column != "image" else "left")
+    for p, z in zip(image_paths, latents):
+        table.add_row(p.name, f"{z.mean():+.3f}", f"{z.std():.3f}")
+    stdout.print(table)
+    say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
+
+
+@app.command()
+def reconstruct(
+    image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode and decode."),
+    model: Optional[str] = ModelOpt,
+    steps: str = typer.Option("50", "--steps", "-S", help="S, or a list such as 10,20,50,100."),
+    skip: Optional[str] = SkipOpt,
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = BatchOpt,
+    out: Path = typer.Option(Path("recon.png"), "--out", "-o", help="Side-by-side PNG: input | reconstructions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
+    precision: str = ExactPrecisionOpt,
+    scale: Optional[int] = ScaleOpt,
+    exact: bool = ExactOpt,
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
+) -> None:
+    """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR. A folder counts
+    as all the images in it."""
+    how = exact_settings(exact, tol, max_iters)
+    steps_list = parse_list(steps, "--steps")
+    check_output(out, PICTURE_SUFFIXES, "--out")
+    image_paths = check_inputs(image_paths)
+    loaded = load(model)
+    x0 = read_images(image_paths, loaded)
+    columns = [images.to_uint8(x0)]
+    results = []
+    for s in steps_list:
+        sampler, batch = make_sampler(loaded, s, skip, device, precision=precision, compile_model=False,
+                                      batch_size=batch_size, count=len(image_paths))
+        latents, evaluations = run_inversion(sampler, x0, batch, how)
+        recon = run_decoding(sampler, latents, batch, f"decoding S={s}")
+        columns.append(images.to_uint8(recon))
+        mse = metrics.mse_per_image(recon, x0)
+        per_image = [
+            {"image": str(p), "mse": float(m), "psnr": metrics.psnr(float(m))} for p, m in zip(image_paths, mse)
+        ]
+        results.append(
+            {
+                "steps": s,
+                "evaluations": evaluations,  # network calls per image of the inversion
+                "mse": float(mse.mean()),
+                "psnr": metrics.psnr(float(mse.mean())),
+                "images": per_image,
+            }
+        )
+    # One row per image (the first 32): the input, then its reconstruction for each S.
+    labels = ["input"] + [f"S={s}" for s in steps_list]
+    images.save_picture(images.columns_grid(columns), out, scale, labels, tile=loaded.config.resolution)
+
+    report = {"model": loaded.name, "skip": skip or loaded.skip, **sampling.inversion_metadata(how), "results": results}
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    table = Table(title=f"reconstruction ({loaded.name}, MSE per pixel on [0, 1])")
+    table.add_column("S", justify="right")
+    table.add_column("mean MSE", justify="right")
+    table.add_column("PSNR of the mean MSE (dB)", justify="right")
+    shown = image_paths[:6]
+    for p in shown:
+        table.add_column(f"MSE {p.name}", justify="right")
+    for r in results:
+        table.add_row(
+            str(r["steps"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}", *[f"{im['mse']:.5f}" for im in r["images"][:6]]
+        )
+    stdout.print(table)
+    say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
+
+
+@app.command()
+def interpolate(
+    image_paths: list[Path] = typer.Argument(None, metavar="[A B]", help="Two images to blend."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Blend two random latents instead, e.g. --seeds 1,2."),
+    model: Optional[str] = ModelOpt,
+    steps: int = StepsOpt,
+    skip: Optional[str] = SkipOpt,
+    device: str = DeviceOpt,
+    frames: int = typer.Option(8, "--frames", help="Frames including both ends."),
+    out: str = typer.Option(
+        "interp.png", "--out", "-o", help=f"Strip PNG of all frames (up to {MAX_STRIP_FRAMES}), or a folder (ending in /) for one PNG per frame."
+    ),
+    gif: Optional[Path] = typer.Option(None, "--gif", help="Also write an animated GIF."),
+    batch_size: Optional[int] = BatchOpt,
+    precision: str = ExactPrecisionOpt,
+    scale: Optional[int] = ScaleOpt,
+    exact: bool = typer.Option(
+        True, "--exact/--plain", help="Exact inversion (default: the end frames are the input images at any S)."
+    ),
+    tol: float = TolOpt,
+    max_iters: int = MaxItersOpt,
+) -> None:
+    """Slerp between the latents of two images (or two seeds) and decode every frame with eta = 0."""
+    how = exact_settings(exact, tol, max_iters)
+    paths = check_inputs(image_paths or [])
+    if seeds is not None:
+        try:
+            seeds = [int(v) for v in seeds.split(",")]
+        except ValueError:
+            seeds = []
+        if len(seeds) != 2:
+            fail("--seeds takes two integers separated by a comma, such as --seeds 1,2")
+    if seeds is None and len(paths) != 2:
+        fail(f"interpolate takes two images A B, or --seeds S1,S2; got {len(paths)} image(s)")
+    if seeds is not None and paths:
+        fail("give either two images or --seeds, not both")
+    if frames < 2:
+        fail(f"--frames must be at least 2, got {frames}")
+    to_folder = is_directory_target(Path(out), out)
+    out = Path(out).expanduser()
+    if to_folder:
+        out.mkdir(parents=True, exist_ok=True)
+        images.check_writable(out / "x.png")
+    else:
+        check_output(out, PICTURE_SUFFIXES, "--out")
+    if (gif or not to_folder) and frames > MAX_STRIP_FRAMES:
+        fail(f"--frames {frames}: a strip or GIF holds at most {MAX_STRIP_FRAMES} frames; write them one PNG each "
+             f"with --out FOLDER/ (and no --gif)")
+    if gif:
+        check_output(gif, (".gif",), "--gif")
+    loaded = load(model)
+    x0 = read_images(paths, loaded) if seeds is None else None
+    sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
+                                  batch_size=batch_size, count=frames)
+    if seeds is not None:
+        ends = sampling.seed_latents(seeds, loaded.image_shape)
+    else:
+        ends, _ = run_inversion(sampler, x0, batch, how)
+    alphas = torch.linspace(0, 1, frames).tolist()
+    if to_folder:  # streamed batch by batch: memory does not grow with the number of frames
+        width = max(6, len(str(frames - 1)))
+        with images.BackgroundWriter() as writer, progress_bar("decoding", frames, sampler.evaluations) as advance:
+            for start in range(0, frames, batch):
+                z = sampling.interpolation_latents(ends, alphas[start : start + batch])
+                x = sampling.check_finite(list(range(start, start + len(z))), sampler.sample(z, None, advance).cpu())
+                writer.submit([(p, out / f"{start + i:0{width}d}.png")
+                               for i, p in enumerate(images.enlarge(images.to_uint8(x), scale or 1))])
+        say(f"wrote {frames} frames to {out}/ (one PNG each)")
+        return
+    z = sampling.interpolation_latents(ends, alphas)
+    pixels = images.to_uint8(run_decoding(sampler, z, batch))
+    labels = [f"{a:.2f}" for a in alphas]
+    parts = [pixels]
+    if x0 is not None:  # the input images at the ends, to compare with the end frames
+        inputs = images.to_uint8(x0)
+        parts, labels = [inputs[:1], pixels, inputs[1:]], ["input", *labels, "input"]
+    images.save_picture(images.strip(*parts), out, scale, labels, tile=loaded.config.resolution)
+    if gif:
+        images.save_gif(list(pixels), gif, scale=scale)
+    say(f"wrote {frames} frames to {out}" + (" (inputs at both ends)" if x0 is not None else "") + (f" and {gif}" if gif else ""))

@@ -1,0 +1,151 @@
+"""`train` and `export`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .. import distributed, runs, sampling, weights
+from ..data import find_images, infer_channels
+from .common import (
+    DeviceOpt,
+    PlainProgress,
+    app,
+    fail,
+    parse_list,
+    progress_on_interrupt,
+    say,
+    stderr,
+)
+
+
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, checkpoints, samples, log."),
+    preset: str = typer.Option(
+        "small", "--preset", help="Architecture: cifar10, celeba64, ddpm256, digits, small, tiny."
+    ),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size (default: the preset's)."),
+    channels: Optional[int] = typer.Option(
+        None, "--channels", help="1 (grayscale) or 3 (RGB); default: 1 when every image is grayscale."
+    ),
+    base_channels: Optional[int] = typer.Option(None, "--base-channels", help="Width of the first level."),
+    channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers, e.g. 1,2,2,2."),
+    res_blocks: Optional[int] = typer.Option(None, "--res-blocks", help="Residual blocks per level."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Resolutions with attention, e.g. 16."),
+    dropout: Optional[float] = typer.Option(None, "--dropout"),
+    steps: int = typer.Option(10_000, "--steps", help="Optimizer steps in all."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step, over all processes."),
+    lr: float = typer.Option(2e-4, "--lr"),
+    warmup: int = typer.Option(1000, "--warmup", help="Steps of linear learning-rate warm-up."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decays to 0 at --steps)."),
+    ema_decay: float = typer.Option(0.9999, "--ema-decay"),
+    flip: bool = typer.Option(
+        True, "--flip/--no-flip", help="Random horizontal flips (turn off for digits, text, anything with a handedness)."
+    ),
+    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint and sample grid every N steps."),
+    keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
+    sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps of the sample grids."),
+    sample_count: int = typer.Option(16, "--sample-count", help="Images in each sample grid (0: none)."),
+    seed: int = typer.Option(0, "--seed"),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs and on CPUs with native bf16), fp32 or bf16."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    device: str = DeviceOpt,
+) -> None:
+    """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
+    from .. import train as training
+
+    if channels is not None and channels not in (1, 3):
+        fail(f"--channels must be 1 or 3, got {channels}")
+    data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
+    training.check_run_dir(out)
+    channels_note = None
+    if channels is None:
+        saved = runs.saved_config(out) if resume else None
+        if saved is not None:
+            channels = saved["unet"]["in_channels"]
+        else:
+            channels = infer_channels(data_files)
+            channels_note = "1 channel: every image is grayscale" if channels == 1 else "3 channels: RGB images found"
+    overrides = {}
+    for key, value in [("resolution", resolution), ("in_channels", channels), ("out_channels", channels),
+                       ("base_channels", base_channels), ("num_res_blocks", res_blocks), ("dropout", dropout)]:
+        if value is not None:
+            overrides[key] = value
+    if channel_mult is not None:
+        overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
+    if attention is not None:
+        overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
+    for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--save-every", save_every), ("--keep", keep)]:
+        if value < 1:
+            fail(f"{name} must be at least 1, got {value}")
+    if precision not in ("auto", "fp32", "bf16"):
+        fail(f"--precision for training must be auto, fp32 or bf16, got {precision!r}")
+    options = training.TrainOptions(
+        data=str(data), out=str(out), preset=preset, unet=overrides, steps=steps, batch_size=batch_size, lr=lr,
+        warmup=warmup, lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
+        sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model,
+    )
+    config = options.unet_config()
+    main_process = distributed.from_env().is_main
+    train_device = sampling.pick_device(device)
+    if main_process:
+        how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
+        say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) on "
+            f"{len(data_files)} images into {out} ({train_device}, {how})")
+        if channels_note:
+            say(f"{channels_note} (--channels overrides)")
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(), console=stderr, disable=not main_process,
+    ) as bar:
+        reading = bar.add_task("reading data", total=None, status="")
+        task = bar.add_task("training", total=steps, status="", visible=False)
+
+        def on_data(done: int, total: int) -> None:
+            bar.update(reading, completed=done, total=total)
+
+        plain = PlainProgress("training", steps, unit="steps") if not stderr.is_terminal and main_process else None
+
+        def on_step(step: int, loss: float, speed: float) -> None:
+            bar.update(task, completed=step, status=f"loss {loss:.4f}  {speed:.1f} img/s", visible=True)
+            if plain is not None:
+                plain.update(step, f", loss {loss:.4f}, {speed:.1f} img/s")
+
+        started = time.perf_counter()
+        progress_on_interrupt.append(lambda: training.interrupted_at(out))
+        newest = training.train(
+            options, train_device, resume,
+            training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
+        )
+    if main_process:
+        say(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A training run folder, or any checkpoint --model accepts."),
+    out: Path = typer.Argument(..., help="Folder to write: a diffusers DDIMPipeline (UNet2DModel + DDIMScheduler)."),
+) -> None:
+    """Write a model as a diffusers pipeline folder (DDIMPipeline.from_pretrained loads it)."""
+    from ..export import export_diffusers
+
+    loaded = weights.load_model(str(run_dir))
+    export_diffusers(loaded, out)
+    say(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")
