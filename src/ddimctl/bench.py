@@ -171,7 +171,7 @@ def benchmark_training(
     unet_config, device: torch.device, batch: int, precision: str, compile_model: bool, steps: int = 20
 ) -> dict:
     """Optimizer steps per second of the training loop body on synthetic data (images/s reported)."""
-    from .train import diffusion_loss
+    from .train import optimizer_step
 
     torch.manual_seed(0)
     model = UNet(unet_config).to(device).train()
@@ -186,12 +186,7 @@ def benchmark_training(
 
     def step():
         t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = diffusion_loss(trained, x0, t, torch.randn_like(x0), abar)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimizer_step(model, trained, optimizer, x0, t, torch.randn_like(x0), abar, use_bf16, grad_clip=1.0)
 
     started = time.perf_counter()
     for _ in range(3):

@@ -102,6 +102,18 @@ def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16: bool, grad_clip: float) -> torch.Tensor:
+    """One step of training: the loss (bf16 autocast if asked), its gradients clipped, AdamW's update.
+    `trained` is the model as called (DDP-wrapped or compiled), `model` the module itself."""
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        loss = diffusion_loss(trained, x0, t, noise, abar)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss
+
+
 def learning_rate(step: int, base: float, warmup: int, total: int = 0, schedule: str = "constant") -> float:
     """Linear warm-up over `warmup` steps, then constant or a half cosine that reaches 0 at `total`."""
     if step < warmup:
@@ -347,12 +359,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         lr = learning_rate(step, options.lr, options.warmup, options.steps, options.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = diffusion_loss(trained, x0, t, noise, abar)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
-        optimizer.step()
+        loss = optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16, options.grad_clip)
         update_ema(ema, model, ema_decay(step, options.ema_decay))
         step += 1
         images_seen += options.batch_size

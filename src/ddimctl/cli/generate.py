@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from .. import distributed, fast, images, sampling
+from .. import latents as latents_file
 from ..data import IMAGE_SUFFIXES
 from ..files import remove_stale_temporaries
 from .common import (
@@ -78,14 +79,14 @@ def sample(
     if world.distributed and not to_folder:
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     # Latents decode with the model, S and skip they were made with, unless told otherwise.
-    made = sampling.latents_settings(latents) if latents is not None else {}
+    made = latents_file.latents_settings(latents) if latents is not None else {}
     loaded = load(model or made.get("model"))
     steps = steps if steps is not None else int(made.get("steps", 50))
     skip = skip or made.get("skip")
-    x_T = sampling.load_latents(latents, loaded.image_shape) if latents is not None else None
+    x_T = latents_file.load_latents(latents, loaded.image_shape) if latents is not None else None
     if latents is not None and world.is_main:
         asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip, "eta": f"{eta:g}"}
-        differ = sampling.latents_differences(made, asked)
+        differ = latents_file.latents_differences(made, asked)
         if differ:
             note(f"{latents.name} was inverted with {', '.join(differ)}: decoding will not return the images exactly")
         elif made.get("inversion", "plain") == "plain":

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from .. import images, metrics, sampling
+from .. import latents as latents_file
 from .common import (
     MAX_STRIP_FRAMES,
     PICTURE_SUFFIXES,
@@ -66,9 +67,9 @@ def invert(
     sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=len(image_paths))
     latents, _ = run_inversion(sampler, x0, batch, how)
-    sampling.save_latents(
+    latents_file.save_latents(
         out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
-        sources=[p.name for p in image_paths], **sampling.inversion_metadata(how),
+        sources=[p.name for p in image_paths], **latents_file.inversion_metadata(how),
     )
     table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
     for column in ("image", "mean", "std"):
@@ -128,7 +129,7 @@ def reconstruct(
     labels = ["input"] + [f"S={s}" for s in steps_list]
     images.save_picture(images.columns_grid(columns), out, scale, labels, tile=loaded.config.resolution)
 
-    report = {"model": loaded.name, "skip": skip or loaded.skip, **sampling.inversion_metadata(how), "results": results}
+    report = {"model": loaded.name, "skip": skip or loaded.skip, **latents_file.inversion_metadata(how), "results": results}
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
