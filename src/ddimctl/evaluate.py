@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -201,3 +202,37 @@ def write_tables(out: Path, model: str, cells: list[dict]) -> dict[str, Path]:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return written
+
+
+def run_sweep(
+    model_name: str,
+    steps_list: list[int],
+    rows: list[float | None],
+    num: int,
+    ref: str,
+    out: Path,
+    world,
+    prepare_cell: Callable,
+    fill: Callable,
+    feature_extractor: str | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> list[dict]:
+    """Table 1: for every S and every eta (None: the sigma-hat row), num images in their own folder
+    under `out` (fill() resumes a half-filled one), then their FID against `ref`; the tables are
+    rewritten after every cell. prepare_cell(S, eta, first_sampler) gives (sampler, batch), sharing
+    the first cell's prepared network."""
+    cells, first = [], None
+    for s in steps_list:
+        for eta in rows:
+            sampler, batch = prepare_cell(s, eta, first)
+            first = first or sampler
+            folder = out / cell_name(eta, s)
+            folder.mkdir(exist_ok=True)
+            fill(sampler, batch, folder)
+            if world.is_main:
+                value = compute_fid(folder, ref, sampler.device, feature_extractor=feature_extractor)
+                cells.append({"row": "sigma-hat" if eta is None else f"{eta:g}", "eta": eta, "steps": s, "fid": value,
+                              "images": num, "folder": str(folder)})
+                say(f"{folder.name}: FID {value:.3f}")
+                write_tables(out, model_name, cells)
+    return cells

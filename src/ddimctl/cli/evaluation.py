@@ -122,23 +122,15 @@ def sweep(
     world = distributed.init(sampling.pick_device(device))
     loaded = load(model)
     rows: list[float | None] = eta_list + ([None] if sigma_hat else [])
-    cells, first = [], None
-    for s in steps_list:
-        for eta in rows:
-            sampler, batch = make_sampler(
-                loaded, s, skip, device, eta or 0.0, eta is None, precision, compile_model, batch_size,
-                math.ceil(num / world.size), reuse=first,
-            )
-            first = first or sampler
-            folder = out / evaluate.cell_name(eta, s)
-            folder.mkdir(exist_ok=True)
-            sample_to_folder(sampler, batch, seed, num, folder, world)
-            if world.is_main:
-                value = evaluate.compute_fid(folder, ref, sampler.device, feature_extractor=feature_extractor)
-                cells.append({"row": "sigma-hat" if eta is None else f"{eta:g}", "eta": eta, "steps": s, "fid": value,
-                              "images": num, "folder": str(folder)})
-                say(f"{folder.name}: FID {value:.3f}")
-                evaluate.write_tables(out, loaded.name, cells)
+
+    def prepare_cell(s: int, eta: float | None, reuse):
+        return make_sampler(loaded, s, skip, device, eta or 0.0, eta is None, precision, compile_model, batch_size,
+                            math.ceil(num / world.size), reuse=reuse)
+
+    def fill(sampler, batch: int, folder: Path) -> None:
+        sample_to_folder(sampler, batch, seed, num, folder, world)
+
+    evaluate.run_sweep(loaded.name, steps_list, rows, num, ref, out, world, prepare_cell, fill, feature_extractor, say)
     distributed.shutdown()
     if world.is_main:
         say(f"wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'fid.png'}" if (out / "fid.png").exists() else ""))
