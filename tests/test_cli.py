@@ -5,37 +5,17 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, ddimctl
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ddimctl import ddim, seeds, weights
-
-
-def ddimctl(*args, cwd, check=True):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet
-    result = subprocess.run(
-        [sys.executable, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"ddimctl {' '.join(map(str, args))} failed:\n{result.stderr}")
-    return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in last, last
 
 
 def pixels(path) -> np.ndarray:
@@ -90,23 +70,6 @@ def test_folder_output_resumes(tiny_checkpoint, tmp_path):
     assert "waited" not in result.stderr  # 4 tiny PNGs never hold sampling up: nothing to say
     assert np.array_equal(pixels(tmp_path / "run" / "000002.png"), original)
     assert (tmp_path / "run" / "000000.png").stat().st_mtime_ns == stamp
-
-
-def test_writer_stalls_are_measured(monkeypatch, tmp_path):
-    """submit() blocks only when `pending` batches are still being written, and says for how long."""
-    from ddimctl import images
-
-    slow = lambda pixels, path: time.sleep(0.05)  # noqa: E731
-    monkeypatch.setattr(images, "save_image", slow)
-    batch = [(torch.zeros(4, 4, 3, dtype=torch.uint8), tmp_path / "x.png")]
-    with images.BackgroundWriter(workers=1, pending=1) as writer:
-        for _ in range(4):
-            writer.submit(batch)
-    assert writer.stalled_s >= 3 * 0.05 * 0.8  # batches 2-4 each waited for the one before
-    with images.BackgroundWriter(workers=1, pending=8) as roomy:
-        for _ in range(4):
-            roomy.submit(batch)
-    assert roomy.stalled_s < 0.02
 
 
 def test_images_match_the_library(tiny_checkpoint, tmp_path):

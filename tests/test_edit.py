@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 from conftest import DATA
+from helpers import assert_one_line_error, ddimctl
 from PIL import Image
 from safetensors import safe_open
-from test_cli import assert_one_line_error, ddimctl
 
 THREE, SEVEN = DATA / "digit-three.png", DATA / "digit-seven.png"
 

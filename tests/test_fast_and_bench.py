@@ -173,3 +173,10 @@ def test_bench_cli_json(tmp_path):
     assert list(rows) == ["ddimctl fp32 eager", "ddimctl bf16 eager", "diffusers fp32"]
     low = rows["ddimctl bf16 eager"]
     assert low["finite"] and 20 < low["psnr_median"] < 100 and low["ratio"]["fp32"] > 0
+
+
+def test_training_benchmark_runs_the_trainers_step():
+    from ddimctl.unet import PRESETS
+
+    result = bench.benchmark_training(PRESETS["tiny"], torch.device("cpu"), 2, "fp32", False, steps=1)
+    assert result["name"] == "train fp32 eager" and result["images_per_s"] > 0

@@ -2,13 +2,11 @@
 
 import hashlib
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import random_unet
+from helpers import ddimctl
 from hub_server import FakeHub
 from safetensors.torch import save
 
@@ -124,11 +122,7 @@ def test_unknown_sha_prints_the_hash(hub, tmp_path, capsys):
 
 
 def run_cli(args, env_extra, cwd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(env_extra)
-    return subprocess.run(
-        [sys.executable, "-m", "ddimctl", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
+    return ddimctl(*args, cwd=cwd, env=env_extra, check=False, offline=False)
 
 
 def test_cli_honours_hf_env_and_offline_mode(hub, tmp_path):

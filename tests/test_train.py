@@ -1,13 +1,13 @@
 """`ddimctl train`: the loss, resume bit-identity after a real SIGKILL, DDP on gloo, export, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import ddimctl
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -16,13 +16,8 @@ from ddimctl.distributed import World
 
 
 def run(*args, cwd, env=None, check=True, torchrun=0):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    full_env.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] if torchrun else [sys.executable]
-    result = subprocess.run([*launcher, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"ddimctl {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    return result
+    """The command line, one thread per process (two gloo processes share the CI machine's two cores)."""
+    return ddimctl(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1", **(env or {})}, check=check, torchrun=torchrun)
 
 
 @pytest.fixture()

@@ -1,0 +1,45 @@
+"""sampling.py: the pieces between a loaded model and ddim.py, without the command line."""
+
+import json
+
+import pytest
+import torch
+
+from ddimctl import sampling
+from ddimctl.errors import DdimctlError
+
+
+def test_edit_strength_maps_to_a_number_of_steps():
+    assert [sampling.edit_steps(f, 50) for f in (0, 0.2, 0.5, 1)] == [0, 10, 25, 50]
+    with pytest.raises(DdimctlError, match="between 0 and 1"):
+        sampling.edit_steps(1.2, 50)
+
+
+def test_non_finite_rows_are_named_and_never_pass():
+    x = torch.zeros(4, 1, 2, 2)
+    assert sampling.check_finite([10, 11, 12, 13], x) is x
+    x[2, 0, 1, 1] = float("nan")
+    x[3, 0, 0, 0] = float("inf")
+    with pytest.raises(DdimctlError, match=r"2 image\(s\) came out NaN or infinite \(number 12, 13\)"):
+        sampling.check_finite([10, 11, 12, 13], x)
+
+
+def test_a_sample_folder_refuses_a_run_with_other_settings(tmp_path):
+    settings = {"model": "digits", "steps": 20, "eta": "0", "seed": 1}
+    sampling.claim_folder(tmp_path, settings)
+    sampling.claim_folder(tmp_path, settings)  # the same run again: fine
+    assert json.loads((tmp_path / sampling.FOLDER_RECORD).read_text())["steps"] == 20
+    with pytest.raises(DdimctlError, match=r"other settings \(steps 20 \(now 50\), seed 1 \(now 2\)\)"):
+        sampling.claim_folder(tmp_path, {**settings, "steps": 50, "seed": 2})
+
+
+def test_interpolation_latents_start_and_end_on_the_ends():
+    ends = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = sampling.interpolation_latents(ends, [0.0, 0.5, 1.0])
+    torch.testing.assert_close(z[0], ends[0])
+    torch.testing.assert_close(z[2], ends[1])
+
+
+def test_folder_images_are_numbered_with_at_least_six_digits(tmp_path):
+    assert sampling.image_names(tmp_path, 3)(2) == tmp_path / "000002.png"
+    assert sampling.image_names(tmp_path, 10**7)(5) == tmp_path / "0000005.png"
