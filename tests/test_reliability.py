@@ -86,3 +86,39 @@ def test_sixteen_bit_images_read_at_full_depth(tmp_path):
     assert torch.equal(torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8).reshape(1, 16, 16), eight)
     rgb = images.read_pixels(tmp_path / "g16.png", 16, 3)  # to RGB: three equal channels
     assert torch.equal(rgb[0], eight[0]) and torch.equal(rgb[2], eight[0])
+
+
+def test_sixteen_bit_rgb_png_keeps_its_colours(tmp_path):
+    """A 48-bit RGB PNG (written by hand: Pillow cannot write one) reads as its 8-bit colours."""
+    import struct
+    import zlib
+
+    import numpy as np
+    import torch
+
+    from ddimctl import images
+
+    rgb8 = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint16)
+    rgb16 = (rgb8 * 257).astype(">u2")  # 8 -> 16 bits exactly
+    raw = b"".join(b"\x00" + row.tobytes() for row in rgb16)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)  # 16 bits per channel, RGB
+    (tmp_path / "rgb48.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+    pixels = images.read_pixels(tmp_path / "rgb48.png", 4, 3)
+    assert torch.equal(pixels, torch.from_numpy(rgb8.astype(np.uint8)).permute(2, 0, 1))
+
+
+def test_interrupted_training_names_its_newest_checkpoint(tmp_path):
+    from ddimctl import train
+
+    assert "no checkpoint was written" in train.interrupted_at(tmp_path / "nothing")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-00000040.safetensors").write_bytes(b"")
+    assert train.interrupted_at(tmp_path) == (
+        "the newest checkpoint is step-00000040.safetensors; resume with the same command and --resume"
+    )
