@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ddimctl import ddim, images, sampling
-from ddimctl.unet import PRESETS, UNet
 from ddimctl.registry import DEFAULT_SCHEDULE  # noqa: E402
+from ddimctl.unet import PRESETS, UNet
 from ddimctl.weights import LoadedModel
 
 with torch.device("meta"):

@@ -114,11 +114,11 @@ def test_sixteen_bit_rgb_png_keeps_its_colours(tmp_path):
 
 
 def test_interrupted_training_names_its_newest_checkpoint(tmp_path):
-    from ddimctl import train
+    from ddimctl import runs
 
-    assert "no checkpoint was written" in train.interrupted_at(tmp_path / "nothing")
+    assert "no checkpoint was written" in runs.interrupted_at(tmp_path / "nothing")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "step-00000040.safetensors").write_bytes(b"")
-    assert train.interrupted_at(tmp_path) == (
+    assert runs.interrupted_at(tmp_path) == (
         "the newest checkpoint is step-00000040.safetensors; resume with the same command and --resume"
     )

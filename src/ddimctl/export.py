@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 from .errors import DdimctlError
-from .files import atomic_path
+from .files import atomic_path, atomic_save_safetensors
 from .unet import UNetConfig
-from .files import atomic_save_safetensors
 from .weights import LoadedModel
 
 

@@ -15,7 +15,6 @@ import torch
 from .errors import DdimctlError
 from .unet import UNetConfig
 
-
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 _ORIGINAL_RESNET = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
 _ORIGINAL_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}

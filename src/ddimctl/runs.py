@@ -9,7 +9,11 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+
+from safetensors import safe_open
 
 from .errors import DdimctlError
 
@@ -51,3 +55,52 @@ def saved_config(run_dir: Path | str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return saved if is_run_config(saved) and "unet" in saved else None
+
+
+def check_run_dir(run_dir: Path | str) -> None:
+    """Fail before any work when the run folder cannot be created or written."""
+    existing = Path(run_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK):
+        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is not writable; choose another --out")
+
+
+def interrupted_at(run_dir: Path | str) -> str:
+    """What a stopped run leaves, for the line Ctrl-C prints."""
+    files = checkpoint_files(Path(run_dir)) if Path(run_dir).is_dir() else []
+    if not files:
+        return f"no checkpoint was written to {run_dir} yet"
+    return f"the newest checkpoint is {files[-1].name}; resume with the same command and --resume"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (unreadable, truncated, no optimizer state), or None."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+            for key in keys:  # reading every tensor finds a file cut short
+                f.get_slice(key)[...]
+    except Exception as e:  # safetensors raises several types for a damaged file
+        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if "step" not in meta or not any(k.startswith("model.") for k in keys):
+        return "not a ddimctl training checkpoint"
+    if not any(k.startswith("optim.") for k in keys) or "param_groups" not in meta:
+        return "holds no optimizer state"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
+    """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped."""
+    files = checkpoint_files(run_dir)
+    for path in reversed(files):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        say(f"notice: skipping {path.name}: {problem}")
+    raise DdimctlError(
+        f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
+        f"start afresh with another --out"
+    )

@@ -25,13 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import ddim, distributed, fast, images, runs, seeds
 from .errors import DdimctlError
-from .files import atomic_path, remove_stale_temporaries
+from .files import atomic_path, atomic_save_safetensors, remove_stale_temporaries
+from .registry import DEFAULT_SCHEDULE
 from .sampling import Sampler
 from .unet import PRESETS, UNet, UNetConfig
-from .files import atomic_save_safetensors
-from .registry import DEFAULT_SCHEDULE
 from .weights import LoadedModel
-
 
 
 @dataclass
@@ -198,17 +196,6 @@ def run_config(options: TrainOptions, config: UNetConfig) -> dict:
     }
 
 
-def check_run_dir(run_dir: Path | str) -> None:
-    """Fail before any work when the run folder cannot be created or written."""
-    existing = Path(run_dir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is a file, not a folder; choose another --out")
-    if not os.access(existing, os.W_OK):
-        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is not writable; choose another --out")
-
-
 def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, resume: bool) -> Path | None:
     """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
     config_file = run_dir / runs.CONFIG
@@ -234,44 +221,6 @@ def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, re
             f"pass --resume to continue it, or choose another --out"
         )
     return existing[-1] if existing else None
-
-
-def interrupted_at(run_dir: Path | str) -> str:
-    """What a stopped run leaves, for the line Ctrl-C prints."""
-    files = runs.checkpoint_files(Path(run_dir)) if Path(run_dir).is_dir() else []
-    if not files:
-        return f"no checkpoint was written to {run_dir} yet"
-    return f"the newest checkpoint is {files[-1].name}; resume with the same command and --resume"
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (unreadable, truncated, no optimizer state), or None."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys, meta = list(f.keys()), f.metadata() or {}
-            for key in keys:  # reading every tensor finds a file cut short
-                f.get_slice(key)[...]
-    except Exception as e:  # safetensors raises several types for a damaged file
-        return f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    if "step" not in meta or not any(k.startswith("model.") for k in keys):
-        return "not a ddimctl training checkpoint"
-    if not any(k.startswith("optim.") for k in keys) or "param_groups" not in meta:
-        return "holds no optimizer state"
-    return None
-
-
-def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
-    """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped."""
-    files = runs.checkpoint_files(run_dir)
-    for path in reversed(files):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        say(f"notice: skipping {path.name}: {problem}")
-    raise DdimctlError(
-        f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
-        f"start afresh with another --out"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +250,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         raise DdimctlError(f"--batch-size {options.batch_size} is not divisible by the {world.size} processes")
     resume_from = prepare_run_dir(run_dir, options, config, resume)
     if resume_from is not None:
-        resume_from = resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
+        resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
     if world.is_main:
         for folder in (run_dir, run_dir / runs.CHECKPOINTS, run_dir / runs.SAMPLES):
             if folder.is_dir():

@@ -5,14 +5,17 @@ One module per group of commands; common.py holds the app, the shared options an
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import typer
 
 from ..errors import DdimctlError
-# Each module registers its commands, in this order in --help.
-from . import generate, inversion, training, evaluation  # noqa: F401, I001
 from .common import app, progress_on_interrupt
+
+# Each module registers its commands when imported; this order is the order of --help.
+for _group in ("generate", "inversion", "training", "evaluation"):
+    importlib.import_module(f".{_group}", __name__)
 
 
 def main() -> None:
@@ -20,6 +23,7 @@ def main() -> None:
         from typer._click.exceptions import ClickException  # typer >= 0.2x carries its own click
     except ImportError:
         from click import ClickException
+
     def interrupted() -> None:
         done = progress_on_interrupt[-1]() if progress_on_interrupt else ""
         print(f"interrupted{'; ' + done if done else ''}", file=sys.stderr)

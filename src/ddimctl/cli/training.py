@@ -71,7 +71,7 @@ def train(
     if channels is not None and channels not in (1, 3):
         fail(f"--channels must be 1 or 3, got {channels}")
     data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
-    training.check_run_dir(out)
+    runs.check_run_dir(out)
     channels_note = None
     if channels is None:
         saved = runs.saved_config(out) if resume else None
@@ -129,7 +129,7 @@ def train(
                 plain.update(step, f", loss {loss:.4f}, {speed:.1f} img/s")
 
         started = time.perf_counter()
-        progress_on_interrupt.append(lambda: training.interrupted_at(out))
+        progress_on_interrupt.append(lambda: runs.interrupted_at(out))
         newest = training.train(
             options, train_device, resume,
             training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
