@@ -67,13 +67,10 @@ def run_all(commands: dict[str, list[str]], limit_s: float) -> dict[str, float]:
     return walls
 
 
-def rate(run: Path) -> float:
-    """Steps per second over the logged part of a run (the start-up left out)."""
-    lines = [dict(kv.split("=") for kv in line.split()) for line in (run / "train.log").read_text().splitlines()]
-    first, last = lines[0], lines[-1]
-    steps = int(last["step"]) - int(first["step"])
-    images_per_s = float(last["images_per_s"])
-    return images_per_s, steps
+def images_per_s(run: Path) -> float:
+    """The last logged images/s of a run (measured from its first step, so a safe estimate)."""
+    last = (run / "train.log").read_text().splitlines()[-1]
+    return float(dict(kv.split("=") for kv in last.split())["images_per_s"])
 
 
 def main() -> None:
@@ -99,10 +96,9 @@ def main() -> None:
     probe_wall = time.perf_counter() - started
     steps = {}
     for n in names:
-        images_per_s, _ = rate(args.work / f"probe-{n}")
-        # images/s is measured from the first step, so it includes the warm-up: a safe estimate.
-        steps[n] = int(0.9 * args.seconds * images_per_s / batch[n])
-        log(f"{n}: {images_per_s:.0f} images/s side by side -> {steps[n]} steps in {args.seconds:.0f}s")
+        speed = images_per_s(args.work / f"probe-{n}")
+        steps[n] = int(0.9 * args.seconds * speed / batch[n])
+        log(f"{n}: {speed:.0f} images/s side by side -> {steps[n]} steps in {args.seconds:.0f}s")
     log(f"probe took {probe_wall:.0f}s")
 
     commands = {n: train_command(args.digits, args.work / n, CANDIDATES[n], steps[n], args.device) for n in names}

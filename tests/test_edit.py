@@ -88,3 +88,12 @@ def test_interpolate_is_exact_by_default(tmp_path):
     tile = lambda col: strip[2:18, 2 + col * 18 : 18 + col * 18]  # noqa: E731
     assert np.array_equal(tile(0), gray(THREE)) and np.array_equal(tile(4), gray(SEVEN))
     assert np.abs(tile(1) - gray(THREE)).mean() < 3 and np.abs(tile(3) - gray(SEVEN)).mean() < 3
+
+
+def test_interpolate_streams_frames_to_a_folder(tmp_path):
+    ddimctl("interpolate", THREE, SEVEN, "--model", "digits", "--steps", "5", "--frames", "5", "--batch-size", "2",
+            "--out", "frames/", cwd=tmp_path)
+    names = sorted(p.name for p in (tmp_path / "frames").glob("*.png"))
+    assert names == [f"{i:06d}.png" for i in range(5)]
+    assert Image.open(tmp_path / "frames" / names[0]).size == (16, 16)  # the model's resolution
+    assert np.abs(gray(tmp_path / "frames" / names[0]) - gray(THREE)).mean() < 3  # exact inversion by default

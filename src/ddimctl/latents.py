@@ -31,14 +31,25 @@ def inversion_metadata(exact: ExactInversion | None) -> dict[str, str]:
     return {"inversion": "exact", "tol": f"{exact.tol:g}", "max_iters": str(exact.max_iters)}
 
 
-def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
-    path = Path(path)
-    if not path.is_file():
+def _read(path: Path, read):
+    """read(path) on a latents file, with one-line errors for a missing or unreadable one."""
+    if not Path(path).is_file():
         raise DdimctlError(f"--latents {path}: no such file")
     try:
-        tensors = load_file(str(path))
+        return read(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise DdimctlError(f"--latents {path}: not a safetensors file ({e}); write one with `ddimctl invert`") from e
+
+
+def _metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
+    tensors = _read(path, load_file)
     if "latents" not in tensors:
         raise DdimctlError(f"--latents {path}: no tensor named 'latents' in it")
     latents = tensors["latents"]
@@ -57,15 +68,7 @@ def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
 
 def latents_settings(path: Path) -> dict[str, str]:
     """The settings a latents file was made with (model, steps, skip, eta, inversion, ...)."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise DdimctlError(f"--latents {path}: no such file")
-    try:
-        with safe_open(str(path), "pt") as f:
-            made = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DdimctlError(f"--latents {path}: not a safetensors file ({e}); write one with `ddimctl invert`") from e
+    made = _read(path, _metadata)
     if "eta" in made:
         made["eta"] = f"{float(made['eta']):g}"
     return made

@@ -352,6 +352,28 @@ def sample_to_folder(
     return len(todo), writer.stalled_s
 
 
+def interpolate_to_folder(
+    sampler: Sampler,
+    ends: torch.Tensor,
+    frames: int,
+    batch: int,
+    folder: Path,
+    scale: int = 1,
+    progress: ProgressFn | None = None,
+) -> None:
+    """`frames` slerp frames between the two latents `ends`, decoded with eta = 0 batch by batch and
+    written one PNG each: memory does not grow with the number of frames."""
+    from . import images
+
+    name_of = image_names(folder, frames)
+    alphas = torch.linspace(0, 1, frames).tolist()
+    with images.BackgroundWriter() as writer:
+        for start in range(0, frames, batch):
+            z = interpolation_latents(ends, alphas[start : start + batch])
+            x = check_finite(list(range(start, start + len(z))), sampler.sample(z, None, progress).cpu())
+            writer.submit([(p, name_of(start + i)) for i, p in enumerate(images.enlarge(images.to_uint8(x), scale))])
+
+
 # --------------------------------------------------------------------------------------------
 # Folders of samples: the record of the run writing into one.
 

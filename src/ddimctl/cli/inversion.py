@@ -206,17 +206,12 @@ def interpolate(
         ends = sampling.seed_latents(seeds, loaded.image_shape)
     else:
         ends, _ = run_inversion(sampler, x0, batch, how)
-    alphas = torch.linspace(0, 1, frames).tolist()
-    if to_folder:  # streamed batch by batch: memory does not grow with the number of frames
-        width = max(6, len(str(frames - 1)))
-        with images.BackgroundWriter() as writer, progress_bar("decoding", frames, sampler.evaluations) as advance:
-            for start in range(0, frames, batch):
-                z = sampling.interpolation_latents(ends, alphas[start : start + batch])
-                x = sampling.check_finite(list(range(start, start + len(z))), sampler.sample(z, None, advance).cpu())
-                writer.submit([(p, out / f"{start + i:0{width}d}.png")
-                               for i, p in enumerate(images.enlarge(images.to_uint8(x), scale or 1))])
+    if to_folder:
+        with progress_bar("decoding", frames, sampler.evaluations) as advance:
+            sampling.interpolate_to_folder(sampler, ends, frames, batch, out, scale or 1, advance)
         say(f"wrote {frames} frames to {out}/ (one PNG each)")
         return
+    alphas = torch.linspace(0, 1, frames).tolist()
     z = sampling.interpolation_latents(ends, alphas)
     pixels = images.to_uint8(run_decoding(sampler, z, batch))
     labels = [f"{a:.2f}" for a in alphas]
