@@ -5,14 +5,17 @@ import subprocess
 import sys
 
 
-def ddimctl(*args, cwd, check=True, env=None, torchrun=0, offline=True):
+def ddimctl(*args, cwd=None, check=True, env=None, torchrun=0, offline=True, prelude=None, timeout=300):
+    """Run `ddimctl ARGS`; `prelude` is Python run first in the same process (to register a test
+    feature extractor, or to break something on purpose)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     if offline:
         full_env["HF_HUB_OFFLINE"] = "1"  # no test may reach for the internet (the loopback Hub tests say otherwise)
     full_env.update(env or {})
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"] if torchrun else [sys.executable]
+    entry = ["-c", f"{prelude}\nfrom ddimctl.cli import main\nmain()"] if prelude else ["-m", "ddimctl"]
     result = subprocess.run(
-        [*launcher, "-m", "ddimctl", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300
+        [*launcher, *entry, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(f"ddimctl {' '.join(map(str, args))} failed:\n{result.stderr}")

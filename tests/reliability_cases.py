@@ -8,9 +8,7 @@ Shared by tests/test_reliability.py (every case must be clean) and scripts/relia
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from helpers import ddimctl
 from safetensors.torch import save_file
 
 DATA = Path(__file__).parent / "data"
@@ -42,13 +41,8 @@ def run_case(case: Case, folder: Path, timeout: float = 300) -> subprocess.Compl
 
 
 def execute(case: Case, folder: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update({"HF_HUB_OFFLINE": "1", "DDIMCTL_CACHE": str(folder / ".cache")}, **(case.env or {}))
-    if case.python:
-        command = [sys.executable, "-c", case.python + "\nfrom ddimctl.cli import main\nmain()", *args]
-    else:
-        command = [sys.executable, "-m", "ddimctl", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env, timeout=timeout)
+    env = {"DDIMCTL_CACHE": str(folder / ".cache"), **(case.env or {})}
+    return ddimctl(*args, cwd=folder, check=False, env=env, prelude=case.python, timeout=timeout)
 
 
 def tiny_checkpoint(folder: Path, mutate: Callable[[dict], None] | None = None) -> str:
@@ -180,8 +174,8 @@ CASES = [
     Case("reconstruct into a .txt", lambda f: ["reconstruct", THREE, *DIGITS, "--out", "r.txt"], "must end in .png"),
     Case("interpolate GIF name", lambda f: ["interpolate", THREE, THREE, *DIGITS, "--gif", "x.png"], "must end in .gif"),
     Case("rerun into a folder with another seed",
-         lambda f: subprocess.run([sys.executable, "-m", "ddimctl", "sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/"],
-                                  capture_output=True, env={**os.environ, "DDIMCTL_CACHE": str(f / ".cache")}, cwd=f)
+         lambda f: ddimctl("sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/", cwd=f,
+                           env={"DDIMCTL_CACHE": str(f / ".cache")})
          and ["sample", *DIGITS, "-n", "2", "--steps", "2", "--seed", "5", "--out", "s/"],
          "other settings (seed 0 (now 5))"),
     Case("safetensors write on a full disk", lambda f: ["invert", THREE, *DIGITS, "--steps", "2", "--out", "z.safetensors"],

@@ -259,12 +259,8 @@ def test_version_and_shell_completion(tmp_path):
 
 def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):
     """stderr is a pipe here: progress comes as plain lines (done/total, rate, elapsed, time left)."""
-    env_run = subprocess.run(
-        [sys.executable, "-m", "ddimctl", "sample", "--model", str(tiny_checkpoint), "-n", "2", "--steps", "3",
-         "--batch-size", "1", "--out", "p.png"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "DDIMCTL_PROGRESS_SECONDS": "0"},
-    )
+    env_run = ddimctl("sample", "--model", tiny_checkpoint, "-n", "2", "--steps", "3", "--batch-size", "1",
+                      "--out", "p.png", cwd=tmp_path, env={"DDIMCTL_PROGRESS_SECONDS": "0"})
     lines = [line for line in env_run.stderr.splitlines() if line.startswith("sampling: ")]
     assert len(lines) == 6, env_run.stderr  # one per network call of a batch
     assert re.fullmatch(r"sampling: 6/6 evals, [\d.]+ img/s, elapsed \d+:\d\d, left 0:00", lines[-1])
@@ -273,13 +269,11 @@ def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):
 
 def test_no_network_default_model_answers_in_one_line(tmp_path):
     """The Hub's host does not resolve: one error line at once, no retries, pointing to --model digits."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_ENDPOINT="http://ddimctl-test.invalid", HF_HUB_CACHE=str(tmp_path / "hf"), DDIMCTL_CACHE=str(tmp_path / "c"))
+    env = dict(HF_ENDPOINT="http://ddimctl-test.invalid", HF_HUB_CACHE=str(tmp_path / "hf"), DDIMCTL_CACHE=str(tmp_path / "c"))
     for args in (["sample", "--steps", "50", "--eta", "0"], ["reconstruct", str(tmp_path / "x.png")]):
         if args[0] == "reconstruct":
             Image.fromarray(np.zeros((32, 32, 3), dtype="uint8")).save(tmp_path / "x.png")
-        result = subprocess.run([sys.executable, "-m", "ddimctl", *args], capture_output=True, text=True, cwd=tmp_path,
-                                env=env, timeout=120)
+        result = ddimctl(*args, cwd=tmp_path, check=False, env=env, offline=False, timeout=120)
         assert result.returncode == 1 and "Retrying" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) <= 3 and "does not resolve" in lines[-1] and "--model digits" in lines[-1], result.stderr

@@ -6,9 +6,6 @@ venv: .ci/run runs this file a second time in a venv with torch 2.14.1 + torchvi
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import torch
 from PIL import Image
 
 from ddimctl import metrics
+from helpers import ddimctl
 
 
 def have_fidelity() -> bool:
@@ -28,6 +26,9 @@ def have_fidelity() -> bool:
 
 
 needs_fidelity = pytest.mark.skipif(not have_fidelity(), reason="torch-fidelity not importable (see .ci/run)")
+
+# Run before the command line in its process: the tests' small feature extractor, registered by name.
+WITH_TEST_EXTRACTOR = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_evaluate; test_evaluate.register_test_extractor()"
 
 
 def pooled_features(images: torch.Tensor) -> torch.Tensor:
@@ -99,15 +100,10 @@ def test_fid_through_torch_fidelity_equals_the_direct_frechet_distance(tmp_path)
 @needs_fidelity
 def test_sweep_end_to_end(tmp_path):
     """Every cell sampled and scored; markdown, JSON and plot written; reruns resume."""
-    register_code = (
-        "import sys; sys.path.insert(0, %r); import test_evaluate; test_evaluate.register_test_extractor();"
-        "from ddimctl.cli import main; sys.argv = ['ddimctl'] + sys.argv[1:]; main()"
-    ) % str(Path(__file__).parent)
     write_images(tmp_path / "ref", 64, 0, 60)
     args = ["sweep", "--model", "digits", "--steps", "2,4", "--eta", "0,1", "--sigma-hat", "-n", "24",
             "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "sw"), "--feature-extractor", "ddimctl-test-pooled"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", register_code, *args], capture_output=True, text=True, env=env, timeout=600)
+    result = ddimctl(*args, check=False, prelude=WITH_TEST_EXTRACTOR, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "sw" / "results.json").read_text())
     assert sorted((c["row"], c["steps"]) for c in report["cells"]) == sorted(
@@ -124,7 +120,7 @@ def test_sweep_end_to_end(tmp_path):
 @pytest.mark.skipif(have_fidelity(), reason="this checks the message shown when torch-fidelity is missing")
 def test_without_torch_fidelity_the_commands_say_what_to_install(tmp_path):
     for args in (["fid", str(tmp_path), "--ref", "cifar10-train"], ["sweep", "--model", "digits", "--ref", "x", "-n", "10"]):
-        result = subprocess.run([sys.executable, "-m", "ddimctl", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        result = ddimctl(*args, cwd=tmp_path, check=False, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert "pip install 'ddimctl[eval]'" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "sweep").exists()
@@ -159,13 +155,8 @@ def test_fid_from_saved_statistics_and_from_a_running_sampler(tmp_path):
     expected = metrics.frechet_distance_between(pooled_features(a), pooled_features(b))
     assert from_file == pytest.approx(expected, rel=1e-3)
 
-    code = (
-        "import sys; sys.path.insert(0, %r); import test_evaluate; test_evaluate.register_test_extractor();"
-        "from ddimctl.cli import main; sys.argv = ['ddimctl'] + sys.argv[1:]; main()"
-    ) % str(Path(__file__).parent)
     args = ["fid", "--model", "digits", "-n", "16", "--steps", "3", "--ref", str(tmp_path / "b"),
             "--feature-extractor", "ddimctl-test-pooled"]
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = ddimctl(*args, check=False, prelude=WITH_TEST_EXTRACTOR)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) > 0

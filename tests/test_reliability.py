@@ -119,6 +119,9 @@ def test_interrupted_training_names_its_newest_checkpoint(tmp_path):
     assert "no checkpoint was written" in runs.interrupted_at(tmp_path / "nothing")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "step-00000040.safetensors").write_bytes(b"")
-    assert runs.interrupted_at(tmp_path) == (
+    from ddimctl.cli.common import flag
+    from ddimctl.errors import spell
+
+    assert spell(runs.interrupted_at(tmp_path), flag) == (  # as Ctrl-C shows it
         "the newest checkpoint is step-00000040.safetensors; resume with the same command and --resume"
     )

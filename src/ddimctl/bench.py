@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import ddim, fast
+from .errors import between
 from .export import diffusers_unet_config
 from .unet import UNet
 
@@ -206,6 +207,12 @@ def benchmark_training(
     }
 
 
+def check_settings(steps: int, compile_mode: str | None) -> None:
+    """What a benchmark can run: S within the linear schedule's T = 1000, and a known compile mode."""
+    between("steps", steps, 1, 1000)
+    fast.check_compile_mode(compile_mode)
+
+
 def run_benchmark(
     unet: UNet,
     device: torch.device,
@@ -219,6 +226,7 @@ def run_benchmark(
 ) -> list[Measurement]:
     """ddimctl's fp32 path, its fast path, and (when diffusers is installed) the reference in fp32 and,
     on GPUs, fp16, all from the same x_T. Fidelity of every path is measured against ddimctl fp32."""
+    check_settings(steps, compile_mode)
     c = unet.config
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(batch, c.in_channels, c.resolution, c.resolution, generator=g).to(device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .images import read_pixels
 
 # Formats Pillow reads that people keep training images in.
@@ -55,7 +55,7 @@ def load_folder(
     if needed > MAX_IN_MEMORY_BYTES:
         raise DdimctlError(
             f"{len(files)} images at {resolution}x{resolution} need {needed / 2**30:.1f} GiB in memory; "
-            f"use a lower --resolution or a subset of the data"
+            f"use a lower {param('resolution')} or a subset of the data"
         )
     out = torch.empty((len(files), channels, resolution, resolution), dtype=torch.uint8)
     kept, bad = 0, []

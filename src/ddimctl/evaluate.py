@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .files import atomic_path
 
 FID_KEY = "frechet_inception_distance"
@@ -121,7 +121,7 @@ def load_statistics(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] if k in ("mu", "sigma") else str(f[k]) for k in ("mu", "sigma", "feature_extractor", "layer")}
     except (OSError, KeyError, ValueError) as e:
-        raise DdimctlError(f"--ref {path}: not a statistics file written by `ddimctl fid --save-stats` ({e})") from e
+        raise DdimctlError(f"{param('ref')} {path}: not a statistics file written by `ddimctl fid --save-stats` ({e})") from e
 
 
 def compute_fid(
@@ -142,7 +142,7 @@ def compute_fid(
     if reference.endswith(".npz"):
         ref = load_statistics(Path(reference))
         if feature_extractor and feature_extractor != ref["feature_extractor"]:
-            raise DdimctlError(f"--ref {reference} holds {ref['feature_extractor']} features, not {feature_extractor}")
+            raise DdimctlError(f"{param('ref')} {reference} holds {ref['feature_extractor']} features, not {feature_extractor}")
         mine = statistics(str(samples), device, batch_size, ref["feature_extractor"], cache_root)
         from torch_fidelity.metric_fid import fid_statistics_to_metric
 
@@ -151,7 +151,7 @@ def compute_fid(
     if Path(reference).is_dir():
         kwargs["input2_cache_name"] = folder_cache_name(Path(reference))
     elif Path(reference).exists():
-        raise DdimctlError(f"--ref {reference}: give a folder of images, a .npz statistics file or a name such as cifar10-train")
+        raise DdimctlError(f"{param('ref')} {reference}: give a folder of images, a .npz statistics file or a name such as cifar10-train")
     return float(_run(tf.calculate_metrics, **kwargs)[FID_KEY])
 
 
@@ -204,6 +204,12 @@ def write_tables(out: Path, model: str, cells: list[dict]) -> dict[str, Path]:
     return written
 
 
+def check_sample_count(num: int) -> None:
+    """FID needs at least two images for a covariance."""
+    if num < 2:
+        raise DdimctlError(f"{param('num')} must be at least 2 for FID, got {num}")
+
+
 def run_sweep(
     model_name: str,
     steps_list: list[int],
@@ -221,6 +227,7 @@ def run_sweep(
     under `out` (fill() resumes a half-filled one), then their FID against `ref`; the tables are
     rewritten after every cell. prepare_cell(S, eta, first_sampler) gives (sampler, batch), sharing
     the first cell's prepared network."""
+    check_sample_count(num)
     cells, first = [], None
     for s in steps_list:
         for eta in rows:

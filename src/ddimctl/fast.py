@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .files import cache_dir
 from .unet import UNet
 
@@ -67,13 +67,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 on GPUs that have it (else fp16), and on CPUs with native bf16, where it measured
     1.8-2.6x faster than fp32 at 35-50 dB from the fp32 samples (docs/benchmarks.md); fp32 otherwise."""
     if precision not in PRECISIONS:
-        raise DdimctlError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise DdimctlError(f"{param('precision')} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if device.type == "cpu" and precision in ("fp16", "tf32"):
-        raise DdimctlError(f"--precision {precision} needs a CUDA GPU; use fp32 or bf16 on the CPU")
+        raise DdimctlError(f"{param('precision')} {precision} needs a CUDA GPU; use fp32 or bf16 on the CPU")
     return precision
 
 
@@ -110,6 +110,12 @@ class FastEps:
         return eps[:n].float().contiguous()  # a fresh tensor: graph outputs are reused buffers
 
 
+def check_compile_mode(compile_mode: str | None) -> None:
+    """None (eager) or one of COMPILE_MODES."""
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise DdimctlError(f"{param('compile_mode')} must be one of {', '.join(COMPILE_MODES)} or none, got {compile_mode!r}")
+
+
 def prepare(
     unet: UNet,
     device: torch.device,
@@ -120,8 +126,7 @@ def prepare(
 ) -> FastEps:
     """The UNet as a fast eps model. compile_mode None: eager; otherwise one of COMPILE_MODES:
     torch.compile's modes, or "tuned" (see TUNED_OPTIONS)."""
-    if compile_mode is not None and compile_mode not in COMPILE_MODES:
-        raise DdimctlError(f"compile mode must be one of {', '.join(COMPILE_MODES)} or none, got {compile_mode!r}")
+    check_compile_mode(compile_mode)
     precision = resolve_precision(precision, device)
     if device.type == "cuda":
         set_matmul_precision(precision)

@@ -22,7 +22,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 
 
 def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -88,7 +88,7 @@ def download(
         )
         raise DdimctlError(
             f"model {name!r}: {where} is not in the Hub cache and {reason}; connect to the network "
-            f"(or point HF_ENDPOINT at a mirror), or use the bundled --model digits or a local checkpoint"
+            f"(or point HF_ENDPOINT at a mirror), or use the bundled {param('model')} digits or a local checkpoint"
         ) from e
     except RepositoryNotFoundError as e:
         raise DdimctlError(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .files import atomic_path
 
 
@@ -137,9 +137,9 @@ def check_writable(path: Path) -> None:
     if not folder.exists():
         raise DdimctlError(f"cannot write {path}: folder {folder} does not exist; create it first")
     if not folder.is_dir():
-        raise DdimctlError(f"cannot write {path}: {folder} is not a folder; choose another --out")
+        raise DdimctlError(f"cannot write {path}: {folder} is not a folder; choose another {param('out')}")
     if not os.access(folder, os.W_OK):
-        raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another --out")
+        raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another {param('out')}")
 
 
 def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .files import atomic_save_safetensors
 
 if TYPE_CHECKING:
@@ -34,11 +34,11 @@ def inversion_metadata(exact: ExactInversion | None) -> dict[str, str]:
 def _read(path: Path, read):
     """read(path) on a latents file, with one-line errors for a missing or unreadable one."""
     if not Path(path).is_file():
-        raise DdimctlError(f"--latents {path}: no such file")
+        raise DdimctlError(f"{param('latents')} {path}: no such file")
     try:
         return read(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise DdimctlError(f"--latents {path}: not a safetensors file ({e}); write one with `ddimctl invert`") from e
+        raise DdimctlError(f"{param('latents')} {path}: not a safetensors file ({e}); write one with `ddimctl invert`") from e
 
 
 def _metadata(path: str) -> dict[str, str]:
@@ -51,16 +51,16 @@ def _metadata(path: str) -> dict[str, str]:
 def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
     tensors = _read(path, load_file)
     if "latents" not in tensors:
-        raise DdimctlError(f"--latents {path}: no tensor named 'latents' in it")
+        raise DdimctlError(f"{param('latents')} {path}: no tensor named 'latents' in it")
     latents = tensors["latents"]
     if latents.dim() == 4 and latents.shape[0] == 0:
-        raise DdimctlError(f"--latents {path}: holds no latents (0 rows); write some with `ddimctl invert`")
+        raise DdimctlError(f"{param('latents')} {path}: holds no latents (0 rows); write some with `ddimctl invert`")
     if latents.is_floating_point() and not torch.isfinite(latents).all():
         bad = (~torch.isfinite(latents.flatten(1))).any(1).nonzero().flatten().tolist()
-        raise DdimctlError(f"--latents {path}: latent(s) {', '.join(map(str, bad[:5]))} hold NaN or infinite values")
+        raise DdimctlError(f"{param('latents')} {path}: latent(s) {', '.join(map(str, bad[:5]))} hold NaN or infinite values")
     if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(image_shape):
         raise DdimctlError(
-            f"--latents {path}: shape {tuple(latents.shape)} does not fit this model, which needs "
+            f"{param('latents')} {path}: shape {tuple(latents.shape)} does not fit this model, which needs "
             f"(N, {', '.join(map(str, image_shape))})"
         )
     return latents.float()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 
 RUN_FORMAT = "ddimctl-run"
 CONFIG = "config.json"
@@ -63,9 +63,9 @@ def check_run_dir(run_dir: Path | str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is a file, not a folder; choose another --out")
+        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is a file, not a folder; choose another {param('out')}")
     if not os.access(existing, os.W_OK):
-        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is not writable; choose another --out")
+        raise DdimctlError(f"cannot create the run folder {run_dir}: {existing} is not writable; choose another {param('out')}")
 
 
 def interrupted_at(run_dir: Path | str) -> str:
@@ -73,7 +73,7 @@ def interrupted_at(run_dir: Path | str) -> str:
     files = checkpoint_files(Path(run_dir)) if Path(run_dir).is_dir() else []
     if not files:
         return f"no checkpoint was written to {run_dir} yet"
-    return f"the newest checkpoint is {files[-1].name}; resume with the same command and --resume"
+    return f"the newest checkpoint is {files[-1].name}; resume with the same command and {param('resume')}"
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -102,5 +102,5 @@ def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
         say(f"notice: skipping {path.name}: {problem}")
     raise DdimctlError(
         f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
-        f"start afresh with another --out"
+        f"start afresh with another {param('out')}"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import ddim, seeds
-from .errors import DdimctlError
+from .errors import DdimctlError, at_least, between, finite_at_least, one_of, param
 from .files import atomic_path
 from .weights import LoadedModel
 
@@ -28,14 +28,14 @@ def pick_device(device: str) -> torch.device:
     try:
         picked = torch.device(device)
     except RuntimeError as e:
-        raise DdimctlError(f"unknown --device {device!r}; use auto, cpu or cuda") from e
+        raise DdimctlError(f"unknown {param('device')} {device!r}; use auto, cpu or cuda") from e
     if picked.type not in ("cpu", "cuda"):
-        raise DdimctlError(f"--device {device} is not supported; use auto, cpu or cuda (cuda:N for one GPU)")
+        raise DdimctlError(f"{param('device')} {device} is not supported; use auto, cpu or cuda (cuda:N for one GPU)")
     if picked.type == "cuda":
         if not torch.cuda.is_available():
-            raise DdimctlError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise DdimctlError(f"{param('device')} cuda was asked for but no CUDA GPU is visible; use {param('device')} cpu")
         if picked.index is not None and picked.index >= torch.cuda.device_count():
-            raise DdimctlError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+            raise DdimctlError(f"{param('device')} {device}: only {torch.cuda.device_count()} GPU(s) are visible")
     return picked
 
 
@@ -70,8 +70,7 @@ class ExactInversion:
 
 def edit_steps(strength: float, steps: int) -> int:
     """How many of the S timesteps an edit of this strength walks (t0 is the last of them)."""
-    if not 0 <= strength <= 1:
-        raise DdimctlError(f"edit strength must be between 0 and 1, got {strength}")
+    check_settings(strength=strength)
     return round(strength * steps)
 
 
@@ -89,7 +88,7 @@ def check_finite(indices: Sequence[int], x: torch.Tensor) -> torch.Tensor:
         raise DdimctlError(
             f"{len(which)} image(s) came out NaN or infinite (number {', '.join(map(str, which[:5]))}"
             f"{', ...' if len(which) > 5 else ''}), so none of this batch was written; the weights or inputs are broken, "
-            f"or try --precision fp32"
+            f"or try {param('precision')} fp32"
         )
     return x
 
@@ -108,11 +107,8 @@ class Sampler:
 
     @classmethod
     def create(cls, model: LoadedModel, steps: int, skip: str | None, device: torch.device, **kwargs) -> "Sampler":
-        scheme = skip or model.skip
-        try:
-            timesteps = ddim.timestep_sequence(steps, model.train_steps, scheme)
-        except ValueError as e:
-            raise DdimctlError(f"--steps/--skip: {e}") from e
+        check_settings(model.train_steps, steps=steps, skip=skip, eta=kwargs.get("eta"))
+        timesteps = ddim.timestep_sequence(steps, model.train_steps, skip or model.skip)
         model.unet.to(device)
         return cls(model, timesteps, device, **kwargs)
 
@@ -202,6 +198,41 @@ class Sampler:
 
 
 # --------------------------------------------------------------------------------------------
+# The rules for a run's settings, each written once. The CLI checks what it can before loading a
+# model; prepare() and Sampler.create() check again, with the model's T, for every caller.
+
+
+def check_settings(
+    train_steps: int | None = None,
+    *,
+    steps: int | None = None,
+    skip: str | None = None,
+    eta: float | None = None,
+    batch_size: int | None = None,
+    num: int | None = None,
+    strength: float | None = None,
+    frames: int | None = None,
+) -> None:
+    """Raise DdimctlError naming the first value (of those given) that no run can use."""
+    if steps is not None and train_steps is not None:
+        between("steps", steps, 1, train_steps, " (the model's train steps)")
+    elif steps is not None:
+        at_least("steps", steps, 1)
+    if skip is not None:
+        one_of("skip", skip, ddim.SKIP_SCHEMES)
+    if eta is not None:
+        finite_at_least("eta", eta, 0)
+    if batch_size is not None:
+        at_least("batch_size", batch_size, 1)
+    if num is not None:
+        at_least("num", num, 1)
+    if strength is not None:
+        between("strength", strength, 0, 1)
+    if frames is not None:
+        at_least("frames", frames, 2)
+
+
+# --------------------------------------------------------------------------------------------
 # A sampler ready for a run: device, precision, batch size, and compiling when it pays.
 
 
@@ -224,12 +255,7 @@ def prepare(
     prepared (compiled) network, so a sweep compiles once. notify() hears what was decided."""
     from . import distributed, fast
 
-    if skip is not None and skip not in ddim.SKIP_SCHEMES:
-        raise DdimctlError(f"--skip must be one of {', '.join(ddim.SKIP_SCHEMES)}, got {skip!r}")
-    if not 1 <= steps <= model.train_steps:
-        raise DdimctlError(f"--steps must be between 1 and {model.train_steps} (the model's train steps), got {steps}")
-    if batch_size is not None and batch_size < 1:
-        raise DdimctlError(f"--batch-size must be at least 1, got {batch_size}")
+    check_settings(model.train_steps, steps=steps, skip=skip, eta=eta, batch_size=batch_size)
     dev = distributed.local_device(pick_device(device), distributed.from_env())
     precision = fast.resolve_precision(precision, dev)
     if reuse is not None:
@@ -242,7 +268,7 @@ def prepare(
     if compile_model is None:
         use_compile = dev.type == "cuda" and (count is None or fast.worth_compiling(model.unet, count * steps))
         if dev.type == "cuda" and not use_compile:
-            notify(f"{count} images x {steps} steps: too little work to repay compiling the UNet (--compile forces it)")
+            notify(f"{count} images x {steps} steps: too little work to repay compiling the UNet ({param('compile')} forces it)")
     eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
@@ -393,7 +419,7 @@ def claim_folder(folder: Path, settings: dict[str, str]) -> None:
         if differ:
             raise DdimctlError(
                 f"{folder} holds images of a run with other settings ({', '.join(differ)}); "
-                f"use the same settings to finish it, or another --out"
+                f"use the same settings to finish it, or another {param('out')}"
             )
         return
     with atomic_path(record) as tmp:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
 from . import ddim, distributed, fast, images, runs, seeds
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .files import atomic_path, atomic_save_safetensors, remove_stale_temporaries
 from .registry import DEFAULT_SCHEDULE
 from .sampling import Sampler
@@ -58,15 +58,18 @@ class TrainOptions:
     def check(self) -> None:
         """Every option, before anything is created on disk."""
         finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+        channels = self.unet.get("in_channels", 3)
         rules = [
+            (channels in (1, 3), f"{param('channels')} must be 1 or 3, got {channels}"),
             (finite(self.lr) and self.lr > 0, f"learning rate must be a finite number > 0, got {self.lr}"),
             (finite(self.grad_clip) and self.grad_clip > 0, f"gradient clipping must be a finite number > 0, got {self.grad_clip}"),
             (finite(self.ema_decay) and 0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
             (self.warmup >= 0, f"warm-up steps must be >= 0, got {self.warmup}"),
-            (self.steps >= 1 and self.batch_size >= 1, f"steps and batch size must be >= 1, got {self.steps} and {self.batch_size}"),
-            (self.save_every >= 1 and self.keep >= 1, f"save-every and keep must be >= 1, got {self.save_every} and {self.keep}"),
+            *[(value >= 1, f"{param(name)} must be at least 1, got {value}") for name, value in [
+                ("steps", self.steps), ("batch_size", self.batch_size), ("save_every", self.save_every), ("keep", self.keep)]],
             (self.sample_count >= 0 and self.sample_steps >= 1, "sample grids need a count >= 0 and steps >= 1"),
-            (self.precision in ("auto", "fp32", "bf16"), f"training precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"{param('precision')} for training must be auto, fp32 or bf16, got {self.precision!r}"),
         ]
         for ok, message in rules:
             if not ok:
@@ -77,7 +80,7 @@ class TrainOptions:
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
         if self.preset not in PRESETS:
-            raise DdimctlError(f"unknown --preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+            raise DdimctlError(f"unknown {param('preset')} {self.preset!r}; choose from {', '.join(PRESETS)}")
         config = UNetConfig(**{**PRESETS[self.preset].to_dict(), **self.unet})
         try:
             config.check()
@@ -204,21 +207,21 @@ def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, re
         try:
             saved = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
-            raise DdimctlError(f"{config_file} is not valid JSON; choose another --out") from e
+            raise DdimctlError(f"{config_file} is not valid JSON; choose another {param('out')}") from e
         if not runs.is_run_config(saved):
-            raise DdimctlError(f"{run_dir} holds something other than a ddimctl run; choose another --out")
+            raise DdimctlError(f"{run_dir} holds something other than a ddimctl run; choose another {param('out')}")
         mine = config.to_dict()
         theirs = UNetConfig(**{**mine, **saved.get("unet", {})}).to_dict()
         if existing and any(theirs[k] != mine[k] for k in mine if k != "dropout"):
             changed = [k for k in mine if k != "dropout" and theirs[k] != mine[k]]
             raise DdimctlError(
                 f"{run_dir} holds a run with another architecture ({', '.join(changed)} differ); "
-                f"use the same settings or another --out"
+                f"use the same settings or another {param('out')}"
             )
     if existing and not resume:
         raise DdimctlError(
             f"{run_dir} already holds a run (newest checkpoint {existing[-1].name}); "
-            f"pass --resume to continue it, or choose another --out"
+            f"pass {param('resume')} to continue it, or choose another {param('out')}"
         )
     return existing[-1] if existing else None
 
@@ -247,7 +250,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     run_dir = Path(options.out)
     config = options.unet_config()
     if options.batch_size % world.size:
-        raise DdimctlError(f"--batch-size {options.batch_size} is not divisible by the {world.size} processes")
+        raise DdimctlError(f"{param('batch_size')} {options.batch_size} is not divisible by the {world.size} processes")
     resume_from = prepare_run_dir(run_dir, options, config, resume)
     if resume_from is not None:
         resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))

@@ -10,8 +10,8 @@ import sys
 
 import typer
 
-from ..errors import DdimctlError
-from .common import app, progress_on_interrupt
+from ..errors import DdimctlError, spell
+from .common import app, flag, progress_on_interrupt
 
 # Each module registers its commands when imported; this order is the order of --help.
 for _group in ("generate", "inversion", "training", "evaluation"):
@@ -25,7 +25,7 @@ def main() -> None:
         from click import ClickException
 
     def interrupted() -> None:
-        done = progress_on_interrupt[-1]() if progress_on_interrupt else ""
+        done = spell(progress_on_interrupt[-1](), flag) if progress_on_interrupt else ""
         print(f"interrupted{'; ' + done if done else ''}", file=sys.stderr)
         sys.exit(130)
 
@@ -38,7 +38,7 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except DdimctlError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.render(flag)}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, permissions, ...: say what failed, in one line
         print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)

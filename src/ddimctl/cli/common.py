@@ -25,7 +25,7 @@ from rich.text import Text
 
 from .. import images, registry, sampling, weights
 from ..data import find_images
-from ..errors import DdimctlError
+from ..errors import DdimctlError, spell
 
 app = typer.Typer(
     name="ddimctl",
@@ -173,8 +173,13 @@ def progress_bar(description: str, images_count: int, evals_per_image: int, enab
         yield lambda n: bar.advance(task, n)
 
 
+def flag(name: str) -> str:
+    """The command-line spelling of a library parameter: batch_size is --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
 def note(message: str) -> None:
-    stderr.print(Text(message, style="dim"))
+    stderr.print(Text(spell(message, flag), style="dim"))
 
 
 def say(message: str) -> None:

@@ -83,8 +83,7 @@ def fid(
         fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
     with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:
         if model is not None:
-            if num < 2:
-                fail(f"--num must be at least 2 for FID, got {num}")
+            evaluate.check_sample_count(num)
             loaded = load(model)
             sampler, batch = make_sampler(loaded, steps, skip, device, eta, count=num)
             samples = Path(tmp)
@@ -116,8 +115,7 @@ def sweep(
     evaluate.fidelity()  # fail before hours of sampling, not after
     steps_list = parse_list(steps, "--steps")
     eta_list = parse_list(etas, "--eta", float)
-    if num < 2:
-        fail(f"--num must be at least 2 for FID, got {num}")
+    evaluate.check_sample_count(num)
     out.mkdir(parents=True, exist_ok=True)
     world = distributed.init(sampling.pick_device(device))
     loaded = load(model)
@@ -156,6 +154,8 @@ def bench(
     from ..unet import PRESETS, UNet
 
     dev = sampling.pick_device(device)
+    mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
+    benchmarks.check_settings(steps, None if mode == "none" else mode)
     if model in PRESETS or (model in registry.registry() and not weights.is_cached(registry.registry()[model])):
         arch = PRESETS[model] if model in PRESETS else PRESETS[registry.registry()[model].architecture]
         torch.manual_seed(0)
@@ -164,12 +164,7 @@ def bench(
     else:
         unet = load(model).unet
         source = model
-    mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
-    if mode not in (*fast.COMPILE_MODES, "none"):
-        fail(f"--compile-mode must be one of {', '.join(fast.COMPILE_MODES)} or none, got {mode!r}")
     batch = batch_size or (256 if dev.type == "cuda" else 4)
-    if steps < 1 or steps > 1000:
-        fail(f"--steps must be between 1 and 1000, got {steps}")
     if not as_json:
         say(f"bench: {source}; {dev}; batch {batch}; S={steps}; {runs} timed runs each")
     results = benchmarks.run_benchmark(

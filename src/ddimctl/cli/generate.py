@@ -60,10 +60,7 @@ def sample(
     scale: Optional[int] = ScaleOpt,
 ) -> None:
     """Generate images with DDIM: S steps, any eta."""
-    if not (math.isfinite(eta) and eta >= 0):
-        fail(f"--eta must be a finite number >= 0, got {eta}")
-    if num < 1 and latents is None:
-        fail(f"--num must be at least 1, got {num}")
+    sampling.check_settings(skip=skip, eta=eta, batch_size=batch_size, num=None if latents else num)
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -152,10 +149,7 @@ def edit(
 ) -> None:
     """SDEdit with DDIM: noise the images to t0 and denoise them back, or inpaint the masked part."""
     how = exact_settings(exact, tol, max_iters)
-    if not 0 <= strength <= 1:
-        fail(f"--strength must be between 0 and 1, got {strength}")
-    if not (eta >= 0 and math.isfinite(eta)):
-        fail(f"--eta must be a finite number >= 0, got {eta}")
+    sampling.check_settings(skip=skip, eta=eta, batch_size=batch_size, strength=strength)
     out_path = Path(out).expanduser()
     image_paths = check_inputs(image_paths)
     to_folder = is_directory_target(out_path, out)

@@ -184,8 +184,7 @@ def interpolate(
         fail(f"interpolate takes two images A B, or --seeds S1,S2; got {len(paths)} image(s)")
     if seeds is not None and paths:
         fail("give either two images or --seeds, not both")
-    if frames < 2:
-        fail(f"--frames must be at least 2, got {frames}")
+    sampling.check_settings(skip=skip, batch_size=batch_size, frames=frames)
     to_folder = is_directory_target(Path(out), out)
     out = Path(out).expanduser()
     if to_folder:

@@ -22,7 +22,6 @@ from .common import (
     DeviceOpt,
     PlainProgress,
     app,
-    fail,
     parse_list,
     progress_on_interrupt,
     say,
@@ -68,10 +67,7 @@ def train(
     """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
     from .. import train as training
 
-    if channels is not None and channels not in (1, 3):
-        fail(f"--channels must be 1 or 3, got {channels}")
     data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
-    runs.check_run_dir(out)
     channels_note = None
     if channels is None:
         saved = runs.saved_config(out) if resume else None
@@ -89,17 +85,13 @@ def train(
         overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
     if attention is not None:
         overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
-    for name, value in [("--steps", steps), ("--batch-size", batch_size), ("--save-every", save_every), ("--keep", keep)]:
-        if value < 1:
-            fail(f"{name} must be at least 1, got {value}")
-    if precision not in ("auto", "fp32", "bf16"):
-        fail(f"--precision for training must be auto, fp32 or bf16, got {precision!r}")
     options = training.TrainOptions(
         data=str(data), out=str(out), preset=preset, unet=overrides, steps=steps, batch_size=batch_size, lr=lr,
         warmup=warmup, lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
         sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model,
     )
-    config = options.unet_config()
+    config = options.unet_config()  # every value checked here, before anything is written
+    runs.check_run_dir(out)
     main_process = distributed.from_env().is_main
     train_device = sampling.pick_device(device)
     if main_process:

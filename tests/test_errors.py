@@ -1,0 +1,69 @@
+"""Errors name values, not flags: the library says `batch_size`, the command line says `--batch-size`."""
+
+import math
+
+import pytest
+import torch
+
+from ddimctl import sampling
+from ddimctl.cli.common import flag
+from ddimctl.errors import DdimctlError, param, spell
+from ddimctl.train import TrainOptions
+
+
+def test_library_names_the_parameter_and_cli_names_the_flag():
+    with pytest.raises(DdimctlError) as caught:
+        sampling.check_settings(batch_size=0)
+    assert str(caught.value) == "batch_size must be at least 1, got 0"
+    assert caught.value.render(flag) == "--batch-size must be at least 1, got 0"
+
+
+def test_a_message_keeps_its_own_text_around_the_names():
+    # Braces, percent signs and backslashes in a path are the message's text, not formatting.
+    message = f"{param('latents')} /tmp/{{a}}%s\\b.safetensors: see {param('out')} and {param('save_every')}"
+    assert spell(message) == "latents /tmp/{a}%s\\b.safetensors: see out and save_every"
+    assert spell(message, flag) == "--latents /tmp/{a}%s\\b.safetensors: see --out and --save-every"
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"steps": 1001, "train_steps": 1000}, "steps must be between 1 and 1000 (the model's train steps), got 1001"),
+        ({"skip": "cosine"}, "skip must be one of uniform, quad, got 'cosine'"),
+        ({"eta": math.nan}, "eta must be a finite number >= 0, got nan"),
+        ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
+        ({"num": 0}, "num must be at least 1, got 0"),
+        ({"strength": 1.5}, "strength must be between 0 and 1, got 1.5"),
+        ({"strength": math.nan}, "strength must be between 0 and 1, got nan"),
+        ({"frames": 1}, "frames must be at least 2, got 1"),
+    ],
+)
+def test_each_sampling_rule(values, expected):
+    with pytest.raises(DdimctlError) as caught:
+        sampling.check_settings(**values)
+    assert str(caught.value) == expected
+
+
+def test_values_that_every_run_can_use_pass():
+    sampling.check_settings(1000, steps=1000, skip="quad", eta=0.0, batch_size=1, num=1, strength=0.0, frames=2)
+    sampling.check_settings(4000, steps=2000)  # a model with a longer schedule takes more steps
+
+
+def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
+    from ddimctl import weights
+
+    model = weights.load_model("digits")
+    with pytest.raises(DdimctlError, match="^eta must be a finite number >= 0, got -1$"):
+        sampling.Sampler.create(model, 10, None, torch.device("cpu"), eta=-1)
+    with pytest.raises(DdimctlError, match=r"^steps must be between 1 and 1000 \(the model's train steps\), got 0$"):
+        sampling.prepare(model, 0, None, "cpu")
+
+
+def test_training_options_name_their_values():
+    with pytest.raises(DdimctlError) as caught:
+        TrainOptions(data="d", out="o", save_every=0).check()
+    assert (str(caught.value), caught.value.render(flag)) == (
+        "save_every must be at least 1, got 0", "--save-every must be at least 1, got 0")
+    with pytest.raises(DdimctlError, match="^channels must be 1 or 3, got 2$"):
+        TrainOptions(data="d", out="o", unet={"in_channels": 2}).check()
