@@ -208,3 +208,24 @@ def test_channels_follow_the_data_unless_given(data_dir, tmp_path):
     result = run("train", data_dir, "--out", "rgb", "--steps", 1, "--preset", "tiny", "--batch-size", 4,
                  "--sample-count", 0, cwd=tmp_path)
     assert "3 channels: RGB images found" in result.stderr
+
+
+def test_fine_tuning_starts_from_the_given_weights(data_dir, tmp_path, tiny_checkpoint):
+    """--init: the model's architecture (RGB here, though the data is grayscale) and its weights as the
+    start; one step at a tiny learning rate leaves them all but unchanged (a fresh start would not)."""
+    run("train", data_dir, "--out", "ft", "--init", tiny_checkpoint, "--steps", 1, "--save-every", 1, "--batch-size", 4,
+        "--lr", "1e-9", "--warmup", 0, "--sample-count", 0, "--seed", 5, cwd=tmp_path)
+    start = load_file(tiny_checkpoint)
+    tuned = weights.load_model(str(tmp_path / "ft"))
+    assert tuned.config.in_channels == 3
+    assert max(float((tuned.unet.state_dict()[k] - v).abs().max()) for k, v in start.items()) < 1e-6
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["train"]["init"] == str(tiny_checkpoint)
+
+
+def test_fine_tuning_keeps_the_architecture(data_dir, tmp_path, tiny_checkpoint):
+    result = run("train", data_dir, "--out", "r", "--init", tiny_checkpoint, "--preset", "tiny", "--channels", 1,
+                 cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --init {tiny_checkpoint} fixes the architecture (3 channel(s), 16x16); leave out --preset, --channels")
+    assert not (tmp_path / "r").exists()

@@ -8,6 +8,7 @@ bit-identical weights to one that ran straight through.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -36,8 +37,9 @@ from .weights import LoadedModel
 class TrainOptions:
     data: str
     out: str
-    preset: str = "small"
+    preset: str | None = None  # None: "small", or the architecture of `init`
     unet: dict = field(default_factory=dict)  # overrides of the preset's UNetConfig fields
+    init: str | None = None  # start from these weights (a model name or path): fine-tuning
     steps: int = 10_000
     batch_size: int = 64  # images per optimizer step, over all processes
     lr: float = 2e-4
@@ -79,14 +81,46 @@ class TrainOptions:
         self.check()
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
-        if self.preset not in PRESETS:
-            raise DdimctlError(f"unknown {param('preset')} {self.preset!r}; choose from {', '.join(PRESETS)}")
-        config = UNetConfig(**{**PRESETS[self.preset].to_dict(), **self.unet})
+        if self.init is not None:
+            return initial_weights(self.init, self.preset, self.unet)[0]
+        preset = self.preset or "small"
+        if preset not in PRESETS:
+            raise DdimctlError(f"unknown {param('preset')} {preset!r}; choose from {', '.join(PRESETS)}")
+        config = UNetConfig(**{**PRESETS[preset].to_dict(), **self.unet})
         try:
             config.check()
         except ValueError as e:
             raise DdimctlError(f"this architecture cannot take the run's settings: {e}") from e
         return config
+
+
+@functools.lru_cache(maxsize=1)
+def _load_initial(spec: str) -> LoadedModel:
+    from .weights import load_model
+
+    return load_model(spec)
+
+
+# Where a UNetConfig field is set from, for the message when --init forbids it.
+_OVERRIDE_NAMES = {"in_channels": "channels", "out_channels": "channels", "num_res_blocks": "res_blocks",
+                   "attention_resolutions": "attention"}
+
+
+def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+    """The architecture and weights a fine-tuning run starts from. The weights fix the architecture
+    (only dropout may change) and must come from the noise schedule training uses."""
+    loaded = _load_initial(spec)
+    config = UNetConfig(**{**loaded.config.to_dict(), **overrides})
+    differ = sorted({_OVERRIDE_NAMES.get(k, k) for k in overrides if getattr(config, k) != getattr(loaded.config, k)} - {"dropout"})
+    if preset is not None or differ:
+        named = ", ".join(param(name) for name in (["preset"] if preset is not None else []) + differ)
+        raise DdimctlError(
+            f"{param('init')} {spec} fixes the architecture ({loaded.config.in_channels} channel(s), "
+            f"{loaded.config.resolution}x{loaded.config.resolution}); leave out {named}"
+        )
+    if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(DEFAULT_SCHEDULE):
+        raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than training uses")
+    return config, loaded.unet.state_dict()
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +306,12 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
 
     torch.manual_seed(options.seed)  # the initial weights
-    model = UNet(config).to(device)
+    model = UNet(config)
+    if options.init is not None and resume_from is None:
+        model.load_state_dict(initial_weights(options.init, options.preset, options.unet)[1])
+        if world.is_main:
+            say(f"starting from the weights of {options.init}")
+    model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     # One fused kernel on CUDA: the small models are bound by kernel launches there.
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0, fused=device.type == "cuda")

@@ -33,8 +33,12 @@ from .common import (
 def train(
     data: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, checkpoints, samples, log."),
-    preset: str = typer.Option(
-        "small", "--preset", help="Architecture: cifar10, celeba64, ddpm256, digits, small, tiny."
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Architecture: cifar10, celeba64, ddpm256, digits, small, tiny (default: small)."
+    ),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Fine-tune: start from this model's weights (a registry name or a checkpoint); "
+        "its architecture is kept.",
     ),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Image size (default: the preset's)."),
     channels: Optional[int] = typer.Option(
@@ -69,7 +73,7 @@ def train(
 
     data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
     channels_note = None
-    if channels is None:
+    if channels is None and init is None:  # a fine-tuning run reads the data in its model's channels
         saved = runs.saved_config(out) if resume else None
         if saved is not None:
             channels = saved["unet"]["in_channels"]
@@ -86,7 +90,7 @@ def train(
     if attention is not None:
         overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
     options = training.TrainOptions(
-        data=str(data), out=str(out), preset=preset, unet=overrides, steps=steps, batch_size=batch_size, lr=lr,
+        data=str(data), out=str(out), preset=preset, unet=overrides, init=init, steps=steps, batch_size=batch_size, lr=lr,
         warmup=warmup, lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
         sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model,
     )
@@ -96,7 +100,8 @@ def train(
     train_device = sampling.pick_device(device)
     if main_process:
         how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
-        say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({preset} preset) on "
+        start = f"weights of {init}" if init else f"{preset or 'small'} preset"
+        say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({start}) on "
             f"{len(data_files)} images into {out} ({train_device}, {how})")
         if channels_note:
             say(f"{channels_note} (--channels overrides)")
