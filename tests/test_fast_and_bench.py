@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import random_unet
+from helpers import ddimctl
 
 from ddimctl import bench, ddim, fast
 from ddimctl.errors import DdimctlError
@@ -154,12 +155,8 @@ def test_psnr():
 
 def test_bench_cli_json(tmp_path):
     def bench_json(*extra):
-        result = subprocess.run(
-            [sys.executable, "-m", "ddimctl", "bench", "--model", "tiny", "--steps", "2", "--batch-size", "2",
-             "--runs", "1", "--json", *extra],
-            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
-        )
-        assert result.returncode == 0, result.stderr
+        result = ddimctl("bench", "--model", "tiny", "--steps", "2", "--batch-size", "2", "--runs", "1", "--json", *extra,
+                         cwd=tmp_path)
         return {r["name"]: r for r in json.loads(result.stdout)["results"]}
 
     # On a CPU without native bf16 the default fast path is the fp32 baseline itself: timed once,
@@ -180,3 +177,17 @@ def test_training_benchmark_runs_the_trainers_step():
 
     result = bench.benchmark_training(PRESETS["tiny"], torch.device("cpu"), 2, "fp32", False, steps=1)
     assert result["name"] == "train fp32 eager" and result["images_per_s"] > 0
+
+
+def test_bench_times_presets_with_random_weights_and_loads_the_rest():
+    loaded = []
+    unet, source = bench.unet_to_time("tiny", loaded.append)
+    assert isinstance(unet, UNet) and unet.config == PRESETS["tiny"] and "random weights" in source and not loaded
+    again, _ = bench.unet_to_time("tiny", loaded.append)
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), again.state_dict().values()))
+
+    class Loaded:
+        unet = "the loaded UNet"
+
+    assert bench.unet_to_time("some/checkpoint.safetensors", lambda spec: Loaded()) == (
+        "the loaded UNet", "some/checkpoint.safetensors")

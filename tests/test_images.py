@@ -21,3 +21,14 @@ def test_writer_stalls_are_measured(monkeypatch, tmp_path):
         for _ in range(4):
             roomy.submit(batch)
     assert roomy.stalled_s < 0.02
+
+
+def test_mask_pixels_brighter_than_mid_grey_are_regenerated(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    row = np.array([0, 127, 128, 255], dtype=np.uint8)
+    Image.fromarray(np.tile(row, (4, 1)), "L").save(tmp_path / "mask.png")
+    mask = images.load_mask(tmp_path / "mask.png", 4)
+    assert mask.shape == (1, 1, 4, 4)
+    assert mask[0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]

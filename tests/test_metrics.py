@@ -1,5 +1,7 @@
 """metrics.py: the Frechet distance, and per-image MSE and PSNR."""
 
+import math
+
 import pytest
 import torch
 
@@ -38,3 +40,16 @@ def test_mse_and_psnr_per_image_on_the_unit_scale():
     assert metrics.psnr(0.01) == 20.0 and metrics.psnr(0.0) == float("inf")
     clamped = metrics.mse_per_image(torch.full((1, 1, 2, 2), 3.0), torch.ones(1, 1, 2, 2))
     assert float(clamped) == 0.0  # values beyond 1 count as 1, as in a saved image
+
+
+def test_round_trip_errors_are_table_2s_numbers():
+    target = torch.zeros(2, 1, 4, 4)  # grey 0.5 on the [0, 1] scale
+    recon = target.clone()
+    recon[0] += 0.2  # 0.6: squared error 0.01 everywhere
+    recon[1, :, :2] -= 0.4  # 0.3 on half the pixels: 0.04 / 2
+    report = metrics.round_trip_errors(recon, target, ["a.png", "b.png"])
+    assert [i["image"] for i in report["images"]] == ["a.png", "b.png"]
+    assert [i["mse"] for i in report["images"]] == pytest.approx([0.01, 0.02])
+    assert report["images"][0]["psnr"] == pytest.approx(20.0)
+    assert report["mse"] == pytest.approx(0.015)
+    assert report["psnr"] == pytest.approx(10 * math.log10(1 / 0.015))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ddimctl import sampling
+from ddimctl import folders, sampling
 from ddimctl.errors import DdimctlError
 
 
@@ -26,11 +26,11 @@ def test_non_finite_rows_are_named_and_never_pass():
 
 def test_a_sample_folder_refuses_a_run_with_other_settings(tmp_path):
     settings = {"model": "digits", "steps": 20, "eta": "0", "seed": 1}
-    sampling.claim_folder(tmp_path, settings)
-    sampling.claim_folder(tmp_path, settings)  # the same run again: fine
-    assert json.loads((tmp_path / sampling.FOLDER_RECORD).read_text())["steps"] == 20
+    folders.claim_folder(tmp_path, settings)
+    folders.claim_folder(tmp_path, settings)  # the same run again: fine
+    assert json.loads((tmp_path / folders.FOLDER_RECORD).read_text())["steps"] == 20
     with pytest.raises(DdimctlError, match=r"other settings \(steps 20 \(now 50\), seed 1 \(now 2\)\)"):
-        sampling.claim_folder(tmp_path, {**settings, "steps": 50, "seed": 2})
+        folders.claim_folder(tmp_path, {**settings, "steps": 50, "seed": 2})
 
 
 def test_interpolation_latents_start_and_end_on_the_ends():
@@ -41,5 +41,10 @@ def test_interpolation_latents_start_and_end_on_the_ends():
 
 
 def test_folder_images_are_numbered_with_at_least_six_digits(tmp_path):
-    assert sampling.image_names(tmp_path, 3)(2) == tmp_path / "000002.png"
-    assert sampling.image_names(tmp_path, 10**7)(5) == tmp_path / "0000005.png"
+    assert folders.image_names(tmp_path, 3)(2) == tmp_path / "000002.png"
+    assert folders.image_names(tmp_path, 10**7)(5) == tmp_path / "0000005.png"
+
+
+def test_interpolation_alphas_include_both_ends():
+    assert sampling.interpolation_alphas(2) == [0.0, 1.0]
+    assert sampling.interpolation_alphas(5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])

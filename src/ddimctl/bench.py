@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ddim, fast
+from . import ddim, fast, registry, weights
 from .errors import between
 from .export import diffusers_unet_config
-from .unet import UNet
+from .unet import PRESETS, UNet
+from .weights import LoadedModel
 
 # Dense matrix-unit peaks from the vendors' datasheets (FLOP/s); MFU is reported against these.
 PEAK_FLOPS = {
@@ -205,6 +206,17 @@ def benchmark_training(
         "images_per_s": batch * steps / seconds,
         "warmup_s": warm,
     }
+
+
+def unet_to_time(spec: str, load: Callable[[str], LoadedModel]) -> tuple[UNet, str]:
+    """The UNet a benchmark times, and what it is: a preset, or a registry model not downloaded yet,
+    runs with random weights (speed does not depend on the values); anything else is load()ed."""
+    entries = registry.registry()
+    if spec in PRESETS or (spec in entries and not weights.is_cached(entries[spec])):
+        torch.manual_seed(0)
+        unet = UNet(PRESETS[spec] if spec in PRESETS else PRESETS[entries[spec].architecture]).eval()
+        return unet, f"random weights in the {spec} architecture (speed does not depend on the values)"
+    return load(spec).unet, spec
 
 
 def check_settings(steps: int, compile_mode: str | None) -> None:

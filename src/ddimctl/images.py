@@ -199,6 +199,12 @@ def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str
     return from_uint8(read_pixels(path, resolution, channels, notice).permute(1, 2, 0)[None])[0]
 
 
+def load_mask(path: Path, resolution: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+    """An inpainting mask as (1, 1, H, W) of 0 (keep) and 1 (regenerate): pixels brighter than mid-grey
+    count as white."""
+    return (load_image(path, resolution, 1, notice)[None] > 0).float()
+
+
 def fit(img: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to `resolution`, then crop the centre square."""
     w, h = img.size

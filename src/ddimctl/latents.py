@@ -77,3 +77,9 @@ def latents_settings(path: Path) -> dict[str, str]:
 def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str]:
     """The settings under which latents were made that differ from the ones asked for now."""
     return [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]
+
+
+def moments(latents: torch.Tensor) -> list[tuple[float, float]]:
+    """Mean and standard deviation of each latent: a Gaussian x_T has about 0 and 1."""
+    flat = latents.flatten(1).double()
+    return list(zip(flat.mean(1).tolist(), flat.std(1).tolist()))

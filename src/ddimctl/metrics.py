@@ -39,6 +39,16 @@ def mse_per_image(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (((x + 1) / 2).clamp(0, 1) - (target + 1) / 2).pow(2).flatten(1).mean(1)
 
 
+def round_trip_errors(x: torch.Tensor, target: torch.Tensor, names: list[str]) -> dict:
+    """Table 2's numbers for reconstructions x of target: the mean MSE and its PSNR, and each image's."""
+    mse = mse_per_image(x, target)
+    return {
+        "mse": float(mse.mean()),
+        "psnr": psnr(float(mse.mean())),
+        "images": [{"image": name, "mse": float(m), "psnr": psnr(float(m))} for name, m in zip(names, mse)],
+    }
+
+
 def psnr(mse: float) -> float:
     """Peak signal-to-noise ratio in dB of an MSE on the [0, 1] scale."""
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)

@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .. import images, registry, sampling, weights
+from .. import folders, images, registry, sampling, weights
 from ..data import find_images
 from ..errors import DdimctlError, spell
 
@@ -261,14 +261,14 @@ progress_on_interrupt: list = []
 
 
 def sample_to_folder(sampler, batch, seed, count, folder, world, x_T=None, scale=1) -> tuple[int, float]:
-    """sampling.sample_to_folder with a progress bar and a line for Ctrl-C."""
+    """folders.sample_to_folder with a progress bar and a line for Ctrl-C."""
     progress_on_interrupt.append(
-        lambda: f"{sampling.images_written(folder, count)} of {count} images written to {folder}; "
+        lambda: f"{folders.images_written(folder, count)} of {count} images written to {folder}; "
         f"rerun the same command to finish"
     )
     with progress_bar(f"sampling {folder.name}", math.ceil(count / world.size), sampler.evaluations,
                       enabled=world.is_main) as advance:
-        return sampling.sample_to_folder(sampler, batch, seed, count, folder, world, x_T, scale, advance, notify=note)
+        return folders.sample_to_folder(sampler, batch, seed, count, folder, world, x_T, scale, advance, notify=note)
 
 
 def exact_settings(exact: bool, tol: float, max_iters: int) -> sampling.ExactInversion | None:

@@ -151,19 +151,11 @@ def bench(
 ) -> None:
     """Time the sampler (and diffusers' DDIM on the same weights and noise): images/s, MFU, memory, PSNR."""
     from .. import bench as benchmarks
-    from ..unet import PRESETS, UNet
 
     dev = sampling.pick_device(device)
     mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
     benchmarks.check_settings(steps, None if mode == "none" else mode)
-    if model in PRESETS or (model in registry.registry() and not weights.is_cached(registry.registry()[model])):
-        arch = PRESETS[model] if model in PRESETS else PRESETS[registry.registry()[model].architecture]
-        torch.manual_seed(0)
-        unet = UNet(arch).eval()
-        source = f"random weights in the {model} architecture (speed does not depend on the values)"
-    else:
-        unet = load(model).unet
-        source = model
+    unet, source = benchmarks.unet_to_time(model, load)
     batch = batch_size or (256 if dev.type == "cuda" else 4)
     if not as_json:
         say(f"bench: {source}; {dev}; batch {batch}; S={steps}; {runs} timed runs each")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .. import distributed, fast, images, sampling
+from .. import distributed, fast, folders, images, sampling
 from .. import latents as latents_file
 from ..data import IMAGE_SUFFIXES
 from ..files import remove_stale_temporaries
@@ -92,7 +92,7 @@ def sample(
     count = x_T.shape[0] if x_T is not None else num
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
-        sampling.claim_folder(out_path, {
+        folders.claim_folder(out_path, {
             "model": loaded.source, "steps": steps, "skip": skip or loaded.skip, "eta": f"{eta:g}",
             "sigma_hat": sigma_hat, "seed": seed, "latents": str(latents) if latents else None,
             "precision": fast.resolve_precision(precision, sampling.pick_device(device)), "scale": scale or 1,
@@ -169,7 +169,7 @@ def edit(
     channels, resolution, _ = loaded.image_shape
     keep = None
     if mask is not None:
-        keep = (images.load_image(mask, resolution, 1, notice=note)[None] > 0).float()  # 1 = regenerate
+        keep = images.load_mask(mask, resolution, notice=note)
     sampler, batch = make_sampler(loaded, steps, skip, device, eta=eta, precision=precision, compile_model=False,
                                   batch_size=batch_size, count=len(image_paths))
     walked = sampling.edit_steps(strength, len(sampler.timesteps))

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from .. import images, metrics, sampling
+from .. import folders, images, metrics, sampling
 from .. import latents as latents_file
 from .common import (
     MAX_STRIP_FRAMES,
@@ -74,8 +73,8 @@ def invert(
     table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
     for column in ("image", "mean", "std"):
         table.add_column(column, justify="right" if column != "image" else "left")
-    for p, z in zip(image_paths, latents):
-        table.add_row(p.name, f"{z.mean():+.3f}", f"{z.std():.3f}")
+    for p, (mean, std) in zip(image_paths, latents_file.moments(latents)):
+        table.add_row(p.name, f"{mean:+.3f}", f"{std:.3f}")
     stdout.print(table)
     say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
 
@@ -112,19 +111,9 @@ def reconstruct(
         latents, evaluations = run_inversion(sampler, x0, batch, how)
         recon = run_decoding(sampler, latents, batch, f"decoding S={s}")
         columns.append(images.to_uint8(recon))
-        mse = metrics.mse_per_image(recon, x0)
-        per_image = [
-            {"image": str(p), "mse": float(m), "psnr": metrics.psnr(float(m))} for p, m in zip(image_paths, mse)
-        ]
-        results.append(
-            {
-                "steps": s,
-                "evaluations": evaluations,  # network calls per image of the inversion
-                "mse": float(mse.mean()),
-                "psnr": metrics.psnr(float(mse.mean())),
-                "images": per_image,
-            }
-        )
+        # evaluations: network calls per image of the inversion
+        results.append({"steps": s, "evaluations": evaluations,
+                        **metrics.round_trip_errors(recon, x0, [str(p) for p in image_paths])})
     # One row per image (the first 32): the input, then its reconstruction for each S.
     labels = ["input"] + [f"S={s}" for s in steps_list]
     images.save_picture(images.columns_grid(columns), out, scale, labels, tile=loaded.config.resolution)
@@ -207,10 +196,10 @@ def interpolate(
         ends, _ = run_inversion(sampler, x0, batch, how)
     if to_folder:
         with progress_bar("decoding", frames, sampler.evaluations) as advance:
-            sampling.interpolate_to_folder(sampler, ends, frames, batch, out, scale or 1, advance)
+            folders.interpolate_to_folder(sampler, ends, frames, batch, out, scale or 1, advance)
         say(f"wrote {frames} frames to {out}/ (one PNG each)")
         return
-    alphas = torch.linspace(0, 1, frames).tolist()
+    alphas = sampling.interpolation_alphas(frames)
     z = sampling.interpolation_latents(ends, alphas)
     pixels = images.to_uint8(run_decoding(sampler, z, batch))
     labels = [f"{a:.2f}" for a in alphas]
