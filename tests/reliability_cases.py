@@ -144,7 +144,7 @@ CASES = [
     Case("NaN weights", lambda f: ["sample", "--model", tiny_checkpoint(f, lambda s: s["conv_out.bias"].fill_(float("nan")))],
          "NaN or infinite values (conv_out.bias)"),
     Case("registry entry missing fields", lambda f: ["models"], "lacks architecture, resolution, skip, license"),
-    Case("registry resolution not a number", lambda f: ["models"], "resolution must be a int, got 'sixteen'"),
+    Case("registry resolution not a number", lambda f: ["models"], "resolution must be an integer, got 'sixteen'"),
     Case("registry models = 5", lambda f: ["models"], "[models] must be a table"),
     Case("registry not TOML", lambda f: ["models"], "not a readable TOML file"),
     Case("Hub host does not resolve", lambda f: ["sample", "--steps", "50", "--eta", "0"], "does not resolve (no network?)",

@@ -94,6 +94,7 @@ def registry() -> dict[str, ModelEntry]:
 REQUIRED_FIELDS = ("description", "architecture", "resolution", "skip", "license")
 FIELD_TYPES = {"resolution": int, "params": int, "description": str, "architecture": str, "skip": str,
                "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str}
+TYPE_NAMES = {int: "an integer", str: "a string"}
 
 
 def check_entry(name: str, raw) -> None:
@@ -106,7 +107,7 @@ def check_entry(name: str, raw) -> None:
         raise DdimctlError(f"{where} lacks {', '.join(missing)}; see weights.toml for a complete entry")
     for key, kind in FIELD_TYPES.items():
         if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
-            raise DdimctlError(f"{where}: {key} must be a {kind.__name__}, got {raw[key]!r}")
+            raise DdimctlError(f"{where}: {key} must be {TYPE_NAMES[kind]}, got {raw[key]!r}")
     if not raw.get("bundled") and not (raw.get("repo") and raw.get("file")):
         raise DdimctlError(f"{where} needs repo and file (a Hub download) or bundled (a packaged file)")
 
