@@ -212,7 +212,7 @@ def invert_exact(
     alphas_cumprod: torch.Tensor,
     timesteps: torch.Tensor | Sequence[int],
     tol: float = 1e-3,
-    max_iters: int = 3,
+    max_iters: int = 4,
     memory: int = 1,
     callback: StepCallback | None = None,
 ) -> tuple[torch.Tensor, int]:

@@ -57,7 +57,7 @@ class ExactInversion:
     """Settings of exact inversion (ddim.invert_exact): per-step tolerance and network-call cap."""
 
     tol: float = 1e-3
-    max_iters: int = 3
+    max_iters: int = 4
 
     def __post_init__(self):
         if not (self.tol >= 0 and self.max_iters >= 1):

@@ -95,7 +95,7 @@ ExactOpt = typer.Option(
 TolOpt = typer.Option(1e-3, "--tol", help="Exact inversion: per-step tolerance (RMS change, [-1, 1] scale).")
 
 
-MaxItersOpt = typer.Option(3, "--max-iters", help="Exact inversion: network calls per step at most.")
+MaxItersOpt = typer.Option(4, "--max-iters", help="Exact inversion: network calls per step at most.")
 
 
 ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
