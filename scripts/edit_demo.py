@@ -51,7 +51,7 @@ def main() -> None:
     if args.figure:
         rows = [clean, corrupted, best[2], half, inpainted]
         tiles = torch.cat([r[:12] for r in rows]) * 2 - 1
-        images.save_image(images.grid(images.to_uint8(tiles), columns=12), args.figure)
+        images.save_image(images.enlarge(images.grid(images.to_uint8(tiles), columns=12), 3), args.figure)
         print(f"wrote {args.figure}: rows clean | corrupted | edited (strength {best[0]}) | half blanked | inpainted")
 
 

@@ -68,7 +68,7 @@ def test_exact_latents_record_how_they_were_made_and_decode_back(tmp_path):
     ddimctl("invert", THREE, "--model", "digits", "--steps", "10", "--exact", "--out", "z.safetensors", cwd=tmp_path)
     with safe_open(str(tmp_path / "z.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["inversion"] == "exact" and meta["tol"] == "0.001" and meta["max_iters"] == "3"
+    assert meta["inversion"] == "exact" and meta["tol"] == "0.001" and meta["max_iters"] == "4"  # the defaults
     # sample takes the model, S and skip from the file: no --model needed.
     result = ddimctl("sample", "--latents", "z.safetensors", "--out", "back.png", "--scale", "1", cwd=tmp_path)
     assert "digits, S=10" in result.stderr and "plain inversion" not in result.stderr
@@ -91,7 +91,7 @@ def test_interpolate_is_exact_by_default(tmp_path):
 
 
 def test_interpolate_streams_frames_to_a_folder(tmp_path):
-    ddimctl("interpolate", THREE, SEVEN, "--model", "digits", "--steps", "5", "--frames", "5", "--batch-size", "2",
+    ddimctl("interpolate", THREE, SEVEN, "--model", "digits", "--steps", "10", "--frames", "5", "--batch-size", "2",
             "--out", "frames/", cwd=tmp_path)
     names = sorted(p.name for p in (tmp_path / "frames").glob("*.png"))
     assert names == [f"{i:06d}.png" for i in range(5)]
