@@ -142,6 +142,7 @@ def test_sharded_sampling_writes_the_same_set(tiny_checkpoint, tmp_path):
         ("data", ["--resolution", "15"], "cannot take"),
         ("data", ["--resolution", "12"], "matches no level"),
         ("data", ["--channel-mult", "1,x"], "--channel-mult takes positive integers"),
+        ("data", ["--dropout", "2"], "dropout must be in [0, 1), got 2.0"),
     ],
 )
 def test_bad_input(data_dir, tmp_path, setup, args, fragment):

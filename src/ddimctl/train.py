@@ -82,11 +82,11 @@ class TrainOptions:
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
         if self.init is not None:
-            return initial_weights(self.init, self.preset, self.unet)[0]
-        preset = self.preset or "small"
-        if preset not in PRESETS:
-            raise DdimctlError(f"unknown {param('preset')} {preset!r}; choose from {', '.join(PRESETS)}")
-        config = UNetConfig(**{**PRESETS[preset].to_dict(), **self.unet})
+            config = initial_weights(self.init, self.preset, self.unet)[0]
+        elif (self.preset or "small") in PRESETS:
+            config = UNetConfig(**{**PRESETS[self.preset or "small"].to_dict(), **self.unet})
+        else:
+            raise DdimctlError(f"unknown {param('preset')} {self.preset!r}; choose from {', '.join(PRESETS)}")
         try:
             config.check()
         except ValueError as e:

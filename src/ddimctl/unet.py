@@ -37,6 +37,8 @@ class UNetConfig:
 
     def check(self) -> None:
         """Raise ValueError when this UNet cannot be built or cannot take its resolution."""
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         levels = len(self.channel_mult)
         if self.resolution % (1 << (levels - 1)):
             raise ValueError(
