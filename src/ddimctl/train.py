@@ -33,11 +33,14 @@ from .unet import PRESETS, UNet, UNetConfig
 from .weights import LoadedModel
 
 
+DEFAULT_PRESET = "small"  # the architecture when neither a preset nor --init is given
+
+
 @dataclass
 class TrainOptions:
     data: str
     out: str
-    preset: str | None = None  # None: "small", or the architecture of `init`
+    preset: str | None = None  # None: DEFAULT_PRESET, or the architecture of `init`
     unet: dict = field(default_factory=dict)  # overrides of the preset's UNetConfig fields
     init: str | None = None  # start from these weights (a model name or path): fine-tuning
     steps: int = 10_000
@@ -81,12 +84,13 @@ class TrainOptions:
         self.check()
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
+        preset = self.preset or DEFAULT_PRESET
         if self.init is not None:
             config = initial_weights(self.init, self.preset, self.unet)[0]
-        elif (self.preset or "small") in PRESETS:
-            config = UNetConfig(**{**PRESETS[self.preset or "small"].to_dict(), **self.unet})
+        elif preset in PRESETS:
+            config = UNetConfig(**{**PRESETS[preset].to_dict(), **self.unet})
         else:
-            raise DdimctlError(f"unknown {param('preset')} {self.preset!r}; choose from {', '.join(PRESETS)}")
+            raise DdimctlError(f"unknown {param('preset')} {preset!r}; choose from {', '.join(PRESETS)}")
         try:
             config.check()
         except ValueError as e:

@@ -100,7 +100,7 @@ def train(
     train_device = sampling.pick_device(device)
     if main_process:
         how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
-        start = f"weights of {init}" if init else f"{preset or 'small'} preset"
+        start = f"weights of {init}" if init else f"{preset or training.DEFAULT_PRESET} preset"
         say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({start}) on "
             f"{len(data_files)} images into {out} ({train_device}, {how})")
         if channels_note:
