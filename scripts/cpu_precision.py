@@ -17,13 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import bench, fast, registry, sampling, weights  # noqa: E402
+from ddimctl import bench, fast, registry, samplers, sampling, weights  # noqa: E402
 from ddimctl.unet import PRESETS, UNet  # noqa: E402
 
 
 def run(model, steps: int, eta: float, precision: str, n: int, batch: int) -> tuple[torch.Tensor, float]:
-    sampler = sampling.Sampler.create(model, steps, "uniform", torch.device("cpu"), eta=eta)
-    sampler.eps_model = fast.prepare(model.unet, torch.device("cpu"), precision, copy_model=True)
+    eps = fast.prepare(model.unet, torch.device("cpu"), precision)
+    sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, "uniform", eta), torch.device("cpu"), eps_model=eps)
     started = time.perf_counter()
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), 0, batch)])
     return x, time.perf_counter() - started

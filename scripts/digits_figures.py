@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ddimctl import images, sampling, weights  # noqa: E402
+from ddimctl import images, samplers, sampling, weights  # noqa: E402
 
 THREE, SEVEN = ROOT / "tests" / "data" / "digit-three.png", ROOT / "tests" / "data" / "digit-seven.png"
 
@@ -25,8 +25,8 @@ def eta_figure(path: Path, steps: int = 20, count: int = 64, scale: int = 3) -> 
     model = weights.load_model("digits")
     grids = []
     for eta in (0.0, 1.0):
-        sampler = sampling.Sampler.create(model, steps, None, torch.device("cpu"), eta=eta)
-        x0 = sampling.sample_batches(sampler, count, 0, count)
+        sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, eta=eta), torch.device("cpu"))
+        x0 = sampling.sample_batches(sampler, count, 0)
         grids.append(images.grid(images.to_uint8(x0)))
     gap = torch.zeros((grids[0].shape[0], 8, grids[0].shape[2]), dtype=torch.uint8)
     images.save_image(images.enlarge(torch.cat([grids[0], gap, grids[1]], dim=1), scale), path)

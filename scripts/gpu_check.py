@@ -69,7 +69,7 @@ def profile_kernels(unet, device, precision: str, mode: str | None, batch: int, 
 
     from ddimctl import fast
 
-    eps = fast.prepare(unet, device, precision, mode, batch, copy_model=True)
+    eps = fast.prepare(unet, device, precision, mode, batch)
     fast.warm_up(eps, (batch, *shape), device)
     x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
@@ -131,8 +131,11 @@ def main() -> None:
 
     import torch
 
-    from ddimctl import bench, ddim, fast
+    from ddimctl import bench, ddim, fast, samplers
     from ddimctl.unet import PRESETS, UNet
+
+    def ddim_settings(steps: int) -> samplers.Settings:
+        return samplers.Settings("ddim", steps, "uniform")
 
     device = torch.device(args.device)
     small, big, batch, big_batch, steps = ("cifar10", "ddpm256", 256, 1024, 50)
@@ -162,8 +165,8 @@ def main() -> None:
     if "correctness" in stages:
         x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
         tau = ddim.timestep_sequence(10, 1000, "uniform")
-        cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
-        gpu = ddim.sample(fast.prepare(unet, device, "fp32", copy_model=True), x_T.to(device), abar, tau).cpu()
+        cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
+        gpu = ddim.sample(fast.prepare(unet, device, "fp32"), x_T.to(device), abar, tau).cpu()
         diff = float((gpu - cpu).abs().max())
         report["stages"]["gpu_vs_cpu_fp32"] = {
             "max_abs_diff": diff,
@@ -182,8 +185,8 @@ def main() -> None:
 
         def run_batches(dev: torch.device) -> torch.Tensor:
             loaded = LoadedModel(copy.deepcopy(unet), "check", "gpu_check", dict(DEFAULT_SCHEDULE), "uniform")
-            sampler = sampling.Sampler.create(loaded, 10, None, dev, eta=1.0)
-            sampler.eps_model = fast.prepare(loaded.unet, dev, "fp32")
+            eps = fast.prepare(loaded.unet, dev, "fp32")
+            sampler = sampling.Sampler.create(loaded, samplers.Settings("ddim", 10, eta=1.0), dev, eps_model=eps)
             return torch.cat([x for _, x in sampler.sample_indices(list(range(12)), 5, 5)])
 
         diff = float((run_batches(device) - run_batches(torch.device("cpu"))).abs().max())
@@ -195,13 +198,13 @@ def main() -> None:
     if "cifar10" in stages:
         flops = fast.forward_flops(unet)
         x_T = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-        base, base_out = bench.run_ours(unet, x_T, steps, "fp32", None, args.baseline_runs, abar)
+        base, base_out = bench.run_ours(unet, x_T, ddim_settings(steps), "fp32", None, args.baseline_runs, abar)
         base.finite = bool(torch.isfinite(base_out).all())  # the fidelity baseline itself
         results.append(base)
         refs = []
         if have_reference:
             for dtype in (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,):
-                m, o = bench.run_reference(unet, x_T, steps, dtype, 3)
+                m, o = bench.run_reference(unet, x_T, ddim_settings(steps), dtype, 3)
                 bench.add_fidelity(m, o, base_out)
                 refs.append(m)
                 log(f"{m.name}: {m.images_per_s:.1f} images/s")
@@ -220,7 +223,7 @@ def main() -> None:
         def run_variant(precision, mode, b, cudnn_benchmark) -> None:
             torch.backends.cudnn.benchmark = cudnn_benchmark
             x = x_T if b == batch else torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-            m, o = bench.run_ours(unet, x, steps, precision, mode, 3, abar)
+            m, o = bench.run_ours(unet, x, ddim_settings(steps), precision, mode, 3, abar)
             torch.backends.cudnn.benchmark = False
             # Fidelity on the first 256 images, whose noise is the baseline's.
             bench.add_fidelity(m, o[:batch], base_out)
@@ -268,11 +271,11 @@ def main() -> None:
         r = unet256.config.resolution
         sizes = (16, 64) if not args.smoke else (2, 4)
         noise256 = {b: torch.randn(b, 3, r, r, generator=torch.Generator().manual_seed(0)).to(device) for b in sizes}
-        base256, base256_out = bench.run_ours(unet256, noise256[sizes[0]], 10, "fp32", None, 2, abar)
+        base256, base256_out = bench.run_ours(unet256, noise256[sizes[0]], ddim_settings(10), "fp32", None, 2, abar)
         results256.append(base256)
         refs256 = []
         for b in sizes if have_reference and device.type == "cuda" else ():
-            m, o = bench.run_reference(unet256, noise256[b], 10, torch.float16, 2)
+            m, o = bench.run_reference(unet256, noise256[b], ddim_settings(10), torch.float16, 2)
             bench.add_fidelity(m, o[: sizes[0]], base256_out)
             refs256.append(m)
             results256.append(m)
@@ -283,7 +286,7 @@ def main() -> None:
             if time.perf_counter() - STARTED > args.budget * 0.8:
                 log(f"skipping 256x256 {precision} batch {b}: over the time budget")
                 continue
-            m, o = bench.run_ours(unet256, noise256[b], 10, precision, modes[0], 2, abar)
+            m, o = bench.run_ours(unet256, noise256[b], ddim_settings(10), precision, modes[0], 2, abar)
             bench.add_fidelity(m, o[: sizes[0]], base256_out)
             results256.append(m)
             log(f"256x256 {m.name} batch {b}: {m.images_per_s:.1f} images/s")

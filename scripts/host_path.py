@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddimctl import ddim, images, sampling
+from ddimctl import images, samplers, sampling
 from ddimctl.registry import DEFAULT_SCHEDULE  # noqa: E402
 from ddimctl.unet import PRESETS, UNet
 from ddimctl.weights import LoadedModel
@@ -22,9 +22,8 @@ with torch.device("meta"):
     unet = UNet(PRESETS["cifar10"])
 loaded = LoadedModel(unet, "free", "none", dict(DEFAULT_SCHEDULE), "quad")
 for eta in (0.0, 1.0):
-    tau = ddim.timestep_sequence(50, 1000, "quad")
     free = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    sampler = sampling.Sampler(loaded, tau, torch.device("cpu"), eta=eta, eps_model=free)
+    sampler = sampling.Sampler.create(loaded, samplers.Settings("ddim", 50, "quad", eta), torch.device("cpu"), eps_model=free)
     out = Path(tempfile.mkdtemp())
     n = 4096
     started = time.perf_counter()

@@ -128,7 +128,7 @@ CASES = [
     Case("eta NaN", lambda f: ["sample", *DIGITS, "--eta", "nan"], "--eta must be a finite number >= 0"),
     Case("eta infinite", lambda f: ["sample", *DIGITS, "--eta", "inf"], "--eta must be a finite number >= 0"),
     Case("eta negative", lambda f: ["sample", *DIGITS, "--eta", "-1"], "--eta must be a finite number >= 0"),
-    Case("steps 0", lambda f: ["sample", *DIGITS, "--steps", "0"], "--steps must be between 1 and 1000"),
+    Case("steps 0", lambda f: ["sample", *DIGITS, "--steps", "0"], "--steps must be at least 1, got 0"),
     Case("steps above T", lambda f: ["sample", *DIGITS, "--steps", "5000"], "--steps must be between 1 and 1000"),
     Case("unknown skip", lambda f: ["sample", *DIGITS, "--skip", "cosine"], "uniform"),
     Case("no images", lambda f: ["sample", *DIGITS, "-n", "0"], "--num must be at least 1"),

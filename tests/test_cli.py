@@ -142,7 +142,7 @@ def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
 @pytest.mark.parametrize(
     "args,fragments",
     [
-        (["sample", "--steps", "0"], ["--steps must be between 1 and 1000"]),
+        (["sample", "--steps", "0"], ["--steps must be at least 1, got 0"]),
         (["sample", "--steps", "1001"], ["--steps must be between 1 and 1000"]),
         (["sample", "--eta", "-0.5"], ["--eta must be a finite number >= 0"]),
         (["sample", "--skip", "cosine"], ["--skip must be one of uniform, quad"]),

@@ -107,10 +107,16 @@ def test_last_step_returns_x0_and_uses_each_timestep_once():
     tau = ddim.timestep_sequence(20, 1000, "uniform")
     x = torch.randn(8, 4, dtype=torch.float64)
     seen = []
-    out = ddim.sample(eps_model, x, ABAR, tau, callback=lambda i, t, x_: seen.append((i, t)))
+    out = ddim.sample(eps_model, x, ABAR, tau, callback=seen.append)
     assert eps_model.calls == list(reversed(tau.tolist()))  # S calls, from tau_S down to tau_1
-    assert seen == list(enumerate(reversed(tau.tolist())))
-    assert torch.isfinite(out).all()
+    assert [(step.index, step.timestep) for step in seen] == list(enumerate(reversed(tau.tolist())))
+    # The last step goes from tau_1 = 0 to abar = 1 (not to abar_0): the output is exactly the clean
+    # image predicted at t = 0 from the point the step before reached.
+    x_at_0 = seen[-2].x
+    predicted = ddim.predict_x0(x_at_0, GaussianEps(ABAR, MU, STD)(x_at_0, torch.zeros(8, dtype=torch.long)), float(ABAR[0]))
+    torch.testing.assert_close(out, predicted, atol=1e-12, rtol=0)
+    torch.testing.assert_close(seen[-1].x0, predicted, atol=1e-12, rtol=0)
+    assert float((out - x_at_0).abs().max()) > 1e-3  # stopping at abar_0 would be told apart
 
 
 def test_sample_is_deterministic_at_eta_zero_and_not_above():
@@ -169,7 +175,7 @@ def test_eta_zero_beats_eta_one_at_ten_steps_gaussian():
     x_T = torch.randn(40000, 4, dtype=torch.float64, generator=g)
     tau = ddim.timestep_sequence(10, 1000, "uniform")
     err = {
-        eta: gaussian_error(ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, tau, eta, torch.Generator().manual_seed(1)))
+        eta: gaussian_error(ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, tau, eta=eta, generator=torch.Generator().manual_seed(1)))
         for eta in (0.0, 0.5, 1.0)
     }
     assert err[0.0] < err[0.5] < err[1.0], err
@@ -182,7 +188,7 @@ def test_mixture_error_shrinks_and_eta_zero_wins_at_small_s():
     for steps in (10, 20, 50, 200):
         tau = ddim.timestep_sequence(steps, 1000, "uniform")
         for eta in (0.0, 1.0):
-            out = ddim.sample(mix, x_T, ABAR, tau, eta, torch.Generator().manual_seed(3))
+            out = ddim.sample(mix, x_T, ABAR, tau, eta=eta, generator=torch.Generator().manual_seed(3))
             ks[steps, eta] = mixture_ks(mix, out[:, 0])
     assert ks[10, 0.0] > ks[20, 0.0] > ks[50, 0.0] > ks[200, 0.0]
     assert ks[200, 0.0] < 0.02

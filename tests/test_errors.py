@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddimctl import sampling
+from ddimctl import samplers, sampling
 from ddimctl.cli.common import flag
 from ddimctl.errors import DdimctlError, param, spell
 from ddimctl.train import TrainOptions
@@ -28,11 +28,6 @@ def test_a_message_keeps_its_own_text_around_the_names():
 @pytest.mark.parametrize(
     "values, expected",
     [
-        ({"steps": 0}, "steps must be at least 1, got 0"),
-        ({"steps": 1001, "train_steps": 1000}, "steps must be between 1 and 1000 (the model's train steps), got 1001"),
-        ({"skip": "cosine"}, "skip must be one of uniform, quad, got 'cosine'"),
-        ({"eta": math.nan}, "eta must be a finite number >= 0, got nan"),
-        ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
         ({"num": 0}, "num must be at least 1, got 0"),
         ({"strength": 1.5}, "strength must be between 0 and 1, got 1.5"),
         ({"strength": math.nan}, "strength must be between 0 and 1, got nan"),
@@ -45,9 +40,35 @@ def test_each_sampling_rule(values, expected):
     assert str(caught.value) == expected
 
 
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"steps": 0}, "steps must be at least 1, got 0"),
+        ({"sampler": "plms", "steps": 2}, "steps must be at least 3 for plms (its first step takes two network calls), got 2"),
+        ({"skip": "cosine"}, "skip must be one of uniform, quad, got 'cosine'"),
+        ({"eta": math.nan}, "eta must be a finite number >= 0, got nan"),
+        ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
+        ({"sampler": "dpm++2m", "eta": 1.0}, "eta is a setting of the ddim sampler; dpm++2m is deterministic (leave it out)"),
+        ({"sampler": "unipc", "sigma_hat": True}, "sigma_hat is a setting of the ddim sampler; unipc is deterministic (leave it out)"),
+        ({"sampler": "euler"}, "sampler must be one of ddim, dpm++2m, dpm++3m, unipc, plms, ipndm, got 'euler'"),
+    ],
+)
+def test_each_sampler_settings_rule(values, expected):
+    with pytest.raises(DdimctlError) as caught:
+        samplers.Settings(**values)
+    assert str(caught.value) == expected
+
+
+def test_steps_are_checked_against_the_models_schedule():
+    with pytest.raises(DdimctlError, match=r"^steps must be between 1 and 1000 \(the model's train steps\), got 1001$"):
+        samplers.Settings(steps=1001).for_model(1000, "uniform")
+    assert samplers.Settings(steps=2000).for_model(4000, "quad").skip == "quad"  # a longer schedule takes more
+    assert samplers.Settings("plms", steps=1001).for_model(1000, "uniform").steps == 1001  # 1000 timesteps + 1 call
+
+
 def test_values_that_every_run_can_use_pass():
-    sampling.check_settings(1000, steps=1000, skip="quad", eta=0.0, batch_size=1, num=1, strength=0.0, frames=2)
-    sampling.check_settings(4000, steps=2000)  # a model with a longer schedule takes more steps
+    sampling.check_settings(batch_size=1, num=1, strength=0.0, frames=2)
+    samplers.Settings("ddim", 1000, "quad", 0.0)
 
 
 def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
@@ -55,9 +76,9 @@ def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
 
     model = weights.load_model("digits")
     with pytest.raises(DdimctlError, match="^eta must be a finite number >= 0, got -1$"):
-        sampling.Sampler.create(model, 10, None, torch.device("cpu"), eta=-1)
-    with pytest.raises(DdimctlError, match=r"^steps must be between 1 and 1000 \(the model's train steps\), got 0$"):
-        sampling.prepare(model, 0, None, "cpu")
+        sampling.Sampler.create(model, samplers.Settings(eta=-1), torch.device("cpu"))
+    with pytest.raises(DdimctlError, match="^batch_size must be at least 1, got 0$"):
+        sampling.prepare(model, samplers.Settings(steps=10), "cpu", batch_size=0)
 
 
 def test_training_options_name_their_values():

@@ -101,18 +101,19 @@ def test_fid_through_torch_fidelity_equals_the_direct_frechet_distance(tmp_path)
 def test_sweep_end_to_end(tmp_path):
     """Every cell sampled and scored; markdown, JSON and plot written; reruns resume."""
     write_images(tmp_path / "ref", 64, 0, 60)
-    args = ["sweep", "--model", "digits", "--steps", "2,4", "--eta", "0,1", "--sigma-hat", "-n", "24",
+    args = ["sweep", "--model", "digits", "--sampler", "ddim,dpm++2m", "--steps", "2,4", "--eta", "0,1", "--sigma-hat", "-n", "24",
             "--ref", str(tmp_path / "ref"), "--out", str(tmp_path / "sw"), "--feature-extractor", "ddimctl-test-pooled"]
     result = ddimctl(*args, check=False, prelude=WITH_TEST_EXTRACTOR, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "sw" / "results.json").read_text())
     assert sorted((c["row"], c["steps"]) for c in report["cells"]) == sorted(
-        (r, s) for r in ("0", "1", "sigma-hat") for s in (2, 4)
+        (r, s) for r in ("ddim eta=0", "ddim eta=1", "ddim sigma-hat", "dpm++2m") for s in (2, 4)
     )
     assert all(c["fid"] > 0 for c in report["cells"])
     assert len(list((tmp_path / "sw" / "eta0-S2").glob("*.png"))) == 24
+    assert len(list((tmp_path / "sw" / "dpm++2m-S4").glob("*.png"))) == 24
     table = (tmp_path / "sw" / "table.md").read_text()
-    assert "| sigma-hat |" in table and "S = 4" in table
+    assert "| ddim sigma-hat |" in table and "| dpm++2m |" in table and "S = 4" in table
     if (tmp_path / "sw" / "fid.png").exists():
         assert Image.open(tmp_path / "sw" / "fid.png").size[0] > 100
 
@@ -129,14 +130,18 @@ def test_without_torch_fidelity_the_commands_say_what_to_install(tmp_path):
 def test_tables_without_fid_library(tmp_path):
     from ddimctl import evaluate
 
-    cells = [{"row": "0", "steps": 10, "fid": 12.5}, {"row": "1", "steps": 10, "fid": 40.0},
-             {"row": "0", "steps": 20, "fid": 7.0}, {"row": "sigma-hat", "steps": 10, "fid": 300.0}]
+    cells = [{"row": "ddim eta=0", "paper_row": "0", "steps": 10, "fid": 12.5},
+             {"row": "ddim eta=1", "paper_row": "1", "steps": 10, "fid": 40.0},
+             {"row": "dpm++2m", "paper_row": None, "steps": 10, "fid": 9.5},
+             {"row": "ddim eta=0", "paper_row": "0", "steps": 20, "fid": 7.0},
+             {"row": "ddim sigma-hat", "paper_row": "sigma-hat", "steps": 10, "fid": 300.0}]
     written = evaluate.write_tables(tmp_path, "cifar10", cells)
     table = written["markdown"].read_text().splitlines()
-    assert table[2] == "| eta | S = 10 | S = 20 |"
-    assert table[4] == "| 0 | 12.50 (paper 13.36) | 7.00 (paper 6.84) |"
-    assert table[5] == "| 1 | 40.00 (paper 41.07) | - (paper 18.36) |"  # the paper's value even where not run
-    assert table[6] == "| sigma-hat | 300.00 (paper 367.43) | - (paper 133.37) |"
+    assert table[2] == "| sampler | S = 10 | S = 20 |"
+    assert table[4] == "| ddim eta=0 | 12.50 (paper 13.36) | 7.00 (paper 6.84) |"
+    assert table[5] == "| ddim eta=1 | 40.00 (paper 41.07) | - (paper 18.36) |"  # the paper's value even where not run
+    assert table[6] == "| dpm++2m | 9.50 | - |"
+    assert table[7] == "| ddim sigma-hat | 300.00 (paper 367.43) | - (paper 133.37) |"
     assert json.loads(written["json"].read_text())["cells"] == cells
 
 

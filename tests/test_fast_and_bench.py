@@ -52,7 +52,7 @@ def test_older_torch_without_the_checks_means_no_native_bf16(monkeypatch):
 
 def test_fixed_batch_pads_and_returns_float32():
     unet = random_unet("tiny")
-    eps = fast.prepare(unet, torch.device("cpu"), "fp32", batch_size=4, copy_model=True)
+    eps = fast.prepare(unet, torch.device("cpu"), "fp32", batch_size=4)
     eps.fixed_batch = 4  # as a compiled model would have it
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500])
     with torch.no_grad():
@@ -66,22 +66,22 @@ def test_bf16_path_stays_close_to_fp32():
     x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     abar = ddim.alphas_cumprod(ddim.linear_betas())
     tau = ddim.timestep_sequence(10, 1000, "uniform")
-    ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32", copy_model=True), x_T, abar, tau)
-    low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16", copy_model=True), x_T, abar, tau)
+    ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
+    low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16"), x_T, abar, tau)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert float(bench.psnr_per_image(low, ref).median()) > 25  # a random network: outputs far outside [-1, 1]
 
 
 def test_bf16_samples_of_the_trained_digits_model_match_fp32():
     """docs/benchmarks.md measured a median of 51-58 dB on 64 images; here 16, S = 10, both etas."""
-    from ddimctl import sampling, weights
+    from ddimctl import samplers, sampling, weights
 
     model = weights.load_model("digits")
     for eta in (0.0, 1.0):
         runs = {}
         for precision in ("fp32", "bf16"):
-            sampler = sampling.Sampler.create(model, 10, None, torch.device("cpu"), eta=eta)
-            sampler.eps_model = fast.prepare(model.unet, torch.device("cpu"), precision, copy_model=True)
+            eps = fast.prepare(model.unet, torch.device("cpu"), precision)
+            sampler = sampling.Sampler.create(model, samplers.Settings(steps=10, eta=eta), torch.device("cpu"), eps_model=eps)
             runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(16)), 0, 16)])
         assert torch.isfinite(runs["bf16"]).all()
         assert float(bench.psnr_per_image(runs["bf16"], runs["fp32"]).median()) > 40
@@ -90,7 +90,7 @@ def test_bf16_samples_of_the_trained_digits_model_match_fp32():
 @pytest.mark.parametrize("mode", ["default", "tuned"])
 def test_compiled_model_matches_eager(mode):
     unet = random_unet("tiny")
-    eps = fast.prepare(unet, torch.device("cpu"), "fp32", mode, batch_size=4, copy_model=True)
+    eps = fast.prepare(unet, torch.device("cpu"), "fp32", mode, batch_size=4)
     fast.warm_up(eps, (4, 3, 16, 16), torch.device("cpu"), calls=1)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([1, 999])
     with torch.no_grad():

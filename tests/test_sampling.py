@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ddimctl import folders, sampling
+from ddimctl import folders, samplers, sampling
 from ddimctl.errors import DdimctlError
 
 
@@ -25,12 +25,45 @@ def test_non_finite_rows_are_named_and_never_pass():
 
 
 def test_a_sample_folder_refuses_a_run_with_other_settings(tmp_path):
-    settings = {"model": "digits", "steps": 20, "eta": "0", "seed": 1}
-    folders.claim_folder(tmp_path, settings)
-    folders.claim_folder(tmp_path, settings)  # the same run again: fine
+    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    folders.claim_folder(tmp_path, record, 4)
+    folders.claim_folder(tmp_path, record, 4)  # the same run again: fine
     assert json.loads((tmp_path / folders.FOLDER_RECORD).read_text())["steps"] == 20
     with pytest.raises(DdimctlError, match=r"other settings \(steps 20 \(now 50\), seed 1 \(now 2\)\)"):
-        folders.claim_folder(tmp_path, {**settings, "steps": 50, "seed": 2})
+        folders.claim_folder(tmp_path, {**record, "steps": 50, "seed": 2}, 4)
+    other = folders.run_record("digits", samplers.Settings("dpm++2m", 20, "uniform"), 1, None, "fp32", 1)
+    with pytest.raises(DdimctlError, match=r"other settings \(sampler ddim \(now dpm\+\+2m\)\)"):
+        folders.claim_folder(tmp_path, other, 4)
+
+
+def test_a_record_of_an_earlier_version_counts_as_ddim(tmp_path):
+    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    (tmp_path / folders.FOLDER_RECORD).write_text(json.dumps({k: v for k, v in record.items() if k != "sampler"}))
+    folders.claim_folder(tmp_path, record, 4)  # resumes
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "\xff\xfe not utf-8", "{not json"])
+def test_a_damaged_or_foreign_record_is_refused(tmp_path, content):
+    (tmp_path / folders.FOLDER_RECORD).write_bytes(content.encode("latin-1"))
+    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    with pytest.raises(DdimctlError, match="not a record ddimctl wrote"):
+        folders.claim_folder(tmp_path, record, 4)
+
+
+def test_a_folder_of_someone_elses_images_is_never_adopted(tmp_path):
+    """No record, but files of the names this run would write: refused, and nothing is written."""
+    (tmp_path / "000002.png").write_bytes(b"a user's photo")
+    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    with pytest.raises(DdimctlError, match=r"holds 1 file\(s\) named like this run's images \(000002.png\)"):
+        folders.claim_folder(tmp_path, record, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000002.png"]
+    folders.claim_folder(tmp_path, record, 2)  # a run of 2 images writes only 000000 and 000001
+
+
+def test_aligned_batches_are_the_runs_own():
+    assert sampling.aligned_batches([4, 1], 2, 5) == [[0, 1], [4]]
+    assert sampling.aligned_batches([2, 3, 9], 4, 10) == [[0, 1, 2, 3], [8, 9]]
+    assert sampling.aligned_batches([], 4, 10) == []
 
 
 def test_interpolation_latents_start_and_end_on_the_ends():

@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ddim, fast, registry, weights
-from .errors import between
+from . import ddim, fast, registry, samplers, weights
 from .export import diffusers_unet_config
 from .unet import PRESETS, UNet
 from .weights import LoadedModel
@@ -32,9 +31,10 @@ class Measurement:
     name: str
     precision: str
     batch: int
-    steps: int
+    steps: int  # network calls per image
     seconds: float  # median of the runs, whole loop
     images_per_s: float
+    sampler: str = "ddim"
     compile_s: float = 0.0
     peak_memory_gib: float = 0.0
     mfu: float | None = None
@@ -83,7 +83,7 @@ def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def run_ours(
     unet: UNet,
     x_T: torch.Tensor,
-    steps: int,
+    settings: samplers.Settings,
     precision: str,
     compile_mode: str | None,
     runs: int,
@@ -91,57 +91,97 @@ def run_ours(
 ) -> tuple[Measurement, torch.Tensor]:
     device = x_T.device
     batch = x_T.shape[0]
-    timesteps = ddim.timestep_sequence(steps, alphas_cumprod.shape[0], "uniform")
+    timesteps = settings.timesteps(alphas_cumprod.shape[0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    eps = fast.prepare(unet, device, precision, compile_mode, batch, copy_model=True)
+    eps = fast.prepare(unet, device, precision, compile_mode, batch)
     compile_s = fast.warm_up(eps, tuple(x_T.shape), device) if compile_mode else 0.0
-    run = lambda: ddim.sample(eps, x_T, alphas_cumprod, timesteps)  # noqa: E731
+    run = lambda: settings.run(eps, x_T, alphas_cumprod, timesteps)  # noqa: E731
     run()  # warm-up of the whole loop
     seconds, out = time_runs(run, device, runs)
     resolved = fast.resolve_precision(precision, device)
-    label = f"ddimctl {resolved}" + (f" compile={compile_mode}" if compile_mode else " eager")
-    m = Measurement(label, resolved, batch, steps, seconds, batch / seconds, compile_s)
+    label = f"ddimctl{sampler_label(settings)} {resolved}" + (f" compile={compile_mode}" if compile_mode else " eager")
+    m = Measurement(label, resolved, batch, settings.steps, seconds, batch / seconds, settings.sampler, compile_s)
     if device.type == "cuda":
         m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return m, out
 
 
+def sampler_label(settings: samplers.Settings) -> str:
+    return "" if settings.sampler == "ddim" else f" {settings.sampler}"
+
+
+def follow_grid(scheduler, descending: list[int], alphas_cumprod: torch.Tensor):
+    """A diffusers multistep scheduler (DPM-Solver, UniPC) set to walk exactly these timesteps and
+    then sigma = 0, with ddimctl's float64 noise levels (its own spacings differ from the paper's)."""
+    scheduler.set_timesteps(len(descending))
+    abar = alphas_cumprod.double()
+    sigmas = [float(((1 - abar[t]) / abar[t]).sqrt()) for t in descending] + [0.0]
+    scheduler.sigmas = torch.tensor(sigmas, dtype=torch.float64)
+    scheduler.timesteps = torch.tensor(descending, dtype=torch.int64)
+    scheduler.alphas_cumprod = abar.clone()
+    return scheduler
+
+
+def reference_scheduler(sampler: str):
+    """diffusers' scheduler for a sampler, walking the same timesteps when S divides T ("leading"),
+    or None (iPNDM: diffusers' IPNDMScheduler uses another noise schedule)."""
+    import diffusers
+
+    schedule = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    multistep = dict(final_sigmas_type="zero", lower_order_final=True, timestep_spacing="leading", steps_offset=0)
+    make = {
+        "ddim": lambda: diffusers.DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                                timestep_spacing="leading"),
+        "dpm++2m": lambda: diffusers.DPMSolverMultistepScheduler(**schedule, **multistep, solver_order=2),
+        "dpm++3m": lambda: diffusers.DPMSolverMultistepScheduler(**schedule, **multistep, solver_order=3),
+        "unipc": lambda: diffusers.UniPCMultistepScheduler(**schedule, **multistep, solver_order=2),
+        "plms": lambda: diffusers.PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=True, steps_offset=0,
+                                                timestep_spacing="leading"),
+    }
+    return make[sampler]() if sampler in make else None
+
+
 def run_reference(
-    unet: UNet, x_T: torch.Tensor, steps: int, dtype: torch.dtype, runs: int, tf32: bool = False
+    unet: UNet, x_T: torch.Tensor, settings: samplers.Settings, dtype: torch.dtype, runs: int, tf32: bool = False
 ) -> tuple[Measurement, torch.Tensor]:
-    """diffusers' UNet2DModel with DDIMScheduler, the loop DDIMPipeline runs, on our weights and noise."""
+    """diffusers' UNet2DModel with the sampler's scheduler, the loop its pipelines run, on our weights
+    and noise (S network calls: PLMS's scheduler takes S - 1 steps)."""
     import diffusers
 
     device = x_T.device
+    steps = settings.steps - settings.spec.extra_calls
     config = {k: v for k, v in diffusers_unet_config(unet.config).items() if not k.startswith("_")}
     ref = diffusers.UNet2DModel(**config)
     ref.load_state_dict(unet.state_dict())
     diffusers.utils.logging.set_verbosity_error()  # its advice on from_pretrained does not apply here
     ref = ref.to(device=device, dtype=dtype).eval()
-    scheduler = diffusers.DDIMScheduler(
-        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
-    )
+    scheduler = reference_scheduler(settings.sampler)
     if device.type == "cuda":
         # The reference runs with PyTorch's defaults: fp32 matmuls, but TF32 allowed in cuDNN convs.
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
 
+    descending = [int(t) for t in reversed(settings.timesteps(1000))]
+
     @torch.no_grad()
     def run():
-        scheduler.set_timesteps(steps)
+        if settings.sampler in ("ddim", "plms"):  # "leading" is the paper's uniform grid when S divides T
+            scheduler.set_timesteps(steps)
+        else:
+            follow_grid(scheduler, descending, ddim.alphas_cumprod(ddim.linear_betas()))
         x = x_T.to(dtype)
         for t in scheduler.timesteps:
             eps = ref(x, t).sample
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            x = scheduler.step(eps, t, x).prev_sample
         return x.float()
 
     run()
     seconds, out = time_runs(run, device, runs)
     name = {torch.float32: "tf32" if tf32 else "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    m = Measurement(f"diffusers {name}", name, x_T.shape[0], steps, seconds, x_T.shape[0] / seconds)
+    m = Measurement(f"diffusers{sampler_label(settings)} {name}", name, x_T.shape[0], settings.steps, seconds,
+                    x_T.shape[0] / seconds, settings.sampler)
     if device.type == "cuda":
         m.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return m, out
@@ -219,16 +259,17 @@ def unet_to_time(spec: str, load: Callable[[str], LoadedModel]) -> tuple[UNet, s
     return load(spec).unet, spec
 
 
-def check_settings(steps: int, compile_mode: str | None) -> None:
-    """What a benchmark can run: S within the linear schedule's T = 1000, and a known compile mode."""
-    between("steps", steps, 1, 1000)
+def check_settings(settings: samplers.Settings, compile_mode: str | None) -> samplers.Settings:
+    """What a benchmark can run: S within the linear schedule's T = 1000, and a known compile mode.
+    Returns the settings on the uniform grid the reference walks too."""
     fast.check_compile_mode(compile_mode)
+    return settings.for_model(1000, "uniform")
 
 
 def run_benchmark(
     unet: UNet,
     device: torch.device,
-    steps: int,
+    settings: samplers.Settings,
     batch: int,
     precision: str = "auto",
     compile_mode: str | None = None,
@@ -237,8 +278,9 @@ def run_benchmark(
     log: Callable[[str], None] = lambda m: None,
 ) -> list[Measurement]:
     """ddimctl's fp32 path, its fast path, and (when diffusers is installed) the reference in fp32 and,
-    on GPUs, fp16, all from the same x_T. Fidelity of every path is measured against ddimctl fp32."""
-    check_settings(steps, compile_mode)
+    on GPUs, fp16, all from the same x_T and with the same sampler. Fidelity of every path is
+    measured against ddimctl fp32."""
+    settings = check_settings(settings, compile_mode)
     c = unet.config
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(batch, c.in_channels, c.resolution, c.resolution, generator=g).to(device)
@@ -246,13 +288,13 @@ def run_benchmark(
     flops = fast.forward_flops(unet)
     results = []
 
-    log("ddimctl fp32 eager (the fidelity baseline)")
-    base, base_out = run_ours(unet, x_T, steps, "fp32", None, runs, abar)
+    log(f"ddimctl {settings.sampler} fp32 eager (the fidelity baseline)")
+    base, base_out = run_ours(unet, x_T, settings, "fp32", None, runs, abar)
     results.append(base)
     mine, mine_out = base, base_out
     if fast.resolve_precision(precision, device) != "fp32" or compile_mode is not None:
         log(f"ddimctl {fast.resolve_precision(precision, device)} compile={compile_mode or 'none'}")
-        mine, mine_out = run_ours(unet, x_T, steps, precision, compile_mode, runs, abar)
+        mine, mine_out = run_ours(unet, x_T, settings, precision, compile_mode, runs, abar)
         results.append(mine)
     if reference:
         try:
@@ -260,12 +302,15 @@ def run_benchmark(
         except ImportError:
             log("diffusers is not installed: no reference run (pip install diffusers)")
             reference = False
+    if reference and reference_scheduler(settings.sampler) is None:
+        log(f"diffusers has no scheduler for {settings.sampler} on this noise schedule: no reference run")
+        reference = False
     refs = []
     if reference:
         dtypes = [torch.float32] + ([torch.float16] if device.type == "cuda" else [])
         for dtype in dtypes:
             log(f"diffusers {str(dtype).removeprefix('torch.')}")
-            m, out = run_reference(unet, x_T, steps, dtype, runs)
+            m, out = run_reference(unet, x_T, settings, dtype, runs)
             add_fidelity(m, out, base_out)
             refs.append(m)
         results.extend(refs)
@@ -300,7 +345,7 @@ def summary_rows(measurements: list[Measurement]) -> list[list[str]]:
 
 def psnr_cell(m: Measurement) -> str:
     if m.psnr_median is None:
-        return "- (baseline)" if m.name.startswith("ddimctl fp32") else "-"
+        return "- (baseline)" if m.name.startswith("ddimctl") and m.name.endswith("fp32 eager") else "-"
     if m.psnr_min >= 120:  # psnr_per_image's ceiling: no pixel differs
         return "identical"
     return f"{m.psnr_median:.1f} / {m.psnr_min:.1f}"

@@ -10,12 +10,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
-StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+class Step(NamedTuple):
+    """What a sampler's callback sees after each step: the step's index (0-based), the timestep it
+    started from, the new point x and the clean image predicted at t (no second network call)."""
+
+    index: int
+    timestep: int
+    x: torch.Tensor
+    x0: torch.Tensor
+
+
+StepCallback = Callable[[Step], None]
 
 SKIP_SCHEMES = ("uniform", "quad")
 
@@ -98,7 +111,6 @@ def ddim_step(
     abar_s: float,
     sigma: float = 0.0,
     noise: torch.Tensor | None = None,
-    clip_x0: bool = False,
 ) -> torch.Tensor:
     """The DDIM update (paper eq. 12) from x_t to x_s given the predicted noise eps.
 
@@ -106,8 +118,6 @@ def ddim_step(
         x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
     """
     x0 = predict_x0(x_t, eps, abar_t)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
     x_s = math.sqrt(abar_s) * x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * eps
     if sigma > 0:
         x_s = x_s + sigma * noise
@@ -137,8 +147,17 @@ def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
     return 1.0 if t < 0 else float(alphas_cumprod[t])
 
 
-def _batch_timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
+def batch_timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def walk(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | Sequence[int]) -> list[tuple[int, int, float, float]]:
+    """The steps of a sampler over increasing `timesteps`, walked downwards: (t, s, abar_t, abar_s)
+    for each, the last one to s = -1, where abar = 1 (the clean image). Python floats: the loop
+    never waits for the device."""
+    taus = [int(t) for t in timesteps]
+    pairs = zip(reversed(taus), reversed([-1] + taus[:-1]))
+    return [(t, s, _abar(alphas_cumprod, t), _abar(alphas_cumprod, s)) for t, s in pairs]
 
 
 @torch.no_grad()
@@ -147,37 +166,36 @@ def sample(
     x_T: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     timesteps: torch.Tensor | Sequence[int],
-    eta: float = 0.0,
+    *,
     generator: Generator = None,
     callback: StepCallback | None = None,
-    clip_x0: bool = False,
-    sigma_hat: bool = False,
     keep_known: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    eta: float = 0.0,
+    sigma_hat: bool = False,
 ) -> torch.Tensor:
     """Generate x_0 from x_T by walking `timesteps` (increasing) downwards with the DDIM update.
 
     eta = 0 is deterministic; eta = 1 uses the DDPM posterior variance. sigma_hat replaces sigma by
     the paper's larger DDPM variance sqrt(1 - abar_t / abar_s) (Table 1's last row).
     keep_known(s, x_s), for inpainting, puts the known pixels back after each step to timestep s.
-    callback(i, t, x) runs after step i (0-based) from timestep t.
+    callback(Step) runs after every step. Every sampler of ddimctl.samplers has this signature.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    taus = [int(t) for t in timesteps]
     x = x_T
-    for i, (t, s) in enumerate(zip(reversed(taus), reversed([-1] + taus[:-1]))):
-        abar_t, abar_s = _abar(alphas_cumprod, t), _abar(alphas_cumprod, s)
-        eps = eps_model(x, _batch_timesteps(t, x))
+    for i, (t, s, abar_t, abar_s) in enumerate(walk(alphas_cumprod, timesteps)):
+        eps = eps_model(x, batch_timesteps(t, x)).to(x.dtype)
         if sigma_hat:
             sigma = math.sqrt(1 - abar_t / abar_s)
         else:
             sigma = ddim_sigma(abar_t, abar_s, eta)
         noise = standard_normal(x, generator) if sigma > 0 else None
-        x = ddim_step(x, eps.to(x.dtype), abar_t, abar_s, sigma, noise, clip_x0)
+        x0 = predict_x0(x, eps, abar_t) if callback is not None else None
+        x = ddim_step(x, eps, abar_t, abar_s, sigma, noise)
         if keep_known is not None:
             x = keep_known(s, x)
         if callback is not None:
-            callback(i, t, x)
+            callback(Step(i, t, x, x0))
     return x
 
 
@@ -198,10 +216,11 @@ def invert(
     x = x_0
     for i, (s, t) in enumerate(zip([-1] + taus[:-1], taus)):
         abar_s, abar_t = _abar(alphas_cumprod, s), _abar(alphas_cumprod, t)
-        eps = eps_model(x, _batch_timesteps(max(s, taus[0]), x))
-        x = ddim_step(x, eps.to(x.dtype), abar_s, abar_t)  # the same update, towards more noise
+        eps = eps_model(x, batch_timesteps(max(s, taus[0]), x)).to(x.dtype)
+        x0 = predict_x0(x, eps, abar_s) if callback is not None else None
+        x = ddim_step(x, eps, abar_s, abar_t)  # the same update, towards more noise
         if callback is not None:
-            callback(i, t, x)
+            callback(Step(i, t, x, x0))
     return x
 
 
@@ -229,14 +248,14 @@ def invert_exact(
         raise ValueError(f"exact inversion needs max_iters >= 1 and tol >= 0, got {max_iters} and {tol}")
     taus = [int(t) for t in timesteps]
     x = x_0
-    eps = eps_model(x, _batch_timesteps(taus[0], x)).to(x.dtype)
+    eps = eps_model(x, batch_timesteps(taus[0], x)).to(x.dtype)
     evaluations = 1
     for i, (s, t) in enumerate(zip([-1] + taus[:-1], taus)):
         abar_s, abar_t = _abar(alphas_cumprod, s), _abar(alphas_cumprod, t)
         x_t = ddim_step(x, eps, abar_s, abar_t)  # Euler: the noise predicted at the start point
         tried, mapped = [], []
         for _ in range(max_iters):
-            eps = eps_model(x_t, _batch_timesteps(t, x_t)).to(x.dtype)
+            eps = eps_model(x_t, batch_timesteps(t, x_t)).to(x.dtype)
             evaluations += 1
             g = ddim_step(x, eps, abar_s, abar_t)
             if (g - x_t).pow(2).flatten(1).mean(1).sqrt().max() <= tol:
@@ -246,7 +265,7 @@ def invert_exact(
             x_t = anderson_step(tried, mapped)
         x = x_t
         if callback is not None:
-            callback(i, t, x)
+            callback(Step(i, t, x, predict_x0(x, eps, abar_t)))
     return x, evaluations
 
 
@@ -280,13 +299,16 @@ def edit(
     alphas_cumprod: torch.Tensor,
     timesteps: torch.Tensor | Sequence[int],
     mask: torch.Tensor | None = None,
-    eta: float = 0.0,
+    *,
     generator: Generator = None,
     x_start: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    sampler: Callable[..., torch.Tensor] = sample,
+    **options,
 ) -> torch.Tensor:
-    """SDEdit (Meng et al.) with DDIM, and masked inpainting: start from x_0 noised to t0 =
-    timesteps[-1] (or from `x_start`, e.g. its exact inversion) and walk `timesteps` down.
+    """SDEdit (Meng et al.) and masked inpainting: start from x_0 noised to t0 = timesteps[-1] (or
+    from `x_start`, e.g. its exact inversion) and walk `timesteps` down with `sampler` (DDIM, or any
+    sampler of the same signature; `options` such as eta go to it).
 
     With a mask (1 = regenerate, 0 = keep, broadcast over channels), the kept pixels are replaced
     after every step by x_0 noised to that step's timestep, and by x_0 itself at the end.
@@ -300,7 +322,7 @@ def edit(
         def keep_known(s: int, x_s: torch.Tensor) -> torch.Tensor:
             known = x_0 if s < 0 else noise_to(x_0, _abar(alphas_cumprod, s), standard_normal(x_0, generator))
             return torch.lerp(known, x_s, mask)
-    return sample(eps_model, x, alphas_cumprod, taus, eta, generator, callback, keep_known=keep_known)
+    return sampler(eps_model, x, alphas_cumprod, taus, generator=generator, callback=callback, keep_known=keep_known, **options)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import samplers
 from .errors import DdimctlError, param
 from .files import atomic_path
 
@@ -155,24 +156,50 @@ def compute_fid(
     return float(_run(tf.calculate_metrics, **kwargs)[FID_KEY])
 
 
-def cell_name(eta: float | None, steps: int) -> str:
-    return f"sigmahat-S{steps}" if eta is None else f"eta{eta:g}-S{steps}"
+def sweep_cells(sampler_names: list[str], steps_list: list[int], etas: list[float], sigma_hat: bool,
+                skip: str | None = None) -> list[samplers.Settings]:
+    """The cells of a sweep, S by S: every eta of ddim (and sigma-hat), one row per other sampler."""
+    cells = []
+    for steps in steps_list:
+        for name in sampler_names:
+            if name == "ddim":
+                cells += [samplers.Settings("ddim", steps, skip, eta) for eta in etas]
+                cells += [samplers.Settings("ddim", steps, skip, sigma_hat=True)] if sigma_hat else []
+            else:
+                cells.append(samplers.Settings(name, steps, skip))
+    return cells
+
+
+def cell_name(settings: samplers.Settings) -> str:
+    """The cell's folder (ddim's names are those of earlier versions, so their sweeps resume)."""
+    if settings.sampler != "ddim":
+        return f"{settings.sampler}-S{settings.steps}"
+    return f"sigmahat-S{settings.steps}" if settings.sigma_hat else f"eta{settings.eta:g}-S{settings.steps}"
+
+
+def paper_row(settings: samplers.Settings) -> str | None:
+    """The row of the paper's Table 1 a ddim cell belongs to."""
+    if settings.sampler != "ddim":
+        return None
+    return "sigma-hat" if settings.sigma_hat else f"{settings.eta:g}"
 
 
 def write_tables(out: Path, model: str, cells: list[dict]) -> dict[str, Path]:
-    """Table-1-style markdown and JSON (and a PNG plot when matplotlib is installed)."""
+    """Table-1-style markdown and JSON (and a PNG plot when matplotlib is installed): one row per
+    sampler (per eta for ddim), one column per S (network calls per image)."""
     steps = sorted({c["steps"] for c in cells})
-    rows = sorted({c["row"] for c in cells}, key=lambda r: (r == "sigma-hat", float(r) if r != "sigma-hat" else 0))
+    rows = list(dict.fromkeys(c["row"] for c in cells))  # in the order the cells ran
     paper = PAPER_CIFAR10 if model == "cifar10" else {}
-    lines = [f"# FID sweep: {model}", "", "| eta | " + " | ".join(f"S = {s}" for s in steps) + " |",
+    paper_of = {c["row"]: paper.get(c.get("paper_row"), {}) for c in cells}
+    lines = [f"# FID sweep: {model}", "", "| sampler | " + " | ".join(f"S = {s}" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
     for row in rows:
         values = []
         for s in steps:
             found = [c for c in cells if c["row"] == row and c["steps"] == s]
             text = f"{found[0]['fid']:.2f}" if found else "-"
-            if paper.get(row, {}).get(s) is not None:
-                text += f" (paper {paper[row][s]:.2f})"
+            if s in paper_of[row]:  # the paper's value even where this sweep did not run
+                text += f" (paper {paper_of[row][s]:.2f})"
             values.append(text)
         lines.append(f"| {row} | " + " | ".join(values) + " |")
     written = {"markdown": out / "table.md", "json": out / "results.json"}
@@ -190,12 +217,12 @@ def write_tables(out: Path, model: str, cells: list[dict]) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
         pts = sorted((c["steps"], c["fid"]) for c in cells if c["row"] == row)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"eta = {row}" if row != "sigma-hat" else row)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("DDIM steps S")
+    ax.set_xlabel("network calls per image (S)")
     ax.set_ylabel("FID")
-    ax.set_title(f"{model}: FID against steps")
+    ax.set_title(f"{model}: FID against network calls")
     ax.legend()
     written["plot"] = out / "fid.png"
     with atomic_path(written["plot"]) as tmp:
@@ -212,8 +239,7 @@ def check_sample_count(num: int) -> None:
 
 def run_sweep(
     model_name: str,
-    steps_list: list[int],
-    rows: list[float | None],
+    cells: list[samplers.Settings],
     num: int,
     ref: str,
     out: Path,
@@ -223,23 +249,21 @@ def run_sweep(
     feature_extractor: str | None = None,
     say: Callable[[str], None] = lambda message: None,
 ) -> list[dict]:
-    """Table 1: for every S and every eta (None: the sigma-hat row), num images in their own folder
-    under `out` (fill() resumes a half-filled one), then their FID against `ref`; the tables are
-    rewritten after every cell. prepare_cell(S, eta, first_sampler) gives (sampler, batch), sharing
-    the first cell's prepared network."""
+    """Table 1: for every cell (sweep_cells), num images in its own folder under `out` (fill()
+    resumes a half-filled one), then their FID against `ref`; the tables are rewritten after every
+    cell. prepare_cell(settings, first_sampler) gives a sampler sharing the first cell's network."""
     check_sample_count(num)
-    cells, first = [], None
-    for s in steps_list:
-        for eta in rows:
-            sampler, batch = prepare_cell(s, eta, first)
-            first = first or sampler
-            folder = out / cell_name(eta, s)
-            folder.mkdir(exist_ok=True)
-            fill(sampler, batch, folder)
-            if world.is_main:
-                value = compute_fid(folder, ref, sampler.device, feature_extractor=feature_extractor)
-                cells.append({"row": "sigma-hat" if eta is None else f"{eta:g}", "eta": eta, "steps": s, "fid": value,
-                              "images": num, "folder": str(folder)})
-                say(f"{folder.name}: FID {value:.3f}")
-                write_tables(out, model_name, cells)
-    return cells
+    results, first = [], None
+    for settings in cells:
+        sampler = prepare_cell(settings, first)
+        first = first or sampler
+        folder = out / cell_name(settings)
+        folder.mkdir(exist_ok=True)
+        fill(sampler, folder)
+        if world.is_main:
+            value = compute_fid(folder, ref, sampler.device, feature_extractor=feature_extractor)
+            results.append({"row": settings.label(), "paper_row": paper_row(settings), **sampler.settings.record(),
+                            "fid": value, "images": num, "folder": str(folder)})
+            say(f"{folder.name}: FID {value:.3f}")
+            write_tables(out, model_name, results)
+    return results

@@ -122,20 +122,23 @@ def prepare(
     precision: str = "auto",
     compile_mode: str | None = None,
     batch_size: int | None = None,
-    copy_model: bool = False,
 ) -> FastEps:
     """The UNet as a fast eps model. compile_mode None: eager; otherwise one of COMPILE_MODES:
-    torch.compile's modes, or "tuned" (see TUNED_OPTIONS)."""
+    torch.compile's modes, or "tuned" (see TUNED_OPTIONS). The caller's UNet is never changed: a
+    copy is made when the device, precision, memory layout or training mode must change."""
     check_compile_mode(compile_mode)
     precision = resolve_precision(precision, device)
     if device.type == "cuda":
         set_matmul_precision(precision)
-    model = copy.deepcopy(unet) if copy_model else unet
     dtype = DTYPES[precision]
     channels_last = device.type == "cuda"
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    first = next(unet.parameters())
+    if unet.training or first.dtype != dtype or first.device != device or channels_last:
+        model = copy.deepcopy(unet).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    else:
+        model = unet
     eps = FastEps(model, dtype, channels_last)
     if compile_mode:
         use_persistent_compile_cache()
@@ -181,7 +184,7 @@ def auto_batch_size(unet: UNet, device: torch.device, precision: str, limit: int
         return max(1, (16 * 32 * 32) // unet.config.resolution**2)
     probe = 8
     c = unet.config
-    model = prepare(unet, device, precision, copy_model=True)
+    model = prepare(unet, device, precision)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)

@@ -1,5 +1,6 @@
 """The latents file: safetensors with a float32 "latents" (N, C, H, W) and string metadata saying how
-they were made (model, S, skip, eta, plain or exact inversion and its tolerance)."""
+they were made (model, the sampler they were inverted for, S, skip, plain or exact inversion and its
+tolerance)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import ddim, samplers
 from .errors import DdimctlError, param
 from .files import atomic_save_safetensors
 
@@ -19,8 +21,11 @@ if TYPE_CHECKING:
     from .sampling import ExactInversion
 
 
-def save_latents(path: Path, latents: torch.Tensor, **metadata) -> None:
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+def save_latents(path: Path, latents: torch.Tensor, model: str, settings: samplers.Settings, **metadata) -> None:
+    """Write latents with the model and (resolved) DDIM settings they were inverted with."""
+    made = {"model": model, "sampler": settings.sampler, "steps": str(settings.steps), "skip": settings.skip,
+            "eta": f"{settings.eta:g}", **metadata}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in made.items()}
     atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), meta)
 
 
@@ -67,16 +72,52 @@ def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
 
 
 def latents_settings(path: Path) -> dict[str, str]:
-    """The settings a latents file was made with (model, steps, skip, eta, inversion, ...)."""
+    """The settings a latents file was made with (model, sampler, steps, skip, eta, inversion, ...),
+    each checked: the file is untrusted input. Files of earlier versions name no sampler: ddim."""
     made = _read(path, _metadata)
+    made.setdefault("sampler", "ddim")
+
+    def bad(field: str, expected: str):
+        return DdimctlError(f"{param('latents')} {path}: its metadata field {field!r} is {made[field]!r}, "
+                            f"expected {expected}; write the file again with `ddimctl invert`")
+
+    if "steps" in made and not (made["steps"].isdigit() and int(made["steps"]) >= 1):
+        raise bad("steps", "a positive integer")
+    if "skip" in made and made["skip"] not in ddim.SKIP_SCHEMES:
+        raise bad("skip", " or ".join(ddim.SKIP_SCHEMES))
+    if made["sampler"] not in samplers.SAMPLERS:
+        raise bad("sampler", f"one of {samplers.names()}")
     if "eta" in made:
-        made["eta"] = f"{float(made['eta']):g}"
+        try:
+            made["eta"] = f"{float(made['eta']):g}"
+        except ValueError:
+            raise bad("eta", "a number") from None
     return made
 
 
 def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str]:
     """The settings under which latents were made that differ from the ones asked for now."""
     return [f"{k} {made[k]} (now {v})" for k, v in asked.items() if k in made and made[k] != v]
+
+
+def decoding_settings(made: dict[str, str], sampler: str, steps: int | None, skip: str | None, eta: float,
+                      sigma_hat: bool) -> samplers.Settings:
+    """How latents decode: with the S and skip they were inverted with, unless told otherwise."""
+    return samplers.Settings(sampler, steps if steps is not None else int(made.get("steps", 50)), skip or made.get("skip"),
+                             eta, sigma_hat)
+
+
+def decoding_notes(name: str, made: dict[str, str], model: str, settings: samplers.Settings) -> list[str]:
+    """What a user decoding latents `name` with (resolved) `settings` should know."""
+    asked = {"model": model, "sampler": settings.sampler, "steps": str(settings.steps), "skip": settings.skip,
+             "eta": f"{settings.eta:g}"}
+    differ = latents_differences(made, asked)
+    if differ:
+        return [f"{name} was inverted with {', '.join(differ)}: decoding will not return the images exactly"]
+    if made.get("inversion", "plain") == "plain":
+        return [f"{name} came from plain inversion: the images return approximately (more exactly as S grows); "
+                f"`ddimctl invert --exact` makes latents that decode back exactly"]
+    return []
 
 
 def moments(latents: torch.Tensor) -> list[tuple[float, float]]:

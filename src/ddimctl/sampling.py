@@ -1,18 +1,21 @@
-"""Batched sampling, inversion and editing: the glue between a loaded model and ddimctl.ddim.
+"""Batched sampling, inversion and editing: the glue between a loaded model and the samplers.
 
 Image i of a run depends only on (seed, i): its starting noise and every later noise draw come from
-its own generator, so batch size and the number of processes sharing the work change nothing.
+its own generator, and it is computed in the run's batch i // B whichever process or rerun computes
+it, so any number of processes and any resume give the bytes of a straight run at the same batch
+size B. Another batch size changes only the rounding inside the network's kernels (see README).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from . import ddim, seeds
-from .errors import DdimctlError, at_least, between, finite_at_least, one_of, param
+from . import ddim, samplers, seeds
+from .errors import DdimctlError, at_least, between, param
 from .weights import LoadedModel
 
 ProgressFn = Callable[[int], None]  # called with the number of images that just had one model call
@@ -91,47 +94,57 @@ def check_finite(indices: Sequence[int], x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Sampler:
-    """A model on a device with one DDIM configuration, ready to run batches."""
+    """A model on a device with one sampling configuration (samplers.Settings, resolved for the
+    model), ready to run batches of `batch` images."""
 
     model: LoadedModel
-    timesteps: torch.Tensor
+    settings: samplers.Settings
     device: torch.device
-    eta: float = 0.0
-    sigma_hat: bool = False
     eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     batch: int | None = None  # the batch size the eps model was prepared for, if any
+    precision: str = "fp32"
 
     @classmethod
-    def create(cls, model: LoadedModel, steps: int, skip: str | None, device: torch.device, **kwargs) -> "Sampler":
-        check_settings(model.train_steps, steps=steps, skip=skip, eta=kwargs.get("eta"))
-        timesteps = ddim.timestep_sequence(steps, model.train_steps, skip or model.skip)
-        model.unet.to(device)
-        return cls(model, timesteps, device, **kwargs)
+    def create(cls, model: LoadedModel, settings: samplers.Settings, device: torch.device, **kwargs) -> "Sampler":
+        """A sampler over the model's network as it is (on `device` already); prepare() makes a fast one."""
+        return cls(model, settings.for_model(model.train_steps, model.skip), device, **kwargs)
 
     def __post_init__(self):
         if self.eps_model is None:
             self.eps_model = self.model.unet
         self._alphas_cumprod = self.model.alphas_cumprod
+        self.timesteps = self.settings.timesteps(self.model.train_steps)
 
     @property
     def evaluations(self) -> int:
         """Network calls per image for one pass (sample or invert)."""
-        return len(self.timesteps)
+        return self.settings.network_calls(len(self.timesteps))
+
+    def _counted(self, progress: ProgressFn | None):
+        """The eps model, telling progress() about every network call (whatever the sampler)."""
+        if progress is None:
+            return self.eps_model
+        eps_model = self.eps_model
+
+        def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            progress(x.shape[0])
+            return eps_model(x, t)
+
+        return counted
 
     def sample(self, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None, progress: ProgressFn | None = None):
         x = to_device(x_T.float(), self.device)
-        callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
-        gen = generators if self.eta > 0 or self.sigma_hat else None
-        return ddim.sample(
-            self.eps_model, x, self._alphas_cumprod, self.timesteps, self.eta, gen, callback, sigma_hat=self.sigma_hat
-        )
+        gen = generators if self.settings.stochastic else None
+        return self.settings.run(self._counted(progress), x, self._alphas_cumprod, self.timesteps, generator=gen)
 
     def invert(
         self, x_0: torch.Tensor, progress: ProgressFn | None = None, exact: ExactInversion | None = None
     ) -> tuple[torch.Tensor, int]:
-        """x_T of x_0 and the network calls per image it took: plain (S calls), or exact."""
+        """x_T of x_0 along the DDIM ODE and the network calls per image it took: plain (S calls), or exact."""
+        if self.settings.sampler != "ddim":
+            raise ValueError(f"inversion follows the DDIM ODE; this sampler is set up for {self.settings.sampler}")
         x = x_0.to(self.device, torch.float32)
-        callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
+        callback = (lambda step: progress(step.x.shape[0])) if progress else None  # per step: exact takes more calls
         if exact is None:
             return ddim.invert(self.eps_model, x, self._alphas_cumprod, self.timesteps, callback), self.evaluations
         return ddim.invert_exact(
@@ -147,18 +160,17 @@ class Sampler:
         exact: ExactInversion | None = None,
         progress: ProgressFn | None = None,
     ) -> torch.Tensor:
-        """SDEdit / inpainting of x_0 from t0 at fraction `strength` of this sampler's timesteps:
-        noise from the generators (image i's own), or exact inversion to t0 when `exact` is given."""
+        """SDEdit / inpainting of x_0 from t0 at fraction `strength` of this sampler's timesteps,
+        decoded with its sampler: noise from the generators (image i's own), or the exact DDIM
+        inversion to t0 when `exact` is given."""
         timesteps = self.timesteps[: edit_steps(strength, len(self.timesteps))]
         x = x_0.to(self.device, torch.float32)
         start = None
         if exact is not None and len(timesteps):
             start, _ = ddim.invert_exact(self.eps_model, x, self._alphas_cumprod, timesteps, exact.tol, exact.max_iters)
-        callback = (lambda i, t, x_: progress(x_.shape[0])) if progress else None
         mask = mask.to(self.device, torch.float32) if mask is not None else None
-        return ddim.edit(
-            self.eps_model, x, self._alphas_cumprod, timesteps, mask, self.eta, list(generators), start, callback
-        )
+        return ddim.edit(self._counted(progress), x, self._alphas_cumprod, timesteps, mask, generator=list(generators),
+                         x_start=start, sampler=self.settings.spec.function, **self.settings.options())
 
     def sample_indices(
         self,
@@ -167,57 +179,59 @@ class Sampler:
         batch_size: int,
         latents: torch.Tensor | None = None,
         progress: ProgressFn | None = None,
+        count: int | None = None,
     ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """Yield (indices, x_0 on the CPU) batch by batch; latents[i] replaces image i's noise.
+        """Yield (indices, x_0 on the CPU) batch by batch for images `indices` of a run of `count`
+        (default: up to the largest index); latents[i] replaces image i's noise.
 
-        On CUDA the work is queued one batch ahead: while the caller handles batch k (encoding
-        PNGs), the GPU already runs batch k + 1, and batch k reaches host memory asynchronously.
-        On the CPU, which computes as it goes, each batch is handed over as soon as it is done.
+        Batches are the run's own (aligned_batches): every image is computed in the same batch, at
+        the same position, whatever subset is asked for, so a resumed or sharded run gives the bytes
+        of a straight run. On CUDA the work is queued one batch ahead: while the caller handles
+        batch k (encoding PNGs), the GPU already runs batch k + 1, and batch k reaches host memory
+        asynchronously. On the CPU each batch is handed over as soon as it is done.
         """
-        waiting = None  # (indices, wait for x_0 on the host) of the previous batch, on CUDA
-        for start in range(0, len(indices), batch_size):
-            batch = list(indices[start : start + batch_size])
-            generators = seeds.image_generators(seed, batch)
-            x_T = seeds.initial_noise(generators, self.model.image_shape)
-            if latents is not None:
-                x_T = latents[batch]
+        wanted = set(indices)
+        count = count if count is not None else (max(wanted) + 1 if wanted else 0)
+        waiting = None  # (indices, rows, wait for x_0 on the host) of the previous batch, on CUDA
+        for members in aligned_batches(indices, batch_size, count):
+            generators = seeds.image_generators(seed, members)
+            x_T = seeds.initial_noise(generators, self.model.image_shape) if latents is None else latents[members]
             x_0 = self.sample(x_T, generators, progress)
+            rows = [j for j, i in enumerate(members) if i in wanted]
+            picked = [members[j] for j in rows]
             if waiting is not None:
                 yield waiting[0], check_finite(waiting[0], waiting[1]())
                 waiting = None
             if x_0.is_cuda:
-                waiting = (batch, start_host_copy(x_0))
+                waiting = (picked, start_host_copy(x_0[rows] if len(rows) < len(members) else x_0))
             else:
-                yield batch, check_finite(batch, x_0)
+                yield picked, check_finite(picked, x_0[rows] if len(rows) < len(members) else x_0)
         if waiting is not None:
             yield waiting[0], check_finite(waiting[0], waiting[1]())
 
 
+def aligned_batches(indices: Sequence[int], batch_size: int, count: int) -> list[list[int]]:
+    """The batches that compute images `indices` of a run of `count` images: batch k holds images
+    k B .. (k + 1) B - 1 (the last one fewer), and every batch holding a wanted image is computed
+    whole. Numerical kernels may round differently for another batch shape or position (oneDNN on
+    AVX2 does), so this is what makes resumed and sharded runs repeat a straight run exactly."""
+    cells = sorted({i // batch_size for i in indices})
+    return [list(range(k * batch_size, min((k + 1) * batch_size, count))) for k in cells]
+
+
 # --------------------------------------------------------------------------------------------
-# The rules for a run's settings, each written once. The CLI checks what it can before loading a
-# model; prepare() and Sampler.create() check again, with the model's T, for every caller.
+# The rules for a run's other values, each written once (samplers.Settings checks the sampler's).
+# The CLI checks what it can before loading a model; prepare() checks again for every caller.
 
 
 def check_settings(
-    train_steps: int | None = None,
     *,
-    steps: int | None = None,
-    skip: str | None = None,
-    eta: float | None = None,
     batch_size: int | None = None,
     num: int | None = None,
     strength: float | None = None,
     frames: int | None = None,
 ) -> None:
     """Raise DdimctlError naming the first value (of those given) that no run can use."""
-    if steps is not None and train_steps is not None:
-        between("steps", steps, 1, train_steps, " (the model's train steps)")
-    elif steps is not None:
-        at_least("steps", steps, 1)
-    if skip is not None:
-        one_of("skip", skip, ddim.SKIP_SCHEMES)
-    if eta is not None:
-        finite_at_least("eta", eta, 0)
     if batch_size is not None:
         at_least("batch_size", batch_size, 1)
     if num is not None:
@@ -234,49 +248,52 @@ def check_settings(
 
 def prepare(
     model: LoadedModel,
-    steps: int,
-    skip: str | None,
-    device: str,
-    eta: float = 0.0,
-    sigma_hat: bool = False,
+    settings: samplers.Settings,
+    device: str = "auto",
+    *,
     precision: str = "auto",
     compile_model: bool | None = None,
     batch_size: int | None = None,
     count: int | None = None,
     reuse: Sampler | None = None,
     notify: Callable[[str], None] = lambda message: None,
-) -> tuple[Sampler, int]:
-    """A sampler on the chosen device and precision, and the batch size to run it with. compile_model
-    None compiles on CUDA when `count` images at S steps repay it; `reuse` shares another sampler's
-    prepared (compiled) network, so a sweep compiles once. notify() hears what was decided."""
+) -> Sampler:
+    """A sampler on the chosen device and precision; its `batch` is the batch size to run with (at
+    most `count`, the run's images, whatever the number of processes: batches are the run's own).
+    compile_model None compiles on CUDA when this process's share of the work repays it; `reuse`
+    shares another sampler's prepared (compiled) network, so a sweep compiles once. The model
+    itself is never changed. notify() hears what was decided."""
     from . import distributed, fast
 
-    check_settings(model.train_steps, steps=steps, skip=skip, eta=eta, batch_size=batch_size)
-    dev = distributed.local_device(pick_device(device), distributed.from_env())
+    check_settings(batch_size=batch_size)
+    world = distributed.from_env()
+    dev = distributed.local_device(pick_device(device), world)
     precision = fast.resolve_precision(precision, dev)
     if reuse is not None:
-        sampler = Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=reuse.eps_model, batch=reuse.batch)
-        return sampler, reuse.batch
+        return Sampler.create(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision)
+    settings = settings.for_model(model.train_steps, model.skip)
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
         batch = min(batch, count)
     use_compile = compile_model
+    share = math.ceil(count / world.size) if count else None
     if compile_model is None:
-        use_compile = dev.type == "cuda" and (count is None or fast.worth_compiling(model.unet, count * steps))
+        use_compile = dev.type == "cuda" and (share is None or fast.worth_compiling(model.unet, share * settings.steps))
         if dev.type == "cuda" and not use_compile:
-            notify(f"{count} images x {steps} steps: too little work to repay compiling the UNet ({param('compile')} forces it)")
+            notify(f"{share} images x {settings.steps} steps: too little work to repay compiling the UNet ({param('compile')} forces it)")
     eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
         notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
-    sampler = Sampler.create(model, steps, skip, dev, eta=eta, sigma_hat=sigma_hat, eps_model=eps, batch=batch)
-    if len(sampler.timesteps) != steps:
-        notify(f"{skip or model.skip} skip with S={steps} has {len(sampler.timesteps)} distinct timesteps")
-    return sampler, batch
+    sampler = Sampler.create(model, settings, dev, eps_model=eps, batch=batch, precision=precision)
+    walked = len(sampler.timesteps) + settings.spec.extra_calls
+    if walked != settings.steps:
+        notify(f"{settings.skip} skip with S={settings.steps} has {len(sampler.timesteps)} distinct timesteps")
+    return sampler
 
 
 def invert_batches(
-    sampler: Sampler, x_0: torch.Tensor, batch: int, exact: ExactInversion | None = None, progress: ProgressFn | None = None
+    sampler: Sampler, x_0: torch.Tensor, exact: ExactInversion | None = None, progress: ProgressFn | None = None
 ) -> tuple[torch.Tensor, int]:
     """Latents of x_0 (on the CPU) and the most network calls per image any batch took."""
     calls = []
@@ -286,18 +303,21 @@ def invert_batches(
         calls.append(evaluations)
         return latents
 
-    return in_batches(invert, x_0, batch), max(calls)
+    return in_batches(invert, x_0, sampler.batch or len(x_0)), max(calls)
 
 
-def decode_batches(sampler: Sampler, x_T: torch.Tensor, batch: int, progress: ProgressFn | None = None) -> torch.Tensor:
-    """x_0 of each latent (on the CPU), with eta = 0 (no generators needed)."""
-    return in_batches(lambda x: sampler.sample(x, None, progress), x_T, batch)
+def decode_batches(sampler: Sampler, x_T: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+    """x_0 of each latent (on the CPU); a deterministic sampler (ddim at eta = 0 or a solver)."""
+    if sampler.settings.stochastic:
+        raise ValueError("decoding latents needs a deterministic sampler (eta = 0, no sigma-hat)")
+    return in_batches(lambda x: sampler.sample(x, None, progress), x_T, sampler.batch or len(x_T))
 
 
 def sample_batches(
-    sampler: Sampler, count: int, seed: int, batch: int, x_T: torch.Tensor | None = None, progress: ProgressFn | None = None
+    sampler: Sampler, count: int, seed: int, x_T: torch.Tensor | None = None, progress: ProgressFn | None = None
 ) -> torch.Tensor:
     """Images 0..count-1 of a run (on the CPU), for a grid."""
+    batch = sampler.batch or count
     return torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(count)), seed, batch, x_T, progress)])
 
 
@@ -306,13 +326,12 @@ def edit_batches(
     x_0: torch.Tensor,
     strength: float,
     seed: int,
-    batch: int,
     mask: torch.Tensor | None = None,
     exact: ExactInversion | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Sampler.edit over batches; image i's noise from (seed, i). Results on the CPU, checked finite."""
-    parts = []
+    parts, batch = [], sampler.batch or len(x_0)
     for start in range(0, x_0.shape[0], batch):
         generators = seeds.image_generators(seed, range(start, min(start + batch, x_0.shape[0])))
         parts.append(sampler.edit(x_0[start : start + batch], strength, generators, mask, exact, progress).cpu())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,13 +11,14 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import distributed, fast, registry, sampling, weights
+from .. import distributed, fast, registry, samplers, sampling, weights
 from .common import (
     BatchOpt,
     CompileOpt,
     DeviceOpt,
     ModelOpt,
     PrecisionOpt,
+    SamplerOpt,
     SkipOpt,
     StepsOpt,
     app,
@@ -27,7 +27,8 @@ from .common import (
     make_sampler,
     note,
     parse_list,
-    sample_to_folder,
+    parse_names,
+    plan_and_fill,
     say,
     stdout,
 )
@@ -56,7 +57,8 @@ def fid(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Sample from this model instead of reading SAMPLES."),
     num: int = typer.Option(10_000, "--num", "-n", help="With --model: images to sample."),
     steps: int = StepsOpt,
-    eta: float = typer.Option(0.0, "--eta"),
+    sampler: str = SamplerOpt,
+    eta: float = typer.Option(0.0, "--eta", help="ddim only."),
     skip: Optional[str] = SkipOpt,
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
@@ -71,6 +73,7 @@ def fid(
 
     evaluate.fidelity()
     dev = sampling.pick_device(device)
+    settings = samplers.Settings(sampler, steps, skip, eta)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
     if save_stats is not None:
@@ -85,9 +88,9 @@ def fid(
         if model is not None:
             evaluate.check_sample_count(num)
             loaded = load(model)
-            sampler, batch = make_sampler(loaded, steps, skip, device, eta, count=num)
+            runner = make_sampler(loaded, settings, device, count=num)
             samples = Path(tmp)
-            sample_to_folder(sampler, batch, seed, num, samples, distributed.World())
+            plan_and_fill(runner, seed, num, samples, distributed.World())
         value = evaluate.compute_fid(samples, ref, dev, batch_size, feature_extractor)
     sys.stdout.write(f"{value:.4f}\n")
 
@@ -95,8 +98,9 @@ def fid(
 @app.command()
 def sweep(
     model: Optional[str] = ModelOpt,
-    steps: str = typer.Option("10,20,50,100", "--steps", "-S", help="Comma-separated S values."),
-    etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values."),
+    steps: str = typer.Option("10,20,50,100", "--steps", "-S", help="Comma-separated S values (network calls per image)."),
+    sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {samplers.names()}."),
+    etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values (rows of the ddim sampler)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
     num: int = typer.Option(50_000, "--num", "-n", help="Images per cell."),
     ref: str = typer.Option(..., "--ref", help="Reference for FID: a folder or a name (cifar10-train)."),
@@ -109,26 +113,28 @@ def sweep(
     compile_model: Optional[bool] = CompileOpt,
     feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: inception-v3-compat."),
 ) -> None:
-    """Table 1 of the paper: samples for every (eta, S) cell, streamed to disk and resumable, then FID."""
+    """Table 1 of the paper: samples for every (sampler or eta, S) cell, streamed to disk and resumable,
+    then FID; one line per sampler (and per eta of ddim) against network calls."""
     from .. import evaluate
 
     evaluate.fidelity()  # fail before hours of sampling, not after
     steps_list = parse_list(steps, "--steps")
     eta_list = parse_list(etas, "--eta", float)
+    sampler_list = parse_names(sampler, "--sampler")
+    cells = evaluate.sweep_cells(sampler_list, steps_list, eta_list, sigma_hat, skip)  # every cell checked here
     evaluate.check_sample_count(num)
     out.mkdir(parents=True, exist_ok=True)
     world = distributed.init(sampling.pick_device(device))
     loaded = load(model)
-    rows: list[float | None] = eta_list + ([None] if sigma_hat else [])
 
-    def prepare_cell(s: int, eta: float | None, reuse):
-        return make_sampler(loaded, s, skip, device, eta or 0.0, eta is None, precision, compile_model, batch_size,
-                            math.ceil(num / world.size), reuse=reuse)
+    def prepare_cell(settings, reuse):
+        return make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
+                            batch_size=batch_size, count=num, reuse=reuse)
 
-    def fill(sampler, batch: int, folder: Path) -> None:
-        sample_to_folder(sampler, batch, seed, num, folder, world)
+    def fill(runner, folder: Path) -> None:
+        plan_and_fill(runner, seed, num, folder, world)
 
-    evaluate.run_sweep(loaded.name, steps_list, rows, num, ref, out, world, prepare_cell, fill, feature_extractor, say)
+    evaluate.run_sweep(loaded.name, cells, num, ref, out, world, prepare_cell, fill, feature_extractor, say)
     distributed.shutdown()
     if world.is_main:
         say(f"wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'fid.png'}" if (out / "fid.png").exists() else ""))
@@ -138,7 +144,8 @@ def sweep(
 @app.command()
 def bench(
     model: Optional[str] = typer.Option("cifar10", "--model", "-m", help="Registry name, path, or a preset (random weights)."),
-    steps: int = typer.Option(50, "--steps", "-S"),
+    steps: int = typer.Option(50, "--steps", "-S", help="Network calls per image."),
+    sampler: str = SamplerOpt,
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Default: 256 on GPUs, 4 on CPU."),
     precision: str = PrecisionOpt,
     compile_mode: Optional[str] = typer.Option(
@@ -149,18 +156,19 @@ def bench(
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON only."),
 ) -> None:
-    """Time the sampler (and diffusers' DDIM on the same weights and noise): images/s, MFU, memory, PSNR."""
+    """Time a sampler (and diffusers' scheduler for it on the same weights and noise): images/s, MFU,
+    memory, PSNR."""
     from .. import bench as benchmarks
 
     dev = sampling.pick_device(device)
     mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
-    benchmarks.check_settings(steps, None if mode == "none" else mode)
+    settings = benchmarks.check_settings(samplers.Settings(sampler, steps), None if mode == "none" else mode)
     unet, source = benchmarks.unet_to_time(model, load)
     batch = batch_size or (256 if dev.type == "cuda" else 4)
     if not as_json:
-        say(f"bench: {source}; {dev}; batch {batch}; S={steps}; {runs} timed runs each")
+        say(f"bench: {source}; {dev}; batch {batch}; {settings.sampler}, S={steps}; {runs} timed runs each")
     results = benchmarks.run_benchmark(
-        unet, dev, steps, batch, precision, None if mode == "none" else mode, runs, reference,
+        unet, dev, settings, batch, precision, None if mode == "none" else mode, runs, reference,
         log=(lambda m: None) if as_json else note,
     )
     if as_json:

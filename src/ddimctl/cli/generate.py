@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .. import distributed, fast, folders, images, sampling
+from .. import distributed, fast, folders, images, samplers, sampling
 from .. import latents as latents_file
 from ..data import IMAGE_SUFFIXES
 from ..files import remove_stale_temporaries
@@ -21,6 +20,7 @@ from .common import (
     MaxItersOpt,
     ModelOpt,
     PrecisionOpt,
+    SamplerOpt,
     ScaleOpt,
     SkipOpt,
     StepsOpt,
@@ -34,8 +34,8 @@ from .common import (
     make_sampler,
     note,
     progress_bar,
+    plan_and_fill,
     read_images,
-    sample_to_folder,
     say,
 )
 
@@ -44,9 +44,11 @@ from .common import (
 def sample(
     model: Optional[str] = ModelOpt,
     steps: Optional[int] = typer.Option(
-        None, "--steps", "-S", help="Number of DDIM steps S (default 50, or the S that --latents were made with)."
+        None, "--steps", "-S",
+        help="Network calls per image S, for every sampler (default 50, or the S that --latents were made with).",
     ),
-    eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
+    sampler: str = SamplerOpt,
+    eta: float = typer.Option(0.0, "--eta", help="ddim only: 0 = deterministic, 1 = DDPM posterior variance."),
     skip: Optional[str] = SkipOpt,
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     batch_size: Optional[int] = BatchOpt,
@@ -54,13 +56,15 @@ def sample(
     device: str = DeviceOpt,
     out: str = typer.Option("samples.png", "--out", "-o", help="A .png grid, or a folder (ending in /) of PNGs."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Decode these x_T (from `ddimctl invert`)."),
-    sigma_hat: bool = typer.Option(False, "--sigma-hat", help="DDPM with the larger variance (Table 1's last row)."),
+    sigma_hat: bool = typer.Option(False, "--sigma-hat", help="ddim only: DDPM with the larger variance (Table 1's last row)."),
     precision: str = PrecisionOpt,
     compile_model: Optional[bool] = CompileOpt,
     scale: Optional[int] = ScaleOpt,
 ) -> None:
-    """Generate images with DDIM: S steps, any eta."""
-    sampling.check_settings(skip=skip, eta=eta, batch_size=batch_size, num=None if latents else num)
+    """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
+    sampling.check_settings(batch_size=batch_size, num=None if latents else num)
+    made = latents_file.latents_settings(latents) if latents is not None else {}
+    settings = latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat)  # checked here
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -76,39 +80,29 @@ def sample(
     if world.distributed and not to_folder:
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     # Latents decode with the model, S and skip they were made with, unless told otherwise.
-    made = latents_file.latents_settings(latents) if latents is not None else {}
     loaded = load(model or made.get("model"))
-    steps = steps if steps is not None else int(made.get("steps", 50))
-    skip = skip or made.get("skip")
+    settings = settings.for_model(loaded.train_steps, loaded.skip)
     x_T = latents_file.load_latents(latents, loaded.image_shape) if latents is not None else None
     if latents is not None and world.is_main:
-        asked = {"model": loaded.name, "steps": str(steps), "skip": skip or loaded.skip, "eta": f"{eta:g}"}
-        differ = latents_file.latents_differences(made, asked)
-        if differ:
-            note(f"{latents.name} was inverted with {', '.join(differ)}: decoding will not return the images exactly")
-        elif made.get("inversion", "plain") == "plain":
-            note(f"{latents.name} came from plain inversion: the images return approximately (more exactly as S "
-                 f"grows); `ddimctl invert --exact` makes latents that decode back exactly")
+        for line in latents_file.decoding_notes(latents.name, made, loaded.name, settings):
+            note(line)
     count = x_T.shape[0] if x_T is not None else num
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
-        folders.claim_folder(out_path, {
-            "model": loaded.source, "steps": steps, "skip": skip or loaded.skip, "eta": f"{eta:g}",
-            "sigma_hat": sigma_hat, "seed": seed, "latents": str(latents) if latents else None,
-            "precision": fast.resolve_precision(precision, sampling.pick_device(device)), "scale": scale or 1,
-        })
+        folders.claim_folder(out_path, folders.run_record(
+            loaded.source, settings, seed, str(latents) if latents else None,
+            fast.resolve_precision(precision, sampling.pick_device(device)), scale or 1), count)
     world.barrier()
-    sampler, batch = make_sampler(
-        loaded, steps, skip, device, eta, sigma_hat, precision, compile_model, batch_size, math.ceil(count / world.size)
-    )
+    runner = make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
+                          batch_size=batch_size, count=count)
 
     started = time.perf_counter()
     stalled = None
     if to_folder:
-        done, stalled = sample_to_folder(sampler, batch, seed, count, out_path, world, x_T, scale or 1)
+        done, stalled = plan_and_fill(runner, seed, count, out_path, world, x_T, scale or 1)
     else:
-        with progress_bar("sampling", count, sampler.evaluations) as advance:
-            x0 = sampling.sample_batches(sampler, count, seed, batch, x_T, advance)
+        with progress_bar("sampling", count, runner.evaluations) as advance:
+            x0 = sampling.sample_batches(runner, count, seed, x_T, advance)
         images.save_picture(images.grid(images.to_uint8(x0)), out_path, scale)
         done = count
     distributed.shutdown()
@@ -118,8 +112,7 @@ def sample(
         what = f"{done} images" if world.size == 1 else f"{done} images per process x {world.size} processes"
         say(
             f"wrote {what} to {where} in {elapsed:.1f}s "
-            f"[{loaded.name}, S={steps}, eta={eta}, skip={skip or loaded.skip}, seed={seed}, {sampler.device}, "
-            f"{fast.resolve_precision(precision, sampler.device)}, batch {batch}]"
+            f"[{loaded.name}, {settings.describe()}, seed={seed}, {runner.device}, {runner.precision}, batch {runner.batch}]"
         )
         if stalled is not None and stalled >= 0.05:  # only worth saying when the writers held sampling up
             note(f"sampling waited {stalled:.2f}s for the PNG writers")
@@ -134,8 +127,9 @@ def edit(
     mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask: white = regenerate, black = keep."),
     model: Optional[str] = ModelOpt,
     steps: int = StepsOpt,
+    sampler: str = SamplerOpt,
     skip: Optional[str] = SkipOpt,
-    eta: float = typer.Option(0.0, "--eta", help="0 = deterministic DDIM, 1 = DDPM posterior variance."),
+    eta: float = typer.Option(0.0, "--eta", help="ddim only: 0 = deterministic, 1 = DDPM posterior variance."),
     seed: int = typer.Option(0, "--seed", help="Image i's noise depends only on (seed, i)."),
     exact: bool = typer.Option(False, "--exact/--noise", help="Start from the exact inversion to t0, not fresh noise."),
     tol: float = TolOpt,
@@ -147,9 +141,10 @@ def edit(
     batch_size: Optional[int] = BatchOpt,
     precision: str = ExactPrecisionOpt,
 ) -> None:
-    """SDEdit with DDIM: noise the images to t0 and denoise them back, or inpaint the masked part."""
+    """SDEdit: noise the images to t0 and denoise them back (with --sampler), or inpaint the masked part."""
     how = exact_settings(exact, tol, max_iters)
-    sampling.check_settings(skip=skip, eta=eta, batch_size=batch_size, strength=strength)
+    settings = samplers.Settings(sampler, steps, skip, eta)
+    sampling.check_settings(batch_size=batch_size, strength=strength)
     out_path = Path(out).expanduser()
     image_paths = check_inputs(image_paths)
     to_folder = is_directory_target(out_path, out)
@@ -170,11 +165,11 @@ def edit(
     keep = None
     if mask is not None:
         keep = images.load_mask(mask, resolution, notice=note)
-    sampler, batch = make_sampler(loaded, steps, skip, device, eta=eta, precision=precision, compile_model=False,
-                                  batch_size=batch_size, count=len(image_paths))
-    walked = sampling.edit_steps(strength, len(sampler.timesteps))
-    with progress_bar("editing", len(image_paths), max(walked, 1)) as advance:
-        edited = sampling.edit_batches(sampler, x0, strength, seed, batch, keep, how, advance)
+    runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
+                          batch_size=batch_size, count=len(image_paths))
+    walked = sampling.edit_steps(strength, len(runner.timesteps))
+    with progress_bar("editing", len(image_paths), max(runner.settings.network_calls(walked), 1)) as advance:
+        edited = sampling.edit_batches(runner, x0, strength, seed, keep, how, advance)
     pixels, inputs = images.to_uint8(edited), images.to_uint8(x0)
     for target, before, after in zip(targets, inputs, pixels):
         if strip:
@@ -182,8 +177,8 @@ def edit(
                                 tile=resolution)
         else:
             images.save_image(images.enlarge(after, scale or 1), target)
-    t0 = int(sampler.timesteps[walked - 1]) if walked else None
+    t0 = int(runner.timesteps[walked - 1]) if walked else None
     where = f"{out_path}/" if to_folder else str(out_path)
-    say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, strength {strength:g}: "
-        f"{walked} of {len(sampler.timesteps)} steps from t0 = {t0}, eta={eta:g}, "
+    say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "
+        f"{walked} of {len(runner.timesteps)} steps from t0 = {t0}{f', eta={eta:g}' if settings.spec.takes_eta else ''}, "
         f"{'exact inversion' if exact else f'seed={seed}'}{', masked' if mask else ''}]")

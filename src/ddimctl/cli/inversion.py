@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .. import folders, images, metrics, sampling
+from .. import folders, images, metrics, samplers, sampling
 from .. import latents as latents_file
 from .common import (
     MAX_STRIP_FRAMES,
@@ -21,6 +21,7 @@ from .common import (
     ExactPrecisionOpt,
     MaxItersOpt,
     ModelOpt,
+    SamplerOpt,
     ScaleOpt,
     SkipOpt,
     StepsOpt,
@@ -33,6 +34,7 @@ from .common import (
     is_directory_target,
     load,
     make_sampler,
+    note,
     parse_list,
     progress_bar,
     read_images,
@@ -57,19 +59,19 @@ def invert(
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
 ) -> None:
-    """Encode images to their DDIM latents x_T (the deterministic eta = 0 path)."""
+    """Encode images to their DDIM latents x_T (the deterministic eta = 0 path). Inversion follows the
+    DDIM ODE whatever sampler decodes later: its exact round trip is defined for the DDIM decoder."""
     how = exact_settings(exact, tol, max_iters)
+    settings = samplers.Settings("ddim", steps, skip)
     check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
-    sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
-                                  batch_size=batch_size, count=len(image_paths))
-    latents, _ = run_inversion(sampler, x0, batch, how)
-    latents_file.save_latents(
-        out, latents, model=loaded.name, steps=str(steps), skip=skip or loaded.skip, eta="0",
-        sources=[p.name for p in image_paths], **latents_file.inversion_metadata(how),
-    )
+    runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
+                          batch_size=batch_size, count=len(image_paths))
+    latents, _ = run_inversion(runner, x0, how)
+    latents_file.save_latents(out, latents, loaded.name, runner.settings, sources=[p.name for p in image_paths],
+                              **latents_file.inversion_metadata(how))
     table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
     for column in ("image", "mean", "std"):
         table.add_column(column, justify="right" if column != "image" else "left")
@@ -95,21 +97,23 @@ def reconstruct(
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
 ) -> None:
-    """Invert then decode with the same S: per-image MSE (paper's Table 2) and PSNR. A folder counts
-    as all the images in it."""
+    """Invert then decode with the same S along the DDIM ODE: per-image MSE (paper's Table 2) and PSNR.
+    A folder counts as all the images in it."""
     how = exact_settings(exact, tol, max_iters)
     steps_list = parse_list(steps, "--steps")
+    all_settings = [samplers.Settings("ddim", s, skip) for s in steps_list]
     check_output(out, PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     columns = [images.to_uint8(x0)]
     results = []
-    for s in steps_list:
-        sampler, batch = make_sampler(loaded, s, skip, device, precision=precision, compile_model=False,
-                                      batch_size=batch_size, count=len(image_paths))
-        latents, evaluations = run_inversion(sampler, x0, batch, how)
-        recon = run_decoding(sampler, latents, batch, f"decoding S={s}")
+    for settings in all_settings:
+        s = settings.steps
+        runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
+                              batch_size=batch_size, count=len(image_paths))
+        latents, evaluations = run_inversion(runner, x0, how)
+        recon = run_decoding(runner, latents, f"decoding S={s}")
         columns.append(images.to_uint8(recon))
         # evaluations: network calls per image of the inversion
         results.append({"steps": s, "evaluations": evaluations,
@@ -143,6 +147,7 @@ def interpolate(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Blend two random latents instead, e.g. --seeds 1,2."),
     model: Optional[str] = ModelOpt,
     steps: int = StepsOpt,
+    sampler: str = SamplerOpt,
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     frames: int = typer.Option(8, "--frames", help="Frames including both ends."),
@@ -159,8 +164,10 @@ def interpolate(
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
 ) -> None:
-    """Slerp between the latents of two images (or two seeds) and decode every frame with eta = 0."""
+    """Slerp between the latents of two images (or two seeds) and decode every frame (DDIM at eta = 0,
+    or --sampler). The images are inverted along the DDIM ODE."""
     how = exact_settings(exact, tol, max_iters)
+    decoding, inverting = samplers.Settings(sampler, steps, skip), samplers.Settings("ddim", steps, skip)
     paths = check_inputs(image_paths or [])
     if seeds is not None:
         try:
@@ -173,7 +180,7 @@ def interpolate(
         fail(f"interpolate takes two images A B, or --seeds S1,S2; got {len(paths)} image(s)")
     if seeds is not None and paths:
         fail("give either two images or --seeds, not both")
-    sampling.check_settings(skip=skip, batch_size=batch_size, frames=frames)
+    sampling.check_settings(batch_size=batch_size, frames=frames)
     to_folder = is_directory_target(Path(out), out)
     out = Path(out).expanduser()
     if to_folder:
@@ -188,20 +195,24 @@ def interpolate(
         check_output(gif, (".gif",), "--gif")
     loaded = load(model)
     x0 = read_images(paths, loaded) if seeds is None else None
-    sampler, batch = make_sampler(loaded, steps, skip, device, precision=precision, compile_model=False,
-                                  batch_size=batch_size, count=frames)
+    options = dict(precision=precision, compile_model=False, batch_size=batch_size, count=frames)
+    runner = make_sampler(loaded, decoding, device, **options)
     if seeds is not None:
         ends = sampling.seed_latents(seeds, loaded.image_shape)
     else:
-        ends, _ = run_inversion(sampler, x0, batch, how)
+        inverter = runner if sampler == "ddim" else make_sampler(loaded, inverting, device, **options)
+        ends, _ = run_inversion(inverter, x0, how)
+        if sampler != "ddim":
+            note(f"the end frames are decoded with {sampler}: they return the inputs approximately (the inversion "
+                 f"is exact for the ddim decoder)")
     if to_folder:
-        with progress_bar("decoding", frames, sampler.evaluations) as advance:
-            folders.interpolate_to_folder(sampler, ends, frames, batch, out, scale or 1, advance)
+        with progress_bar("decoding", frames, runner.evaluations) as advance:
+            folders.interpolate_to_folder(runner, ends, frames, out, scale or 1, advance)
         say(f"wrote {frames} frames to {out}/ (one PNG each)")
         return
     alphas = sampling.interpolation_alphas(frames)
     z = sampling.interpolation_latents(ends, alphas)
-    pixels = images.to_uint8(run_decoding(sampler, z, batch))
+    pixels = images.to_uint8(run_decoding(runner, z))
     labels = [f"{a:.2f}" for a in alphas]
     parts = [pixels]
     if x0 is not None:  # the input images at the ends, to compare with the end frames

@@ -1,0 +1,123 @@
+"""Every sampler by name, with one signature, and the one value that says how to sample.
+
+A sampler is a plain function over tensors,
+
+    fn(eps_model, x_T, alphas_cumprod, timesteps, *, generator=None, callback=None, keep_known=None, **options)
+
+that walks the increasing `timesteps` downwards and returns the clean image (abar = 1). A new sampler
+is one such function (in ddim.py or solvers.py) and one row of SAMPLERS.
+
+`Settings` (sampler, steps, skip, eta, sigma-hat) is built and checked once, wherever it comes from,
+and carried whole through preparation, the Sampler, the sample-folder record, the latents file and
+the sweep. `steps` is always the number of network calls per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import ddim, solvers
+from .errors import DdimctlError, between, finite_at_least, one_of, param
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    function: Callable[..., torch.Tensor]
+    summary: str
+    extra_calls: int = 0  # network calls beyond one per timestep (PLMS's first step)
+    min_steps: int = 1
+    takes_eta: bool = False  # DDIM's eta and sigma-hat
+    default_skip: str | None = None  # None: the model's (the paper's choice for DDIM)
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddim": SamplerSpec(ddim.sample, "DDIM (Song et al. 2021), any eta; eta = 0 is the ODE's Euler step", takes_eta=True),
+    "dpm++2m": SamplerSpec(solvers.sample_dpmpp_2m, "DPM-Solver++(2M), second-order multistep (Lu et al. 2022)"),
+    "dpm++3m": SamplerSpec(solvers.sample_dpmpp_3m, "DPM-Solver++(3M), third-order multistep (Lu et al. 2022)"),
+    "unipc": SamplerSpec(solvers.sample_unipc, "UniPC, order-2 predictor-corrector, bh2 (Zhao et al. 2023)"),
+    "plms": SamplerSpec(solvers.sample_plms, "PLMS of PNDM (Liu et al. 2022), its first step two calls",
+                        extra_calls=1, min_steps=3),
+    "ipndm": SamplerSpec(solvers.sample_ipndm, "iPNDM (Zhang & Chen 2023), fourth-order Adams-Bashforth"),
+}
+
+
+def names() -> str:
+    return ", ".join(SAMPLERS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample: which sampler, S network calls per image, the timestep scheme (None: the
+    sampler's default for the model), and DDIM's eta and sigma-hat."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    skip: str | None = None
+    eta: float = 0.0
+    sigma_hat: bool = False
+
+    def __post_init__(self):
+        one_of("sampler", self.sampler, tuple(SAMPLERS))
+        spec = SAMPLERS[self.sampler]
+        if not isinstance(self.steps, int) or self.steps < spec.min_steps:
+            why = f" for {self.sampler} (its first step takes two network calls)" if spec.min_steps > 1 else ""
+            raise DdimctlError(f"{param('steps')} must be at least {spec.min_steps}{why}, got {self.steps}")
+        if self.skip is not None:
+            one_of("skip", self.skip, ddim.SKIP_SCHEMES)
+        finite_at_least("eta", self.eta, 0)
+        if not spec.takes_eta and (self.eta != 0 or self.sigma_hat):
+            what = param("eta") if self.eta != 0 else param("sigma_hat")
+            raise DdimctlError(f"{what} is a setting of the ddim sampler; {self.sampler} is deterministic (leave it out)")
+
+    @property
+    def spec(self) -> SamplerSpec:
+        return SAMPLERS[self.sampler]
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler draws noise on the way (so it needs each image's generator)."""
+        return self.sigma_hat or self.eta > 0
+
+    def for_model(self, train_steps: int, model_skip: str) -> Settings:
+        """These settings for a model with T = train_steps: the skip filled in, S checked against T."""
+        between("steps", self.steps - self.spec.extra_calls, 1, train_steps, " (the model's train steps)")
+        return replace(self, skip=self.skip or self.spec.default_skip or model_skip)
+
+    def timesteps(self, train_steps: int) -> torch.Tensor:
+        """The increasing timestep sub-sequence the sampler walks (skip must be resolved)."""
+        if self.skip is None:
+            raise ValueError("Settings.timesteps needs a resolved skip: call for_model() first")
+        return ddim.timestep_sequence(self.steps - self.spec.extra_calls, train_steps, self.skip)
+
+    def network_calls(self, timesteps: int) -> int:
+        """Network calls per image for a walk over this many timesteps."""
+        return timesteps + (self.spec.extra_calls if timesteps > 1 else 0)
+
+    def options(self) -> dict:
+        """The keyword options the sampler's function takes beyond the common ones."""
+        return {"eta": self.eta, "sigma_hat": self.sigma_hat} if self.spec.takes_eta else {}
+
+    def run(self, eps_model, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps, *, generator=None,
+            callback=None, keep_known=None) -> torch.Tensor:
+        return self.spec.function(eps_model, x_T, alphas_cumprod, timesteps, generator=generator, callback=callback,
+                                  keep_known=keep_known, **self.options())
+
+    def record(self) -> dict:
+        """The settings as a folder record or latents file writes them (strings and a bool)."""
+        return {"sampler": self.sampler, "steps": self.steps, "skip": self.skip, "eta": f"{self.eta:g}",
+                "sigma_hat": self.sigma_hat}
+
+    def label(self) -> str:
+        """A row name: the sampler, and for DDIM its eta (or sigma-hat)."""
+        if self.sampler != "ddim":
+            return self.sampler
+        return "ddim sigma-hat" if self.sigma_hat else f"ddim eta={self.eta:g}"
+
+    def describe(self) -> str:
+        """For summary lines: S=20, ddim, eta=0, skip=uniform."""
+        extra = f", eta={self.eta:g}" if self.spec.takes_eta else ""
+        extra += ", sigma-hat" if self.sigma_hat else ""
+        return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}"
