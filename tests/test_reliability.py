@@ -59,7 +59,7 @@ def test_broken_pngs_are_redone_and_orphaned_temporaries_removed(tmp_path):
     (tmp_path / "s" / "000002.png").write_bytes(good[:40])  # truncated
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = tmp_path / "s" / f".000000.png.{gone.pid}.abcd1234.tmp"
+    orphan = tmp_path / "s" / f".000000.png.ddimctl-{gone.pid}-abcd1234.tmp"
     orphan.write_bytes(good)
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "1 of 3 images already" in result.stderr

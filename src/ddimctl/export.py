@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import DdimctlError
-from .files import atomic_path, atomic_save_safetensors
+from .files import atomic_folder, atomic_save_safetensors
 from .unet import UNetConfig
 from .weights import LoadedModel
 
@@ -64,19 +64,42 @@ def model_index() -> dict:
     }
 
 
-def export_diffusers(loaded: LoadedModel, out: Path) -> None:
-    """A complete diffusers pipeline folder: DDIMPipeline.from_pretrained(out) loads it, and
-    UNet2DModel / DDIMScheduler load its unet/ and scheduler/ subfolders."""
-    out = Path(out)
+EXPORTED_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "scheduler/scheduler_config.json"}
+
+
+def is_earlier_export(folder: Path) -> bool:
+    """Whether `folder` holds exactly what an export writes, and nothing else (so replacing it loses
+    nothing of anyone's)."""
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
+    folders = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_dir()}
+    return files == EXPORTED_FILES and folders == {"unet", "scheduler"}
+
+
+def check_target(out: Path) -> None:
+    """Before any work: `out` must be new, an empty folder, or an earlier export (replaced whole)."""
     if out.exists() and not out.is_dir():
         raise DdimctlError(f"{out} exists and is not a folder; choose another output folder")
-    (out / "unet").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler").mkdir(exist_ok=True)
-    atomic_save_safetensors(loaded.unet.state_dict(), out / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    for name, content in (
-        ("unet/config.json", diffusers_unet_config(loaded.config)),
-        ("scheduler/scheduler_config.json", diffusers_scheduler_config(loaded)),
-        ("model_index.json", model_index()),  # last: a folder with it is complete
-    ):
-        with atomic_path(out / name) as tmp:
-            tmp.write_text(json.dumps(content, indent=2) + "\n")
+    if out.is_dir() and any(out.iterdir()) and not is_earlier_export(out):
+        raise DdimctlError(f"{out} holds files that an export did not write; choose a new or empty output folder")
+    if not out.parent.exists():
+        raise DdimctlError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
+
+
+def export_diffusers(loaded: LoadedModel, out: Path) -> None:
+    """A complete diffusers pipeline folder: DDIMPipeline.from_pretrained(out) loads it, and
+    UNet2DModel / DDIMScheduler load its unet/ and scheduler/ subfolders. Written into a temporary
+    folder and renamed into place: a kill or a full disk leaves no half-written export."""
+    out = Path(out)
+    check_target(out)
+    with atomic_folder(out) as tmp:
+        (tmp / "unet").mkdir()
+        (tmp / "scheduler").mkdir()
+        atomic_save_safetensors(loaded.unet.state_dict(), tmp / "unet" / "diffusion_pytorch_model.safetensors",
+                                {"format": "pt"})
+        for name, content in (
+            ("unet/config.json", diffusers_unet_config(loaded.config)),
+            ("scheduler/scheduler_config.json", diffusers_scheduler_config(loaded)),
+            ("model_index.json", model_index()),
+        ):
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")

@@ -84,9 +84,9 @@ def save_picture(
         img.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
 
 
-def save_image(pixels: torch.Tensor, path: Path) -> None:
+def save_image(pixels: torch.Tensor, path: Path, clean_stale: bool = True) -> None:
     """Write one 8-bit (H, W, C) image; the format follows the suffix, .png by default."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale) as tmp:
         to_pil(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
 
 
@@ -109,7 +109,8 @@ class BackgroundWriter:
         while len(self._futures) >= self._pending:
             self._futures.popleft().result()  # re-raises a failed write here, in the caller
         self.stalled_s += time.perf_counter() - started
-        self._futures.append(self._pool.submit(lambda: [save_image(p, path) for p, path in items]))
+        # Folders of samples clean their stale temporaries once, up front, not once per image.
+        self._futures.append(self._pool.submit(lambda: [save_image(p, path, clean_stale=False) for p, path in items]))
 
     def __enter__(self) -> "BackgroundWriter":
         return self
