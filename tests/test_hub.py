@@ -116,9 +116,65 @@ def test_a_host_that_does_not_resolve_fails_at_once_or_uses_the_cache(hub, tmp_p
     assert same_weights(weights.load_registered(e, hub_cache=str(tmp_path), endpoint=nowhere).unet, hub.model)
 
 
-def test_unknown_sha_prints_the_hash(hub, tmp_path, capsys):
-    weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=hub.endpoint)
-    assert hub.sha["diffusion_pytorch_model.safetensors"] in capsys.readouterr().err
+def test_unknown_sha_is_reported_with_the_hash(hub, tmp_path):
+    heard = []
+    weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=hub.endpoint, notify=heard.append)
+    assert len(heard) == 1 and hub.sha["diffusion_pytorch_model.safetensors"] in heard[0] and "not verified" in heard[0]
+
+
+def test_a_poisoned_cache_link_to_a_users_file_never_touches_that_file(hub, tmp_path):
+    """A snapshot entry that links out of the cache (to a user's file) fails the hash check: the link
+    goes, the user's file stays as it was."""
+    cache = tmp_path / "hf"
+    e = entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"])
+    weights.load_registered(e, hub_cache=str(cache), endpoint=hub.endpoint)
+    snapshot = next(cache.glob("models--test-org--ddpm-tiny/snapshots/*/diffusion_pytorch_model.safetensors"))
+    precious = tmp_path / "thesis.txt"
+    precious.write_text("years of work")
+    snapshot.unlink()
+    snapshot.symlink_to(precious)
+    with pytest.raises(DdimctlError, match="sha256 .* deleted"):
+        weights.load_registered(e, hub_cache=str(cache), endpoint="http://127.0.0.1:9")
+    assert precious.read_text() == "years of work"
+    assert not snapshot.exists() and not snapshot.is_symlink()
+
+
+def test_a_corrupt_download_without_a_recorded_hash_is_removed(hub, tmp_path):
+    """With no sha256 to check, a download that cannot be parsed is deleted, so the rerun the error
+    asks for fetches it again instead of failing on the same bytes."""
+    cache = tmp_path / "hf"
+    hub.add(REPO, "broken.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(DdimctlError, match="cannot be read .* deleted from the cache, run the command again"):
+        weights.load_registered(entry(file="broken.safetensors"), hub_cache=str(cache), endpoint=hub.endpoint)
+    assert not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts]
+    assert not weights.is_cached(entry(file="broken.safetensors"), str(cache))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("revision", "../../../../escaped", "is not a branch, tag or commit name"),
+    ("revision", "main/../../x", "is not a branch, tag or commit name"),
+    ("file", "../outside.safetensors", "must be a path inside the repository"),
+    ("file", "/etc/passwd", "must be a path inside the repository"),
+    ("repo", "../../etc", "is not a Hub repository id"),
+    ("name", "../evil", "a model name is letters, digits"),
+    ("sha256", "abc", "sha256 must be 64 hexadecimal digits"),
+])
+def test_registry_fields_that_become_paths_cannot_leave_their_root(hub, tmp_path, field, value, message):
+    fields = {"description": "x", "architecture": "tiny", "resolution": 16, "skip": "uniform", "license": "MIT",
+              "repo": REPO, "file": "diffusion_pytorch_model.safetensors"}
+    name = value if field == "name" else "tiny-hub"
+    if field != "name":
+        fields[field] = value
+    with pytest.raises(DdimctlError, match=message):
+        registry.check_entry(name, fields)
+    assert not (tmp_path.parent / "escaped").exists()
+
+
+def test_a_registry_name_with_a_path_never_reaches_the_cache(tmp_path, monkeypatch):
+    """Even an entry built past the registry's checks gets no cache path outside the cache."""
+    monkeypatch.setenv("DDIMCTL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DdimctlError, match="no safe cache path"):
+        weights.converted_path(entry(name="../../outside"), "a" * 64)
 
 
 def run_cli(args, env_extra, cwd):

@@ -109,7 +109,7 @@ def download(
     if sha256:
         actual = sha256_of(path)
         if actual != sha256.lower():
-            _remove_cached(path)
+            remove_download(path, cache_dir)
             raise DdimctlError(
                 f"model {name!r}: {where} has sha256 {actual[:16]}..., expected {sha256[:16]}...; "
                 f"the corrupt download was deleted, run the command again to fetch it afresh"
@@ -117,11 +117,17 @@ def download(
     return path
 
 
-def _remove_cached(snapshot_path: Path) -> None:
-    """Delete a cached file: the blob it points to and the snapshot link itself."""
-    blob = snapshot_path.resolve()
-    for p in {blob, snapshot_path}:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+def remove_download(snapshot_path: Path, cache_dir: str | None = None) -> None:
+    """Delete a cached Hub file that failed a check: its snapshot entry and the blob the entry links
+    to, but only what lies inside the Hub cache. A poisoned cache whose entry links to a user's
+    file loses the link; the user's file is never touched."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE).resolve()
+    entry = Path(snapshot_path)
+    if not entry.parent.resolve().is_relative_to(root):  # not the cache's own entry: leave it
+        return
+    target = entry.resolve() if entry.is_symlink() else None
+    entry.unlink(missing_ok=True)
+    if target is not None and target.parent.name == "blobs" and target.is_relative_to(root) and not target.is_symlink():
+        target.unlink(missing_ok=True)

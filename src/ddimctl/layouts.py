@@ -12,7 +12,9 @@ import re
 
 import torch
 
+from . import ddim
 from .errors import DdimctlError
+from .fields import Fields
 from .unet import UNetConfig
 
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
@@ -82,7 +84,7 @@ def _rename_attention(parts: list[str]) -> str:
 _RESOLUTION_BY_LEVELS = {4: 32, 5: 64, 6: 256}
 
 
-def infer_config(state: dict[str, torch.Tensor], resolution: int | None = None) -> UNetConfig:
+def infer_config(state: dict[str, torch.Tensor], resolution: int | None = None, where: str = "the weights") -> UNetConfig:
     """The UNetConfig that a diffusers-named state dict was built with."""
     try:
         base = state["conv_in.weight"].shape[0]
@@ -92,15 +94,15 @@ def infer_config(state: dict[str, torch.Tensor], resolution: int | None = None) 
         attention_levels = [i for i in range(levels) if f"down_blocks.{i}.attentions.0.to_q.weight" in state]
         in_channels = state["conv_in.weight"].shape[1]
         out_channels = state["conv_out.weight"].shape[0]
-    except (KeyError, ValueError) as e:
-        raise DdimctlError(f"these weights are not a DDPM UNet (missing {e})") from e
+    except (KeyError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise DdimctlError(f"{where}: these weights are not a DDPM UNet (missing {e})") from e
     if resolution is None:
         if levels not in _RESOLUTION_BY_LEVELS:
             raise DdimctlError(
-                f"cannot tell the resolution of a {levels}-level UNet; put a config.json beside the weights"
+                f"{where}: cannot tell the resolution of a {levels}-level UNet; put a config.json beside the weights"
             )
         resolution = _RESOLUTION_BY_LEVELS[levels]
-    return UNetConfig(
+    return checked(UNetConfig(
         resolution=resolution,
         in_channels=in_channels,
         out_channels=out_channels,
@@ -108,55 +110,121 @@ def infer_config(state: dict[str, torch.Tensor], resolution: int | None = None) 
         channel_mult=mult,
         num_res_blocks=blocks,
         attention_resolutions=tuple(resolution >> i for i in attention_levels),
+    ), where)
+
+
+# Bounds for what a config file may ask for: beyond them no public DDPM lies, and a typo would reach
+# the allocator (a 10^9-step schedule, a 10^6-pixel side).
+MAX_RESOLUTION = 2048
+MAX_TRAIN_STEPS = 100_000
+
+
+def unet_config_from(fields: Fields) -> UNetConfig:
+    """UNetConfig from ddimctl's own format (a run's or a sidecar's "unet" object), every field typed."""
+    fields.only(UNetConfig.__dataclass_fields__)
+    d = UNetConfig()
+    config = UNetConfig(
+        resolution=fields.integer("resolution", d.resolution, 1, MAX_RESOLUTION),
+        in_channels=fields.integer("in_channels", d.in_channels, 1, 4),
+        out_channels=fields.integer("out_channels", d.out_channels, 1, 4),
+        base_channels=fields.integer("base_channels", d.base_channels, 1, 4096),
+        channel_mult=fields.integers("channel_mult", d.channel_mult, 1, 64),
+        num_res_blocks=fields.integer("num_res_blocks", d.num_res_blocks, 1, 64),
+        attention_resolutions=fields.integers("attention_resolutions", d.attention_resolutions, 1, MAX_RESOLUTION,
+                                              non_empty=False),
+        dropout=fields.number("dropout", d.dropout, 0, 0.999),
+        norm_groups=fields.integer("norm_groups", d.norm_groups, 1, 4096),
+        norm_eps=fields.number("norm_eps", d.norm_eps, 1e-12, 1),
     )
+    return checked(config, fields.where)
 
 
-def config_from_diffusers(cfg: dict) -> UNetConfig:
+def checked(config: UNetConfig, where: str) -> UNetConfig:
+    try:
+        config.check()
+    except ValueError as e:
+        raise DdimctlError(f"{where}: {e}") from e
+    return config
+
+
+def schedule_from(fields: Fields) -> ddim.Schedule:
+    """A noise schedule from ddimctl's format ({"kind", "train_steps", "beta_start", "beta_end"})."""
+    fields.only(("kind", "train_steps", "beta_start", "beta_end"))
+    schedule = dict(
+        train_steps=fields.integer("train_steps", 1000, 1, MAX_TRAIN_STEPS),
+        beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
+        beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
+        kind=fields.text("kind", "linear", ("linear",)),
+    )
+    try:
+        return ddim.Schedule(**schedule)
+    except ValueError as e:
+        raise DdimctlError(f"{fields.where}: {e}") from e
+
+
+DIFFUSERS_FEATURES = {  # features of diffusers' UNet2DModel the DDPM UNet has only in one form
+    "act_fn": ("silu",),
+    "time_embedding_type": ("positional",),
+    "flip_sin_to_cos": (False,),
+    "freq_shift": (1,),
+    "center_input_sample": (False,),
+    "resnet_time_scale_shift": ("default",),
+    "add_attention": (True,),
+    "class_embed_type": (None,),
+}
+
+
+def config_from_diffusers(cfg: dict, where: str = "config.json") -> UNetConfig:
     """UNetConfig from a diffusers UNet2DModel config.json, refusing features this UNet lacks."""
-    unsupported = {
-        "act_fn": ("silu",),
-        "time_embedding_type": ("positional",),
-        "flip_sin_to_cos": (False,),
-        "freq_shift": (1,),
-        "center_input_sample": (False,),
-        "resnet_time_scale_shift": ("default",),
-        "add_attention": (True,),
-        "class_embed_type": (None,),
-    }
-    for key, allowed in unsupported.items():
+    fields = Fields(cfg, where)
+    for key, allowed in DIFFUSERS_FEATURES.items():
         if key in cfg and cfg[key] not in allowed:
-            raise DdimctlError(f"config.json sets {key}={cfg[key]!r}, which the DDPM UNet does not support")
-    widths = cfg["block_out_channels"]
+            raise DdimctlError(f"{where}: sets {key}={cfg[key]!r}, which the DDPM UNet does not support")
+    widths = fields.integers("block_out_channels", low=1, high=4096)
+    down = fields.texts("down_block_types")
+    if len(down) != len(widths):
+        raise DdimctlError(f"{where}: {len(down)} down_block_types for {len(widths)} block_out_channels; they must match")
+    size = cfg.get("sample_size", 32)
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise DdimctlError(f"{where}: sample_size {size!r} is not square; the DDPM UNet samples square images")
+        cfg = {**cfg, "sample_size": size[0]}
+        fields = Fields(cfg, where)
+    resolution = fields.integer("sample_size", 32, 1, MAX_RESOLUTION)
     base = widths[0]
-    resolution = cfg["sample_size"]
-    resolution = resolution[0] if isinstance(resolution, (list, tuple)) else resolution
+    if any(w % base for w in widths):
+        raise DdimctlError(f"{where}: block_out_channels {list(widths)} are not multiples of the first")
     head_dim = cfg.get("attention_head_dim")
-    attention = [i for i, kind in enumerate(cfg["down_block_types"]) if "Attn" in kind]
+    attention = [i for i, kind in enumerate(down) if "Attn" in kind]
     for i in attention:
         if head_dim is not None and head_dim != widths[i]:
-            raise DdimctlError("config.json asks for multi-head attention; the DDPM UNet has one head")
-    return UNetConfig(
+            raise DdimctlError(f"{where}: asks for multi-head attention; the DDPM UNet has one head")
+    return checked(UNetConfig(
         resolution=resolution,
-        in_channels=cfg.get("in_channels", 3),
-        out_channels=cfg.get("out_channels", 3),
+        in_channels=fields.integer("in_channels", 3, 1, 4),
+        out_channels=fields.integer("out_channels", 3, 1, 4),
         base_channels=base,
         channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=cfg.get("layers_per_block", 2),
+        num_res_blocks=fields.integer("layers_per_block", 2, 1, 64),
         attention_resolutions=tuple(resolution >> i for i in attention),
-        norm_groups=cfg.get("norm_num_groups", 32),
-        norm_eps=cfg.get("norm_eps", 1e-6),
-    )
+        norm_groups=fields.integer("norm_num_groups", 32, 1, 4096),
+        norm_eps=fields.number("norm_eps", 1e-6, 1e-12, 1),
+    ), where)
 
 
-def schedule_from_diffusers(cfg: dict) -> dict:
-    kind = cfg.get("beta_schedule", "linear")
+def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json") -> dict:
+    fields = Fields(cfg, where)
+    kind = fields.text("beta_schedule", "linear")
     if kind != "linear" or cfg.get("trained_betas"):
-        raise DdimctlError(f"scheduler config uses beta_schedule={kind!r}; ddimctl supports the linear schedule")
-    if cfg.get("prediction_type", "epsilon") != "epsilon":
-        raise DdimctlError(f"scheduler config predicts {cfg['prediction_type']!r}; ddimctl needs epsilon prediction")
-    return {
-        "kind": "linear",
-        "train_steps": cfg.get("num_train_timesteps", 1000),
-        "beta_start": cfg.get("beta_start", 1e-4),
-        "beta_end": cfg.get("beta_end", 0.02),
-    }
+        raise DdimctlError(f"{where}: uses beta_schedule={kind!r}; ddimctl supports the linear schedule")
+    prediction = fields.text("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise DdimctlError(f"{where}: predicts {prediction!r}; ddimctl needs epsilon prediction")
+    try:
+        return ddim.Schedule(
+            train_steps=fields.integer("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS),
+            beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
+            beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
+        ).to_dict()
+    except ValueError as e:
+        raise DdimctlError(f"{where}: {e}") from e

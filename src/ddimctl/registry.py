@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from . import ddim
+from . import ddim, layouts
 from .errors import DdimctlError
+from .fields import Fields
+from .unet import PRESETS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,7 +75,8 @@ def registry() -> dict[str, ModelEntry]:
                 )
         data["schedule"] = {**data.get("schedule", {}), **extra.get("schedule", {})}
         data["models"] = {**data["models"], **extra.get("models", {})}
-    schedules = data.get("schedule", {})
+    schedules = {name: layouts.schedule_from(Fields(table, f"the registry's [schedule.{name}]")).to_dict()
+                 for name, table in data.get("schedule", {}).items()}
     known = {f for f in ModelEntry.__dataclass_fields__ if f not in {"name", "schedule", "extra"}}
     entries = {}
     for name, raw in data["models"].items():
@@ -81,12 +85,12 @@ def registry() -> dict[str, ModelEntry]:
         schedule_name = raw.pop("schedule", "ddpm-linear")
         if schedule_name not in schedules:
             raise DdimctlError(f"model {name!r} in the registry names an unknown schedule {schedule_name!r}")
-        entries[name] = ModelEntry(
-            name=name,
-            schedule=dict(schedules[schedule_name]),
-            **{k: v for k, v in raw.items() if k in known},
-            extra={k: v for k, v in raw.items() if k not in known},
-        )
+        extra = {k: v for k, v in raw.items() if k not in known}
+        notes = [k for k, v in extra.items() if k != "unet" and not isinstance(v, str)]
+        if notes:  # other fields are notes for people (data_source, training_command, ...)
+            raise DdimctlError(f"model {name!r} in the registry: {notes[0]} must be a string (a note), got {extra[notes[0]]!r}")
+        entries[name] = ModelEntry(name=name, schedule=schedules[schedule_name],
+                                   **{k: v for k, v in raw.items() if k in known}, extra=extra)
     return entries
 
 
@@ -95,6 +99,42 @@ REQUIRED_FIELDS = ("description", "architecture", "resolution", "skip", "license
 FIELD_TYPES = {"resolution": int, "params": int, "description": str, "architecture": str, "skip": str,
                "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str}
 TYPE_NAMES = {int: "an integer", str: "a string"}
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # a model name is a folder name in the cache
+REVISION = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")  # a branch, tag, commit or refs/pr/N
+HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def safe_relative(path: str) -> bool:
+    """A relative path of plain components: no '..', '.', empty part, backslash or drive."""
+    parts = path.split("/")
+    return bool(path) and "\\" not in path and ":" not in path and all(p not in ("", ".", "..") for p in parts)
+
+
+def check_names(name: str, raw: dict) -> None:
+    """The fields that become paths (the cache's folders, the Hub's URLs) are untrusted: each must
+    be a plain name that cannot leave its root."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    where = f"model {name!r} in the registry"
+    if not NAME.match(name) or name in (".", ".."):
+        raise DdimctlError(f"{where}: a model name is letters, digits, '.', '_' and '-' (at most 96), starting "
+                           f"with a letter or digit; rename it")
+    if raw.get("repo"):
+        try:
+            validate_repo_id(raw["repo"])
+        except HFValidationError:
+            raise DdimctlError(f"{where}: repo {raw['repo']!r} is not a Hub repository id such as google/ddpm-cifar10-32") from None
+    revision = raw.get("revision", "main")
+    if not (REVISION.match(revision) and safe_relative(revision)):
+        raise DdimctlError(f"{where}: revision {revision!r} is not a branch, tag or commit name")
+    if raw.get("file") and not safe_relative(raw["file"]):
+        raise DdimctlError(f"{where}: file {raw['file']!r} must be a path inside the repository (no '..', no leading '/')")
+    if raw.get("bundled") and not (NAME.match(raw["bundled"]) and raw["bundled"] not in (".", "..")):
+        raise DdimctlError(f"{where}: bundled {raw['bundled']!r} must be a file name in ddimctl's bundled folder")
+    if raw.get("sha256") and not HEX64.match(raw["sha256"]):
+        raise DdimctlError(f"{where}: sha256 must be 64 hexadecimal digits, got {raw['sha256']!r}")
 
 
 def check_entry(name: str, raw) -> None:
@@ -110,6 +150,15 @@ def check_entry(name: str, raw) -> None:
             raise DdimctlError(f"{where}: {key} must be {TYPE_NAMES[kind]}, got {raw[key]!r}")
     if not raw.get("bundled") and not (raw.get("repo") and raw.get("file")):
         raise DdimctlError(f"{where} needs repo and file (a Hub download) or bundled (a packaged file)")
+    check_names(name, raw)
+    fields = Fields(raw, where)
+    fields.text("skip", choices=ddim.SKIP_SCHEMES)
+    fields.text("architecture", choices=tuple(PRESETS))
+    resolution = fields.integer("resolution", low=1, high=layouts.MAX_RESOLUTION)
+    if "unet" in raw:  # overrides of the architecture's fields
+        unet = fields.table("unet")
+        layouts.unet_config_from(Fields({**PRESETS[raw["architecture"]].to_dict(), "resolution": resolution,
+                                         **unet.data}, unet.where))
 
 
 def default_model() -> str:

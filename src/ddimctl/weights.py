@@ -6,9 +6,8 @@ Pickles are only ever read with weights_only=True; Hub pickles are converted onc
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -18,11 +17,21 @@ from safetensors.torch import load_file
 from . import ddim, hub, runs
 from .errors import DdimctlError
 from .files import atomic_save_safetensors, cache_dir
-from .layouts import config_from_diffusers, infer_config, schedule_from_diffusers, to_diffusers_names
-from .registry import DEFAULT_SCHEDULE, ModelEntry, registry
+from .fields import Fields, read_json_object
+from .layouts import (
+    MAX_RESOLUTION,
+    config_from_diffusers,
+    infer_config,
+    schedule_from,
+    schedule_from_diffusers,
+    to_diffusers_names,
+    unet_config_from,
+)
+from .registry import DEFAULT_SCHEDULE, HEX64, ModelEntry, registry
 from .unet import PRESETS, UNet, UNetConfig
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
+WEIGHT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -116,6 +125,9 @@ def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) ->
                 f"{what}: weights do not fit the UNet architecture ({key} has shape {tuple(value.shape)}, the "
                 f"architecture needs {tuple(expected[key].shape)}); check the config beside the checkpoint"
             )
+        if key in expected and value.dtype not in WEIGHT_DTYPES:
+            raise DdimctlError(f"{what}: {key} is stored as {str(value.dtype).removeprefix('torch.')}; ddimctl reads "
+                               f"float16, bfloat16, float32 or float64 weights (quantized ones would be silently wrong)")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise DdimctlError(f"{what}: the weights hold NaN or infinite values ({key}); the checkpoint is broken")
     missing, unexpected = unet.load_state_dict(state, strict=False)
@@ -128,17 +140,24 @@ def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) ->
 
 
 def converted_path(entry: ModelEntry, sha256: str) -> Path:
-    return cache_dir() / "converted" / entry.name / f"{sha256}.safetensors"
+    """Where a Hub pickle's safetensors conversion is kept: inside ddimctl's cache, always (the
+    registry checked the name; the digest is hexadecimal), which is asserted, not assumed."""
+    root = (cache_dir() / "converted").resolve()
+    path = (root / entry.name / f"{sha256.lower()}.safetensors").resolve()
+    if not (HEX64.match(sha256) and path.is_relative_to(root) and path.parent.parent == root):
+        raise DdimctlError(f"model {entry.name!r}: no safe cache path for it; fix its name or sha256 in the registry")
+    return path
 
 
-def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None) -> LoadedModel:
+def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None,
+                    notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
     if entry.bundled:
         path = Path(str(resources.files("ddimctl").joinpath("bundled", entry.bundled)))
         if entry.sha256 and hub.sha256_of(path) != entry.sha256:
             raise DdimctlError(f"model {entry.name!r}: the bundled {path.name} does not match its sha256; reinstall ddimctl")
         state = read_checkpoint(path)
     else:
-        state = _hub_state_dict(entry, hub_cache, endpoint)
+        state = _hub_state_dict(entry, hub_cache, endpoint, notify)
     config = PRESETS[entry.architecture] if entry.architecture in PRESETS else None
     if config is None:
         raise DdimctlError(f"model {entry.name!r}: unknown architecture {entry.architecture!r} in weights.toml")
@@ -147,26 +166,38 @@ def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint
     return LoadedModel(unet, entry.name, entry.source, entry.schedule, entry.skip)
 
 
-def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | None) -> dict[str, torch.Tensor]:
+def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | None,
+                    notify: Callable[[str], None]) -> dict[str, torch.Tensor]:
     is_pickle = Path(entry.file).suffix in PICKLE_SUFFIXES
     if is_pickle and entry.sha256 and converted_path(entry, entry.sha256).is_file():
         return load_file(str(converted_path(entry, entry.sha256)))
     path = hub.download(
         entry.name, entry.repo, entry.file, entry.revision, entry.sha256 or None, cache_dir=hub_cache, endpoint=endpoint
     )
+    digest = entry.sha256 or hub.sha256_of(path)
     if not entry.sha256:
-        digest = hub.sha256_of(path)
-        print(f"note: {entry.name}: no sha256 recorded in weights.toml; the file has sha256 {digest}", file=sys.stderr)
-    else:
-        digest = entry.sha256
+        notify(f"{entry.name}: no sha256 recorded in the registry, so the download was not verified; "
+               f"the file has sha256 {digest}")
+    state = _read_download(entry, path, hub_cache)
     if not is_pickle:
-        return read_checkpoint(path)
+        return state
     converted = converted_path(entry, digest)
     if converted.is_file():
         return load_file(str(converted))
-    state = to_diffusers_names(read_checkpoint(path))
+    state = to_diffusers_names(state)
     atomic_save_safetensors(state, converted, {"source": f"{entry.repo}/{entry.file}", "sha256": digest})
     return state
+
+
+def _read_download(entry: ModelEntry, path: Path, hub_cache: str | None) -> dict[str, torch.Tensor]:
+    """A downloaded checkpoint's tensors; one that cannot be parsed is removed from the cache (it
+    would fail again on every rerun) and named in a one-line error."""
+    try:
+        return read_checkpoint(path)
+    except DdimctlError as e:
+        hub.remove_download(path, hub_cache)
+        raise DdimctlError(f"model {entry.name!r}: the downloaded {entry.file} cannot be read ({e}); it was deleted "
+                           f"from the cache, run the command again to fetch it afresh") from e
 
 
 def is_cached(entry: ModelEntry, hub_cache: str | None = None) -> bool:
@@ -178,15 +209,17 @@ def is_cached(entry: ModelEntry, hub_cache: str | None = None) -> bool:
 
 
 def load_local(path: Path) -> LoadedModel:
-    """A diffusers folder, a ddimctl run folder, or a single checkpoint file with optional sidecar."""
+    """A diffusers folder, a ddimctl run folder (its newest checkpoint), a checkpoint inside a run
+    folder (with that run's config), or a single checkpoint file with an optional sidecar config."""
     if not path.exists():
         raise DdimctlError(f"{path}: no such file or folder")
     folder = path if path.is_dir() else path.parent
+    config_file = None
     if path.is_dir():
         if (path / "unet").is_dir() and not (path / "config.json").is_file():
             folder = path / "unet"  # a diffusers pipeline folder
-        config_file = folder / "config.json"
-        cfg = _read_json(config_file) if config_file.is_file() else {}
+        config_file = folder / "config.json" if (folder / "config.json").is_file() else None
+        cfg = read_json_object(config_file) if config_file else {}
         if runs.is_run_config(cfg):  # a `ddimctl train` folder: its newest checkpoint
             weights = runs.newest_checkpoint(path)
         else:
@@ -196,46 +229,64 @@ def load_local(path: Path) -> LoadedModel:
             weights = folder / name
     else:
         weights = path
-        sidecar = [path.with_suffix(".json"), folder / "config.json"]
-        cfg = next((_read_json(p) for p in sidecar if p.is_file()), {})
+        run_config = folder.parent / runs.CONFIG if folder.name == runs.CHECKPOINTS else None
+        sidecars = [path.with_suffix(".json"), folder / "config.json", run_config]
+        config_file = next((p for p in sidecars if p is not None and p.is_file()), None)
+        cfg = read_json_object(config_file) if config_file else {}
+    where = str(config_file) if config_file else str(path)
     state = read_checkpoint(weights)
     if any(k.startswith("ema.") for k in state):  # a training checkpoint: use the EMA weights
         state = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
     state = to_diffusers_names(state)
 
-    schedule = dict(DEFAULT_SCHEDULE)
-    skip = "uniform"
-    if "unet" in cfg:  # ddimctl's own format (written by `ddimctl train`)
-        config = UNetConfig(**{**cfg["unet"], "dropout": 0.0})
-        schedule = cfg.get("schedule", schedule)
-        skip = cfg.get("skip", skip)
+    fields = Fields(cfg, where)
+    schedule, skip = dict(DEFAULT_SCHEDULE), "uniform"
+    if "unet" in cfg:  # ddimctl's own format (written by `ddimctl train`, or a sidecar)
+        config = replace(unet_config_from(fields.table("unet")), dropout=0.0)
+        schedule = schedule_from(fields.table("schedule", None)).to_dict()
+        skip = fields.text("skip", skip, ddim.SKIP_SCHEMES)
     elif "block_out_channels" in cfg:
-        config = config_from_diffusers(cfg)
+        config = config_from_diffusers(cfg, where)
     else:
-        config = infer_config(state, cfg.get("resolution"))
+        config = infer_config(state, fields.integer("resolution", None, 1, MAX_RESOLUTION), where)
     for scheduler_file in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
         if scheduler_file.is_file():
-            schedule = schedule_from_diffusers(_read_json(scheduler_file))
+            schedule = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file))
             break
     unet = build_unet(config, state, str(path))
     return LoadedModel(unet, path.name, str(path), schedule, skip)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DdimctlError(f"{path}: not a readable JSON config ({e})") from e
+def run_checkpoint(spec: str) -> Path | None:
+    """RUN@STEP (a run folder and a step it saved): that checkpoint's path; None if spec is not one."""
+    run, at, step = spec.rpartition("@")
+    if not at or not step.isdigit() or not Path(run).expanduser().is_dir():
+        return None
+    run_dir = Path(run).expanduser()
+    if runs.saved_run(run_dir) is None:
+        return None
+    path = runs.checkpoint_path(run_dir, int(step))
+    if not path.is_file():
+        kept = ", ".join(str(runs.step_of(p)) for p in runs.checkpoint_files(run_dir)) or "none"
+        raise DdimctlError(f"{run_dir} has no checkpoint of step {int(step)} (it keeps steps {kept})")
+    return path
 
 
-def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None = None) -> LoadedModel:
-    """Resolve `--model`: a registry name (weights.toml) or a local path."""
+def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None = None,
+               notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
+    """Resolve `--model`: a registry name (weights.toml) or a local path. notify() hears what a
+    user should know (an unverified download's hash)."""
     entries = registry()
     if spec in entries:
-        return load_registered(entries[spec], hub_cache=hub_cache, endpoint=endpoint)
+        return load_registered(entries[spec], hub_cache=hub_cache, endpoint=endpoint, notify=notify)
     path = Path(spec).expanduser()
     if path.exists():
         return load_local(path)
+    checkpoint = run_checkpoint(spec)
+    if checkpoint is not None:
+        loaded = load_local(checkpoint)
+        loaded.name = spec
+        return loaded
     raise DdimctlError(
         f"unknown model {spec!r}: not a registered name ({', '.join(entries)}) nor an existing path; "
         f"`ddimctl models` lists the registry"
