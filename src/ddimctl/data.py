@@ -16,12 +16,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 MAX_IN_MEMORY_BYTES = 8 << 30
 
 
-def find_images(folder: Path) -> list[Path]:
+def find_images(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """The image files under `folder`, sorted; those under `exclude` (a run folder kept inside its
+    own data folder, whose sample grids are no training data) are left out."""
     if not folder.exists():
         raise DdimctlError(f"folder {folder} does not exist")
     if not folder.is_dir():
         raise DdimctlError(f"{folder} is not a folder; give a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not files:
         raise DdimctlError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
@@ -48,9 +52,11 @@ def load_folder(
     channels: int,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    exclude: Path | None = None,
 ) -> torch.Tensor:
-    """All images of `folder` as uint8 (N, C, H, W); unreadable files are reported once and skipped."""
-    files = find_images(folder)
+    """All images of `folder` (but those under `exclude`) as uint8 (N, C, H, W); unreadable files
+    are reported once and skipped."""
+    files = find_images(folder, exclude)
     needed = len(files) * channels * resolution * resolution
     if needed > MAX_IN_MEMORY_BYTES:
         raise DdimctlError(

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .errors import DdimctlError, param
+from .fields import Fields, read_json_object
+from .files import atomic_save_safetensors
+from .layouts import unet_config_from
+from .registry import DEFAULT_SCHEDULE
+from .unet import UNetConfig
 
 RUN_FORMAT = "ddimctl-run"
 CONFIG = "config.json"
@@ -28,9 +36,13 @@ def is_run_config(cfg: dict) -> bool:
     return cfg.get("format") == RUN_FORMAT
 
 
+CHECKPOINT_NAME = re.compile(r"^step-[0-9]{8}\.safetensors$")
+
+
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
-    return sorted((Path(run_dir) / CHECKPOINTS).glob("step-*.safetensors"))
+    """The run's checkpoints (named exactly as ddimctl names them), oldest first."""
+    found = (Path(run_dir) / CHECKPOINTS).glob("step-*.safetensors")
+    return sorted(p for p in found if CHECKPOINT_NAME.match(p.name) and p.is_file() and not p.is_symlink())
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -41,20 +53,87 @@ def sample_grid_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / SAMPLES / f"step-{step:08d}.png"
 
 
+# --------------------------------------------------------------------------------------------
+# The run folder: its config, and what a resume may change
+
+
+def run_config(options: dict, config: UNetConfig) -> dict:
+    """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume."""
+    return {
+        "format": RUN_FORMAT,
+        "unet": config.to_dict(),
+        "schedule": dict(DEFAULT_SCHEDULE),
+        "skip": "uniform",
+        "train": options,
+    }
+
+
+# Options a resumed run may change (the rest decide the weights: a change would not continue the run).
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "sample_count", "sample_steps", "log_every", "compile", "out")
+
+
+def saved_run(run_dir: Path) -> dict | None:
+    """config.json of an existing run folder (checked: a file anyone may have edited), or None."""
+    config_file = Path(run_dir) / CONFIG
+    if not config_file.is_file():
+        return None
+    saved = read_json_object(config_file)
+    if not is_run_config(saved):
+        raise DdimctlError(f"{run_dir} holds something other than a ddimctl run; choose another {param('out')}")
+    fields = Fields(saved, str(config_file))
+    unet_config_from(fields.table("unet"))
+    fields.table("train", {})
+    return saved
+
+
+def resume_changes(run_dir: Path, options: dict) -> dict[str, list]:
+    """What resuming the run in `run_dir` with `options` (train.TrainOptions as a dict) changes:
+    {option: [the run's value, the new one]}. Only RESUME_MAY_CHANGE may differ (and steps only with
+    a constant learning rate: the cosine schedule depends on it); anything else is refused."""
+    saved = (saved_run(run_dir) or {}).get("train", {})
+    normal = lambda v: list(v) if isinstance(v, tuple) else ({k: normal(x) for k, x in v.items()} if isinstance(v, dict) else v)  # noqa: E731
+    changed = {k: [saved[k], v] for k, v in options.items() if k in saved and normal(saved[k]) != normal(v)}
+    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE or (k == "steps" and options.get("lr_schedule") == "cosine")]
+    if fixed:
+        k = fixed[0]
+        raise DdimctlError(
+            f"{run_dir} was trained with {param(k)} {changed[k][0]}; resuming with {changed[k][1]} would not continue "
+            f"it (leave {param(k)} out, or start a new {param('out')}); a resume may change "
+            f"{', '.join(param(n) for n in RESUME_MAY_CHANGE[:-1])}"
+        )
+    return changed
+
+
+def prepare_run_dir(run_dir: Path, config: UNetConfig, resume: bool) -> Path | None:
+    """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
+    existing = checkpoint_files(run_dir) if run_dir.is_dir() else []
+    saved = saved_run(run_dir)
+    if saved is not None:
+        mine = config.to_dict()
+        theirs = UNetConfig(**{**mine, **saved["unet"]}).to_dict()  # lists in JSON, tuples here
+        if existing and any(theirs[k] != mine[k] for k in mine if k != "dropout"):
+            changed = [k for k in mine if k != "dropout" and theirs[k] != mine[k]]
+            raise DdimctlError(
+                f"{run_dir} holds a run with another architecture ({', '.join(changed)} differ); "
+                f"use the same settings or another {param('out')}"
+            )
+    if existing and not resume:
+        raise DdimctlError(
+            f"{run_dir} already holds a run (newest checkpoint {existing[-1].name}); "
+            f"pass {param('resume')} to continue it, or choose another {param('out')}"
+        )
+    return existing[-1] if existing else None
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.stem.removeprefix("step-"))
+
+
 def newest_checkpoint(run_dir: Path) -> Path:
     found = checkpoint_files(run_dir)
     if not found:
         raise DdimctlError(f"{run_dir}: this training run has no checkpoint yet; train longer or wait for the first save")
     return found[-1]
-
-
-def saved_config(run_dir: Path | str) -> dict | None:
-    """config.json of an existing run folder, or None."""
-    try:
-        saved = json.loads((Path(run_dir) / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return saved if is_run_config(saved) and "unet" in saved else None
 
 
 def check_run_dir(run_dir: Path | str) -> None:
@@ -104,3 +183,37 @@ def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
         f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
         f"start afresh with another {param('out')}"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file per save (model, EMA, optimizer), written atomically
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, keep: int) -> Path:
+    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu() for k, v in ema.state_dict().items()})
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = value.detach().cpu().reshape(value.shape)
+    metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
+    path = checkpoint_path(run_dir, step)
+    atomic_save_safetensors(tensors, path, metadata)
+    for old in checkpoint_files(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, model, ema, optimizer, device: torch.device) -> int:
+    tensors = load_file(str(path), device=str(device))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])

@@ -15,18 +15,16 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
-from . import ddim, distributed, fast, images, runs, seeds
+from . import ddim, distributed, fast, images, runs, samplers, seeds
 from .errors import DdimctlError, param
-from .files import atomic_path, atomic_save_safetensors, remove_stale_temporaries
+from .files import atomic_path, remove_stale_temporaries
 from .registry import DEFAULT_SCHEDULE
 from .sampling import Sampler
 from .unet import PRESETS, UNet, UNetConfig
@@ -46,10 +44,10 @@ class TrainOptions:
     steps: int = 10_000
     batch_size: int = 64  # images per optimizer step, over all processes
     lr: float = 2e-4
-    warmup: int = 1000
+    warmup: int | None = None  # None: fitted to the run (fitted_defaults)
     lr_schedule: str = "constant"  # or "cosine": decays to zero at the last step
     grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float | None = None  # None: fitted to the run
     flip: bool = True
     save_every: int = 1000
     keep: int = 3
@@ -60,8 +58,33 @@ class TrainOptions:
     compile: bool = False
     log_every: int = 10
 
+    def fitted(self) -> TrainOptions:
+        """These options with warm-up and EMA decay fitted to the run's length where not given: a
+        tenth of the run each (warm-up at most DDPM's 1,000 steps; the EMA's horizon 1 / (1 - decay)
+        from 10 to 10,000 steps, decay 0.9999 for runs of 100,000 steps and more)."""
+        warmup = self.warmup if self.warmup is not None else min(1000, self.steps // 10)
+        horizon = min(10_000, max(10, self.steps // 10))
+        decay = self.ema_decay if self.ema_decay is not None else round(1 - 1 / horizon, 6)
+        return replace(self, warmup=warmup, ema_decay=decay)
+
+    def misfits(self) -> list[str]:
+        """Given warm-up and EMA values that do not fit the run's length, each with its fix (the
+        fitted defaults always fit)."""
+        o, default = self.fitted(), replace(self, warmup=None, ema_decay=None).fitted()
+        out = []
+        if o.warmup >= o.steps > 1 and o.warmup != default.warmup:
+            out.append(f"the warm-up ({o.warmup} steps) is as long as the run ({o.steps} steps), so the learning rate "
+                       f"never reaches {o.lr:g}; use {param('warmup')} {o.steps // 10} or leave it out")
+        horizon = 1 / (1 - o.ema_decay) if o.ema_decay < 1 else math.inf
+        if horizon > o.steps / 2 and o.steps >= 20 and o.ema_decay != default.ema_decay:
+            out.append(f"an EMA decay of {o.ema_decay:g} averages over about {horizon:,.0f} steps, more than half of "
+                       f"this {o.steps}-step run, so the EMA weights (which are sampled) stay close to early ones; "
+                       f"use {param('ema_decay')} {1 - 10 / o.steps:g} or leave it out")
+        return out
+
     def check(self) -> None:
         """Every option, before anything is created on disk."""
+        self = self.fitted()
         finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
         channels = self.unet.get("in_channels", 3)
         rules = [
@@ -96,6 +119,18 @@ class TrainOptions:
         except ValueError as e:
             raise DdimctlError(f"this architecture cannot take the run's settings: {e}") from e
         return config
+
+
+def options_for_run(given: dict, resume: bool) -> TrainOptions:
+    """TrainOptions from the options a user gave (data and out at least); on resume, every option not
+    given comes from the run being resumed, so that it continues the same run."""
+    fields = set(TrainOptions.__dataclass_fields__)
+    base = {}
+    if resume:
+        saved = runs.saved_run(Path(given["out"])) or {}
+        base = {k: v for k, v in saved.get("train", {}).items() if k in fields}
+        given = {**given, "unet": {**base.get("unet", {}), **given.get("unet", {})}}
+    return TrainOptions(**{**base, **given}).fitted()
 
 
 @functools.lru_cache(maxsize=1)
@@ -193,78 +228,6 @@ def batch_indices(n: int, step: int, global_batch: int, seed: int, world: distri
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: one safetensors file per save (model, EMA, optimizer), written atomically
-
-
-def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, keep: int) -> Path:
-    tensors = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().cpu() for k, v in ema.state_dict().items()})
-    optim = optimizer.state_dict()
-    for index, state in optim["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{index}.{name}"] = value.detach().cpu().reshape(value.shape)
-    metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
-    path = runs.checkpoint_path(run_dir, step)
-    atomic_save_safetensors(tensors, path, metadata)
-    for old in runs.checkpoint_files(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(path: Path, model, ema, optimizer, device: torch.device) -> int:
-    tensors = load_file(str(path), device=str(device))
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["step"])
-
-
-def run_config(options: TrainOptions, config: UNetConfig) -> dict:
-    """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume."""
-    return {
-        "format": runs.RUN_FORMAT,
-        "unet": config.to_dict(),
-        "schedule": dict(DEFAULT_SCHEDULE),
-        "skip": "uniform",
-        "train": asdict(options),
-    }
-
-
-def prepare_run_dir(run_dir: Path, options: TrainOptions, config: UNetConfig, resume: bool) -> Path | None:
-    """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
-    config_file = run_dir / runs.CONFIG
-    existing = runs.checkpoint_files(run_dir) if run_dir.is_dir() else []
-    if config_file.is_file():
-        try:
-            saved = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise DdimctlError(f"{config_file} is not valid JSON; choose another {param('out')}") from e
-        if not runs.is_run_config(saved):
-            raise DdimctlError(f"{run_dir} holds something other than a ddimctl run; choose another {param('out')}")
-        mine = config.to_dict()
-        theirs = UNetConfig(**{**mine, **saved.get("unet", {})}).to_dict()
-        if existing and any(theirs[k] != mine[k] for k in mine if k != "dropout"):
-            changed = [k for k in mine if k != "dropout" and theirs[k] != mine[k]]
-            raise DdimctlError(
-                f"{run_dir} holds a run with another architecture ({', '.join(changed)} differ); "
-                f"use the same settings or another {param('out')}"
-            )
-    if existing and not resume:
-        raise DdimctlError(
-            f"{run_dir} already holds a run (newest checkpoint {existing[-1].name}); "
-            f"pass {param('resume')} to continue it, or choose another {param('out')}"
-        )
-    return existing[-1] if existing else None
-
-
-# --------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -286,10 +249,12 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     world = distributed.init(device)
     device = distributed.local_device(device, world)
     run_dir = Path(options.out)
+    options = options.fitted()
+    changes = runs.resume_changes(run_dir, asdict(options)) if resume else {}
     config = options.unet_config()
     if options.batch_size % world.size:
         raise DdimctlError(f"{param('batch_size')} {options.batch_size} is not divisible by the {world.size} processes")
-    resume_from = prepare_run_dir(run_dir, options, config, resume)
+    resume_from = runs.prepare_run_dir(run_dir, config, resume)
     if resume_from is not None:
         resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
     if world.is_main:
@@ -298,13 +263,17 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
                 remove_stale_temporaries(folder)  # left by a process killed while saving
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
+        record = runs.run_config(asdict(options), config)
+        before = runs.saved_run(run_dir) if resume_from is not None else None
+        if before is not None:  # the run's history of resumes, and what each changed
+            record["resumes"] = [*before.get("resumes", []), {"from": resume_from.name, "changed": changes}]
         with atomic_path(run_dir / runs.CONFIG) as tmp:
-            tmp.write_text(json.dumps(run_config(options, config), indent=2))
+            tmp.write_text(json.dumps(record, indent=2))
     world.barrier()
 
     data = load_folder(
         Path(options.data), config.resolution, config.in_channels,
-        progress.on_data if world.is_main else None, say if world.is_main else None,
+        progress.on_data if world.is_main else None, say if world.is_main else None, exclude=run_dir,
     )
     if world.is_main:
         say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
@@ -321,7 +290,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0, fused=device.type == "cuda")
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, model, ema, optimizer, device)
+        step = runs.load_checkpoint(resume_from, model, ema, optimizer, device)
         if world.is_main:
             say(f"resuming from {resume_from.name} (step {step})")
 
@@ -333,7 +302,8 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     use_bf16 = uses_bf16(options.precision, device)
     log = open(run_dir / runs.LOG, "a") if world.is_main else None
     if log and resume_from is not None:  # later lines may repeat steps the lost run had logged
-        log.write(f"resumed from {resume_from.name} (step {step})\n")
+        change = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items())
+        log.write(f"resumed from {resume_from.name} (step {step}){change}\n")
     newest = resume_from
     kill_at = int(os.environ.get("DDIMCTL_TEST_KILL_AFTER_CHECKPOINT", "0"))  # tests: a real SIGKILL
 
@@ -369,7 +339,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
             log.flush()
         if step % options.save_every == 0 or step == options.steps:
             if world.is_main:
-                newest = save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
+                newest = runs.save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
                 write_samples(run_dir, step, ema, options, device)
                 if kill_at and step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -388,10 +358,10 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
         return
     loaded = LoadedModel(ema, "ema", str(run_dir), dict(DEFAULT_SCHEDULE), "uniform")
     steps = min(options.sample_steps, loaded.train_steps)
-    sampler = Sampler.create(loaded, steps, "uniform", device)
+    sampler = Sampler.create(loaded, samplers.Settings("ddim", steps, "uniform"), device)
     grids = [x for _, x in sampler.sample_indices(list(range(options.sample_count)), 0, options.sample_count)]
     pixels = images.to_uint8(torch.cat(grids))
-    images.save_image(images.grid(pixels), runs.sample_grid_path(run_dir, step))
+    images.save_picture(images.grid(pixels), runs.sample_grid_path(run_dir, step))  # enlarged to >= 256 px
 
 
 def params_for(config: UNetConfig) -> int:

@@ -23,6 +23,7 @@ from .common import (
     PlainProgress,
     app,
     parse_list,
+    note,
     progress_on_interrupt,
     say,
     stderr,
@@ -49,37 +50,46 @@ def train(
     res_blocks: Optional[int] = typer.Option(None, "--res-blocks", help="Residual blocks per level."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Resolutions with attention, e.g. 16."),
     dropout: Optional[float] = typer.Option(None, "--dropout"),
-    steps: int = typer.Option(10_000, "--steps", help="Optimizer steps in all."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per step, over all processes."),
-    lr: float = typer.Option(2e-4, "--lr"),
-    warmup: int = typer.Option(1000, "--warmup", help="Steps of linear learning-rate warm-up."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decays to 0 at --steps)."),
-    ema_decay: float = typer.Option(0.9999, "--ema-decay"),
-    flip: bool = typer.Option(
-        True, "--flip/--no-flip", help="Random horizontal flips (turn off for digits, text, anything with a handedness)."
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in all (default 10000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step, over all processes (default 64)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4)."),
+    warmup: Optional[int] = typer.Option(
+        None, "--warmup", help="Steps of linear learning-rate warm-up (default: a tenth of --steps, at most 1000)."
     ),
-    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint and sample grid every N steps."),
-    keep: int = typer.Option(3, "--keep", help="Checkpoints kept."),
-    sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps of the sample grids."),
-    sample_count: int = typer.Option(16, "--sample-count", help="Images in each sample grid (0: none)."),
-    seed: int = typer.Option(0, "--seed"),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs and on CPUs with native bf16), fp32 or bf16."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the UNet."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (default), or cosine (decays to 0 at --steps)."),
+    ema_decay: Optional[float] = typer.Option(
+        None, "--ema-decay",
+        help="Decay of the weights' moving average that is sampled (default: averaging over a tenth of --steps; "
+        "0.9999 from 100,000 steps).",
+    ),
+    flip: Optional[bool] = typer.Option(
+        None, "--flip/--no-flip",
+        help="Random horizontal flips (default on; turn off for digits, text, anything with a handedness).",
+    ),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and sample grid every N steps (default 1000)."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept (default 3)."),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", help="DDIM steps of the sample grids (default 50)."),
+    sample_count: Optional[int] = typer.Option(None, "--sample-count", help="Images in each sample grid (default 16; 0: none)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and every training draw (default 0)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto (default: bf16 autocast on GPUs and on CPUs with native bf16), fp32 or bf16."
+    ),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet (default off)."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue from the newest checkpoint in --out, with the run's settings: only --steps (with a constant "
+        "learning rate), --save-every, --keep, --sample-count, --sample-steps and --compile may change.",
+    ),
     device: str = DeviceOpt,
 ) -> None:
     """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
     from .. import train as training
 
-    data_files = find_images(data)  # a missing or empty folder fails here, before any progress bar
+    data_files = find_images(data, exclude=out)  # a missing or empty folder fails here, before any progress bar
     channels_note = None
-    if channels is None and init is None:  # a fine-tuning run reads the data in its model's channels
-        saved = runs.saved_config(out) if resume else None
-        if saved is not None:
-            channels = saved["unet"]["in_channels"]
-        else:
-            channels = infer_channels(data_files)
-            channels_note = "1 channel: every image is grayscale" if channels == 1 else "3 channels: RGB images found"
+    if channels is None and init is None and not resume:  # a fine-tuning or resumed run keeps its channels
+        channels = infer_channels(data_files)
+        channels_note = "1 channel: every image is grayscale" if channels == 1 else "3 channels: RGB images found"
     overrides = {}
     for key, value in [("resolution", resolution), ("in_channels", channels), ("out_channels", channels),
                        ("base_channels", base_channels), ("num_res_blocks", res_blocks), ("dropout", dropout)]:
@@ -89,20 +99,23 @@ def train(
         overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
     if attention is not None:
         overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
-    options = training.TrainOptions(
-        data=str(data), out=str(out), preset=preset, unet=overrides, init=init, steps=steps, batch_size=batch_size, lr=lr,
-        warmup=warmup, lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
-        sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model,
-    )
+    given = dict(preset=preset, init=init, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                 lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
+                 sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model)
+    given = {"data": str(data), "out": str(out), "unet": overrides, **{k: v for k, v in given.items() if v is not None}}
+    options = training.options_for_run(given, resume)
     config = options.unet_config()  # every value checked here, before anything is written
     runs.check_run_dir(out)
     main_process = distributed.from_env().is_main
     train_device = sampling.pick_device(device)
     if main_process:
-        how = "bf16 autocast" if training.uses_bf16(precision, train_device) else "fp32"
-        start = f"weights of {init}" if init else f"{preset or training.DEFAULT_PRESET} preset"
+        how = "bf16 autocast" if training.uses_bf16(options.precision, train_device) else "fp32"
+        start = f"weights of {options.init}" if options.init else f"{options.preset or training.DEFAULT_PRESET} preset"
         say(f"training a {training.params_for(config) / 1e6:.2f}M-parameter UNet ({start}) on "
-            f"{len(data_files)} images into {out} ({train_device}, {how})")
+            f"{len(data_files)} images into {out} ({train_device}, {how}; {options.steps} steps of batch "
+            f"{options.batch_size}, lr {options.lr:g} after a {options.warmup}-step warm-up, EMA decay {options.ema_decay:g})")
+        for misfit in options.misfits():
+            note(f"warning: {misfit}")
         if channels_note:
             say(f"{channels_note} (--channels overrides)")
     with Progress(
@@ -113,12 +126,12 @@ def train(
         TimeRemainingColumn(), console=stderr, disable=not main_process,
     ) as bar:
         reading = bar.add_task("reading data", total=None, status="")
-        task = bar.add_task("training", total=steps, status="", visible=False)
+        task = bar.add_task("training", total=options.steps, status="", visible=False)
 
         def on_data(done: int, total: int) -> None:
             bar.update(reading, completed=done, total=total)
 
-        plain = PlainProgress("training", steps, unit="steps") if not stderr.is_terminal and main_process else None
+        plain = PlainProgress("training", options.steps, unit="steps") if not stderr.is_terminal and main_process else None
 
         def on_step(step: int, loss: float, speed: float) -> None:
             bar.update(task, completed=step, status=f"loss {loss:.4f}  {speed:.1f} img/s", visible=True)
@@ -141,8 +154,9 @@ def export(
     out: Path = typer.Argument(..., help="Folder to write: a diffusers DDIMPipeline (UNet2DModel + DDIMScheduler)."),
 ) -> None:
     """Write a model as a diffusers pipeline folder (DDIMPipeline.from_pretrained loads it)."""
-    from ..export import export_diffusers
+    from ..export import check_target, export_diffusers
 
+    check_target(out)  # before the model loads
     loaded = weights.load_model(str(run_dir))
     export_diffusers(loaded, out)
     say(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")
