@@ -2,11 +2,15 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import save_file
+# One thread per test process, set before torch starts its pool: OpenMP threads spin-waiting on a
+# shared 2-core machine made a tiny forward 6x slower. Tests about threads set their own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ddimctl.unet import PRESETS, UNet
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from ddimctl.unet import PRESETS, UNet  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

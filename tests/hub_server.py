@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -17,6 +18,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class FakeHub:
     def __init__(self):
         self.files: dict[tuple[str, str], bytes] = {}  # (repo, filename) -> content
+        self.faults: dict[tuple[str, str], str] = {}  # (repo, filename) -> "truncate", "redirect-loop" or "stall-get"
         self.requests: list[tuple[str, str]] = []  # (method, path)
         hub = self
 
@@ -51,6 +53,16 @@ class FakeHub:
         if (repo, filename) not in self.files:
             return self._error(handler, 404, "EntryNotFound")
         content = self.files[(repo, filename)]
+        fault = self.faults.get((repo, filename))
+        if fault == "redirect-loop":
+            handler.send_response(302)
+            handler.send_header("Location", handler.path)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        if fault == "stall-get" and body:
+            time.sleep(30)
+            return
         handler.send_response(200)
         handler.send_header("X-Repo-Commit", COMMIT)
         handler.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
@@ -58,7 +70,9 @@ class FakeHub:
         handler.send_header("Content-Type", "application/octet-stream")
         handler.end_headers()
         if body:
-            handler.wfile.write(content)
+            handler.wfile.write(content[: len(content) // 2] if fault == "truncate" else content)
+            if fault == "truncate":
+                handler.close_connection = True
 
     @staticmethod
     def _error(handler: BaseHTTPRequestHandler, status: int, code: str) -> None:

@@ -113,6 +113,74 @@ def temporaries(folder: Path) -> list[str]:
     return [str(p.relative_to(folder)) for p in folder.rglob("*.tmp")]
 
 
+def sidecar(folder: Path, content: bytes | str, name: str = "tiny.json") -> str:
+    """The tiny checkpoint with its sidecar replaced by `content`."""
+    path = tiny_checkpoint(folder)
+    (folder / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def diffusers_folder(folder: Path, change: dict | None = None, scheduler: dict | None = None) -> str:
+    """A diffusers-layout folder of the tiny UNet with `change` applied to its config.json."""
+    from ddimctl.export import diffusers_unet_config
+    from ddimctl.unet import PRESETS, UNet
+
+    model = folder / "model"
+    model.mkdir()
+    torch.manual_seed(0)
+    save_file(UNet(PRESETS["tiny"]).state_dict(), str(model / "diffusion_pytorch_model.safetensors"))
+    (model / "config.json").write_text(json.dumps({**diffusers_unet_config(PRESETS["tiny"]), **(change or {})}))
+    if scheduler is not None:
+        (model / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return "model"
+
+
+def typed_weights(folder: Path, dtype: torch.dtype) -> str:
+    return tiny_checkpoint(folder, lambda s: s.update({k: v.to(dtype) for k, v in s.items()}))
+
+
+def someone_elses_photos(folder: Path) -> list[str]:
+    (folder / "photos").mkdir()
+    (folder / "photos" / "000000.png").write_bytes(b"a photo of a cat")
+    return ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "photos/"]
+
+
+def photos_untouched(folder: Path) -> list[str]:
+    return [] if (folder / "photos" / "000000.png").read_bytes() == b"a photo of a cat" else ["photos/000000.png"]
+
+
+def users_temporaries(folder: Path) -> list[str]:
+    (folder / "s").mkdir()
+    for name in (".photos.2024.old.tmp", ".x.20240101123456.part.tmp"):
+        (folder / "s" / name).write_text("mine")
+    return ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/"]
+
+
+def users_temporaries_kept(folder: Path) -> list[str]:
+    return [n for n in (".photos.2024.old.tmp", ".x.20240101123456.part.tmp") if not (folder / "s" / n).is_file()]
+
+
+def nan_tiff(folder: Path) -> str:
+    array = np.asarray(Image.open(THREE), dtype=np.float32) / 255
+    array[3, 4] = np.nan
+    Image.fromarray(array, "F").save(folder / "nan.tif")
+    return "nan.tif"
+
+
+def run_with_config(folder: Path, edit: Callable[[dict], None]) -> str:
+    trained_run(folder)
+    config = json.loads((folder / "run" / "config.json").read_text())
+    edit(config)
+    (folder / "run" / "config.json").write_text(json.dumps(config))
+    return "run"
+
+
+def record(folder: Path, content: str) -> list[str]:
+    (folder / "s").mkdir()
+    (folder / "s" / ".ddimctl-sample.json").write_text(content)
+    return ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/"]
+
+
 FULL_DISK = (
     "import safetensors, ddimctl.files\n"
     "def full(*a, **k):\n"
@@ -165,8 +233,8 @@ CASES = [
     Case("truncated PNG", lambda f: (f / "t.png").write_bytes(Path(THREE).read_bytes()[:60]) and ["invert", "t.png", *DIGITS],
          "not a readable image"),
     Case("empty folder", lambda f: (f / "empty").mkdir() or ["invert", "empty", *DIGITS], "holds no images"),
-    Case("16-bit grayscale PNG is read at full depth", lambda f: ["reconstruct", sixteen_bit(f), *DIGITS, "--steps", "10",
-                                                                  "--exact", "--json"], '"mse"', code=0),
+    Case("16-bit grayscale PNG accepted", lambda f: ["reconstruct", sixteen_bit(f), *DIGITS, "--steps", "10",
+                                                     "--exact", "--json"], '"mse"', code=0),
     # Outputs
     Case("grid output not an image name", lambda f: ["sample", *DIGITS, "--out", "x.txt"], "give an image file"),
     Case("output folder missing", lambda f: ["sample", *DIGITS, "--out", "no/where/x.png"], "folder no/where does not exist"),
@@ -211,7 +279,66 @@ CASES = [
          "holds no checkpoint that can be resumed from"),
 ]
 
+CASES += [
+    # Files that are not ddimctl's own are never overwritten, adopted or deleted
+    Case("sample into a folder of someone else's PNGs", someone_elses_photos, "no record of a ddimctl run",
+         leaves=photos_untouched),
+    Case("a user's files named like temporaries", users_temporaries, "wrote 2 images", code=0, leaves=users_temporaries_kept),
+    Case("registry revision with ..", lambda f: ["models"], "is not a branch, tag or commit name"),
+    Case("registry name with ../", lambda f: ["models"], "a model name is letters, digits"),
+    Case("registry file outside the repo", lambda f: ["models"], "must be a path inside the repository"),
+    Case("registry unknown skip", lambda f: ["models"], "field 'skip' is 'cosine', expected one of uniform, quad"),
+    Case("registry schedule of 10^9 steps", lambda f: ["models"], "field 'train_steps' is 1000000000, expected an integer from 1"),
+    # Every file ddimctl reads is untrusted input
+    Case("sidecar is a JSON list", lambda f: ["sample", "--model", sidecar(f, "[1, 2]")], "expected a JSON object {...}, found a list"),
+    Case("sidecar not UTF-8", lambda f: ["sample", "--model", sidecar(f, b"\xff\xfe\x00{")], "not a UTF-8 text file"),
+    Case("sidecar names an unknown UNet field", lambda f: ["sample", "--model", sidecar(f, '{"unet": {"wings": 2}}')],
+         "unknown field 'wings'"),
+    Case("sidecar with a negative resolution", lambda f: ["sample", "--model", sidecar(f, '{"unet": {"resolution": -16}}')],
+         "field 'resolution' is -16, expected an integer from 1"),
+    Case("sidecar with an unknown skip scheme", lambda f: ["sample", "--model", sidecar(f, '{"unet": {}, "skip": "cosine"}')],
+         "field 'skip' is 'cosine'"),
+    Case("sidecar schedule of 10^9 steps",
+         lambda f: ["sample", "--model", sidecar(f, '{"unet": {}, "schedule": {"train_steps": 1000000000}}')],
+         "field 'train_steps' is 1000000000"),
+    Case("diffusers config with a wrong type", lambda f: ["sample", "--model", diffusers_folder(f, {"block_out_channels": "wide"})],
+         "field 'block_out_channels' is 'wide', expected a non-empty list of integers"),
+    Case("diffusers config with a non-square sample_size",
+         lambda f: ["sample", "--model", diffusers_folder(f, {"sample_size": [16, 32]})], "is not square"),
+    Case("scheduler config of 10^9 steps",
+         lambda f: ["sample", "--model", diffusers_folder(f, scheduler={"num_train_timesteps": 10**9})],
+         "field 'num_train_timesteps' is 1000000000"),
+    Case("int8 weights", lambda f: ["sample", "--model", typed_weights(f, torch.int8)], "stored as int8"),
+    Case("float8 weights", lambda f: ["sample", "--model", typed_weights(f, torch.float8_e4m3fn)], "stored as float8_e4m3fn"),
+    Case("run config with a broken field", lambda f: ["sample", "--model", run_with_config(
+        f, lambda c: c["unet"].update({"channel_mult": "1,2"}))], "field 'channel_mult' is '1,2'"),
+    Case("sample-folder record is a list", lambda f: record(f, "[1]"), "is not a record ddimctl wrote"),
+    Case("latents metadata with a wrong steps", lambda f: save_file({"latents": torch.zeros(1, 1, 16, 16)}, str(f / "z.safetensors"),
+         metadata={"model": "digits", "steps": "many"}) or ["sample", "--latents", "z.safetensors"], "field 'steps' is 'many'"),
+    Case("float TIFF with a NaN pixel", lambda f: ["invert", nan_tiff(f), *DIGITS], "NaN or infinite pixels"),
+    # The environment and sizes checked before the work
+    Case("WORLD_SIZE leaking into a plain run", lambda f: ["sample", *DIGITS, "-n", "2", "--steps", "2"],
+         "WORLD_SIZE=2 is set but this is no torchrun launch", env={"WORLD_SIZE": "2"}),
+    Case("a grid that cannot fit in memory", lambda f: ["sample", *DIGITS, "-n", "1000000000", "--out", "g.png"],
+         "write them one PNG each with --out FOLDER/"),
+    Case("export on a full disk", lambda f: ["export", "digits", "exported"], "No space left on device", python=FULL_DISK,
+         leaves=lambda f: [p.name for p in f.iterdir() if p.name.startswith((".exported", "exported"))]),
+    Case("train resume with another learning rate", lambda f: trained_run(f) or
+         ["train", "data", "--out", "run", "--steps", "3", "--lr", "0.1", "--resume"], "was trained with --lr"),
+]
+
 REGISTRIES = {
+    "registry revision with ..": ('[models.evil]\ndescription = "x"\narchitecture = "tiny"\nresolution = 16\nskip = "uniform"\n'
+                                  'license = "MIT"\nrepo = "a/b"\nrevision = "../../../../outside"\nfile = "m.safetensors"\n'),
+    "registry name with ../": ('[models."../evil"]\ndescription = "x"\narchitecture = "tiny"\nresolution = 16\nskip = "uniform"\n'
+                               'license = "MIT"\nrepo = "a/b"\nfile = "m.bin"\nsha256 = "' + "a" * 64 + '"\n'),
+    "registry file outside the repo": ('[models.evil]\ndescription = "x"\narchitecture = "tiny"\nresolution = 16\nskip = "uniform"\n'
+                                       'license = "MIT"\nrepo = "a/b"\nfile = "../../m.safetensors"\n'),
+    "registry unknown skip": ('[models.odd]\ndescription = "x"\narchitecture = "tiny"\nresolution = 16\nskip = "cosine"\n'
+                              'license = "MIT"\nrepo = "a/b"\nfile = "m.safetensors"\n'),
+    "registry schedule of 10^9 steps": ('[schedule.huge]\ntrain_steps = 1000000000\n[models.odd]\ndescription = "x"\n'
+                                        'architecture = "tiny"\nresolution = 16\nskip = "uniform"\nlicense = "MIT"\n'
+                                        'repo = "a/b"\nfile = "m.safetensors"\nschedule = "huge"\n'),
     "registry entry missing fields": '[models.broken]\ndescription = "x"\nrepo = "a/b"\nfile = "m.safetensors"\n',
     "registry resolution not a number": (
         '[models.broken]\ndescription = "x"\narchitecture = "tiny"\nresolution = "sixteen"\nskip = "uniform"\n'

@@ -263,8 +263,33 @@ def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):
                       "--out", "p.png", cwd=tmp_path, env={"DDIMCTL_PROGRESS_SECONDS": "0"})
     lines = [line for line in env_run.stderr.splitlines() if line.startswith("sampling: ")]
     assert len(lines) == 6, env_run.stderr  # one per network call of a batch
-    assert re.fullmatch(r"sampling: 6/6 evals, [\d.]+ img/s, elapsed \d+:\d\d, left 0:00", lines[-1])
+    assert re.fullmatch(r"sampling: 6/6 calls, [\d.]+ (img/s|s/img), elapsed \d+:\d\d, left 0:00", lines[-1])
     assert "━" not in env_run.stderr
+
+
+def test_a_rate_that_collapses_is_named():
+    from ddimctl.threads import Slowdown
+
+    watch = Slowdown(window_s=1.0, factor=3.0)
+    remarks = [watch.update(t, done) for t, done in [(0, 0), (1, 100), (2, 200), (3, 220), (4, 240)]]
+    assert remarks[:3] == ["", "", ""]
+    assert remarks[3].startswith("5x slower than at the start: other work is using the CPU")
+
+
+def test_threads_follow_the_free_cores(monkeypatch):
+    from ddimctl import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 4)
+    env = {}
+    assert "4 other process(es)" in threads.choose(env)
+    assert env == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 0)
+    env = {}
+    assert threads.choose(env) is None and env == {}  # an idle machine: PyTorch's own choice
+    env = {"OMP_NUM_THREADS": "2"}
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 4)
+    assert threads.choose(env) is None and env == {"OMP_NUM_THREADS": "2"}  # the user's setting wins
 
 
 def test_no_network_default_model_answers_in_one_line(tmp_path):

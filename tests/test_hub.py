@@ -100,9 +100,35 @@ def test_missing_file_and_unknown_repo(hub, tmp_path):
         weights.load_registered(entry(repo="test-org/missing"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
 
 
-def test_unreachable_endpoint(tmp_path):
-    with pytest.raises(DdimctlError, match="not in the Hub cache and the Hub could not be reached"):
+def test_unreachable_endpoint_fails_after_one_attempt(tmp_path):
+    """A host that refuses connections: one attempt, one line (huggingface_hub alone retries it
+    five times with backoff, half a minute)."""
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(DdimctlError, match="not in the Hub cache and the Hub at 127.0.0.1:9 refused or dropped the connection"):
         weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint="http://127.0.0.1:9")
+    assert time.perf_counter() - started < 5
+
+
+def test_a_hub_that_never_answers_is_given_up_in_bounded_time(tmp_path, monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: [accepted.append(listener.accept()) for _ in range(8)], daemon=True).start()
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    started = time.perf_counter()
+    with pytest.raises(DdimctlError, match=r"did not answer within 1 s \(HF_HUB_ETAG_TIMEOUT\)"):
+        weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    assert time.perf_counter() - started < 10
+    listener.close()
 
 
 def test_a_host_that_does_not_resolve_fails_at_once_or_uses_the_cache(hub, tmp_path, capsys):
@@ -215,3 +241,27 @@ def test_cli_honours_hf_env_and_offline_mode(hub, tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     listed = run_cli(["models"], env, tmp_path)
     assert "yes" in listed.stdout.split("tiny-hub")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncate", "download of test-org/ddpm-tiny@main/diffusion_pytorch_model.safetensors failed"),
+    ("redirect-loop", "failed"),
+    ("stall-get", "failed"),
+])
+def test_a_misbehaving_hub_is_one_line_and_leaves_no_file(hub, tmp_path, monkeypatch, fault, message):
+    """A body cut short, a redirect loop, a GET that never sends: one line, bounded time, nothing cached."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    hub.faults[(REPO, "diffusion_pytorch_model.safetensors")] = fault
+    cache = tmp_path / "hf"
+    started = time.perf_counter()
+    with pytest.raises(DdimctlError, match=message) as info:
+        weights.load_registered(entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"]), hub_cache=str(cache),
+                                endpoint=hub.endpoint)
+    assert "\n" not in str(info.value) and "tiny-hub" in str(info.value)
+    assert time.perf_counter() - started < 40
+    assert not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts and not p.name.endswith(".incomplete")]

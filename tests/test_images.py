@@ -10,7 +10,7 @@ from ddimctl import images
 def test_writer_stalls_are_measured(monkeypatch, tmp_path):
     """submit() blocks only when `pending` batches are still being written, and says for how long."""
 
-    slow = lambda pixels, path: time.sleep(0.05)  # noqa: E731
+    slow = lambda pixels, path, clean_stale=True: time.sleep(0.05)  # noqa: E731
     monkeypatch.setattr(images, "save_image", slow)
     batch = [(torch.zeros(4, 4, 3, dtype=torch.uint8), tmp_path / "x.png")]
     with images.BackgroundWriter(workers=1, pending=1) as writer:

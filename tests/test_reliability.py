@@ -125,3 +125,17 @@ def test_interrupted_training_names_its_newest_checkpoint(tmp_path):
     assert spell(runs.interrupted_at(tmp_path), flag) == (  # as Ctrl-C shows it
         "the newest checkpoint is step-00000040.safetensors; resume with the same command and --resume"
     )
+
+
+def test_a_sixteen_bit_png_reconstructs_exactly_as_its_eight_bit_original(tmp_path):
+    """The CLI reads the 16-bit PNG (the 8-bit digit x 257) at full depth: the same pixels, so the
+    same round-trip numbers to the last digit (a reader that clipped it to white would differ)."""
+    import json
+
+    from helpers import ddimctl
+    from reliability_cases import THREE, sixteen_bit
+
+    args = ["reconstruct", "--model", "digits", "--steps", "5", "--json"]
+    wide = json.loads(ddimctl(*args, sixteen_bit(tmp_path), cwd=tmp_path).stdout)
+    eight = json.loads(ddimctl(*args, THREE, cwd=tmp_path).stdout)
+    assert wide["results"][0]["mse"] == eight["results"][0]["mse"] > 0

@@ -15,9 +15,22 @@ from ddimctl import ddim, runs, train, weights
 from ddimctl.distributed import World
 
 
-def run(*args, cwd, env=None, check=True, torchrun=0):
-    """The command line, one thread per process (two gloo processes share the CI machine's two cores)."""
-    return ddimctl(*args, cwd=cwd, env={"OMP_NUM_THREADS": "1", **(env or {})}, check=check, torchrun=torchrun)
+def run(*args, cwd, env=None, check=True, torchrun=0, prelude=None):
+    return ddimctl(*args, cwd=cwd, env=env, check=check, torchrun=torchrun, prelude=prelude)
+
+
+# A real SIGKILL straight after a checkpoint is written: the moment a resume must survive.
+KILL_AFTER_STEP_3 = """
+import os, signal
+from ddimctl import runs
+_save = runs.save_checkpoint
+def _save_then_die(run_dir, step, *args):
+    path = _save(run_dir, step, *args)
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+runs.save_checkpoint = _save_then_die
+"""
 
 
 @pytest.fixture()
@@ -66,7 +79,7 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
     result = run("train", data_dir, "--out", "straight", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path)
     assert "skipped 1 unreadable file(s): nested/broken.png" in result.stderr
     killed = run("train", data_dir, "--out", "resumed", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path,
-                 env={"DDIMCTL_TEST_KILL_AFTER_CHECKPOINT": "3"}, check=False)
+                 prelude=KILL_AFTER_STEP_3, check=False)
     assert killed.returncode == -9  # a real SIGKILL straight after the step-3 checkpoint
     assert [p.name for p in runs.checkpoint_files(tmp_path / "resumed")] == ["step-00000003.safetensors"]
     # What a kill between writing the next checkpoint and renaming it leaves: a full-size temporary
@@ -193,7 +206,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = UNet(PRESETS["tiny"])
     ema = UNet(PRESETS["tiny"])
     optimizer = torch.optim.AdamW(model.parameters())
-    first = train.save_checkpoint(tmp_path, 1, model, ema, optimizer, keep=3)
+    first = runs.save_checkpoint(tmp_path, 1, model, ema, optimizer, keep=3)
     saved = first.read_bytes()
 
     def full_disk(tensors, filename, metadata=None):
@@ -203,7 +216,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files_module, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        train.save_checkpoint(tmp_path, 2, model, ema, optimizer, keep=1)
+        runs.save_checkpoint(tmp_path, 2, model, ema, optimizer, keep=1)
     assert [p.name for p in runs.checkpoint_files(tmp_path)] == ["step-00000001.safetensors"]
     assert first.read_bytes() == saved
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.suffix == ".tmp"]

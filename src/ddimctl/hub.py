@@ -49,6 +49,39 @@ def host_resolves(endpoint: str | None = None) -> bool:
     return True
 
 
+def _host(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    parsed = urlparse(endpoint or constants.ENDPOINT)
+    return parsed.netloc or str(endpoint)
+
+
+def reachability_problem(repo: str, filename: str, revision: str, endpoint: str | None) -> str | None:
+    """One HEAD request for the file, bounded by HF_HUB_ETAG_TIMEOUT and never retried: what went
+    wrong at the network level ("refused the connection", "did not answer in 10 s"), or None (an
+    answer came, even a 404: huggingface_hub then reports it). Without this, huggingface_hub retries
+    an unreachable Hub five times with backoff: half a minute or more before any message."""
+    import inspect
+
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo, filename, revision=revision, endpoint=endpoint)
+    once = {"retry_on_errors": False} if "retry_on_errors" in inspect.signature(get_hf_file_metadata).parameters else {}
+    try:
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, **once)
+    except (HfHubHTTPError, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None  # the Hub answered
+    except Exception as e:  # the HTTP client's own errors, whatever the client library
+        kind = type(e).__name__.lower()
+        if "timeout" in kind:
+            return f"did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
+        if "connect" in kind:
+            return "refused or dropped the connection"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"could not be asked ({first})"
+    return None
+
+
 def cached_file(repo: str, filename: str, revision: str = "main", cache_dir: str | None = None) -> Path | None:
     """The cached copy of a Hub file, or None; never touches the network."""
     found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
@@ -73,6 +106,14 @@ def download(
     # huggingface_hub retries a host that does not resolve for ~25 s: with no DNS answer there is
     # no network to wait for, so only the cache is asked.
     local_only = not host_resolves(endpoint)
+    if not local_only and cached_file(repo, filename, revision, cache_dir) is None:
+        problem = reachability_problem(repo, filename, revision, endpoint)
+        if problem is not None:
+            raise DdimctlError(
+                f"model {name!r}: {where} is not in the Hub cache and the Hub at {_host(endpoint)} {problem}; check the "
+                f"network or proxy (or point HF_ENDPOINT at a mirror), or use the bundled {param('model')} digits "
+                f"or a local checkpoint"
+            )
     try:
         path = Path(
             hf_hub_download(

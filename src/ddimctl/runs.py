@@ -69,7 +69,15 @@ def run_config(options: dict, config: UNetConfig) -> dict:
 
 
 # Options a resumed run may change (the rest decide the weights: a change would not continue the run).
-RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "sample_count", "sample_steps", "log_every", "compile", "out")
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "sample_count", "sample_steps", "log_every", "compile", "data", "out")
+ARCHITECTURE_OPTIONS = ("unet", "preset", "init")  # checked as the architecture itself (prepare_run_dir)
+
+
+def _comparable(name: str, value):
+    """A value as a resume compares it: paths resolved, lists and tuples alike."""
+    if name in ("data", "out") and isinstance(value, str):
+        return str(Path(value).resolve())
+    return list(value) if isinstance(value, tuple) else value
 
 
 def saved_run(run_dir: Path) -> dict | None:
@@ -91,8 +99,8 @@ def resume_changes(run_dir: Path, options: dict) -> dict[str, list]:
     {option: [the run's value, the new one]}. Only RESUME_MAY_CHANGE may differ (and steps only with
     a constant learning rate: the cosine schedule depends on it); anything else is refused."""
     saved = (saved_run(run_dir) or {}).get("train", {})
-    normal = lambda v: list(v) if isinstance(v, tuple) else ({k: normal(x) for k, x in v.items()} if isinstance(v, dict) else v)  # noqa: E731
-    changed = {k: [saved[k], v] for k, v in options.items() if k in saved and normal(saved[k]) != normal(v)}
+    changed = {k: [saved[k], v] for k, v in options.items()
+               if k in saved and k not in ARCHITECTURE_OPTIONS and _comparable(k, saved[k]) != _comparable(k, v)}
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE or (k == "steps" and options.get("lr_schedule") == "cosine")]
     if fixed:
         k = fixed[0]

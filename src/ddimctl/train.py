@@ -11,8 +11,6 @@ import copy
 import functools
 import json
 import math
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -305,7 +303,6 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         change = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items())
         log.write(f"resumed from {resume_from.name} (step {step}){change}\n")
     newest = resume_from
-    kill_at = int(os.environ.get("DDIMCTL_TEST_KILL_AFTER_CHECKPOINT", "0"))  # tests: a real SIGKILL
 
     model.train()
     started, images_seen = time.perf_counter(), 0
@@ -341,8 +338,6 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
             if world.is_main:
                 newest = runs.save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
                 write_samples(run_dir, step, ema, options, device)
-                if kill_at and step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
             world.barrier()
     if log:
         log.close()

@@ -8,10 +8,17 @@ from __future__ import annotations
 import importlib
 import sys
 
-import typer
+from .. import threads
 
-from ..errors import DdimctlError, spell
-from .common import app, flag, progress_on_interrupt
+THREADS_DECIDED = threads.choose()  # before torch is imported (by .common): it reads OMP_* once
+
+import typer  # noqa: E402
+
+from ..errors import DdimctlError, spell  # noqa: E402
+from .common import app, cpu_threads_note, flag, progress_on_interrupt  # noqa: E402
+
+if THREADS_DECIDED:
+    cpu_threads_note.append(THREADS_DECIDED)
 
 # Each module registers its commands when imported; this order is the order of --help.
 for _group in ("generate", "inversion", "training", "evaluation"):

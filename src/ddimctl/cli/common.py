@@ -8,6 +8,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import torch
 import typer
@@ -23,7 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .. import folders, images, registry, samplers, sampling, weights
+from .. import folders, images, registry, samplers, sampling, threads, weights
 from ..data import find_images
 from ..errors import DdimctlError, spell
 
@@ -55,12 +56,32 @@ def main_options(
     version: bool = typer.Option(
         False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1,
+        help="CPU threads for the network (default: the cores not busy with other work; all of them when idle).",
+    ),
 ) -> None:
     """Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        cpu_threads_note.clear()
+
+
+# What the command line decided about CPU threads (ddimctl.threads), said once a CPU run starts.
+cpu_threads_note: list[str] = []
+
+
+def note_cpu_threads(device: torch.device) -> None:
+    if device.type == "cpu" and cpu_threads_note:
+        note(cpu_threads_note.pop())
 
 
 # Options shared by every command that runs the sampler.
-ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `ddimctl models`) or local checkpoint path.")
+ModelOpt = typer.Option(
+    None, "--model", "-m",
+    help="Registry name (`ddimctl models`), local checkpoint, run folder or RUN@STEP (default: cifar10, downloaded "
+    "from the Hub on first use; digits is bundled and needs no network).",
+)
 
 
 StepsOpt = typer.Option(50, "--steps", "-S", help="Network calls per image S (for every sampler).")
@@ -114,24 +135,30 @@ CompileOpt = typer.Option(
 
 
 class ImagesPerSecond(ProgressColumn):
-    """Speed in images per second, from a task counted in image-evaluations."""
+    """Speed in images per second, from a task counted in network calls of single images; and a
+    remark when the rate collapsed (other work took the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.slowdown = threads.Slowdown()
 
     def render(self, task) -> Text:
-        per_image = task.fields.get("evals_per_image", 1)
-        if not task.speed:
-            return Text("-- img/s", style="progress.data.speed")
-        return Text(f"{task.speed / per_image:.1f} img/s", style="progress.data.speed")
+        per_image = task.fields.get("calls_per_image", 1)
+        text = images_per_second(task.speed / per_image if task.speed else 0.0)
+        slow = self.slowdown.update(time.perf_counter(), task.completed)
+        return Text(text + (f"  ({slow})" if slow else ""), style="progress.data.speed")
 
 
 class PlainProgress:
     """Progress for logs and pipes: a plain line every few seconds (rich draws nothing there until
     the end), with done/total, rate, elapsed and time left."""
 
-    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "evals"):
+    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "calls"):
         self.description, self.total, self.per_image, self.unit = description, total, per_image, unit
         self.every = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", "5"))
         self.started = self.last = time.perf_counter()
         self.done = 0
+        self.slowdown = threads.Slowdown()
 
     def advance(self, n: int = 1, extra: str = "") -> None:
         self.update(self.done + n, extra)
@@ -144,9 +171,17 @@ class PlainProgress:
         self.last, elapsed = now, now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (self.total - done) / rate if rate > 0 else float("nan")
-        speed = f"{rate / self.per_image:.1f} img/s" if self.unit == "evals" else f"{rate:.1f} {self.unit}/s"
+        speed = images_per_second(rate / self.per_image) if self.unit == "calls" else f"{rate:.1f} {self.unit}/s"
+        slow = self.slowdown.update(now, done)
         print(f"{self.description}: {done}/{self.total} {self.unit}, {speed}{extra}, elapsed {clock(elapsed)}, "
-              f"left {clock(left)}", file=sys.stderr, flush=True)
+              f"left {clock(left)}{'; ' + slow if slow else ''}", file=sys.stderr, flush=True)
+
+
+def images_per_second(rate: float) -> str:
+    """A rate that reads well at any speed: 12.3 img/s, or 4.1 s/img when below one image a second."""
+    if rate <= 0:
+        return "-- img/s"
+    return f"{rate:.1f} img/s" if rate >= 1 else f"{1 / rate:.1f} s/img"
 
 
 def clock(seconds: float) -> str:
@@ -157,17 +192,17 @@ def clock(seconds: float) -> str:
 
 
 @contextmanager
-def progress_bar(description: str, images_count: int, evals_per_image: int, enabled: bool = True):
-    """A bar over every model evaluation; yields advance(n_images) for one evaluation of a batch."""
+def progress_bar(description: str, images_count: int, calls_per_image: int, enabled: bool = True):
+    """A bar over every network call of every image; yields advance(n_images) for one call on a batch."""
     if not stderr.is_terminal:
-        plain = PlainProgress(description, images_count * evals_per_image, evals_per_image)
+        plain = PlainProgress(description, images_count * calls_per_image, calls_per_image)
         yield plain.advance if enabled else (lambda n: None)
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("evals"),
+        TextColumn("calls"),
         ImagesPerSecond(),
         TimeElapsedColumn(),
         TextColumn("left"),
@@ -176,7 +211,7 @@ def progress_bar(description: str, images_count: int, evals_per_image: int, enab
         transient=False,
         disable=not enabled,
     ) as bar:
-        task = bar.add_task(description, total=images_count * evals_per_image, evals_per_image=evals_per_image)
+        task = bar.add_task(description, total=images_count * calls_per_image, calls_per_image=calls_per_image)
         yield lambda n: bar.advance(task, n)
 
 
@@ -197,15 +232,25 @@ def fail(message: str) -> None:
     raise DdimctlError(message)
 
 
+OFFLINE_TRY = "ddimctl sample --model digits --steps 50 --eta 0"
+
+
 def load(model: str | None) -> weights.LoadedModel:
     spec = model or registry.default_model()
-    with stderr.status(f"loading {spec}"):
-        return weights.load_model(spec, notify=note)
+    try:
+        with stderr.status(f"loading {spec}"):
+            return weights.load_model(spec, notify=note)
+    except DdimctlError as e:
+        if model is None and not weights.is_cached(registry.registry()[spec]):  # the default model, not downloaded
+            raise DdimctlError(f"{e.args[0]}; to try ddimctl with no network, run: {OFFLINE_TRY}") from e
+        raise
 
 
 def make_sampler(model: weights.LoadedModel, settings: samplers.Settings, device: str, **options) -> sampling.Sampler:
     """sampling.prepare, with its decisions shown as notes."""
-    return sampling.prepare(model, settings, device, notify=note, **options)
+    runner = sampling.prepare(model, settings, device, notify=note, **options)
+    note_cpu_threads(runner.device)
+    return runner
 
 
 def is_directory_target(out: Path, raw: str) -> bool:

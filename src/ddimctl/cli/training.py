@@ -24,6 +24,7 @@ from .common import (
     app,
     parse_list,
     note,
+    note_cpu_threads,
     progress_on_interrupt,
     say,
     stderr,
@@ -78,7 +79,8 @@ def train(
     resume: bool = typer.Option(
         False, "--resume",
         help="Continue from the newest checkpoint in --out, with the run's settings: only --steps (with a constant "
-        "learning rate), --save-every, --keep, --sample-count, --sample-steps and --compile may change.",
+        "learning rate), --save-every, --keep, --sample-count, --sample-steps, --compile and the data folder may "
+        "change (recorded in the run).",
     ),
     device: str = DeviceOpt,
 ) -> None:
@@ -102,7 +104,7 @@ def train(
     given = dict(preset=preset, init=init, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                  lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
                  sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model)
-    given = {"data": str(data), "out": str(out), "unet": overrides, **{k: v for k, v in given.items() if v is not None}}
+    given = {"data": str(data.resolve()), "out": str(out), "unet": overrides, **{k: v for k, v in given.items() if v is not None}}
     options = training.options_for_run(given, resume)
     config = options.unet_config()  # every value checked here, before anything is written
     runs.check_run_dir(out)
@@ -118,6 +120,7 @@ def train(
             note(f"warning: {misfit}")
         if channels_note:
             say(f"{channels_note} (--channels overrides)")
+        note_cpu_threads(train_device)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),

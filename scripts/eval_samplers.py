@@ -1,0 +1,119 @@
+"""Every sampler on the bundled digits model at 5, 10, 20 and 50 network calls, several seeds each.
+
+Two distances to the training digits, lower is better: the Frechet distance of the pixel statistics
+(eval_digits.py's), and the Frechet distance in the hidden features of a small digit classifier
+trained here on the training split (scikit-learn's MLP; its test accuracy is printed), which sees
+strokes rather than pixels. Every cell uses the same x_T for image i of seed k. Then the skip study:
+uniform against quad at 5 and 10 calls, the measurement behind each sampler's default --skip.
+
+    python scripts/make_digits.py data/digits && python scripts/eval_samplers.py data/digits [--json docs/samplers-eval.json]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ddimctl import data, metrics, samplers, sampling, weights  # noqa: E402
+
+CALLS = (5, 10, 20, 50)
+
+
+def digit_features(train: torch.Tensor, labels: list[int], test: torch.Tensor, test_labels: list[int]):
+    """A function from [0, 1] images to the hidden features of an MLP digit classifier."""
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=400, random_state=0)
+    clf.fit(train.flatten(1).numpy(), labels)
+    accuracy = clf.score(test.flatten(1).numpy(), test_labels)
+    w, b = clf.coefs_[0], clf.intercepts_[0]
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.maximum(x.flatten(1).double().numpy() @ w + b, 0.0))
+
+    return features, accuracy
+
+
+def labelled(folder: Path, resolution: int, channels: int) -> tuple[torch.Tensor, list[int]]:
+    """The digits of make_digits.py's folders (one folder per digit), in [0, 1], with their labels."""
+    images, labels = [], []
+    for digit in sorted(p for p in folder.iterdir() if p.is_dir()):
+        x = data.load_folder(digit, resolution, channels).float() / 255
+        images.append(x)
+        labels += [int(digit.name)] * len(x)
+    return torch.cat(images), labels
+
+
+def sample_cell(model, settings: samplers.Settings, n: int, seed: int) -> torch.Tensor:
+    sampler = sampling.Sampler.create(model, settings, torch.device("cpu"))
+    x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
+    return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("digits", type=Path, help="Folder written by scripts/make_digits.py")
+    parser.add_argument("-n", type=int, default=360, help="Samples per cell and seed")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--skip-study", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+
+    model = weights.load_model(args.model)
+    c = model.config
+    train, train_labels = labelled(args.digits / "train", c.resolution, c.in_channels)
+    test, test_labels = labelled(args.digits / "test", c.resolution, c.in_channels)
+    features, accuracy = digit_features(train, train_labels, test, test_labels)
+    ref_pixels, ref_features = metrics.gaussian_stats(train), metrics.gaussian_stats(features(train))
+    floor = {"pixels": metrics.frechet_distance(*metrics.gaussian_stats(test), *ref_pixels),
+             "features": metrics.frechet_distance(*metrics.gaussian_stats(features(test)), *ref_features)}
+    print(f"classifier test accuracy {accuracy:.3f}; floor (test split vs train split): pixels {floor['pixels']:.3f}, "
+          f"features {floor['features']:.3f}", flush=True)
+    report = {"model": args.model, "n": args.n, "seeds": args.seeds, "classifier_accuracy": accuracy,
+              "floor": floor, "cells": [], "skip_study": []}
+
+    def score(settings: samplers.Settings) -> dict:
+        started = time.perf_counter()
+        pixels_fd, features_fd = [], []
+        for seed in range(args.seeds):
+            x = sample_cell(model, settings, args.n, seed)
+            pixels_fd.append(metrics.frechet_distance(*metrics.gaussian_stats(x), *ref_pixels))
+            features_fd.append(metrics.frechet_distance(*metrics.gaussian_stats(features(x)), *ref_features))
+        cell = {"sampler": settings.sampler, "eta": settings.eta, "steps": settings.steps, "skip": settings.skip,
+                "pixels": statistics.mean(pixels_fd), "pixels_std": statistics.stdev(pixels_fd),
+                "features": statistics.mean(features_fd), "features_std": statistics.stdev(features_fd),
+                "seconds": time.perf_counter() - started}
+        print(f"{settings.label():12s} S={settings.steps:3d} skip={settings.skip:7s}  pixels {cell['pixels']:.3f} "
+              f"+- {cell['pixels_std']:.3f}  features {cell['features']:.3f} +- {cell['features_std']:.3f}  "
+              f"({cell['seconds']:.0f}s)", flush=True)
+        return cell
+
+    runs = [("ddim", 0.0), ("ddim", 1.0), *[(name, 0.0) for name in samplers.SAMPLERS if name != "ddim"]]
+    for name, eta in runs:
+        for calls in CALLS:
+            report["cells"].append(score(samplers.Settings(name, calls, "uniform", eta)))
+    report["cells"].append(score(samplers.Settings("ddim", 100, "uniform")))
+    if args.skip_study:
+        for name in samplers.SAMPLERS:
+            for calls in (5, 10):
+                report["skip_study"].append(score(samplers.Settings(name, calls, "quad")))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    print("\n| sampler | " + " | ".join(f"{k} calls" for k in CALLS) + " |\n|---|" + "---|" * len(CALLS))
+    for name, eta in runs:
+        label = samplers.Settings(name, 5, "uniform", eta).label()
+        cells = [c for c in report["cells"] if c["sampler"] == name and c["eta"] == eta and c["steps"] in CALLS]
+        print(f"| {label} | " + " | ".join(f"{c['features']:.2f} +- {c['features_std']:.2f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
