@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED=1
 CHECK_S=${CHECK_S:-270}
 DIGITS_S=${DIGITS_S:-140}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-timeout $((CHECK_S + 30)) python3 scripts/gpu_check.py --out "$OUT" --budget "$CHECK_S" --modes default,tuned \
+timeout $((CHECK_S + 30)) python3 scripts/gpu_check.py --out "$OUT" --budget "$CHECK_S" --modes default \
     --batches 1024 --baseline-runs 1 --lean --stages correctness,cifar10,profile,ddpm256,training,cli 2>&1 \
     | tee "$OUT/gpu_check.log"
 timeout $((DIGITS_S + 100)) python3 scripts/train_digits.py .gpu/digits --seconds "$DIGITS_S" --out "$OUT" 2>&1 \

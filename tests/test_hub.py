@@ -227,9 +227,6 @@ def test_cli_honours_hf_env_and_offline_mode(hub, tmp_path):
     assert offline.stderr.strip().splitlines()[-1].startswith("error: model 'tiny-hub'")
     assert "offline mode is on" in offline.stderr and "Traceback" not in offline.stderr
 
-    listed = run_cli(["models"], env, tmp_path)
-    assert "tiny-hub" in listed.stdout and "no" in listed.stdout.split("tiny-hub")[1].splitlines()[0]
-
     online = run_cli(["sample", "--model", "tiny-hub", "-n", "2", "--steps", "3", "--out", "a.png"], env, tmp_path)
     assert online.returncode == 0, online.stderr
     assert (tmp_path / "a.png").is_file()
@@ -245,7 +242,7 @@ def test_cli_honours_hf_env_and_offline_mode(hub, tmp_path):
 
 @pytest.mark.parametrize("fault, message", [
     ("truncate", "download of test-org/ddpm-tiny@main/diffusion_pytorch_model.safetensors failed"),
-    ("redirect-loop", "failed"),
+    ("redirect-loop", "could not be asked \\(Exceeded 20 redirects"),
     ("stall-get", "failed"),
 ])
 def test_a_misbehaving_hub_is_one_line_and_leaves_no_file(hub, tmp_path, monkeypatch, fault, message):

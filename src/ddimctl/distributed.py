@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import DdimctlError
+
 
 @dataclass(frozen=True)
 class World:
@@ -28,15 +30,26 @@ class World:
             dist.barrier()
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def from_env() -> World:
     """This process's place as torchrun describes it, without joining any process group."""
     env = os.environ
-    return World(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+    try:
+        world = World(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise DdimctlError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them), got {e}") from e
+    missing = [k for k in TORCHRUN_VARIABLES if k not in env]
+    if world.size > 1 and missing:
+        raise DdimctlError(f"WORLD_SIZE={world.size} is set but this is no torchrun launch ({', '.join(missing)} "
+                           f"missing); unset WORLD_SIZE, or start the command with torchrun")
+    return world
 
 
 def init(device: torch.device) -> World:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU); else one process."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = from_env().size
     if size <= 1:
         return World()
     if not dist.is_initialized():

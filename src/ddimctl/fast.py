@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,10 +25,7 @@ DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, 
 # Chosen by measurement on an H200 (docs/benchmarks.md): "reduce-overhead" (CUDA graphs) was no
 # faster at batch 256 or 1024 and compiled slower; "max-autotune" compiled for over 3 minutes.
 DEFAULT_COMPILE_MODE = "default"
-# "tuned" is "default" plus Inductor's weight freezing (constant-folded, pre-laid-out weights) and
-# coordinate-descent tuning of its generated kernels (the GroupNorm/SiLU passes); not yet measured.
-TUNED_OPTIONS = {"freezing": True, "coordinate_descent_tuning": True}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "tuned")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # Compiling pays for itself only on enough work. On the H200 (docs/benchmarks.md) it took 12-32 s,
@@ -123,9 +121,9 @@ def prepare(
     compile_mode: str | None = None,
     batch_size: int | None = None,
 ) -> FastEps:
-    """The UNet as a fast eps model. compile_mode None: eager; otherwise one of COMPILE_MODES:
-    torch.compile's modes, or "tuned" (see TUNED_OPTIONS). The caller's UNet is never changed: a
-    copy is made when the device, precision, memory layout or training mode must change."""
+    """The UNet as a fast eps model. compile_mode None: eager; otherwise one of torch.compile's
+    COMPILE_MODES. The caller's UNet is never changed: a copy is made when the device, precision,
+    memory layout or training mode must change."""
     check_compile_mode(compile_mode)
     precision = resolve_precision(precision, device)
     if device.type == "cuda":
@@ -142,8 +140,7 @@ def prepare(
     eps = FastEps(model, dtype, channels_last)
     if compile_mode:
         use_persistent_compile_cache()
-        how = {"options": TUNED_OPTIONS} if compile_mode == "tuned" else {"mode": compile_mode}
-        eps.model = torch.compile(model, dynamic=False, fullgraph=True, **how)
+        eps.model = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode)
         eps.fixed_batch = batch_size
         eps.cuda_graphs = compile_mode in ("reduce-overhead", "max-autotune")
     return eps
@@ -162,6 +159,15 @@ def use_persistent_compile_cache() -> None:
     # Importing parts of torch._dynamo already fills in the /tmp default: treat that as unset.
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, inductor_default):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DdimctlError(f"TORCHINDUCTOR_CACHE_DIR={folder}: cannot create it ({e.strerror}); point it at a "
+                           f"writable folder, or leave out {param('compile')}") from e
+    if not os.access(folder, os.W_OK):
+        raise DdimctlError(f"TORCHINDUCTOR_CACHE_DIR={folder} is not writable; point it at a writable folder, or "
+                           f"leave out {param('compile')}")
 
 
 def warm_up(eps: FastEps, shape: tuple[int, ...], device: torch.device, calls: int = 3) -> float:

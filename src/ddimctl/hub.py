@@ -143,9 +143,10 @@ def download(
         raise DdimctlError(
             f"model {name!r}: {repo} has no file {filename!r} at {revision}; fix the file in weights.toml"
         ) from e
-    except (HfHubHTTPError, OSError) as e:
+    except Exception as e:  # the HTTP client's own errors too (a body cut short, a redirect loop, a stall)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DdimctlError(f"model {name!r}: download of {where} failed ({first_line}); try again later") from e
+        raise DdimctlError(f"model {name!r}: download of {where} failed ({type(e).__name__}: {first_line}); "
+                           f"try again later") from e
 
     if sha256:
         actual = sha256_of(path)

@@ -132,6 +132,18 @@ def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120,
         sequence[0].save(tmp, format="GIF", save_all=True, append_images=sequence[1:], duration=duration_ms, loop=0)
 
 
+GRID_MEMORY_LIMIT = 4 << 30  # bytes of float images a grid may gather in memory
+
+
+def check_grid_size(count: int, image_shape) -> None:
+    """Before sampling into one picture: the images must fit in memory together."""
+    c, h, w = image_shape
+    needed = count * c * h * w * 4
+    if needed > GRID_MEMORY_LIMIT:
+        raise DdimctlError(f"a grid of {count} images needs {needed / 2**30:,.0f} GiB of memory; "
+                           f"write them one PNG each with --out FOLDER/")
+
+
 def check_writable(path: Path) -> None:
     """Fail early, before any sampling, when `path` cannot be written."""
     folder = Path(path).parent if not Path(path).is_dir() else Path(path)
@@ -153,7 +165,11 @@ def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[st
         with Image.open(path) as img:
             img.load()
             img = to_8bit(img).convert("RGB" if channels == 3 else "L")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except ValueError as e:
+        if "NaN or infinite pixels" in str(e):  # a floating-point image must not become black or white silently
+            raise DdimctlError(f"{path}: {e}, which no image can show; fix or drop the file") from e
+        raise DdimctlError(f"{path}: not a readable image ({str(e).splitlines()[0]}); pass a PNG or JPEG file") from e
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise DdimctlError(f"{path}: not a readable image ({str(e).splitlines()[0]}); pass a PNG or JPEG file") from e
     if img.size != (resolution, resolution):
         if notice is not None:
@@ -189,6 +205,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
     import numpy as np
 
     array = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("it holds NaN or infinite pixels")
     top = 65535.0 if img.mode != "F" else max(1.0, float(array.max()))
     if img.mode == "I" and array.max() > 65535:  # a true 32-bit image: use its own range
         top = float(array.max())

@@ -87,6 +87,8 @@ def sample(
         for line in latents_file.decoding_notes(latents.name, made, loaded.name, settings):
             note(line)
     count = x_T.shape[0] if x_T is not None else num
+    if not to_folder:
+        images.check_grid_size(count, loaded.image_shape)
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
