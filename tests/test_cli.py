@@ -39,8 +39,9 @@ def images_dir(tmp_path):
 def test_sample_grid(tiny_checkpoint, tmp_path):
     result = ddimctl("sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 4, "--out", "grid.png", cwd=tmp_path)
     img = Image.open(tmp_path / "grid.png")
-    # 5 images of 16x16 in a 3x2 grid with 2 px padding, enlarged 5 times to be at least 256 px wide.
-    assert img.size == (5 * (3 * 18 + 2), 5 * (2 * 18 + 2)) and img.mode == "RGB"
+    # 5 images of 16x16 in a 3x2 grid with 2 px padding (56 x 38), enlarged 7 times to be at least
+    # 256 px on its short side.
+    assert img.size == (7 * (3 * 18 + 2), 7 * (2 * 18 + 2)) and img.mode == "RGB"
     assert "wrote 5 images" in result.stderr
 
 
@@ -89,7 +90,9 @@ def test_invert_writes_latents_that_sample_decodes(tiny_checkpoint, images_dir):
         "invert", "wide.png", "gray.png", "alpha.png", "palette.gif",
         "--model", tiny_checkpoint, "--steps", 8, "--out", "z.safetensors", cwd=images_dir,
     )
-    assert "wide.png: 60x40 resized and centre-cropped to 16x16" in result.stderr
+    # Said once for all the images it concerns, whatever their number.
+    assert "2 image(s) resized on the shorter side and centre-cropped to 16x16 (wide.png 60x40, palette.gif 20x20)" in result.stderr
+    assert "1 grayscale image(s) repeated to RGB, the model's channels (gray.png)" in result.stderr
     assert "mean" in result.stdout and "std" in result.stdout
     latents = load_file(images_dir / "z.safetensors")["latents"]
     assert latents.shape == (4, 3, 16, 16) and latents.dtype == torch.float32
@@ -119,14 +122,15 @@ def test_reconstruct_table_and_side_by_side(tiny_checkpoint, images_dir):
     result = ddimctl("reconstruct", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", "2,4", "--out", "r.png", cwd=images_dir)
     rows = [re.match(r"│\s*(\d+)\s*│\s*([\d.]+)", line) for line in result.stdout.splitlines()]
     assert [(m.group(1), float(m.group(2)) > 0) for m in rows if m] == [("2", True), ("4", True)]
-    # input + 2 S, 2 images; enlarged 5 times, with a 14 px band of labels (input, S=2, S=4) on top
-    assert Image.open(images_dir / "r.png").size == (5 * (3 * 18 + 2), 5 * (2 * 18 + 2) + 14)
+    # input + 2 S, 2 images; enlarged 7 times (short side >= 256), with a 14 px band of labels on top
+    assert Image.open(images_dir / "r.png").size == (7 * (3 * 18 + 2), 7 * (2 * 18 + 2) + 14)
 
 
 def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
     ddimctl("interpolate", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", 4, "--frames", 5, "--gif", "i.gif", cwd=images_dir)
-    # The inputs at both ends, enlarged to at least 256 px wide, with a band of labels on top.
-    assert Image.open(images_dir / "interp.png").size == (2 * (7 * 18 + 2), 2 * (18 + 2) + 14)
+    # The inputs at both ends, enlarged to at least 256 px on the short side (20 px: 13 times), with a
+    # band of labels on top.
+    assert Image.open(images_dir / "interp.png").size == (13 * (7 * 18 + 2), 13 * (18 + 2) + 14)
     gif = Image.open(images_dir / "i.gif")
     assert gif.n_frames == 8 and gif.size == (256, 256)  # there and back; 16 px frames enlarged 16 times
     ddimctl("interpolate", "--seeds", "1,2", "--model", tiny_checkpoint, "--steps", 4, "--frames", 3, "--out", "s.png",
@@ -255,6 +259,17 @@ def test_version_and_shell_completion(tmp_path):
 
     assert ddimctl("--version", cwd=tmp_path).stdout.startswith(f"ddimctl {__version__}")
     assert "--install-completion" in ddimctl("--help", cwd=tmp_path).stdout
+    # What bash asks the installed console script at a Tab: commands, registry models, samplers.
+    exe = Path(sys.executable).with_name("ddimctl")
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_DDIMCTL_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1)}
+        return subprocess.run([exe], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    assert complete("ddimctl sam") == ["sample"]
+    assert complete("ddimctl sample --model ema-c") == ["ema-church-256", "ema-celebahq-256", "ema-cat-256"]
+    assert complete("ddimctl sample --sampler dpm") == ["dpm++2m", "dpm++3m"]
 
 
 def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):

@@ -28,10 +28,12 @@ def test_masked_edit_keeps_the_unmasked_pixels(tmp_path):
 
 
 def test_edit_strength_zero_and_exact_edit_return_the_input(tmp_path):
-    ddimctl("edit", THREE, "--model", "digits", "--strength", "0", "--out", "zero.png", cwd=tmp_path)
+    ddimctl("edit", THREE, "--model", "digits", "--strength", "0", "--out", "zero.png", "--scale", 1, cwd=tmp_path)
     assert np.abs(gray(tmp_path / "zero.png") - gray(THREE)).max() <= 1
+    ddimctl("edit", THREE, "--model", "digits", "--strength", "0", "--out", "big.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "big.png").size == (256, 256)  # a single picture: enlarged to 256 px by default
     ddimctl("edit", THREE, "--model", "digits", "--strength", "0.6", "--steps", "10", "--exact", "--out", "exact.png",
-            cwd=tmp_path)
+            "--scale", 1, cwd=tmp_path)
     diff = (gray(tmp_path / "exact.png") - gray(THREE)) / 255
     assert (diff**2).mean() < 1e-3
     noised = ddimctl("edit", THREE, "--model", "digits", "--strength", "0.6", "--steps", "10", "--out", "noise.png",

@@ -178,7 +178,7 @@ def test_another_batch_size_changes_at_most_a_rounding(tiny_checkpoint, tmp_path
     [
         ("missing", [], "does not exist"),
         ("empty", [], "holds no images"),
-        ("data", ["--resolution", "15"], "cannot take"),
+        ("data", ["--resolution", "15"], "resolution 15 is not divisible by 2, as 2 levels of downsampling need"),
         ("data", ["--resolution", "12"], "matches no level"),
         ("data", ["--channel-mult", "1,x"], "--channel-mult takes positive integers"),
         ("data", ["--dropout", "2"], "dropout must be in [0, 1), got 2.0"),

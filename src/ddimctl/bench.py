@@ -249,14 +249,33 @@ def benchmark_training(
 
 
 def unet_to_time(spec: str, load: Callable[[str], LoadedModel]) -> tuple[UNet, str]:
-    """The UNet a benchmark times, and what it is: a preset, or a registry model not downloaded yet,
-    runs with random weights (speed does not depend on the values); anything else is load()ed."""
+    """The UNet a benchmark times, and what it is: a registry model that is here (bundled or cached)
+    or a local checkpoint is load()ed; one not downloaded yet, or a preset, runs with random weights
+    in its architecture (speed does not depend on the values)."""
     entries = registry.registry()
-    if spec in PRESETS or (spec in entries and not weights.is_cached(entries[spec])):
+    if spec in entries and weights.is_cached(entries[spec]):
+        return load(spec).unet, f"{spec} ({entries[spec].source})"
+    if spec in PRESETS or spec in entries:
         torch.manual_seed(0)
         unet = UNet(PRESETS[spec] if spec in PRESETS else PRESETS[entries[spec].architecture]).eval()
         return unet, f"random weights in the {spec} architecture (speed does not depend on the values)"
     return load(spec).unet, spec
+
+
+def estimate_seconds(unet: UNet, device: torch.device, settings: samplers.Settings, batch: int, runs: int,
+                     paths: int) -> float:
+    """About how long a benchmark takes: one timed forward pass at the batch size, times every
+    network call of every run (and one warm-up) of every path timed."""
+    c = unet.config
+    x = torch.randn(batch, c.in_channels, c.resolution, c.resolution, device=device)
+    t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    model = unet.to(device)
+    with torch.no_grad():
+        _sync(device)
+        started = time.perf_counter()
+        model(x, t)
+        _sync(device)
+    return (time.perf_counter() - started) * settings.steps * (runs + 1) * paths
 
 
 def check_settings(settings: samplers.Settings, compile_mode: str | None) -> samplers.Settings:

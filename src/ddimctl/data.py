@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DdimctlError, param
-from .images import read_pixels
+from .images import GRAYSCALE_MODES, read_pixels
 
 # Formats Pillow reads that people keep training images in.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -29,9 +29,6 @@ def find_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     if not files:
         raise DdimctlError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
-
-
-GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def infer_channels(files: list[Path]) -> int:
@@ -64,15 +61,20 @@ def load_folder(
             f"use a lower {param('resolution')} or a subset of the data"
         )
     out = torch.empty((len(files), channels, resolution, resolution), dtype=torch.uint8)
-    kept, bad = 0, []
+    kept, bad, changes = 0, [], {}
     for i, path in enumerate(files):
         try:
-            out[kept] = read_pixels(path, resolution, channels)
+            out[kept] = read_pixels(path, resolution, channels, changes)
             kept += 1
         except DdimctlError:
             bad.append(path)
         if progress is not None:
             progress(i + 1, len(files))
+    if warn is not None:
+        for kind in ("to grayscale", "to RGB"):  # resizing training images is expected; a change of colour is told
+            if changes.get(kind):
+                warn(f"{len(changes[kind])} of {len(files)} image(s) converted {kind} for the model's "
+                     f"{channels} channel(s)")
     if bad and warn is not None:
         shown = ", ".join(str(p.relative_to(folder)) for p in bad[:5])
         warn(f"skipped {len(bad)} unreadable file(s): {shown}{', ...' if len(bad) > 5 else ''}")

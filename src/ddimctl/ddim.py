@@ -239,10 +239,11 @@ def invert_exact(
 
     Each inversion step s -> t solves the implicit equation x_t = G(x_t), with G(x_t) = ddim_step(x_s,
     eps(x_t, t), abar_s, abar_t): the sampling step from (x_t, t) then lands exactly on x_s. It starts
-    from the plain Euler guess (with the noise last predicted at s, so that guess is free after the
-    first step) and iterates G with Anderson acceleration over the last `memory` iterates, per image;
-    it stops when every image's root-mean-square change is below `tol` (on the [-1, 1] scale) or
-    after `max_iters` network calls. Returns x_T and the network calls per image.
+    from the DDIM step with the noise extrapolated linearly in lambda = log(alpha / sigma) from the
+    last two points, as a multistep predictor does (the plain Euler guess, the noise at s, for the
+    first two steps); both are free. It iterates G with Anderson acceleration over the last `memory`
+    iterates, per image, and stops when every image's root-mean-square change is below `tol` (on the
+    [-1, 1] scale) or after `max_iters` network calls. Returns x_T and the network calls per image.
     """
     if max_iters < 1 or not tol >= 0:
         raise ValueError(f"exact inversion needs max_iters >= 1 and tol >= 0, got {max_iters} and {tol}")
@@ -250,9 +251,14 @@ def invert_exact(
     x = x_0
     eps = eps_model(x, batch_timesteps(taus[0], x)).to(x.dtype)
     evaluations = 1
+    solved: list[tuple[float, torch.Tensor]] = []  # (lambda, noise) at the points reached so far
     for i, (s, t) in enumerate(zip([-1] + taus[:-1], taus)):
         abar_s, abar_t = _abar(alphas_cumprod, s), _abar(alphas_cumprod, t)
-        x_t = ddim_step(x, eps, abar_s, abar_t)  # Euler: the noise predicted at the start point
+        guess = eps  # Euler: the noise predicted at the start point
+        if len(solved) >= 2:
+            (lam_1, eps_1), (lam_0, eps_0) = solved[-2:]
+            guess = torch.lerp(eps_0, eps_1, (half_log_snr(abar_t) - lam_0) / (lam_1 - lam_0))  # extrapolated
+        x_t = ddim_step(x, guess, abar_s, abar_t)
         tried, mapped = [], []
         for _ in range(max_iters):
             eps = eps_model(x_t, batch_timesteps(t, x_t)).to(x.dtype)
@@ -264,9 +270,15 @@ def invert_exact(
             tried, mapped = (tried + [x_t])[-memory - 1 :], (mapped + [g])[-memory - 1 :]
             x_t = anderson_step(tried, mapped)
         x = x_t
+        solved.append((half_log_snr(abar_t), eps))
         if callback is not None:
             callback(Step(i, t, x, predict_x0(x, eps, abar_t)))
     return x, evaluations
+
+
+def half_log_snr(abar: float) -> float:
+    """lambda = log(alpha / sigma), the time variable of the ODE's exact solvers."""
+    return 0.5 * math.log(abar / (1 - abar))
 
 
 def anderson_step(tried: list[torch.Tensor], mapped: list[torch.Tensor]) -> torch.Tensor:

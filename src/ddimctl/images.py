@@ -54,9 +54,10 @@ def enlarge(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     return pixels.repeat_interleave(factor, dim=-3).repeat_interleave(factor, dim=-2)
 
 
-def display_scale(width: int, target: int = 256) -> int:
-    """The factor that makes a picture `width` pixels wide at least `target` wide (1 for large ones)."""
-    return max(1, math.ceil(target / width))
+def display_scale(side: int, target: int = 256) -> int:
+    """The factor that makes a picture whose short side is `side` pixels at least `target` on that
+    side (1 for large ones): the one rule for every picture ddimctl writes for a person to look at."""
+    return max(1, math.ceil(target / side))
 
 
 LABEL_BAND = 14  # pixels: the default bitmap font is about 11 high
@@ -65,9 +66,9 @@ LABEL_BAND = 14  # pixels: the default bitmap font is about 11 high
 def save_picture(
     pixels: torch.Tensor, path: Path, scale: int | None = None, labels: Sequence[str] = (), tile: int = 0, padding: int = 2
 ) -> None:
-    """A grid or strip (H, W, C) for a person to look at: enlarged (scale None: to at least 256 px
-    wide), and, with `labels`, a band above naming each column of `tile`-wide tiles."""
-    factor = scale or display_scale(pixels.shape[1])
+    """A grid or strip (H, W, C) for a person to look at: enlarged (scale None: to at least 256 px on
+    the short side), and, with `labels`, a band above naming each column of `tile`-wide tiles."""
+    factor = scale or display_scale(min(pixels.shape[0], pixels.shape[1]))
     img = to_pil(enlarge(pixels, factor))
     if labels:
         from PIL import ImageDraw
@@ -124,7 +125,7 @@ class BackgroundWriter:
 
 
 def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120, scale: int | None = None) -> None:
-    factor = scale or display_scale(frames[0].shape[1])
+    factor = scale or display_scale(min(frames[0].shape[0], frames[0].shape[1]))
     images = [to_pil(enlarge(f, factor)) for f in frames]
     # Play forwards then backwards so the loop has no jump.
     sequence = images + images[-2:0:-1]
@@ -155,15 +156,20 @@ def check_writable(path: Path) -> None:
         raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another {param('out')}")
 
 
-def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def read_pixels(path: Path, resolution: int, channels: int, changes: dict[str, list] | None = None) -> torch.Tensor:
     """Any image Pillow reads as 8-bit (C, H, W) at `resolution`: the shorter side resized and the
-    centre cropped; RGBA, palette and grayscale images converted to `channels`."""
+    centre cropped; RGBA, palette and grayscale images converted to `channels`. What was changed is
+    recorded in `changes` ("resized": [(name, (w, h))], "to grayscale" / "to RGB": [name])."""
     path = Path(path)
     if not path.is_file():
         raise DdimctlError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
             img.load()
+            gray = img.mode in GRAYSCALE_MODES
             img = to_8bit(img).convert("RGB" if channels == 3 else "L")
     except ValueError as e:
         if "NaN or infinite pixels" in str(e):  # a floating-point image must not become black or white silently
@@ -171,17 +177,41 @@ def read_pixels(path: Path, resolution: int, channels: int, notice: Callable[[st
         raise DdimctlError(f"{path}: not a readable image ({str(e).splitlines()[0]}); pass a PNG or JPEG file") from e
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise DdimctlError(f"{path}: not a readable image ({str(e).splitlines()[0]}); pass a PNG or JPEG file") from e
+    if changes is not None and gray != (channels == 1):
+        changes.setdefault("to grayscale" if channels == 1 else "to RGB", []).append(path.name)
     if img.size != (resolution, resolution):
-        if notice is not None:
-            notice(f"{path.name}: {img.size[0]}x{img.size[1]} resized and centre-cropped to {resolution}x{resolution}")
+        if changes is not None:
+            changes.setdefault("resized", []).append((path.name, img.size))
         img = fit(img, resolution)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
 
 
+def describe_changes(changes: dict[str, list], resolution: int) -> list[str]:
+    """One line per kind of change made to a set of input images, however many images."""
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    lines = []
+    if changes.get("resized"):
+        resized = changes["resized"]
+        first = ", ".join(f"{name} {w}x{h}" for name, (w, h) in resized[:3]) + (", ..." if len(resized) > 3 else "")
+        lines.append(f"{len(resized)} image(s) resized on the shorter side and centre-cropped to "
+                     f"{resolution}x{resolution} ({first})")
+    for kind, what in (("to grayscale", "colour image(s) converted to grayscale, the model's channels"),
+                       ("to RGB", "grayscale image(s) repeated to RGB, the model's channels")):
+        if changes.get(kind):
+            lines.append(f"{len(changes[kind])} {what} ({some(changes[kind])})")
+    return lines
+
+
 def load_images(paths: Sequence[Path], resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
-    """load_image for each path, as one (N, C, H, W) tensor."""
-    return torch.stack([load_image(p, resolution, channels, notice) for p in paths])
+    """load_image for each path, as one (N, C, H, W) tensor; notice() hears once what was changed."""
+    changes: dict[str, list] = {}
+    x = torch.stack([load_image(p, resolution, channels, changes) for p in paths])
+    for line in describe_changes(changes, resolution) if notice is not None else []:
+        notice(line)
+    return x
 
 
 def columns_grid(columns: Sequence[torch.Tensor], rows: int = 32) -> torch.Tensor:
@@ -213,15 +243,15 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(array / top * 255), 0, 255).astype(np.uint8), "L")
 
 
-def load_image(path: Path, resolution: int, channels: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
+def load_image(path: Path, resolution: int, channels: int, changes: dict[str, list] | None = None) -> torch.Tensor:
     """read_pixels as a [-1, 1] float tensor (C, H, W), the way the checkpoints were trained."""
-    return from_uint8(read_pixels(path, resolution, channels, notice).permute(1, 2, 0)[None])[0]
+    return from_uint8(read_pixels(path, resolution, channels, changes).permute(1, 2, 0)[None])[0]
 
 
 def load_mask(path: Path, resolution: int, notice: Callable[[str], None] | None = None) -> torch.Tensor:
     """An inpainting mask as (1, 1, H, W) of 0 (keep) and 1 (regenerate): pixels brighter than mid-grey
     count as white."""
-    return (load_image(path, resolution, 1, notice)[None] > 0).float()
+    return (load_images([path], resolution, 1, notice) > 0).float()
 
 
 def fit(img: Image.Image, resolution: int) -> Image.Image:

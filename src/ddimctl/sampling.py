@@ -351,3 +351,27 @@ def interpolation_alphas(frames: int) -> list[float]:
 def interpolation_latents(ends: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
     """Slerp between the two latents `ends` at each alpha (0: the first, 1: the second)."""
     return torch.cat([ddim.slerp(ends[:1], ends[1:], a) for a in alphas])
+
+
+def generate(
+    model: LoadedModel | str,
+    num: int = 16,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    skip: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) in
+    [-1, 1] on the CPU: image i depends only on (seed, i). ddimctl.sample is this function."""
+    from .weights import load_model
+
+    loaded = load_model(model) if isinstance(model, str) else model
+    check_settings(num=num)
+    runner = prepare(loaded, samplers.Settings(sampler, steps, skip, eta), device, precision=precision,
+                     compile_model=False, batch_size=batch_size, count=num)
+    return sample_batches(runner, num, seed)

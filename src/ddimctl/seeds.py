@@ -1,9 +1,10 @@
 """Every random stream of ddimctl, derived in one place from the user's seed, a name and keys.
 
-A stream's seed is a hash of (seed, name, keys), so streams never share values: image i of a run
-depends only on (seed, i), whatever the batch size or the number of processes, and training's
-dropout draws are not another run's data draws. The image and training-data streams keep the
-values of earlier versions, so a recorded seed still gives the same images and the same batches.
+A stream's seed is a hash of (seed, name, keys), so no two streams share a seed: image i of a run
+depends only on (seed, i), whatever the batch size or the number of processes, and no training draw
+(batches, epoch orders, dropout) is another stream's. The image streams keep the values of earlier
+versions, so a recorded seed still gives the same images; the training streams have their own names
+since this version (before, training step n's batch stream was image 65536 n's).
 """
 
 from __future__ import annotations
@@ -43,15 +44,14 @@ def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -
 
 def training_batch(seed: int, step: int, rank: int) -> torch.Generator:
     """Timesteps, noise and flips of one process's share of a training step."""
-    return torch.Generator().manual_seed(image_seed(seed, step * 65536 + rank))
+    return torch.Generator().manual_seed(derive(seed, "training-batch", step, rank))
 
 
 def epoch_order(seed: int, epoch: int) -> torch.Generator:
     """The permutation of the data in one epoch."""
-    return torch.Generator().manual_seed(image_seed(seed, -1 - epoch))
+    return torch.Generator().manual_seed(derive(seed, "epoch-order", epoch))
 
 
 def dropout(seed: int, step: int, rank: int) -> int:
-    """The global seed set before a training step, for dropout: its own stream (it used to be the
-    data stream of seed + 1, shared with another run)."""
+    """The global seed set before a training step, for dropout: its own stream."""
     return derive(seed, "dropout", step, rank)

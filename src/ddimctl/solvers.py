@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ddim import EpsModel, Generator, Step, StepCallback, batch_timesteps, predict_x0, walk
+from .ddim import EpsModel, Generator, Step, StepCallback, batch_timesteps, half_log_snr, predict_x0, walk
 
 KeepKnown = Callable[[int, torch.Tensor], torch.Tensor] | None
 
@@ -49,7 +49,7 @@ class Level:
 
     @property
     def lam(self) -> float:
-        return math.inf if self.abar >= 1.0 else math.log(self.alpha / self.sigma)
+        return math.inf if self.abar >= 1.0 else half_log_snr(self.abar)
 
 
 def combine(terms: Sequence[tuple[float, torch.Tensor]]) -> torch.Tensor:

@@ -76,9 +76,18 @@ def note_cpu_threads(device: torch.device) -> None:
         note(cpu_threads_note.pop())
 
 
+def complete_models(incomplete: str) -> list[str]:
+    """Shell completion of --model: the registry's names."""
+    return [name for name in registry.registry() if name.startswith(incomplete)]
+
+
+def complete_samplers(incomplete: str) -> list[str]:
+    return [name for name in samplers.SAMPLERS if name.startswith(incomplete)]
+
+
 # Options shared by every command that runs the sampler.
 ModelOpt = typer.Option(
-    None, "--model", "-m",
+    None, "--model", "-m", autocompletion=complete_models,
     help="Registry name (`ddimctl models`), local checkpoint, run folder or RUN@STEP (default: cifar10, downloaded "
     "from the Hub on first use; digits is bundled and needs no network).",
 )
@@ -88,7 +97,7 @@ StepsOpt = typer.Option(50, "--steps", "-S", help="Network calls per image S (fo
 
 
 SamplerOpt = typer.Option(
-    "ddim", "--sampler",
+    "ddim", "--sampler", autocompletion=complete_samplers,
     help=f"{samplers.names()}: DDIM, or a faster solver of the same ODE (dpm++2m, unipc: about 5 calls "
     f"reach DDIM's 50-step quality on digits).",
 )
@@ -110,20 +119,22 @@ PrecisionOpt = typer.Option(
 
 ScaleOpt = typer.Option(
     None, "--scale", min=1,
-    help="Enlarge pictures N times (nearest neighbour). Default: grids, strips and GIFs at least 256 px wide; "
-    "one-PNG-per-image folders at the model's resolution.",
+    help="Enlarge pictures N times (nearest neighbour; 1: the model's size). Default: grids, strips, GIFs and "
+    "single images at least 256 px on the short side; one-PNG-per-image folders at the model's resolution.",
 )
 
 
 ExactOpt = typer.Option(
-    False, "--exact/--plain", help="Exact inversion: solve each step so that decoding returns the image at any S."
+    False, "--exact/--plain",
+    help="Exact inversion: solve each step so that DDIM decoding returns the image (from about S = 10 up; at "
+    "S = 5 the iteration does not converge on digits).",
 )
 
 
 TolOpt = typer.Option(1e-3, "--tol", help="Exact inversion: per-step tolerance (RMS change, [-1, 1] scale).")
 
 
-MaxItersOpt = typer.Option(4, "--max-iters", help="Exact inversion: network calls per step at most.")
+MaxItersOpt = typer.Option(4, "--max-iters", help="Exact inversion: network calls per step at most (about 3 S in all).")
 
 
 ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")

@@ -37,15 +37,26 @@ from .common import (
 @app.command()
 def models() -> None:
     """List the pretrained models of the registry (weights.toml)."""
-    table = Table(title="ddimctl models (weights.toml)")
-    for column in ("name", "resolution", "parameters", "skip", "source", "licence", "cached"):
-        table.add_column(column)
+    from rich import box
+
     default = registry.default_model()
-    for entry in registry.registry().values():
-        name = entry.name + (" (default)" if entry.name == default else "")
+    entries = list(registry.registry().values())
+    licences: dict[str, list[str]] = {}
+    for entry in entries:
+        licences.setdefault(entry.license, []).append(entry.name)
+    caption = "* the default model; licences: " + ", ".join(
+        f"{lic} ({', '.join(names) if len(names) <= 2 else f'{len(names)} models'})" for lic, names in licences.items())
+    table = Table(title="ddimctl models (weights.toml)", box=box.SIMPLE_HEAD, caption=caption, pad_edge=False,
+                  show_edge=False, padding=(0, 1), collapse_padding=True)
+    table.add_column("name", no_wrap=True)
+    for column in ("size", "params", "skip", "cached"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("source", overflow="fold")
+    for entry in entries:
+        name = entry.name + (" *" if entry.name == default else "")
         cached = "yes" if weights.is_cached(entry) else "no"
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
-        table.add_row(name, f"{entry.resolution}", params, entry.skip, entry.source, entry.license, cached)
+        table.add_row(name, f"{entry.resolution}", params, entry.skip, cached, entry.source.removeprefix("hf://"))
     stdout.print(table)
 
 
@@ -167,6 +178,13 @@ def bench(
     batch = batch_size or (256 if dev.type == "cuda" else 4)
     if not as_json:
         say(f"bench: {source}; {dev}; batch {batch}; {settings.sampler}, S={steps}; {runs} timed runs each")
+        if dev.type == "cpu":
+            paths = 1 + (reference and benchmarks.reference_scheduler(settings.sampler) is not None) + (
+                fast.resolve_precision(precision, dev) != "fp32" or mode != "none")
+            seconds = benchmarks.estimate_seconds(unet, dev, settings, batch, runs, paths)
+            took = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+            note(f"about {took} on this CPU ({paths} setups x {runs + 1} runs x {steps} calls at batch {batch})"
+                 + ("; bench is sized for GPUs: a smaller --batch-size or --steps is quicker here" if seconds > 120 else ""))
     results = benchmarks.run_benchmark(
         unet, dev, settings, batch, precision, None if mode == "none" else mode, runs, reference,
         log=(lambda m: None) if as_json else note,

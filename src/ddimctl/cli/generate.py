@@ -111,7 +111,7 @@ def sample(
     elapsed = time.perf_counter() - started
     if world.is_main:
         where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
-        what = f"{done} images" if world.size == 1 else f"{done} images per process x {world.size} processes"
+        what = f"{done} image{'s' * (done != 1)}" if world.size == 1 else f"{done} images per process x {world.size} processes"
         say(
             f"wrote {what} to {where} in {elapsed:.1f}s "
             f"[{loaded.name}, {settings.describe()}, seed={seed}, {runner.device}, {runner.precision}, batch {runner.batch}]"
@@ -177,8 +177,8 @@ def edit(
         if strip:
             images.save_picture(images.strip(before[None], after[None]), target, scale, ["input", "edited"],
                                 tile=resolution)
-        else:
-            images.save_image(images.enlarge(after, scale or 1), target)
+        else:  # one image: enlarged like every picture (--scale 1 for the model's size); folders stay native
+            images.save_image(images.enlarge(after, scale or (1 if to_folder else images.display_scale(resolution))), target)
     t0 = int(runner.timesteps[walked - 1]) if walked else None
     where = f"{out_path}/" if to_folder else str(out_path)
     say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "

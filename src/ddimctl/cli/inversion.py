@@ -78,7 +78,7 @@ def invert(
     for p, (mean, std) in zip(image_paths, latents_file.moments(latents)):
         table.add_row(p.name, f"{mean:+.3f}", f"{std:.3f}")
     stdout.print(table)
-    say(f"wrote {len(image_paths)} latents to {out} (a Gaussian latent has mean ~0, std ~1)")
+    say(f"wrote {len(image_paths)} latent{'s' * (len(image_paths) != 1)} to {out} (a Gaussian latent has mean ~0, std ~1)")
 
 
 @app.command()
@@ -89,7 +89,10 @@ def reconstruct(
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
-    out: Path = typer.Option(Path("recon.png"), "--out", "-o", help="Side-by-side PNG: input | reconstructions."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Side-by-side PNG: input | reconstructions (default recon.png; with --json none "
+        "unless given)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON only."),
     precision: str = ExactPrecisionOpt,
     scale: Optional[int] = ScaleOpt,
@@ -102,7 +105,10 @@ def reconstruct(
     how = exact_settings(exact, tol, max_iters)
     steps_list = parse_list(steps, "--steps")
     all_settings = [samplers.Settings("ddim", s, skip) for s in steps_list]
-    check_output(out, PICTURE_SUFFIXES, "--out")
+    if out is None and not as_json:
+        out = Path("recon.png")
+    if out is not None:
+        check_output(out, PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
@@ -120,25 +126,28 @@ def reconstruct(
                         **metrics.round_trip_errors(recon, x0, [str(p) for p in image_paths])})
     # One row per image (the first 32): the input, then its reconstruction for each S.
     labels = ["input"] + [f"S={s}" for s in steps_list]
-    images.save_picture(images.columns_grid(columns), out, scale, labels, tile=loaded.config.resolution)
+    if out is not None:
+        images.save_picture(images.columns_grid(columns), out, scale, labels, tile=loaded.config.resolution)
 
-    report = {"model": loaded.name, "skip": skip or loaded.skip, **latents_file.inversion_metadata(how), "results": results}
+    report = {"model": loaded.name, "skip": runner.settings.skip, "inversion": "exact" if how else "plain",
+              **({"tol": how.tol, "max_iters": how.max_iters} if how else {}), "results": results}
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    table = Table(title=f"reconstruction ({loaded.name}, MSE per pixel on [0, 1])")
+    table = Table(title=f"reconstruction ({loaded.name}, {'exact' if how else 'plain'} inversion, MSE per pixel on [0, 1])")
     table.add_column("S", justify="right")
+    table.add_column("inversion calls", justify="right")
     table.add_column("mean MSE", justify="right")
     table.add_column("PSNR of the mean MSE (dB)", justify="right")
     shown = image_paths[:6]
     for p in shown:
         table.add_column(f"MSE {p.name}", justify="right")
     for r in results:
-        table.add_row(
-            str(r["steps"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}", *[f"{im['mse']:.5f}" for im in r["images"][:6]]
-        )
+        table.add_row(str(r["steps"]), str(r["evaluations"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}",
+                      *[f"{im['mse']:.5f}" for im in r["images"][:6]])
     stdout.print(table)
-    say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
+    if out is not None:
+        say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
 
 
 @app.command()
@@ -159,7 +168,8 @@ def interpolate(
     precision: str = ExactPrecisionOpt,
     scale: Optional[int] = ScaleOpt,
     exact: bool = typer.Option(
-        True, "--exact/--plain", help="Exact inversion (default: the end frames are the input images at any S)."
+        True, "--exact/--plain",
+        help="Exact inversion (default), so that the end frames are the input images (from about S = 10 up).",
     ),
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
@@ -221,4 +231,5 @@ def interpolate(
     images.save_picture(images.strip(*parts), out, scale, labels, tile=loaded.config.resolution)
     if gif:
         images.save_gif(list(pixels), gif, scale=scale)
-    say(f"wrote {frames} frames to {out}" + (" (inputs at both ends)" if x0 is not None else "") + (f" and {gif}" if gif else ""))
+    ends = " and the two inputs at its ends" if x0 is not None else ""
+    say(f"wrote {frames} frames{ends} to {out}" + (f", and the frames to {gif}" if gif else ""))

@@ -50,7 +50,9 @@ def train(
     channel_mult: Optional[str] = typer.Option(None, "--channel-mult", help="Width multipliers, e.g. 1,2,2,2."),
     res_blocks: Optional[int] = typer.Option(None, "--res-blocks", help="Residual blocks per level."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Resolutions with attention, e.g. 16."),
-    dropout: Optional[float] = typer.Option(None, "--dropout"),
+    dropout: Optional[float] = typer.Option(
+        None, "--dropout", help="Dropout in the residual blocks, 0 to <1 (default: the preset's, 0.1 for cifar10)."
+    ),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in all (default 10000)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step, over all processes (default 64)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4)."),
