@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import bench, fast, registry, samplers, sampling, weights  # noqa: E402
+from ddimctl import fast, metrics, registry, samplers, sampling, weights  # noqa: E402
 from ddimctl.unet import PRESETS, UNet  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
             for eta in (0.0, 1.0):
                 ref, t32 = run(model, steps, eta, "fp32", args.n, batch)
                 low, t16 = run(model, steps, eta, "bf16", args.n, batch)
-                psnr = bench.psnr_per_image(low, ref)
+                psnr = metrics.psnr_per_image(low, ref)
                 row = {"model": model.name, "steps": steps, "eta": eta, "n": args.n, "psnr_median": float(psnr.median()),
                        "psnr_min": float(psnr.min()), "finite": bool(torch.isfinite(low).all()),
                        "fp32_s": t32, "bf16_s": t16}

@@ -165,3 +165,12 @@ def test_fid_from_saved_statistics_and_from_a_running_sampler(tmp_path):
     result = ddimctl(*args, check=False, prelude=WITH_TEST_EXTRACTOR)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) > 0
+
+
+def test_the_install_hint_keeps_the_installed_torch():
+    from ddimctl.evaluate import install_hint
+
+    assert install_hint("2.13.0+cpu") == ("pip install 'ddimctl[eval]' torch==2.13.0 torchvision==0.28.0 (name both "
+                                          "from https://download.pytorch.org/whl/cpu, or pip replaces your torch 2.13.0+cpu)")
+    assert "torch==2.14.1 torchvision==0.29.1" in install_hint("2.14.1")
+    assert "torch==2.2.2 torchvision==0.17.2" in install_hint("2.2.2")

@@ -10,7 +10,7 @@ import torch
 from conftest import random_unet
 from helpers import ddimctl
 
-from ddimctl import bench, ddim, fast
+from ddimctl import bench, ddim, fast, metrics
 from ddimctl.errors import DdimctlError
 from ddimctl.unet import PRESETS, UNet
 
@@ -75,7 +75,7 @@ def test_bf16_path_stays_close_to_fp32():
     ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
     low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16"), x_T, abar, tau)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert float(bench.psnr_per_image(low, ref).median()) > 25  # a random network: outputs far outside [-1, 1]
+    assert float(metrics.psnr_per_image(low, ref).median()) > 25  # a random network: outputs far outside [-1, 1]
 
 
 def test_bf16_samples_of_the_trained_digits_model_match_fp32():
@@ -91,7 +91,7 @@ def test_bf16_samples_of_the_trained_digits_model_match_fp32():
             sampler = sampling.Sampler.create(model, samplers.Settings(steps=6, eta=eta), torch.device("cpu"), eps_model=eps)
             runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(8)), 0, 8)])
         assert torch.isfinite(runs["bf16"]).all()
-        assert float(bench.psnr_per_image(runs["bf16"], runs["fp32"]).median()) > 40
+        assert float(metrics.psnr_per_image(runs["bf16"], runs["fp32"]).median()) > 40
 
 
 def test_compiled_model_matches_eager_and_its_kernels_are_cached(tmp_path):
@@ -155,7 +155,7 @@ def test_psnr():
     a = torch.zeros(2, 3, 4, 4)
     b = a.clone()
     b[1] += 0.2  # 0.1 on the [0, 1] scale: MSE 0.01, 20 dB
-    p = bench.psnr_per_image(b, a)
+    p = metrics.psnr_per_image(b, a)
     assert p[0] > 100 and p[1] == pytest.approx(20.0, abs=1e-3)
 
 

@@ -13,10 +13,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ddim, fast, registry, samplers, weights
+from . import ddim, fast, metrics, registry, samplers, weights
 from .export import diffusers_unet_config
 from .unet import PRESETS, UNet
 from .weights import LoadedModel
+
+SCHEDULE = ddim.Schedule()  # every benchmark times the public checkpoints' linear schedule
 
 # Dense matrix-unit peaks from the vendors' datasheets (FLOP/s); MFU is reported against these.
 PEAK_FLOPS = {
@@ -73,13 +75,6 @@ def time_runs(fn: Callable[[], torch.Tensor], device: torch.device, runs: int) -
     return statistics.median(seconds), out
 
 
-def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of images in [-1, 1], measured on the [0, 1] scale after clamping."""
-    a01, b01 = ((a.float() + 1) / 2).clamp(0, 1), ((b.float() + 1) / 2).clamp(0, 1)
-    mse = (a01 - b01).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(1 / mse)
-
-
 def run_ours(
     unet: UNet,
     x_T: torch.Tensor,
@@ -91,7 +86,7 @@ def run_ours(
 ) -> tuple[Measurement, torch.Tensor]:
     device = x_T.device
     batch = x_T.shape[0]
-    timesteps = settings.timesteps(alphas_cumprod.shape[0])
+    timesteps = settings.timesteps(len(alphas_cumprod))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     eps = fast.prepare(unet, device, precision, compile_mode, batch)
@@ -128,7 +123,8 @@ def reference_scheduler(sampler: str):
     or None (iPNDM: diffusers' IPNDMScheduler uses another noise schedule)."""
     import diffusers
 
-    schedule = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    schedule = dict(num_train_timesteps=SCHEDULE.train_steps, beta_start=SCHEDULE.beta_start,
+                    beta_end=SCHEDULE.beta_end, beta_schedule="linear")
     multistep = dict(final_sigmas_type="zero", lower_order_final=True, timestep_spacing="leading", steps_offset=0)
     make = {
         "ddim": lambda: diffusers.DDIMScheduler(**schedule, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
@@ -163,14 +159,14 @@ def run_reference(
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
 
-    descending = [int(t) for t in reversed(settings.timesteps(1000))]
+    descending = [int(t) for t in reversed(settings.timesteps(SCHEDULE.train_steps))]
 
     @torch.no_grad()
     def run():
         if settings.sampler in ("ddim", "plms"):  # "leading" is the paper's uniform grid when S divides T
             scheduler.set_timesteps(steps)
         else:
-            follow_grid(scheduler, descending, ddim.alphas_cumprod(ddim.linear_betas()))
+            follow_grid(scheduler, descending, SCHEDULE.alphas_cumprod())
         x = x_T.to(dtype)
         for t in scheduler.timesteps:
             eps = ref(x, t).sample
@@ -189,7 +185,7 @@ def run_reference(
 
 def add_fidelity(m: Measurement, out: torch.Tensor, fp32_out: torch.Tensor) -> None:
     m.finite = bool(torch.isfinite(out).all())
-    p = psnr_per_image(out, fp32_out)
+    p = metrics.psnr_per_image(out, fp32_out)
     m.psnr_median, m.psnr_min = float(p.median()), float(p.min())
 
 
@@ -219,7 +215,7 @@ def benchmark_training(
     model = UNet(unet_config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     trained = torch.compile(model) if compile_model else model
-    abar = ddim.alphas_cumprod(ddim.linear_betas()).float().to(device)
+    abar = SCHEDULE.alphas_cumprod().float().to(device)
     c = unet_config
     x0 = torch.randn(batch, c.in_channels, c.resolution, c.resolution, device=device)
     use_bf16 = precision == "bf16"
@@ -227,7 +223,7 @@ def benchmark_training(
         fast.set_matmul_precision("fp32")
 
     def step():
-        t = torch.randint(0, 1000, (batch,), device=device)
+        t = torch.randint(0, SCHEDULE.train_steps, (batch,), device=device)
         optimizer_step(model, trained, optimizer, x0, t, torch.randn_like(x0), abar, use_bf16, grad_clip=1.0)
 
     started = time.perf_counter()
@@ -279,10 +275,10 @@ def estimate_seconds(unet: UNet, device: torch.device, settings: samplers.Settin
 
 
 def check_settings(settings: samplers.Settings, compile_mode: str | None) -> samplers.Settings:
-    """What a benchmark can run: S within the linear schedule's T = 1000, and a known compile mode.
-    Returns the settings on the uniform grid the reference walks too."""
+    """What a benchmark can run: S within the schedule's T, and a known compile mode. Returns the
+    settings on the uniform grid the reference walks too."""
     fast.check_compile_mode(compile_mode)
-    return settings.for_model(1000, "uniform")
+    return settings.for_model(SCHEDULE.train_steps, "uniform")
 
 
 def run_benchmark(
@@ -303,7 +299,7 @@ def run_benchmark(
     c = unet.config
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(batch, c.in_channels, c.resolution, c.resolution, generator=g).to(device)
-    abar = ddim.alphas_cumprod(ddim.linear_betas())
+    abar = SCHEDULE.alphas_cumprod()
     flops = fast.forward_flops(unet)
     results = []
 

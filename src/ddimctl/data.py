@@ -9,10 +9,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DdimctlError, param
-from .images import GRAYSCALE_MODES, read_pixels
+from .images import GRAYSCALE_MODES, READ_SUFFIXES, read_pixels
 
-# Formats Pillow reads that people keep training images in.
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_IN_MEMORY_BYTES = 8 << 30
 
 
@@ -24,10 +22,10 @@ def find_images(folder: Path, exclude: Path | None = None) -> list[Path]:
     if not folder.is_dir():
         raise DdimctlError(f"{folder} is not a folder; give a folder of images")
     skip = Path(exclude).resolve() if exclude is not None else None
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READ_SUFFIXES
                    and not (skip is not None and p.resolve().is_relative_to(skip)))
     if not files:
-        raise DdimctlError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise DdimctlError(f"folder {folder} holds no images ({', '.join(sorted(READ_SUFFIXES))})")
     return files
 
 

@@ -13,6 +13,7 @@ import torch
 from . import samplers
 from .errors import DdimctlError, param
 from .files import atomic_path
+from .images import READ_SUFFIXES
 
 FID_KEY = "frechet_inception_distance"
 # The paper's Table 1 (CIFAR-10, quad skip, 50k samples against the training set).
@@ -23,14 +24,27 @@ PAPER_CIFAR10 = {
     "1": {10: 41.07, 20: 18.36, 50: 8.01, 100: 5.78, 1000: 4.73},
     "sigma-hat": {10: 367.43, 20: 133.37, 50: 32.72, 100: 9.99, 1000: 3.17},
 }
-INSTALL_HINT = "pip install 'ddimctl[eval]' (torch-fidelity, which needs a torchvision matching your torch)"
+def install_hint(torch_version: str | None = None) -> str:
+    """The install line for the eval extra that keeps the installed torch: pip would otherwise
+    replace it with whatever torch the newest torchvision was built against (a multi-GB CUDA build)."""
+    version = torch_version or torch.__version__
+    release, _, local = version.partition("+")
+    parts = release.split(".")
+    if len(parts) >= 2 and parts[0] == "2" and parts[1].isdigit():  # torchvision 0.(m + 15) pairs with torch 2.m
+        patch = parts[2] if len(parts) > 2 and parts[2].isdigit() else "0"
+        pair = f"torch=={release} torchvision==0.{int(parts[1]) + 15}.{patch}"
+    else:
+        pair = f"torch=={release} and the torchvision of the same release (pytorch.org lists the pairs)"
+    index = f" from https://download.pytorch.org/whl/{local}" if local else ""
+    return f"pip install 'ddimctl[eval]' {pair} (name both{index}, or pip replaces your torch {version})"
+
 
 
 def fidelity():
     try:
         import torch_fidelity
     except ImportError as e:
-        raise DdimctlError(f"FID needs torch-fidelity, which is not importable ({e}); {INSTALL_HINT}") from e
+        raise DdimctlError(f"FID needs torch-fidelity, which is not importable ({e}); {install_hint()}") from e
     return torch_fidelity
 
 
@@ -49,7 +63,7 @@ def missing_inception_hint() -> str:
 
 def folder_cache_name(folder: Path) -> str:
     """A name for torch-fidelity's statistics cache that changes when the folder's images change."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES)
     digest = hashlib.sha256(str(folder.resolve()).encode())
     for p in files:
         stat = p.stat()
@@ -73,9 +87,8 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (OSError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DdimctlError(
-            f"FID failed ({first}); {missing_inception_hint()}"
-        ) from e
+        fetching = any(word in str(e).lower() for word in ("download", "url", "http", "connection", "inception", ".pth"))
+        raise DdimctlError(f"FID failed ({first})" + (f"; {missing_inception_hint()}" if fetching else "")) from e
     except (ValueError, AssertionError) as e:  # torch-fidelity's own checks (empty folder, too few images)
         raise DdimctlError(f"FID: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 

@@ -16,6 +16,10 @@ from PIL import Image, UnidentifiedImageError
 from .errors import DdimctlError, param
 from .files import atomic_path
 
+# Formats Pillow reads that people keep images in; those ddimctl writes pictures in.
+READ_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats (N, C, H, W) to 8-bit (N, H, W, C), as the checkpoints' authors did."""

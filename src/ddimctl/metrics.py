@@ -52,3 +52,8 @@ def round_trip_errors(x: torch.Tensor, target: torch.Tensor, names: list[str]) -
 def psnr(mse: float) -> float:
     """Peak signal-to-noise ratio in dB of an MSE on the [0, 1] scale."""
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def psnr_per_image(x: torch.Tensor, target: torch.Tensor, ceiling_db: float = 120.0) -> torch.Tensor:
+    """psnr of each image's mse_per_image, capped at `ceiling_db` (identical images)."""
+    return 10 * torch.log10(1 / mse_per_image(x, target).clamp_min(10 ** (-ceiling_db / 10)))

@@ -25,7 +25,7 @@ from .errors import DdimctlError, param
 from .files import atomic_path, remove_stale_temporaries
 from .registry import DEFAULT_SCHEDULE
 from .sampling import Sampler
-from .unet import PRESETS, UNet, UNetConfig
+from .unet import PRESETS, UNet, UNetConfig, count_parameters
 from .weights import LoadedModel
 
 
@@ -360,8 +360,8 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
 
 
 def params_for(config: UNetConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in UNet(config).parameters())
+    with torch.device("meta"):  # no memory, no arithmetic
+        return count_parameters(UNet(config))
 
 
 __all__ = ["TrainOptions", "train", "diffusion_loss", "batch_indices", "learning_rate", "ema_decay"]

@@ -113,11 +113,11 @@ class LoadedModel:
 
 
 def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) -> UNet:
+    """The UNet of `config` with the weights `state` (diffusers names: layouts.to_diffusers_names)."""
     try:
         unet = UNet(config)
     except ValueError as e:
         raise DdimctlError(f"{what}: {e}") from e
-    state = to_diffusers_names(state)
     expected = unet.state_dict()
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
@@ -158,6 +158,7 @@ def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint
         state = read_checkpoint(path)
     else:
         state = _hub_state_dict(entry, hub_cache, endpoint, notify)
+    state = to_diffusers_names(state)
     config = PRESETS[entry.architecture] if entry.architecture in PRESETS else None
     if config is None:
         raise DdimctlError(f"model {entry.name!r}: unknown architecture {entry.architecture!r} in weights.toml")

@@ -1,32 +1,19 @@
-"""What the commands share: the app, options, consoles, progress, input and output checks."""
+"""What the commands share: the app, the options, input and output checks, and the runs with
+progress (output.py prints)."""
 
 from __future__ import annotations
 
 import math
-import os
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
-from .. import folders, images, registry, samplers, sampling, threads, weights
+from .. import folders, images, registry, samplers, sampling, weights
 from ..data import find_images
-from ..errors import DdimctlError, spell
+from ..errors import DdimctlError
+from .output import PlainProgress, flag, note, progress_bar, say, stderr, stdout  # noqa: F401 (the commands' imports)
 
 app = typer.Typer(
     name="ddimctl",
@@ -34,13 +21,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-
-# Outside a terminal rich would wrap at 80 columns; tables piped to a file should keep their rows.
-stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
-
-
-stdout = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def show_version(value: bool) -> None:
@@ -145,100 +125,6 @@ CompileOpt = typer.Option(
 )
 
 
-class ImagesPerSecond(ProgressColumn):
-    """Speed in images per second, from a task counted in network calls of single images; and a
-    remark when the rate collapsed (other work took the CPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.slowdown = threads.Slowdown()
-
-    def render(self, task) -> Text:
-        per_image = task.fields.get("calls_per_image", 1)
-        text = images_per_second(task.speed / per_image if task.speed else 0.0)
-        slow = self.slowdown.update(time.perf_counter(), task.completed)
-        return Text(text + (f"  ({slow})" if slow else ""), style="progress.data.speed")
-
-
-class PlainProgress:
-    """Progress for logs and pipes: a plain line every few seconds (rich draws nothing there until
-    the end), with done/total, rate, elapsed and time left."""
-
-    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "calls"):
-        self.description, self.total, self.per_image, self.unit = description, total, per_image, unit
-        self.every = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", "5"))
-        self.started = self.last = time.perf_counter()
-        self.done = 0
-        self.slowdown = threads.Slowdown()
-
-    def advance(self, n: int = 1, extra: str = "") -> None:
-        self.update(self.done + n, extra)
-
-    def update(self, done: int, extra: str = "") -> None:
-        self.done = done
-        now = time.perf_counter()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last, elapsed = now, now - self.started
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - done) / rate if rate > 0 else float("nan")
-        speed = images_per_second(rate / self.per_image) if self.unit == "calls" else f"{rate:.1f} {self.unit}/s"
-        slow = self.slowdown.update(now, done)
-        print(f"{self.description}: {done}/{self.total} {self.unit}, {speed}{extra}, elapsed {clock(elapsed)}, "
-              f"left {clock(left)}{'; ' + slow if slow else ''}", file=sys.stderr, flush=True)
-
-
-def images_per_second(rate: float) -> str:
-    """A rate that reads well at any speed: 12.3 img/s, or 4.1 s/img when below one image a second."""
-    if rate <= 0:
-        return "-- img/s"
-    return f"{rate:.1f} img/s" if rate >= 1 else f"{1 / rate:.1f} s/img"
-
-
-def clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
-
-
-@contextmanager
-def progress_bar(description: str, images_count: int, calls_per_image: int, enabled: bool = True):
-    """A bar over every network call of every image; yields advance(n_images) for one call on a batch."""
-    if not stderr.is_terminal:
-        plain = PlainProgress(description, images_count * calls_per_image, calls_per_image)
-        yield plain.advance if enabled else (lambda n: None)
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("calls"),
-        ImagesPerSecond(),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=False,
-        disable=not enabled,
-    ) as bar:
-        task = bar.add_task(description, total=images_count * calls_per_image, calls_per_image=calls_per_image)
-        yield lambda n: bar.advance(task, n)
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of a library parameter: batch_size is --batch-size."""
-    return "--" + name.replace("_", "-")
-
-
-def note(message: str) -> None:
-    stderr.print(Text(spell(message, flag), style="dim"))
-
-
-def say(message: str) -> None:
-    stderr.print(message, markup=False, highlight=False)
-
-
 def fail(message: str) -> None:
     raise DdimctlError(message)
 
@@ -282,9 +168,6 @@ def expand_images(paths: list[Path]) -> list[Path]:
 MAX_STRIP_FRAMES = 256
 
 
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
 def check_output(path: Path, suffixes: tuple[str, ...], option: str) -> None:
     """An output file's name and folder, checked before any model work."""
     if Path(path).suffix.lower() not in suffixes:
@@ -306,16 +189,17 @@ def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
     return images.load_images(paths, resolution, channels, notice=note)
 
 
-def parse_list(text: str, option: str, kind=int, allow_empty: bool = False) -> list:
-    """A comma-separated option value such as 10,20,50 (positive for int, non-negative for float)."""
+def parse_list(text: str, option: str, kind=int, allow_empty: bool = False, any_integer: bool = False) -> list:
+    """A comma-separated option value such as 10,20,50 (positive for int, or any integer with
+    any_integer; non-negative for float)."""
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = None
-    smallest = 1 if kind is int else 0
+    smallest = -math.inf if any_integer else (1 if kind is int else 0)
     if values is None or (not values and not allow_empty) or any(not (v >= smallest and math.isfinite(v)) for v in values):
-        what = "positive integers" if kind is int else "non-negative numbers"
-        fail(f"{option} takes {what} separated by commas, such as 10,20,50, got {text!r}")
+        what = "integers" if any_integer else "positive integers" if kind is int else "non-negative numbers"
+        fail(f"{option} takes {what} separated by commas, such as {'1,2' if any_integer else '10,20,50'}, got {text!r}")
     return values
 
 

@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import distributed, fast, registry, samplers, sampling, weights
+from .. import devices, distributed, fast, registry, samplers, weights
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -83,7 +83,7 @@ def fid(
     from .. import evaluate
 
     evaluate.fidelity()
-    dev = sampling.pick_device(device)
+    dev = devices.pick_device(device)
     settings = samplers.Settings(sampler, steps, skip, eta)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
@@ -135,7 +135,7 @@ def sweep(
     cells = evaluate.sweep_cells(sampler_list, steps_list, eta_list, sigma_hat, skip)  # every cell checked here
     evaluate.check_sample_count(num)
     out.mkdir(parents=True, exist_ok=True)
-    world = distributed.init(sampling.pick_device(device))
+    world = distributed.init(devices.pick_device(device))
     loaded = load(model)
 
     def prepare_cell(settings, reuse):
@@ -171,7 +171,7 @@ def bench(
     memory, PSNR."""
     from .. import bench as benchmarks
 
-    dev = sampling.pick_device(device)
+    dev = devices.pick_device(device)
     mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
     settings = benchmarks.check_settings(samplers.Settings(sampler, steps), None if mode == "none" else mode)
     unet, source = benchmarks.unet_to_time(model, load)

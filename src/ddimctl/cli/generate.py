@@ -8,9 +8,8 @@ from typing import Optional
 
 import typer
 
-from .. import distributed, fast, folders, images, samplers, sampling
+from .. import devices, distributed, fast, folders, images, samplers, sampling
 from .. import latents as latents_file
-from ..data import IMAGE_SUFFIXES
 from ..files import remove_stale_temporaries
 from .common import (
     BatchOpt,
@@ -67,7 +66,7 @@ def sample(
     settings = latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat)  # checked here
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
-    if not to_folder and out_path.suffix.lower() not in IMAGE_SUFFIXES:
+    if not to_folder and out_path.suffix.lower() not in images.PICTURE_SUFFIXES:
         fail(f"--out {out}: give an image file such as samples.png, or a folder ending in /")
     if to_folder:
         try:
@@ -76,7 +75,7 @@ def sample(
             fail(f"--out {out}: cannot create the folder ({e.strerror})")
     images.check_writable(out_path if not to_folder else out_path / "x")
 
-    world = distributed.init(sampling.pick_device(device))
+    world = distributed.init(devices.pick_device(device))
     if world.distributed and not to_folder:
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     # Latents decode with the model, S and skip they were made with, unless told otherwise.
@@ -93,7 +92,7 @@ def sample(
         remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
             loaded.source, settings, seed, str(latents) if latents else None,
-            fast.resolve_precision(precision, sampling.pick_device(device)), scale or 1), count)
+            fast.resolve_precision(precision, devices.pick_device(device)), scale or 1), count)
     world.barrier()
     runner = make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
                           batch_size=batch_size, count=count)
@@ -164,14 +163,14 @@ def edit(
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     channels, resolution, _ = loaded.image_shape
-    keep = None
+    regenerate = None  # the mask: 1 where the edit draws new pixels
     if mask is not None:
-        keep = images.load_mask(mask, resolution, notice=note)
+        regenerate = images.load_mask(mask, resolution, notice=note)
     runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
                           batch_size=batch_size, count=len(image_paths))
     walked = sampling.edit_steps(strength, len(runner.timesteps))
     with progress_bar("editing", len(image_paths), max(runner.settings.network_calls(walked), 1)) as advance:
-        edited = sampling.edit_batches(runner, x0, strength, seed, keep, how, advance)
+        edited = sampling.edit_batches(runner, x0, strength, seed, regenerate, how, advance)
     pixels, inputs = images.to_uint8(edited), images.to_uint8(x0)
     for target, before, after in zip(targets, inputs, pixels):
         if strip:

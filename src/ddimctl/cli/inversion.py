@@ -14,7 +14,6 @@ from .. import folders, images, metrics, samplers, sampling
 from .. import latents as latents_file
 from .common import (
     MAX_STRIP_FRAMES,
-    PICTURE_SUFFIXES,
     BatchOpt,
     DeviceOpt,
     ExactOpt,
@@ -108,7 +107,7 @@ def reconstruct(
     if out is None and not as_json:
         out = Path("recon.png")
     if out is not None:
-        check_output(out, PICTURE_SUFFIXES, "--out")
+        check_output(out, images.PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
@@ -180,10 +179,7 @@ def interpolate(
     decoding, inverting = samplers.Settings(sampler, steps, skip), samplers.Settings("ddim", steps, skip)
     paths = check_inputs(image_paths or [])
     if seeds is not None:
-        try:
-            seeds = [int(v) for v in seeds.split(",")]
-        except ValueError:
-            seeds = []
+        seeds = parse_list(seeds, "--seeds", any_integer=True)
         if len(seeds) != 2:
             fail("--seeds takes two integers separated by a comma, such as --seeds 1,2")
     if seeds is None and len(paths) != 2:
@@ -197,7 +193,7 @@ def interpolate(
         out.mkdir(parents=True, exist_ok=True)
         images.check_writable(out / "x.png")
     else:
-        check_output(out, PICTURE_SUFFIXES, "--out")
+        check_output(out, images.PICTURE_SUFFIXES, "--out")
     if (gif or not to_folder) and frames > MAX_STRIP_FRAMES:
         fail(f"--frames {frames}: a strip or GIF holds at most {MAX_STRIP_FRAMES} frames; write them one PNG each "
              f"with --out FOLDER/ (and no --gif)")

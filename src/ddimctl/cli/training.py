@@ -16,7 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .. import distributed, runs, sampling, weights
+from .. import devices, distributed, runs, weights
 from ..data import find_images, infer_channels
 from .common import (
     DeviceOpt,
@@ -111,7 +111,7 @@ def train(
     config = options.unet_config()  # every value checked here, before anything is written
     runs.check_run_dir(out)
     main_process = distributed.from_env().is_main
-    train_device = sampling.pick_device(device)
+    train_device = devices.pick_device(device)
     if main_process:
         how = "bf16 autocast" if training.uses_bf16(options.precision, train_device) else "fp32"
         start = f"weights of {options.init}" if options.init else f"{options.preset or training.DEFAULT_PRESET} preset"

@@ -1,0 +1,43 @@
+"""Devices: `--device` to a torch device, and host/device copies that do not stall the host."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .errors import DdimctlError, param
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        picked = torch.device(device)
+    except RuntimeError as e:
+        raise DdimctlError(f"unknown {param('device')} {device!r}; use auto, cpu or cuda") from e
+    if picked.type not in ("cpu", "cuda"):
+        raise DdimctlError(f"{param('device')} {device} is not supported; use auto, cpu or cuda (cuda:N for one GPU)")
+    if picked.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DdimctlError(f"{param('device')} cuda was asked for but no CUDA GPU is visible; use {param('device')} cpu")
+        if picked.index is not None and picked.index >= torch.cuda.device_count():
+            raise DdimctlError(f"{param('device')} {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return picked
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without stalling the host: CUDA copies from pinned memory run asynchronously."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def start_host_copy(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying x (on a CUDA device) to pinned host memory; the returned function waits for
+    the copy and returns it."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host)[1]
