@@ -119,7 +119,7 @@ def main() -> None:
         help="torch.compile modes to compare on CIFAR-10.",
     )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--stages", default="correctness,cifar10,profile,ddpm256,training,cli", help="Stages to run.")
+    parser.add_argument("--stages", default="correctness,cifar10,solvers,profile,ddpm256,training,cli", help="Stages to run.")
     parser.add_argument("--baseline-runs", type=int, default=3)
     parser.add_argument("--batches", default="", help="CIFAR-10 batch sizes for the fast path (default 256,1024).")
     parser.add_argument("--lean", action="store_true", help="Leave out the variants measured before (fp16, eager bf16).")
@@ -249,6 +249,23 @@ def main() -> None:
                 log(f"skipping {variant}: over the time budget")
                 continue
             run_variant(*variant)
+
+    # 2a. The fast solvers on the same compiled network: their images/s at the same network calls
+    # must be within 3% of ddim's (the solver arithmetic costs nothing next to the UNet).
+    if "solvers" in stages:
+        b = batches[-1] if "cifar10" in stages else batch
+        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+        low = "bf16" if device.type == "cuda" else "fp32"
+        rates = {}
+        for name in ("ddim", "dpm++2m", "unipc"):
+            settings = samplers.Settings(name, steps, "uniform")
+            m, o = bench.run_ours(unet, x, settings, low, modes[0], 3, abar)
+            rates[name] = m.images_per_s
+            log(f"{m.name} batch {b}, {steps} calls: {m.images_per_s:.1f} images/s"
+                + (f" ({100 * (m.images_per_s / rates['ddim'] - 1):+.1f}% against ddim)" if name != "ddim" else ""))
+            del o
+        report["stages"]["solvers"] = {"batch": b, "calls": steps, "images_per_s": rates}
+        save()
 
     # 2b. Where the time of one compiled forward goes: GPU kernel time by kind (convolutions and
     # matmuls from cuDNN/cuBLAS, Inductor's Triton kernels (GroupNorm, SiLU, adds), attention).
