@@ -56,7 +56,11 @@ def main() -> None:
         "`interrupted; N of M images written to DIR; rerun the same command to finish`, no temporary files), "
         "0-byte and truncated PNGs redone on a rerun, temporaries of killed processes removed when a folder is "
         "opened again (sample folders and run folders), and the kill -9 resume test with a kill between the "
-        "temporary file and the rename (tests/test_train.py).",
+        "temporary file and the rename (tests/test_train.py); a poisoned Hub cache whose entry links to a "
+        "user's file (the link goes, the file stays), a Hub that refuses connections, never answers, cuts a "
+        "body short, loops redirects or stalls a GET (tests/test_hub.py); sharded and resumed sample runs "
+        "byte-identical to a straight run (tests/test_train.py, tests/test_sampling.py); safetensors written "
+        "with the same bytes every time (tests/test_files.py).",
         "",
         "| case | command | exit | last line printed | left on disk | clean |",
         "|---|---|---|---|---|---|",
