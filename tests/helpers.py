@@ -49,7 +49,7 @@ def _in_process(args, cwd, env):
     import torch
     from huggingface_hub import constants
 
-    from ddimctl import registry, train
+    from ddimctl import registry
     from ddimctl.cli import main
 
     saved_env, saved_cwd, saved_argv, saved_offline = dict(os.environ), os.getcwd(), sys.argv, constants.HF_HUB_OFFLINE
@@ -59,7 +59,7 @@ def _in_process(args, cwd, env):
     try:
         os.environ.update(env)
         constants.HF_HUB_OFFLINE = True  # read once at import by huggingface_hub: set it for this run
-        for cached in (registry.registry, registry._registry_file, train._load_initial):
+        for cached in (registry.registry, registry._registry_file):
             cached.cache_clear()  # a run's DDIMCTL_REGISTRY or files, not an earlier test's
         if cwd is not None:
             os.chdir(cwd)
@@ -79,7 +79,7 @@ def _in_process(args, cwd, env):
         os.environ.update(saved_env)
         constants.HF_HUB_OFFLINE = saved_offline
         torch.set_num_threads(saved_threads)
-        for cached in (registry.registry, registry._registry_file, train._load_initial):
+        for cached in (registry.registry, registry._registry_file):
             cached.cache_clear()
     return Result(["ddimctl", *args], code, out.getvalue(), err.getvalue())
 

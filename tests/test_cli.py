@@ -120,8 +120,8 @@ def test_invert_writes_latents_that_sample_decodes(tiny_checkpoint, images_dir):
 
 def test_reconstruct_table_and_side_by_side(tiny_checkpoint, images_dir):
     result = ddimctl("reconstruct", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", "2,4", "--out", "r.png", cwd=images_dir)
-    rows = [re.match(r"│\s*(\d+)\s*│\s*([\d.]+)", line) for line in result.stdout.splitlines()]
-    assert [(m.group(1), float(m.group(2)) > 0) for m in rows if m] == [("2", True), ("4", True)]
+    rows = [re.match(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d\.\d\de[+-]\d\d)\s*│", line) for line in result.stdout.splitlines()]
+    assert [(m.group(1), m.group(2), 0 < float(m.group(3)) <= 1) for m in rows if m] == [("2", "2", True), ("4", "4", True)]
     # input + 2 S, 2 images; enlarged 7 times (short side >= 256), with a 14 px band of labels on top
     assert Image.open(images_dir / "r.png").size == (7 * (3 * 18 + 2), 7 * (2 * 18 + 2) + 14)
 

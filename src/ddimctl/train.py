@@ -8,7 +8,6 @@ bit-identical weights to one that ran straight through.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import time
@@ -102,12 +101,18 @@ class TrainOptions:
                 raise DdimctlError(message)
 
     def unet_config(self) -> UNetConfig:
+        return self.architecture()[0]
+
+    def architecture(self) -> tuple[UNetConfig, dict[str, torch.Tensor] | None]:
+        """The run's UNet config, every value checked, and with --init the weights it starts from
+        (loaded once here: callers that need both ask for both)."""
         self.check()
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
         preset = self.preset or DEFAULT_PRESET
+        state = None
         if self.init is not None:
-            config = initial_weights(self.init, self.preset, self.unet)[0]
+            config, state = initial_weights(self.init, self.preset, self.unet)
         elif preset in PRESETS:
             config = UNetConfig(**{**PRESETS[preset].to_dict(), **self.unet})
         else:
@@ -116,7 +121,7 @@ class TrainOptions:
             config.check()
         except ValueError as e:
             raise DdimctlError(f"this architecture cannot take the run's settings: {e}") from e
-        return config
+        return config, state
 
 
 def options_for_run(given: dict, resume: bool) -> TrainOptions:
@@ -131,13 +136,6 @@ def options_for_run(given: dict, resume: bool) -> TrainOptions:
     return TrainOptions(**{**base, **given}).fitted()
 
 
-@functools.lru_cache(maxsize=1)
-def _load_initial(spec: str) -> LoadedModel:
-    from .weights import load_model
-
-    return load_model(spec)
-
-
 # Where a UNetConfig field is set from, for the message when --init forbids it.
 _OVERRIDE_NAMES = {"in_channels": "channels", "out_channels": "channels", "num_res_blocks": "res_blocks",
                    "attention_resolutions": "attention"}
@@ -146,7 +144,9 @@ _OVERRIDE_NAMES = {"in_channels": "channels", "out_channels": "channels", "num_r
 def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """The architecture and weights a fine-tuning run starts from. The weights fix the architecture
     (only dropout may change) and must come from the noise schedule training uses."""
-    loaded = _load_initial(spec)
+    from .weights import load_model
+
+    loaded = load_model(spec)
     config = UNetConfig(**{**loaded.config.to_dict(), **overrides})
     differ = sorted({_OVERRIDE_NAMES.get(k, k) for k in overrides if getattr(config, k) != getattr(loaded.config, k)} - {"dropout"})
     if preset is not None or differ:
@@ -249,7 +249,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     run_dir = Path(options.out)
     options = options.fitted()
     changes = runs.resume_changes(run_dir, asdict(options)) if resume else {}
-    config = options.unet_config()
+    config, initial_state = options.architecture()
     if options.batch_size % world.size:
         raise DdimctlError(f"{param('batch_size')} {options.batch_size} is not divisible by the {world.size} processes")
     resume_from = runs.prepare_run_dir(run_dir, config, resume)
@@ -279,7 +279,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     torch.manual_seed(options.seed)  # the initial weights
     model = UNet(config)
     if options.init is not None and resume_from is None:
-        model.load_state_dict(initial_weights(options.init, options.preset, options.unet)[1])
+        model.load_state_dict(initial_state)
         if world.is_main:
             say(f"starting from the weights of {options.init}")
     model.to(device)

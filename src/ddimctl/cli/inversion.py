@@ -142,8 +142,8 @@ def reconstruct(
     for p in shown:
         table.add_column(f"MSE {p.name}", justify="right")
     for r in results:
-        table.add_row(str(r["steps"]), str(r["evaluations"]), f"{r['mse']:.5f}", f"{r['psnr']:.2f}",
-                      *[f"{im['mse']:.5f}" for im in r["images"][:6]])
+        table.add_row(str(r["steps"]), str(r["evaluations"]), f"{r['mse']:.2e}", f"{r['psnr']:.2f}",
+                      *[f"{im['mse']:.2e}" for im in r["images"][:6]])  # exact round trips reach 1e-6
     stdout.print(table)
     if out is not None:
         say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
