@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddimctl import ddim, seeds, weights
+from ddimctl import ddim, samplers, seeds, weights
 
 
 def pixels(path) -> np.ndarray:
@@ -322,3 +322,32 @@ def test_no_network_default_model_answers_in_one_line(tmp_path):
         assert result.returncode == 1 and "Retrying" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) <= 3 and "does not resolve" in lines[-1] and "--model digits" in lines[-1], result.stderr
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_every_sampler_writes_the_librarys_images(tiny_checkpoint, tmp_path, name):
+    """`sample --sampler NAME --out DIR/`: the PNGs are exactly that sampler's function on the (seed, i)
+    noise, on the timesteps of its default skip, quantised."""
+    result = ddimctl("sample", "--model", tiny_checkpoint, "--sampler", name, "-n", 3, "--steps", 5, "--seed", 3,
+                     "--out", "o/", "--precision", "fp32", cwd=tmp_path)
+    settings = samplers.Settings(name, 5).for_model(1000, "uniform")
+    assert f"S=5, {name}" in result.stderr and f"skip={settings.skip}" in result.stderr
+    model = weights.load_model(str(tiny_checkpoint))
+    x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1, 2]), model.image_shape)
+    with torch.no_grad():
+        x0 = settings.run(model.unet, x_T, model.alphas_cumprod, settings.timesteps(1000))
+    expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(3):
+        assert np.array_equal(pixels(tmp_path / "o" / f"{i:06d}.png"), expected[i]), (name, i)
+
+
+def test_latents_decode_with_another_sampler_and_say_so(tiny_checkpoint, images_dir):
+    ddimctl("invert", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", 10, "--out", "z.safetensors",
+            cwd=images_dir)
+    for name in ("dpm++2m", "unipc"):
+        result = ddimctl("sample", "--latents", "z.safetensors", "--sampler", name, "--skip", "uniform", "--steps", 10,
+                         "--precision", "fp32", "--out", f"{name}/", cwd=images_dir)
+        assert f"z.safetensors was inverted with sampler ddim (now {name})" in result.stderr
+        assert len(list((images_dir / name).glob("*.png"))) == 2
+    with safe_open(images_dir / "z.safetensors", "pt") as f:
+        assert f.metadata()["sampler"] == "ddim"  # the file still says what it was inverted for

@@ -29,6 +29,18 @@ class Step(NamedTuple):
 
 
 StepCallback = Callable[[Step], None]
+KeepKnown = Callable[[int, torch.Tensor], torch.Tensor] | None
+
+
+def end_step(index: int, t: int, s: int, x_s: torch.Tensor, x0: torch.Tensor, keep_known: KeepKnown,
+             callback: StepCallback | None) -> torch.Tensor:
+    """What every sampler does after its step from t to s: inpainting's known pixels put back, then
+    the callback told."""
+    if keep_known is not None:
+        x_s = keep_known(s, x_s)
+    if callback is not None:
+        callback(Step(index, t, x_s, x0))
+    return x_s
 
 SKIP_SCHEMES = ("uniform", "quad")
 
@@ -169,7 +181,7 @@ def sample(
     *,
     generator: Generator = None,
     callback: StepCallback | None = None,
-    keep_known: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    keep_known: KeepKnown = None,
     eta: float = 0.0,
     sigma_hat: bool = False,
 ) -> torch.Tensor:
@@ -191,11 +203,7 @@ def sample(
             sigma = ddim_sigma(abar_t, abar_s, eta)
         noise = standard_normal(x, generator) if sigma > 0 else None
         x0 = predict_x0(x, eps, abar_t) if callback is not None else None
-        x = ddim_step(x, eps, abar_t, abar_s, sigma, noise)
-        if keep_known is not None:
-            x = keep_known(s, x)
-        if callback is not None:
-            callback(Step(i, t, x, x0))
+        x = end_step(i, t, s, ddim_step(x, eps, abar_t, abar_s, sigma, noise), x0, keep_known, callback)
     return x
 
 

@@ -23,14 +23,12 @@ order: its higher-order terms are undefined there).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .ddim import EpsModel, Generator, Step, StepCallback, batch_timesteps, half_log_snr, predict_x0, walk
-
-KeepKnown = Callable[[int, torch.Tensor], torch.Tensor] | None
+from .ddim import EpsModel, Generator, KeepKnown, StepCallback, batch_timesteps, end_step, half_log_snr, predict_x0, walk
 
 
 @dataclass(frozen=True)
@@ -112,11 +110,7 @@ def dpmpp_multistep(
         x0 = predict_x0(x, eps_model(x, batch_timesteps(t, x)).to(x.dtype), abar_t)
         predictions = [x0, *predictions[: order - 1]]
         c_x, c_m = plan[i]
-        x = combine([(c_x, x), *zip(c_m, predictions)])
-        if keep_known is not None:
-            x = keep_known(s, x)
-        if callback is not None:
-            callback(Step(i, t, x, x0))
+        x = end_step(i, t, s, combine([(c_x, x), *zip(c_m, predictions)]), x0, keep_known, callback)
     return x
 
 
@@ -214,11 +208,7 @@ def sample_unipc(
         predictions = [x0, *predictions[: order - 1]]
         start = x
         c_x, c_m = predictors[i]
-        x = combine([(c_x, x), *zip(c_m, predictions)])
-        if keep_known is not None:
-            x = keep_known(s, x)
-        if callback is not None:
-            callback(Step(i, t, x, x0))
+        x = end_step(i, t, s, combine([(c_x, x), *zip(c_m, predictions)]), x0, keep_known, callback)
     return x
 
 
@@ -251,11 +241,7 @@ def _multistep_eps(
         else:
             combined = combine(list(zip(ADAMS_BASHFORTH[len(history) - 1], history)))
         x0 = predict_x0(x, combined, abar_t)
-        x = transfer(x, combined, abar_t, abar_s)
-        if keep_known is not None:
-            x = keep_known(s, x)
-        if callback is not None:
-            callback(Step(i, t, x, x0))
+        x = end_step(i, t, s, transfer(x, combined, abar_t, abar_s), x0, keep_known, callback)
     return x
 
 
