@@ -42,6 +42,7 @@ def end_step(index: int, t: int, s: int, x_s: torch.Tensor, x0: torch.Tensor, ke
         callback(Step(index, t, x_s, x0))
     return x_s
 
+
 SKIP_SCHEMES = ("uniform", "quad")
 
 

@@ -33,13 +33,15 @@ def frechet_distance_between(a: torch.Tensor, b: torch.Tensor) -> float:
     return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
 
 
+def _as_shown(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images on the [0, 1] scale, clamped to the displayable range as a saved image is."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
 def mse_per_image(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error per image on the [0, 1] scale (the paper's Table 2 measure) of [-1, 1]
-    tensors; both are clamped to the displayable range first, as saved images would be (a no-op for
-    a target read from a picture)."""
-    def shown(t: torch.Tensor) -> torch.Tensor:
-        return ((t.float() + 1) / 2).clamp(0, 1)
-    return (shown(x) - shown(target)).pow(2).flatten(1).mean(1)
+    tensors, both clamped first (a no-op for a target read from a picture)."""
+    return (_as_shown(x) - _as_shown(target)).pow(2).flatten(1).mean(1)
 
 
 def round_trip_errors(x: torch.Tensor, target: torch.Tensor, names: list[str]) -> dict:
