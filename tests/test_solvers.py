@@ -74,7 +74,7 @@ def digits_eps():
     return eps
 
 
-def digits_noise(n=6):
+def digits_noise(n=2):
     return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
