@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DdimctlError, param
-from .images import GRAYSCALE_MODES, READ_SUFFIXES, read_pixels
+from .images import GRAYSCALE_MODES, READ_SUFFIXES, describe_changes, read_pixels
 
 MAX_IN_MEMORY_BYTES = 8 << 30
 
@@ -68,11 +68,9 @@ def load_folder(
             bad.append(path)
         if progress is not None:
             progress(i + 1, len(files))
-    if warn is not None:
-        for kind in ("to grayscale", "to RGB"):  # resizing training images is expected; a change of colour is told
-            if changes.get(kind):
-                warn(f"{len(changes[kind])} of {len(files)} image(s) converted {kind} for the model's "
-                     f"{channels} channel(s)")
+    if warn is not None:  # resizing training images is expected; a change of colour is told
+        for line in describe_changes({k: v for k, v in changes.items() if k != "resized"}, resolution):
+            warn(line)
     if bad and warn is not None:
         shown = ", ".join(str(p.relative_to(folder)) for p in bad[:5])
         warn(f"skipped {len(bad)} unreadable file(s): {shown}{', ...' if len(bad) > 5 else ''}")
