@@ -31,17 +31,17 @@ def test_precision_resolution(monkeypatch):
         fast.resolve_precision("int4", cpu)
 
 
-@pytest.mark.parametrize("avx512_bf16,amx", [(True, False), (False, True), (True, True)])
-def test_auto_precision_is_bf16_on_cpus_with_native_bf16(monkeypatch, avx512_bf16, amx):
+@pytest.mark.parametrize("avx512_bf16,amx", [(False, False), (True, False), (False, True), (True, True)])
+def test_auto_precision_samples_in_fp32_on_every_cpu(monkeypatch, avx512_bf16, amx):
+    """A seed gives the same image on every CPU by default: bf16 moves single images visibly, so on
+    the CPU it is asked for by name; training's autocast keeps fp32 weights and uses native bf16."""
     from ddimctl.train import uses_bf16
 
     cpu = torch.device("cpu")
     native_bf16(monkeypatch, avx512_bf16, amx)
-    assert fast.resolve_precision("auto", cpu) == "bf16"
-    assert fast.resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins
-    assert uses_bf16("auto", cpu) and not uses_bf16("fp32", cpu)
-    native_bf16(monkeypatch, False, False)
-    assert not uses_bf16("auto", cpu) and uses_bf16("bf16", cpu)
+    assert fast.resolve_precision("auto", cpu) == "fp32"
+    assert fast.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice wins
+    assert uses_bf16("auto", cpu) == (avx512_bf16 or amx) and not uses_bf16("fp32", cpu) and uses_bf16("bf16", cpu)
 
 
 def test_older_torch_without_the_checks_means_no_native_bf16(monkeypatch):
@@ -79,8 +79,10 @@ def test_bf16_path_stays_close_to_fp32():
 
 
 def test_bf16_samples_of_the_trained_digits_model_match_fp32():
-    """docs/benchmarks.md measured a median of 51-58 dB on 64 images; here 4, S = 6, both etas (bf16
-    is emulated, slowly, on CPUs without it)."""
+    """bf16 keeps each image recognisably itself. The bound holds on every CPU kind: bf16 rounds every
+    activation to 8 significant bits, and how that rounding falls depends on the processor's kernels
+    (median 39-50 dB on 4 images at S = 6 where bf16 is emulated or on Intel AMX, 35.9 dB on an AMD
+    EPYC with AVX512-BF16); a broken bf16 path (a wrong cast, a lost scale) lands below 20 dB."""
     from ddimctl import samplers, sampling, weights
 
     model = weights.load_model("digits")
@@ -91,7 +93,8 @@ def test_bf16_samples_of_the_trained_digits_model_match_fp32():
             sampler = sampling.Sampler.create(model, samplers.Settings(steps=6, eta=eta), torch.device("cpu"), eps_model=eps)
             runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(4)), 0, 4)])
         assert torch.isfinite(runs["bf16"]).all()
-        assert float(metrics.psnr_per_image(runs["bf16"], runs["fp32"]).median()) > 40
+        psnr = metrics.psnr_per_image(runs["bf16"], runs["fp32"])
+        assert float(psnr.median()) > 30 and float(psnr.min()) > 25, psnr
 
 
 def test_compiled_model_matches_eager_and_its_kernels_are_cached(tmp_path):

@@ -330,11 +330,12 @@ def generate(
     skip: str | None = None,
     seed: int = 0,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) in
-    [-1, 1] on the CPU: image i depends only on (seed, i). ddimctl.sample is this function."""
+    """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) on the
+    CPU: image i depends only on (seed, i). Precision as `--precision` (auto: bf16 on GPUs, fp32 on
+    CPUs). ddimctl.sample is this function."""
     from .weights import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model

@@ -93,7 +93,7 @@ BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (defa
 
 
 PrecisionOpt = typer.Option(
-    "auto", "--precision", help="auto (bf16 on GPUs and on CPUs with native bf16, else fp32), fp32, tf32, bf16, fp16."
+    "auto", "--precision", help="auto (bf16 on GPUs, fp32 on CPUs: a seed gives the same image on every CPU), fp32, tf32, bf16, fp16."
 )
 
 
