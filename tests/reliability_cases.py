@@ -122,14 +122,14 @@ def sidecar(folder: Path, content: bytes | str, name: str = "tiny.json") -> str:
 
 def diffusers_folder(folder: Path, change: dict | None = None, scheduler: dict | None = None) -> str:
     """A diffusers-layout folder of the tiny UNet with `change` applied to its config.json."""
-    from ddimctl.export import diffusers_unet_config
+    from ddimctl.layouts import diffusers_config
     from ddimctl.unet import PRESETS, UNet
 
     model = folder / "model"
     model.mkdir()
     torch.manual_seed(0)
     save_file(UNet(PRESETS["tiny"]).state_dict(), str(model / "diffusion_pytorch_model.safetensors"))
-    (model / "config.json").write_text(json.dumps({**diffusers_unet_config(PRESETS["tiny"]), **(change or {})}))
+    (model / "config.json").write_text(json.dumps({**diffusers_config(PRESETS["tiny"]), **(change or {})}))
     if scheduler is not None:
         (model / "scheduler_config.json").write_text(json.dumps(scheduler))
     return "model"

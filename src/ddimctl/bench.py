@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import ddim, fast, metrics, registry, samplers, weights
-from .export import diffusers_unet_config
+from .layouts import diffusers_config
 from .unet import PRESETS, UNet
 from .weights import LoadedModel
 
@@ -147,7 +147,7 @@ def run_reference(
 
     device = x_T.device
     steps = settings.steps - settings.spec.extra_calls
-    config = {k: v for k, v in diffusers_unet_config(unet.config).items() if not k.startswith("_")}
+    config = {k: v for k, v in diffusers_config(unet.config).items() if not k.startswith("_")}
     ref = diffusers.UNet2DModel(**config)
     ref.load_state_dict(unet.state_dict())
     diffusers.utils.logging.set_verbosity_error()  # its advice on from_pretrained does not apply here

@@ -7,34 +7,8 @@ from pathlib import Path
 
 from .errors import DdimctlError
 from .files import atomic_folder, atomic_save_safetensors
-from .unet import UNetConfig
+from .layouts import diffusers_config
 from .weights import LoadedModel
-
-
-def diffusers_unet_config(c: UNetConfig) -> dict:
-    widths = [c.base_channels * m for m in c.channel_mult]
-    attend = [c.resolution >> i in c.attention_resolutions for i in range(len(widths))]
-    return {
-        "_class_name": "UNet2DModel",
-        "sample_size": c.resolution,
-        "in_channels": c.in_channels,
-        "out_channels": c.out_channels,
-        "block_out_channels": widths,
-        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attend],
-        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attend)],
-        "layers_per_block": c.num_res_blocks,
-        "attention_head_dim": None,
-        "norm_num_groups": c.norm_groups,
-        "norm_eps": c.norm_eps,
-        "act_fn": "silu",
-        "downsample_padding": 0,
-        "flip_sin_to_cos": False,
-        "freq_shift": 1,
-        "time_embedding_type": "positional",
-        "center_input_sample": False,
-        "mid_block_scale_factor": 1,
-        "dropout": 0.0,
-    }
 
 
 def diffusers_scheduler_config(loaded: LoadedModel) -> dict:
@@ -98,7 +72,7 @@ def export_diffusers(loaded: LoadedModel, out: Path) -> None:
         atomic_save_safetensors(loaded.unet.state_dict(), tmp / "unet" / "diffusion_pytorch_model.safetensors",
                                 {"format": "pt"})
         for name, content in (
-            ("unet/config.json", diffusers_unet_config(loaded.config)),
+            ("unet/config.json", diffusers_config(loaded.config)),
             ("scheduler/scheduler_config.json", diffusers_scheduler_config(loaded)),
             ("model_index.json", model_index()),
         ):

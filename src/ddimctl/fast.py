@@ -86,11 +86,14 @@ def set_matmul_precision(precision: str) -> None:
 
 @dataclass
 class FastEps:
-    """eps_theta(x, t) in float32 out, whatever the network runs in."""
+    """eps_theta(x, t) in float32 out, whatever the network runs in. The model boundary: a network
+    with learned variances returns the noise and then the variances, and only the noise goes on
+    (DDIM and the ODE solvers do not use variances)."""
 
     model: Callable
     dtype: torch.dtype
     channels_last: bool
+    noise_channels: int | None = None  # the output channels that are the noise; None: all
     fixed_batch: int | None = None  # compiled graphs keep one shape: smaller batches are padded
     cuda_graphs: bool = False
     compile_seconds: float = 0.0
@@ -107,7 +110,7 @@ class FastEps:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous output has been consumed
         eps = self.model(x, t)
-        return eps[:n].float().contiguous()  # a fresh tensor: graph outputs are reused buffers
+        return eps[:n, : self.noise_channels].float().contiguous()  # a fresh tensor: graph outputs are reused buffers
 
 
 def check_compile_mode(compile_mode: str | None) -> None:
@@ -139,7 +142,7 @@ def prepare(
             model = model.to(memory_format=torch.channels_last)
     else:
         model = unet
-    eps = FastEps(model, dtype, channels_last)
+    eps = FastEps(model, dtype, channels_last, unet.config.in_channels)
     if compile_mode:
         use_persistent_compile_cache()
         eps.model = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode)

@@ -78,7 +78,9 @@ class Sampler:
 
     def __post_init__(self):
         if self.eps_model is None:
-            self.eps_model = self.model.unet
+            from . import fast
+
+            self.eps_model = fast.prepare(self.model.unet, self.device, "fp32")
         self._alphas_cumprod = self.model.alphas_cumprod
         self.timesteps = self.settings.timesteps(self.model.train_steps)
 

@@ -155,6 +155,9 @@ def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNe
             f"{param('init')} {spec} fixes the architecture ({loaded.config.in_channels} channel(s), "
             f"{loaded.config.resolution}x{loaded.config.resolution}); leave out {named}"
         )
+    if loaded.config.learned_variance:
+        raise DdimctlError(f"{param('init')} {spec} also predicts variances, which ddimctl's loss does not train; "
+                           f"start from a model that predicts the noise only")
     if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(DEFAULT_SCHEDULE):
         raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than training uses")
     return config, loaded.unet.state_dict()

@@ -1,7 +1,10 @@
 """The DDPM UNet of Ho et al. (2020), with diffusers' UNet2DModel parameter names.
 
 The names match the Hub checkpoints (google/ddpm-*) so their state dicts load as they are;
-other layouts are renamed into this one by ddimctl.weights.
+other layouts are renamed into this one by ddimctl.weights. The options beyond the DDPM UNet
+(multi-head attention, the time embedding's order and shift, scale-shift norm, symmetric
+downsampling padding, the mid block's form) are the ones diffusers' UNet2DModel offers for the same
+blocks, so models trained with diffusers' own script load too; their defaults are the DDPM UNet.
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     norm_eps: float = 1e-6
+    head_channels: int | None = None  # attention channels per head; None: one head as wide as the level
+    attention_norm_groups: int | None = None  # the mid block's attention norm; None: norm_groups
+    flip_sin_to_cos: bool = False  # time embedding [cos, sin] instead of DDPM's [sin, cos]
+    freq_shift: int = 1  # frequencies exp(-ln(10000) i / (half - freq_shift)); DDPM's is 1
+    time_embedding_dim: int | None = None  # None: 4 base_channels
+    scale_shift: bool = False  # the time embedding scales and shifts norm2's output (ADM, diffusers' "scale_shift")
+    downsample_padding: int = 0  # 0: the TF original's (0, 1, 0, 1) pad; 1: a symmetric 1-pixel pad
+    mid_block: bool = True
+    mid_attention: bool = True
+    mid_scale: float = 1.0  # the mid block's residual sums are divided by this (diffusers' mid_block_scale_factor)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -51,9 +64,32 @@ class UNetConfig:
                 f"attention at {missing} matches no level (levels are {self.level_resolutions}); "
                 f"set the attention resolutions to some of these"
             )
-        for width in [self.base_channels * m for m in self.channel_mult]:
+        if self.out_channels not in (self.in_channels, 2 * self.in_channels):
+            raise ValueError(f"{self.out_channels} output channels for {self.in_channels} input channels; a noise "
+                             f"predictor has as many (or twice as many, with learned variances)")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample padding must be 0 or 1, got {self.downsample_padding}")
+        for width in self.widths:
             if width % self.norm_groups:
                 raise ValueError(f"channel width {width} is not divisible by {self.norm_groups} norm groups")
+            if self.head_channels is not None and width % self.head_channels:
+                raise ValueError(f"channel width {width} is not divisible by {self.head_channels} channels per head")
+        if self.attention_norm_groups is not None and self.widths[-1] % self.attention_norm_groups:
+            raise ValueError(f"channel width {self.widths[-1]} is not divisible by {self.attention_norm_groups} "
+                             f"attention norm groups")
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.base_channels * m for m in self.channel_mult]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.base_channels
+
+    @property
+    def learned_variance(self) -> bool:
+        """Twice the input's channels out: the noise, then variances that DDIM does not use."""
+        return self.out_channels == 2 * self.in_channels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,74 +113,91 @@ PRESETS: dict[str, UNetConfig] = {
 }
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps, [sin, cos] as in the original DDPM."""
+def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: int = 1) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps: [sin, cos] with frequencies
+    exp(-ln(10000) i / (half - freq_shift)); the original DDPM's is freq_shift 1, no flip."""
     half = dim // 2
-    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - 1)
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - freq_shift)
     angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    return torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=1)
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, channels: int, embed_dim: int):
+    def __init__(self, channels: int, embed_dim: int, flip_sin_to_cos: bool = False, freq_shift: int = 1):
         super().__init__()
-        self.channels = channels
+        self.channels, self.flip_sin_to_cos, self.freq_shift = channels, flip_sin_to_cos, freq_shift
         self.linear_1 = nn.Linear(channels, embed_dim)
         self.linear_2 = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(timesteps, self.channels).to(self.linear_1.weight.dtype)
-        return self.linear_2(F.silu(self.linear_1(emb)))
+        emb = timestep_embedding(timesteps, self.channels, self.flip_sin_to_cos, self.freq_shift)
+        return self.linear_2(F.silu(self.linear_1(emb.to(self.linear_1.weight.dtype))))
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, dropout: float, groups: int, eps: float):
+    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, dropout: float, groups: int, eps: float,
+                 scale_shift: bool = False, output_scale: float = 1.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(embed_dim, out_channels)
+        self.time_emb_proj = nn.Linear(embed_dim, 2 * out_channels if scale_shift else out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.scale_shift, self.output_scale = scale_shift, output_scale
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         # temb_act is SiLU(temb), computed once per forward and shared by every block.
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        temb = self.time_emb_proj(temb_act)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = temb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + temb)
+        h = self.conv2(self.dropout(F.silu(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        out = x + h
+        return out if self.output_scale == 1 else out / self.output_scale
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over all pixels, with a residual connection."""
+    """Self-attention over all pixels in heads of `head_channels` (None: one head of all channels),
+    with a residual connection."""
 
-    def __init__(self, channels: int, groups: int, eps: float):
+    def __init__(self, channels: int, groups: int, eps: float, head_channels: int | None = None,
+                 output_scale: float = 1.0):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.heads = channels // head_channels if head_channels else 1
+        self.output_scale = output_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # default scale is C^-0.5
-        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
-        return x + out
+        # (B, heads, HW, C / heads); the default scale is (C / heads)^-0.5
+        q, k, v = (proj(tokens).unflatten(2, (self.heads, -1)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        out = x + self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+        return out if self.output_scale == 1 else out / self.output_scale
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: int = 0):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as in the TF original
+        if self.conv.padding == (0, 0):
+            x = F.pad(x, (0, 1, 0, 1))  # asymmetric pad, as in the TF original
+        return self.conv(x)
 
 
 class Upsample(nn.Module):
@@ -159,47 +212,61 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level: resnets, optional attention after each, optional resampler."""
 
-    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], sampler: nn.Module | None, key: str):
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module], resampler: nn.Module | None, key: str):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions)
-        setattr(self, key, nn.ModuleList([sampler] if sampler is not None else []))
-        self.sampler_key = key
+        setattr(self, key, nn.ModuleList([resampler] if resampler is not None else []))
+        self.resampler_key = key
 
     @property
-    def sampler(self) -> nn.Module | None:
-        samplers = getattr(self, self.sampler_key)
-        return samplers[0] if len(samplers) else None
+    def resampler(self) -> nn.Module | None:
+        resamplers = getattr(self, self.resampler_key)
+        return resamplers[0] if len(resamplers) else None
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, embed_dim: int, dropout: float, groups: int, eps: float):
+    def __init__(self, config: UNetConfig):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, embed_dim, dropout, groups, eps) for _ in range(2)])
-        self.attentions = nn.ModuleList([AttentionBlock(channels, groups, eps)])
+        c, width = config, config.widths[-1]
+        resnet = lambda: ResnetBlock(width, width, c.embed_dim, c.dropout, c.norm_groups, c.norm_eps,  # noqa: E731
+                                     c.scale_shift, c.mid_scale)
+        self.resnets = nn.ModuleList([resnet(), resnet()])
+        attention_groups = c.attention_norm_groups or c.norm_groups
+        self.attentions = nn.ModuleList(
+            [AttentionBlock(width, attention_groups, c.norm_eps, c.head_channels, c.mid_scale)] if c.mid_attention else []
+        )
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x, temb_act)
-        x = self.attentions[0](x)
+        if len(self.attentions):
+            x = self.attentions[0](x)
         return self.resnets[1](x, temb_act)
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): predicts the noise in x_t at integer timesteps t (0..T-1)."""
+    """eps_theta(x_t, t): predicts the noise in x_t at integer timesteps t (0..T-1) (with learned
+    variances: the noise, then the variances, along the channels)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         config.check()
         self.config = config
         c0 = config.base_channels
-        embed_dim = 4 * c0
+        embed_dim = config.embed_dim
         groups, eps, dropout = config.norm_groups, config.norm_eps, config.dropout
-        widths = [c0 * m for m in config.channel_mult]
+        widths = config.widths
         attend = [res in config.attention_resolutions for res in config.level_resolutions]
         last = len(widths) - 1
 
+        def resnet(width_in: int, width_out: int) -> ResnetBlock:
+            return ResnetBlock(width_in, width_out, embed_dim, dropout, groups, eps, config.scale_shift)
+
+        def attention(width: int) -> AttentionBlock:
+            return AttentionBlock(width, groups, eps, config.head_channels)
+
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
-        self.time_embedding = TimestepEmbedding(c0, embed_dim)
+        self.time_embedding = TimestepEmbedding(c0, embed_dim, config.flip_sin_to_cos, config.freq_shift)
 
         skip_widths = [c0]
         self.down_blocks = nn.ModuleList()
@@ -207,17 +274,17 @@ class UNet(nn.Module):
         for level, out_width in enumerate(widths):
             resnets, attentions = [], []
             for _ in range(config.num_res_blocks):
-                resnets.append(ResnetBlock(width, out_width, embed_dim, dropout, groups, eps))
+                resnets.append(resnet(width, out_width))
                 width = out_width
                 if attend[level]:
-                    attentions.append(AttentionBlock(width, groups, eps))
+                    attentions.append(attention(width))
                 skip_widths.append(width)
-            sampler = Downsample(width) if level != last else None
-            if sampler is not None:
+            resampler = Downsample(width, config.downsample_padding) if level != last else None
+            if resampler is not None:
                 skip_widths.append(width)
-            self.down_blocks.append(Level(resnets, attentions, sampler, "downsamplers"))
+            self.down_blocks.append(Level(resnets, attentions, resampler, "downsamplers"))
 
-        self.mid_block = MidBlock(width, embed_dim, dropout, groups, eps)
+        self.mid_block = MidBlock(config) if config.mid_block else None
 
         # up_blocks[0] is the lowest resolution, as in diffusers.
         self.up_blocks = nn.ModuleList()
@@ -225,12 +292,12 @@ class UNet(nn.Module):
             out_width = widths[level]
             resnets, attentions = [], []
             for _ in range(config.num_res_blocks + 1):
-                resnets.append(ResnetBlock(width + skip_widths.pop(), out_width, embed_dim, dropout, groups, eps))
+                resnets.append(resnet(width + skip_widths.pop(), out_width))
                 width = out_width
                 if attend[level]:
-                    attentions.append(AttentionBlock(width, groups, eps))
-            sampler = Upsample(width) if level != 0 else None
-            self.up_blocks.append(Level(resnets, attentions, sampler, "upsamplers"))
+                    attentions.append(attention(width))
+            resampler = Upsample(width) if level != 0 else None
+            self.up_blocks.append(Level(resnets, attentions, resampler, "upsamplers"))
 
         self.conv_norm_out = nn.GroupNorm(groups, c0, eps=eps)
         self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
@@ -248,19 +315,20 @@ class UNet(nn.Module):
                 if len(block.attentions):
                     h = block.attentions[i](h)
                 skips.append(h)
-            if block.sampler is not None:
-                h = block.sampler(h)
+            if block.resampler is not None:
+                h = block.resampler(h)
                 skips.append(h)
 
-        h = self.mid_block(h, temb_act)
+        if self.mid_block is not None:
+            h = self.mid_block(h, temb_act)
 
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
                 h = resnet(torch.cat([h, skips.pop()], dim=1), temb_act)
                 if len(block.attentions):
                     h = block.attentions[i](h)
-            if block.sampler is not None:
-                h = block.sampler(h)
+            if block.resampler is not None:
+                h = block.resampler(h)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 

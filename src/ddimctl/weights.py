@@ -209,7 +209,7 @@ def is_cached(entry: ModelEntry, hub_cache: str | None = None) -> bool:
     return hub.cached_file(entry.repo, entry.file, entry.revision, hub_cache) is not None
 
 
-def load_local(path: Path) -> LoadedModel:
+def load_local(path: Path, notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
     """A diffusers folder, a ddimctl run folder (its newest checkpoint), a checkpoint inside a run
     folder (with that run's config), or a single checkpoint file with an optional sidecar config."""
     if not path.exists():
@@ -252,7 +252,7 @@ def load_local(path: Path) -> LoadedModel:
         config = infer_config(state, fields.integer("resolution", None, 1, MAX_RESOLUTION), where)
     for scheduler_file in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
         if scheduler_file.is_file():
-            schedule = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file))
+            schedule = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file), notify)
             break
     unet = build_unet(config, state, str(path))
     return LoadedModel(unet, path.name, str(path), schedule, skip)
@@ -282,10 +282,10 @@ def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None 
         return load_registered(entries[spec], hub_cache=hub_cache, endpoint=endpoint, notify=notify)
     path = Path(spec).expanduser()
     if path.exists():
-        return load_local(path)
+        return load_local(path, notify)
     checkpoint = run_checkpoint(spec)
     if checkpoint is not None:
-        loaded = load_local(checkpoint)
+        loaded = load_local(checkpoint, notify)
         loaded.name = spec
         return loaded
     raise DdimctlError(

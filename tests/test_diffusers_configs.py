@@ -1,0 +1,172 @@
+"""diffusers' UNet2DModel configs as people write them: every __init__ parameter is read (or refused by
+name) by one two-way table, and every accepted config gives diffusers' own output."""
+
+import inspect
+import json
+
+import pytest
+import torch
+
+from ddimctl import fast, layouts, weights
+from ddimctl.errors import DdimctlError
+from ddimctl.layouts import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
+
+diffusers = pytest.importorskip("diffusers")
+
+# A small version of diffusers' train_unconditional.py layout: every other argument left at its default
+# (attention_head_dim 8 = multi-head, flip_sin_to_cos, freq_shift 0, downsample_padding 1, norm_eps 1e-5).
+TRAIN_UNCONDITIONAL = dict(
+    sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+)
+VARIANTS = {
+    "train_unconditional defaults": {},
+    "single head (attention_head_dim null)": {"attention_head_dim": None},
+    "head dim 16": {"attention_head_dim": 16},
+    "google/ddpm-* embedding and padding": {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0},
+    "mid_block_scale_factor 2": {"mid_block_scale_factor": 2.0},
+    "attn_norm_num_groups 4": {"attn_norm_num_groups": 4},
+    "scale_shift norm": {"resnet_time_scale_shift": "scale_shift", "attn_norm_num_groups": 8},
+    "no mid attention": {"add_attention": False},
+    "no mid block": {"mid_block_type": None},
+    "time_embedding_dim 96": {"time_embedding_dim": 96},
+    "norm_eps 1e-6": {"norm_eps": 1e-6},
+    "learned variance (6 channels out)": {"out_channels": 6},
+    "dropout 0.1": {"dropout": 0.1},
+}
+
+
+def test_the_table_is_unet2dmodel_signature_both_ways():
+    """Every parameter of UNet2DModel.__init__ has a row, no row is not one, and each row's default is
+    diffusers' (a config without the key means that value)."""
+    signature = inspect.signature(diffusers.UNet2DModel.__init__).parameters
+    params = {name: p.default for name, p in signature.items() if name != "self"}
+    assert set(DIFFUSERS_UNET_KEYS) == set(params)
+    for name, default in params.items():
+        ours = DIFFUSERS_UNET_KEYS[name].default
+        assert (list(ours) if isinstance(ours, tuple) else ours) == (list(default) if isinstance(default, tuple) else default), name
+
+
+def diffusers_folder(tmp_path, **change) -> tuple[object, weights.LoadedModel]:
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DModel(**{**TRAIN_UNCONDITIONAL, **change}).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight count
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "unet")
+    return ref, weights.load_model(str(tmp_path / "unet"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_accepted_config_gives_diffusers_output(tmp_path, variant):
+    ref, loaded = diffusers_folder(tmp_path, **VARIANTS[variant])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    t = torch.tensor([3, 871])
+    with torch.no_grad():
+        want, got = ref(x, t).sample, loaded.unet(x, t)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()), variant
+    # the round trip through export's writer gives the same architecture
+    assert config_from_diffusers(json.loads(json.dumps(diffusers_config(loaded.config))), "export") == loaded.config
+
+
+def test_a_learned_variance_model_hands_only_the_noise_to_the_samplers(tmp_path):
+    """6 output channels for 3 input channels: the first 3 are the noise, the rest is not used."""
+    ref, loaded = diffusers_folder(tmp_path, out_channels=6)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    with torch.no_grad():
+        got, want = fast.prepare(loaded.unet, torch.device("cpu"), "fp32")(x, t), ref(x, t).sample[:, :3]
+    assert got.shape == x.shape and float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+def test_a_learned_variance_checkpoint_without_config_samples(tmp_path):
+    """It used to load and then end `sample` in a torch traceback (size of tensor a (3) must match b (6))."""
+    from helpers import ddimctl
+    from safetensors.torch import save_file
+
+    from ddimctl.unet import PRESETS, UNet, UNetConfig
+
+    config = UNetConfig(**{**PRESETS["tiny"].to_dict(), "out_channels": 6})
+    torch.manual_seed(0)
+    save_file(UNet(config).state_dict(), str(tmp_path / "lv.safetensors"))
+    (tmp_path / "lv.json").write_text(json.dumps({"resolution": 16}))
+    loaded = weights.load_model(str(tmp_path / "lv.safetensors"))
+    assert loaded.config.out_channels == 6 and loaded.image_shape == (3, 16, 16)
+    ddimctl("sample", "--model", tmp_path / "lv.safetensors", "--steps", "3", "-n", "2", "--out", "lv/", cwd=tmp_path)
+    from PIL import Image
+
+    assert [Image.open(tmp_path / "lv" / f"00000{i}.png").size for i in (0, 1)] == [(16, 16)] * 2
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"downsample_type": "resnet"}, "downsample_type"),
+    ({"upsample_type": "resnet"}, "upsample_type"),
+    ({"num_class_embeds": 10}, "num_class_embeds"),
+    ({"class_embed_type": "timestep"}, "class_embed_type"),
+    ({"center_input_sample": True}, "center_input_sample"),
+    ({"time_embedding_type": "fourier"}, "time_embedding_type"),
+    ({"act_fn": "gelu"}, "act_fn"),
+    ({"resnet_time_scale_shift": "spatial"}, "resnet_time_scale_shift"),
+    ({"resnet_time_scale_shift": "scale_shift"}, "attn_norm_num_groups"),
+    ({"down_block_types": ["SkipDownBlock2D", "AttnDownBlock2D", "DownBlock2D"]}, "down_block_types"),
+    ({"up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D"]}, "up_block_types"),
+    ({"mid_block_type": "UNetMidBlock2DCrossAttn"}, "mid_block_type"),
+    ({"freq_shift": 2}, "freq_shift"),
+    ({"sample_size": None}, "sample_size"),
+    ({"cross_attention_dim": 768}, "cross_attention_dim"),
+])
+def test_what_ddimctl_does_not_build_is_refused_by_name(change, named):
+    cfg = {**{k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN_UNCONDITIONAL.items()}, **change}
+    with pytest.raises(DdimctlError) as refused:
+        config_from_diffusers(cfg, "config.json")
+    assert named in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_config_without_keys_means_diffusers_defaults():
+    """The defect this replaces: a config leaving out downsample_padding (diffusers: 1) loaded with the
+    (0, 1, 0, 1) pad, and attention_head_dim left out (diffusers: 8) as one head."""
+    config = config_from_diffusers({k: list(v) if isinstance(v, tuple) else v for k, v in TRAIN_UNCONDITIONAL.items()})
+    assert (config.downsample_padding, config.head_channels, config.flip_sin_to_cos, config.freq_shift,
+            config.norm_eps) == (1, 8, True, 0, 1e-5)
+
+
+def test_scheduler_configs_are_read_key_by_key():
+    """The DDPM family's scheduler classes load (their sampling keys are ddimctl's options to decide),
+    clipping is said once, and what is not a DDPM schedule is refused by name."""
+    from ddimctl.layouts import schedule_from_diffusers
+
+    for cls in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                "PNDMScheduler"):
+        cfg = {k: v for k, v in getattr(diffusers, cls)().config.items() if not k.startswith("_")}
+        cfg["_class_name"] = cls
+        heard = []
+        schedule = schedule_from_diffusers(cfg, "s.json", heard.append)
+        assert schedule["train_steps"] == 1000 and schedule["beta_end"] == 0.02, cls
+        assert len(heard) == (cls in ("DDPMScheduler", "DDIMScheduler")) and all("unclipped" in h for h in heard), cls
+    heard = []
+    schedule_from_diffusers({"_class_name": "DDPMScheduler", "clip_sample": False}, "s.json", heard.append)
+    assert heard == []
+    for cfg, named in [({"_class_name": "CMStochasticIterativeScheduler"}, "CMStochasticIterativeScheduler"),
+                       ({"_class_name": "ScoreSdeVeScheduler"}, "ScoreSdeVeScheduler"),
+                       ({"beta_schedule": "squaredcos_cap_v2"}, "squaredcos_cap_v2"),
+                       ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
+                       ({"prediction_type": "v_prediction"}, "v_prediction"),
+                       ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+                       ({"betta_start": 0.001}, "betta_start")]:
+        with pytest.raises(DdimctlError, match=named):
+            schedule_from_diffusers(cfg, "s.json")
+
+
+def test_a_pipeline_folder_loads_with_its_scheduler(tmp_path):
+    """save_pretrained of a DDIMPipeline: unet/ and scheduler/ beside model_index.json."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
+    scheduler = diffusers.DDIMScheduler(beta_end=0.012, clip_sample=False)
+    diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    loaded = weights.load_model(str(tmp_path / "pipe"))
+    assert loaded.schedule["beta_end"] == 0.012 and loaded.config.head_channels == 8
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.allclose(loaded.unet(x, t), unet(x, t).sample, atol=1e-5)
