@@ -281,7 +281,7 @@ CASES = [
 
 CASES += [
     # Files that are not ddimctl's own are never overwritten, adopted or deleted
-    Case("sample into a folder of someone else's PNGs", someone_elses_photos, "no record of a ddimctl run",
+    Case("sample into a folder of someone else's PNGs", someone_elses_photos, "that ddimctl did not write",
          leaves=photos_untouched),
     Case("a user's files named like temporaries", users_temporaries, "wrote 2 images", code=0, leaves=users_temporaries_kept),
     Case("registry revision with ..", lambda f: ["models"], "is not a branch, tag or commit name"),
@@ -352,4 +352,83 @@ for case in CASES:
         case.env = {"DDIMCTL_REGISTRY": "my.toml"}  # relative to the case's folder
         case.build = (lambda text: lambda f: (f / "my.toml").write_text(text) and ["models"])(REGISTRIES[case.name])
     if case.name == "resume with a truncated newest checkpoint":
-        case.also = "notice: skipping step-00000002.safetensors: unreadable"
+        case.also = "notice: removed step-00000002.safetensors: unreadable"
+
+
+# --------------------------------------------------------------------------------------------
+# One rule for every command that writes: a file ddimctl did not write is never overwritten,
+# appended to, adopted or deleted. Each case puts a user's file where the command would write and
+# runs the command; it must refuse before any work and leave the user's files as they were.
+
+USERS_BYTES = b"a user's own file, not ddimctl's"
+
+
+def users_files(folder: Path, names: list[str]) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(USERS_BYTES)
+
+
+def users_files_untouched(names: list[str]) -> Callable[[Path], list[str]]:
+    return lambda folder: [n for n in names if (folder / n).read_bytes() != USERS_BYTES]
+
+
+def users_pipeline(folder: Path) -> list[str]:
+    """What diffusers' save_pretrained writes for a DDIMPipeline: the four files an export writes too."""
+    for name in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "scheduler/scheduler_config.json"):
+        users_files(folder / "pipe", [name])
+    return ["export", tiny_checkpoint(folder), "pipe"]
+
+
+def users_images_as_inputs(folder: Path) -> list[str]:
+    (folder / "pics").mkdir()
+    Image.open(THREE).save(folder / "pics" / "three.png")
+    return ["edit", "pics/", "--out", "pics/", *DIGITS, "--strength", "0.2", "--steps", "2"]
+
+
+def recorded_folder_with_users_image(folder: Path) -> list[str]:
+    """A sample folder that ddimctl's run started, into which a user put a same-size 000003.png."""
+    args = ["sample", *DIGITS, "-n", "5", "--steps", "2", "--out", "s/", "--seed", "3"]
+    ddimctl(*args, "-n", "2", cwd=folder)
+    ddimctl("sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "other/", "--seed", "9", cwd=folder)
+    (folder / "s" / "000003.png").write_bytes((folder / "other" / "000001.png").read_bytes())
+    return args[:4] + ["5"] + args[5:]
+
+
+def users_png_kept(folder: Path) -> list[str]:
+    return [] if (folder / "s" / "000003.png").read_bytes() == (folder / "other" / "000001.png").read_bytes() else ["s/000003.png"]
+
+
+OWNERSHIP = [
+    ("sample grid over a user's file", ["grid.png"], ["sample", *DIGITS, "-n", "4", "--steps", "2", "--out", "grid.png"]),
+    ("edit into a folder holding a user's file of the same name", ["out/digit-three.png"],
+     ["edit", THREE, "--out", "out/", *DIGITS, "--strength", "0.2", "--steps", "2"]),
+    ("edit over a user's single file", ["edited.png"],
+     ["edit", THREE, "--out", "edited.png", *DIGITS, "--strength", "0.2", "--steps", "2"]),
+    ("interpolate into a user's folder of photos", ["photos/000000.png"],
+     ["interpolate", "--seeds", "1,2", *DIGITS, "--steps", "2", "--frames", "3", "--out", "photos/"]),
+    ("interpolate strip over a user's file", ["interp.png"],
+     ["interpolate", "--seeds", "1,2", *DIGITS, "--steps", "2", "--frames", "3", "--out", "interp.png"]),
+    ("interpolate GIF over a user's file", ["mine.gif"],
+     ["interpolate", "--seeds", "1,2", *DIGITS, "--steps", "2", "--frames", "3", "--out", "s.png", "--gif", "mine.gif"]),
+    ("invert latents over a user's file", ["z.safetensors"], ["invert", THREE, *DIGITS, "--steps", "2", "--out", "z.safetensors"]),
+    ("reconstruct picture over a user's file", ["r.png"],
+     ["reconstruct", THREE, *DIGITS, "--steps", "2", "--out", "r.png"]),
+    ("train into a folder with a user's train.log", ["mine/train.log"],
+     ["train", "data", "--out", "mine", *TRAIN, "--channels", "1", "--steps", "2"]),
+]
+
+for name, names, args in OWNERSHIP:
+    CASES.append(Case(name, (lambda names, args: lambda f: (gray_pngs(f), users_files(f, names), args)[-1])(names, args),
+                      "ddimctl did not write", leaves=users_files_untouched(names)))
+CASES += [
+    Case("export over a user's own diffusers pipeline", users_pipeline, "that an export of ddimctl's did not write",
+         leaves=users_files_untouched([f"pipe/{n}" for n in ("model_index.json", "unet/config.json",
+                                                            "unet/diffusion_pytorch_model.safetensors",
+                                                            "scheduler/scheduler_config.json")])),
+    Case("edit a folder into itself", users_images_as_inputs, "ddimctl did not write",
+         leaves=lambda f: [] if Image.open(f / "pics" / "three.png").tobytes() == Image.open(THREE).tobytes() else ["pics/three.png"]),
+    Case("a user's image in a sample folder that ddimctl's run started", recorded_folder_with_users_image,
+         "that ddimctl did not write (000003.png)", leaves=users_png_kept),
+]

@@ -52,7 +52,7 @@ def test_same_seed_same_images_for_any_batch_size(tiny_checkpoint, tmp_path, eta
     ddimctl(*common, "--batch-size", 2, "--out", "b/", cwd=tmp_path)
     names = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert names == [f"{i:06d}.png" for i in range(5)]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".ddimctl-sample.json", *names]  # the run's record
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".ddimctl-files", ".ddimctl-sample.json", *names]  # the ledger and the run's record
     for name in names:
         assert np.array_equal(pixels(tmp_path / "a" / name), pixels(tmp_path / "b" / name)), name
     # A different seed gives different images.

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ddimctl.files import atomic_save_safetensors
+from ddimctl.files import LEDGER, atomic_save_safetensors
 
 
 def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
@@ -19,7 +19,7 @@ def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
     with safe_open(str(paths[0]), "pt") as f:
         assert f.metadata() == metadata
     assert all(torch.equal(v, load_file(str(paths[0]))[k]) for k, v in tensors.items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LEDGER, *(p.name for p in paths)])  # no temporaries left
 
 
 def dead_pid() -> int:

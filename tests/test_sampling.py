@@ -1,6 +1,7 @@
 """sampling.py: the pieces between a loaded model and ddim.py, without the command line."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,40 +25,60 @@ def test_non_finite_rows_are_named_and_never_pass():
         sampling.check_finite([10, 11, 12, 13], x)
 
 
+DIGITS = SimpleNamespace(source="digits", weights_sha256="ab" * 32)  # what a record names of a model
+
+
 def test_a_sample_folder_refuses_a_run_with_other_settings(tmp_path):
-    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    record = folders.run_record(DIGITS, samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
     folders.claim_folder(tmp_path, record, 4)
     folders.claim_folder(tmp_path, record, 4)  # the same run again: fine
     assert json.loads((tmp_path / folders.FOLDER_RECORD).read_text())["steps"] == 20
     with pytest.raises(DdimctlError, match=r"other settings \(steps 20 \(now 50\), seed 1 \(now 2\)\)"):
         folders.claim_folder(tmp_path, {**record, "steps": 50, "seed": 2}, 4)
-    other = folders.run_record("digits", samplers.Settings("dpm++2m", 20, "uniform"), 1, None, "fp32", 1)
+    other = folders.run_record(DIGITS, samplers.Settings("dpm++2m", 20, "uniform"), 1, None, "fp32", 1)
     with pytest.raises(DdimctlError, match=r"other settings \(sampler ddim \(now dpm\+\+2m\)\)"):
         folders.claim_folder(tmp_path, other, 4)
 
 
-def test_a_record_of_an_earlier_version_counts_as_ddim(tmp_path):
-    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
-    (tmp_path / folders.FOLDER_RECORD).write_text(json.dumps({k: v for k, v in record.items() if k != "sampler"}))
-    folders.claim_folder(tmp_path, record, 4)  # resumes
+def test_a_record_names_the_models_and_the_latents_content(tmp_path):
+    """A newer checkpoint at the same path, or other latents at the same path, are another run."""
+    latents = tmp_path / "z.safetensors"
+    latents.write_bytes(b"first latents")
+    (tmp_path / "out").mkdir()
+    record = folders.run_record(DIGITS, samplers.Settings(steps=20, skip="uniform"), 1, latents, "fp32", 1)
+    folders.claim_folder(tmp_path / "out", record, 4)
+    newer = SimpleNamespace(source="digits", weights_sha256="cd" * 32)
+    with pytest.raises(DdimctlError, match=r"weights_sha256 abababababab \(now cdcdcdcdcdcd\)"):
+        folders.claim_folder(tmp_path / "out", folders.run_record(newer, samplers.Settings(steps=20, skip="uniform"),
+                                                                  1, latents, "fp32", 1), 4)
+    latents.write_bytes(b"other latents, same path")
+    with pytest.raises(DdimctlError, match="latents_sha256"):
+        folders.claim_folder(tmp_path / "out", folders.run_record(DIGITS, samplers.Settings(steps=20, skip="uniform"),
+                                                                  1, latents, "fp32", 1), 4)
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", "\xff\xfe not utf-8", "{not json"])
+@pytest.mark.parametrize("content", ["[1, 2]", "\xff\xfe not utf-8", "{not json", '{"steps": 20}'])
 def test_a_damaged_or_foreign_record_is_refused(tmp_path, content):
+    """Whatever it holds, a record ddimctl did not write (or that changed since) is not its own;
+    records of versions before the ledger are refused the same way."""
     (tmp_path / folders.FOLDER_RECORD).write_bytes(content.encode("latin-1"))
-    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    record = folders.run_record(DIGITS, samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
     with pytest.raises(DdimctlError, match="not a record ddimctl wrote"):
         folders.claim_folder(tmp_path, record, 4)
 
 
 def test_a_folder_of_someone_elses_images_is_never_adopted(tmp_path):
-    """No record, but files of the names this run would write: refused, and nothing is written."""
+    """Files of the names this run would write that ddimctl did not write: refused, with or without
+    a record of ddimctl's, and nothing is written."""
     (tmp_path / "000002.png").write_bytes(b"a user's photo")
-    record = folders.run_record("digits", samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
-    with pytest.raises(DdimctlError, match=r"holds 1 file\(s\) named like this run's images \(000002.png\)"):
+    record = folders.run_record(DIGITS, samplers.Settings(steps=20, skip="uniform"), 1, None, "fp32", 1)
+    with pytest.raises(DdimctlError, match=r"holds 1 file\(s\) named like this run's images that ddimctl did not write \(000002.png\)"):
         folders.claim_folder(tmp_path, record, 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000002.png"]
     folders.claim_folder(tmp_path, record, 2)  # a run of 2 images writes only 000000 and 000001
+    with pytest.raises(DdimctlError, match=r"\(000002.png\)"):  # the folder has a record now: still refused
+        folders.claim_folder(tmp_path, record, 4)
+    assert (tmp_path / "000002.png").read_bytes() == b"a user's photo"
 
 
 def test_aligned_batches_are_the_runs_own():

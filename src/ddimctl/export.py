@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .errors import DdimctlError
-from .files import atomic_folder, atomic_save_safetensors
+from .files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, enter_in_ledger
 from .layouts import diffusers_config
 from .weights import LoadedModel
 
@@ -43,11 +43,12 @@ EXPORTED_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorc
 
 
 def is_earlier_export(folder: Path) -> bool:
-    """Whether `folder` holds exactly what an export writes, and nothing else (so replacing it loses
-    nothing of anyone's)."""
-    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir()}
+    """Whether `folder` holds exactly what an export writes, byte for byte as it wrote it (its
+    ledgers say so), and nothing else: replacing it loses nothing of anyone's."""
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir() and p.name != LEDGER}
     folders = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_dir()}
-    return files == EXPORTED_FILES and folders == {"unet", "scheduler"}
+    return (files == EXPORTED_FILES and folders == {"unet", "scheduler"}
+            and all(Ledger((folder / name).parent).owns(folder / name) for name in EXPORTED_FILES))
 
 
 def check_target(out: Path) -> None:
@@ -55,7 +56,8 @@ def check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise DdimctlError(f"{out} exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not is_earlier_export(out):
-        raise DdimctlError(f"{out} holds files that an export did not write; choose a new or empty output folder")
+        raise DdimctlError(f"{out} holds files that an export of ddimctl's did not write (or that changed since); "
+                           f"choose a new or empty output folder")
     if not out.parent.exists():
         raise DdimctlError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
 
@@ -77,3 +79,4 @@ def export_diffusers(loaded: LoadedModel, out: Path) -> None:
             ("model_index.json", model_index()),
         ):
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            enter_in_ledger(tmp / name)

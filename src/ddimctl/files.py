@@ -4,6 +4,7 @@ and where ddimctl keeps its cache."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from .errors import DdimctlError
 
 
 def _umask() -> int:
@@ -30,6 +33,81 @@ TEMPORARY_PREFIX = "ddimctl-"
 TEMPORARY = re.compile(r"^\.(?P<target>.+)\.ddimctl-(?P<pid>[1-9][0-9]{0,9})-[a-z0-9_]{8}\.tmp$")
 
 
+def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership: every file ddimctl writes is entered in its folder's ledger, one "SHA256  NAME" line
+# appended per write (sha256sum's format: `sha256sum -c .ddimctl-files` checks a folder). A file is
+# ddimctl's only while its bytes still have the hash entered last for its name: a name proves
+# nothing, so a user's file of the same name is never overwritten, adopted or deleted.
+
+LEDGER = ".ddimctl-files"
+_LEDGER_LINE = re.compile(r"^(?P<sha256>[0-9a-f]{64})  (?P<name>[^/\\\n]+)$")
+
+
+class Ledger:
+    """What ddimctl wrote into one folder: name -> sha256 of the bytes it wrote last (read once; the
+    file is untrusted input like any other: lines that are not entries are passed over)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.entries: dict[str, str] = {}
+        try:
+            text = (self.folder / LEDGER).read_bytes().decode("utf-8", errors="replace")
+        except OSError:
+            return
+        for line in text.splitlines():
+            if match := _LEDGER_LINE.match(line):
+                self.entries[match.group("name")] = match.group("sha256")
+
+    def owns(self, path: str | os.PathLike) -> bool:
+        """Whether `path` (in this folder) is a regular file holding exactly what ddimctl wrote there."""
+        path = Path(path)
+        expected = self.entries.get(path.name)
+        return expected is not None and path.is_file() and not path.is_symlink() and sha256_of(path) == expected
+
+    def names(self, path: str | os.PathLike) -> bool:
+        """Whether ddimctl wrote a file of this name here (whatever it holds now)."""
+        return Path(path).name in self.entries
+
+    def foreign(self, paths) -> list[Path]:
+        """The paths that exist but are not ddimctl's (a write there would destroy someone's file)."""
+        return [Path(p) for p in paths if os.path.lexists(p) and not self.owns(p)]
+
+
+def enter_in_ledger(path: str | os.PathLike) -> None:
+    """Enter the file ddimctl has just written at `path` in its folder's ledger. One append of one
+    short line (atomic for O_APPEND writes), so writer threads and processes never interleave."""
+    path = Path(path)
+    line = f"{sha256_of(path)}  {path.name}\n".encode()
+    fd = os.open(path.parent / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def refuse_foreign(paths, what: str = "") -> None:
+    """Before any work: refuse when a file this command would write exists and is not ddimctl's."""
+    paths = [Path(p) for p in paths if os.path.lexists(p)]  # the ledger is read only where a file stands
+    by_folder: dict[Path, list[Path]] = {}
+    for p in paths:
+        by_folder.setdefault(p.parent, []).append(p)
+    foreign = [p for folder, group in by_folder.items() for p in Ledger(folder).foreign(group)]
+    if foreign:
+        names = ", ".join(str(p) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DdimctlError(
+            f"{names}: {'this file exists' if len(foreign) == 1 else f'{len(foreign)} files exist'} that ddimctl did not "
+            f"write{what}, and would be overwritten; move {'it' if len(foreign) == 1 else 'them'} or choose another output"
+        )
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, clean_stale: bool = True):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
@@ -39,6 +117,7 @@ def atomic_path(path: str | os.PathLike, clean_stale: bool = True):
     thousands of images, which sample cleans once up front).
     """
     path = Path(path)
+    refuse_foreign([path])  # the last guard; commands check their outputs before any work
     if clean_stale:
         remove_stale_temporaries(path.parent, target=path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMPORARY_PREFIX}{os.getpid()}-", suffix=".tmp")
@@ -47,6 +126,7 @@ def atomic_path(path: str | os.PathLike, clean_stale: bool = True):
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; use the usual mode
         os.replace(tmp, path)
+        enter_in_ledger(path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -12,8 +12,9 @@ import torch
 
 from . import images, samplers
 from .errors import DdimctlError, param
-from .files import atomic_path
+from .files import Ledger, atomic_path, sha256_of
 from .sampling import ProgressFn, Sampler, aligned_batches, check_finite, interpolation_alphas, interpolation_latents
+from .weights import LoadedModel
 
 
 def image_names(folder: Path, count: int) -> Callable[[int], Path]:
@@ -43,11 +44,13 @@ class FolderPlan:
         return sum(len(b) for b in self.batches)
 
 
-def plan_folder(folder: Path, count: int, batch: int, world, side: int) -> FolderPlan:
-    """Images 0..count-1 of a run as zero-padded PNGs in `folder`: which are missing (a 0-byte or
-    truncated PNG counts as missing), and this process's share of the batches that hold them."""
+def plan_folder(folder: Path, count: int, batch: int, world) -> FolderPlan:
+    """Images 0..count-1 of a run as zero-padded PNGs in `folder`: which are missing (only a PNG that
+    holds exactly what ddimctl wrote counts as done), and this process's share of the batches that
+    hold them."""
     name_of = image_names(folder, count)
-    todo = [i for i in range(count) if not (name_of(i).exists() and finished_image(name_of(i), (side, side)))]
+    ledger = Ledger(folder)
+    todo = [i for i in range(count) if not ledger.owns(name_of(i))]
     mine = aligned_batches(todo, batch, count)[world.rank :: world.size]
     members = {i for b in mine for i in b}
     return FolderPlan(Path(folder), count, mine, [i for i in todo if i in members], count - len(todo))
@@ -99,52 +102,73 @@ def interpolate_to_folder(
 FOLDER_RECORD = ".ddimctl-sample.json"
 
 
-def run_record(model: str, settings: samplers.Settings, seed: int, latents: str | None, precision: str,
+def run_record(model: LoadedModel, settings: samplers.Settings, seed: int, latents: Path | None, precision: str,
                scale: int) -> dict:
-    """What a folder's record holds: everything that decides the images' pixels."""
-    return {"model": model, **settings.record(), "seed": seed, "latents": latents, "precision": precision,
-            "scale": scale}
+    """What a folder's record holds: everything that decides the images' pixels, the model and the
+    latents by their content (a newer checkpoint in a run folder, or other latents at the same path,
+    are another run)."""
+    return {"model": model.source, "weights_sha256": model.weights_sha256, **settings.record(), "seed": seed,
+            "latents": str(latents) if latents else None, "latents_sha256": sha256_of(latents) if latents else None,
+            "precision": precision, "scale": scale}
 
 
 def claim_folder(folder: Path, settings: dict, count: int) -> None:
     """Record the settings of the run writing into `folder`, or refuse: when the folder holds images
-    of a run with other settings (they would mix), or, without a record of ddimctl's, files of the
-    names this run would write (someone else's: never overwritten, never counted as this run's)."""
+    of a run with other settings (they would mix), or files of the names this run would write that
+    ddimctl did not write (someone else's: never overwritten, never counted as this run's). A PNG of
+    ddimctl's that was cut short or emptied since is removed here, and redone."""
     record = Path(folder) / FOLDER_RECORD
-    if record.is_file():
-        try:
-            before = json.loads(record.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            before = None
+    ledger = Ledger(folder)
+    if record.exists():
+        before = None
+        if ledger.owns(record):
+            try:
+                before = json.loads(record.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                pass
         if not isinstance(before, dict):
-            raise DdimctlError(f"{record} is not a record ddimctl wrote; name a fresh {param('out')} folder")
-        before.setdefault("sampler", "ddim")  # records of earlier versions: DDIM was the only sampler
-        differ = [f"{k} {before.get(k)!s} (now {v})" for k, v in settings.items() if str(before.get(k)) != str(v)]
+            raise DdimctlError(f"{record} is not a record ddimctl wrote (or it changed since); name a fresh "
+                               f"{param('out')} folder")
+        differ = [f"{k} {_short(before.get(k))} (now {_short(v)})" for k, v in settings.items()
+                  if str(before.get(k)) != str(v)]
         if differ:
             raise DdimctlError(
                 f"{folder} holds images of a run with other settings ({', '.join(differ)}); "
                 f"use the same settings to finish it, or another {param('out')}"
             )
-        return
     name_of = image_names(folder, count)
-    foreign = [name_of(i).name for i in range(count) if name_of(i).exists()]
+    damaged, foreign = [], []
+    for path in ledger.foreign(name_of(i) for i in range(count)):
+        if ledger.names(path) and not finished_image(path, None):
+            damaged.append(path)
+        else:
+            foreign.append(path.name)
     if foreign:
         raise DdimctlError(
-            f"{folder} holds {len(foreign)} file(s) named like this run's images ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}) but no record of a ddimctl run; name a fresh {param('out')} "
-            f"folder, or remove those files"
+            f"{folder} holds {len(foreign)} file(s) named like this run's images that ddimctl did not write "
+            f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); name a fresh {param('out')} folder, "
+            f"or move those files"
         )
-    with atomic_path(record) as tmp:
-        tmp.write_text(json.dumps(settings, indent=2))
+    for path in damaged:
+        path.unlink()
+    if not record.exists():
+        with atomic_path(record) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
 
 
-def finished_image(path: Path, size: tuple[int, int]) -> bool:
+def _short(value) -> str:
+    """A value as an error shows it (content hashes shortened)."""
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+def finished_image(path: Path, size: tuple[int, int] | None) -> bool:
     """Whether a PNG from an earlier run is complete (a 0-byte or truncated file is redone)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            if img.size != size:
+            if size is not None and img.size != size:
                 return False
             img.load()
         return True

@@ -7,7 +7,6 @@ of every file is checked here before anything parses it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -23,14 +22,7 @@ from huggingface_hub.errors import (
 )
 
 from .errors import DdimctlError, param
-
-
-def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+from .files import sha256_of
 
 
 def host_resolves(endpoint: str | None = None) -> bool:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DdimctlError, param
-from .files import atomic_path
+from .files import atomic_path, refuse_foreign
 
 # Formats Pillow reads that people keep images in; those ddimctl writes pictures in.
 READ_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -158,6 +158,8 @@ def check_writable(path: Path) -> None:
         raise DdimctlError(f"cannot write {path}: {folder} is not a folder; choose another {param('out')}")
     if not os.access(folder, os.W_OK):
         raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another {param('out')}")
+    if not Path(path).is_dir():
+        refuse_foreign([path])
 
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

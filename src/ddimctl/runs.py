@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from .errors import DdimctlError, param
 from .fields import Fields, read_json_object
-from .files import atomic_save_safetensors
+from .files import Ledger, atomic_save_safetensors
 from .layouts import unet_config_from
 from .registry import DEFAULT_SCHEDULE
 from .unet import UNetConfig
@@ -113,7 +113,10 @@ def resume_changes(run_dir: Path, options: dict) -> dict[str, list]:
 
 
 def prepare_run_dir(run_dir: Path, config: UNetConfig, resume: bool) -> Path | None:
-    """Check RUN_DIR against this run; return the checkpoint to resume from, if any."""
+    """Check RUN_DIR against this run; return the checkpoint to resume from, if any. A folder whose
+    config.json is not one ddimctl wrote must hold none of the files a run writes (a user's train.log
+    is never appended to, their samples/ never written into)."""
+    check_owned(run_dir)
     existing = checkpoint_files(run_dir) if run_dir.is_dir() else []
     saved = saved_run(run_dir)
     if saved is not None:
@@ -131,6 +134,19 @@ def prepare_run_dir(run_dir: Path, config: UNetConfig, resume: bool) -> Path | N
             f"pass {param('resume')} to continue it, or choose another {param('out')}"
         )
     return existing[-1] if existing else None
+
+
+def check_owned(run_dir: Path) -> None:
+    if not run_dir.is_dir() or Ledger(run_dir).owns(run_dir / CONFIG):
+        return
+    theirs = [p for p in (run_dir / CONFIG, run_dir / LOG) if os.path.lexists(p)]
+    theirs += [p for sub in (CHECKPOINTS, SAMPLES) if (run_dir / sub).is_dir() for p in sorted((run_dir / sub).iterdir())]
+    if theirs:
+        raise DdimctlError(
+            f"{run_dir} holds {theirs[0].relative_to(run_dir)}{f' and {len(theirs) - 1} more' if len(theirs) > 1 else ''}, "
+            f"which ddimctl did not write (there is no run config of ddimctl's); a run would write into them: choose "
+            f"another {param('out')}"
+        )
 
 
 def step_of(checkpoint: Path) -> int:
@@ -182,11 +198,16 @@ def checkpoint_problem(path: Path) -> str | None:
 def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
     """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped."""
     files = checkpoint_files(run_dir)
+    ledger = Ledger(Path(run_dir) / CHECKPOINTS)
     for path in reversed(files):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        say(f"notice: skipping {path.name}: {problem}")
+        if ledger.names(path):  # ddimctl's own, damaged since: its step is trained again and saved afresh
+            path.unlink()
+            say(f"notice: removed {path.name}: {problem}")
+        else:
+            raise DdimctlError(f"{path}: not a checkpoint ddimctl wrote ({problem}); move it out of the run folder")
     raise DdimctlError(
         f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
         f"start afresh with another {param('out')}"
@@ -207,8 +228,10 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, keep: int) 
     metadata = {"step": str(step), "param_groups": json.dumps(optim["param_groups"])}
     path = checkpoint_path(run_dir, step)
     atomic_save_safetensors(tensors, path, metadata)
+    ledger = Ledger(path.parent)
     for old in checkpoint_files(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+        if ledger.owns(old):  # what ddimctl did not write (or what changed since) stays
+            old.unlink()
     return path
 
 

@@ -90,6 +90,7 @@ class LoadedModel:
     source: str
     schedule: dict
     skip: str
+    weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
 
     @property
     def config(self) -> UNetConfig:
@@ -156,22 +157,24 @@ def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint
         if entry.sha256 and hub.sha256_of(path) != entry.sha256:
             raise DdimctlError(f"model {entry.name!r}: the bundled {path.name} does not match its sha256; reinstall ddimctl")
         state = read_checkpoint(path)
+        digest = entry.sha256 or hub.sha256_of(path)
     else:
-        state = _hub_state_dict(entry, hub_cache, endpoint, notify)
+        state, digest = _hub_state_dict(entry, hub_cache, endpoint, notify)
     state = to_diffusers_names(state)
     config = PRESETS[entry.architecture] if entry.architecture in PRESETS else None
     if config is None:
         raise DdimctlError(f"model {entry.name!r}: unknown architecture {entry.architecture!r} in weights.toml")
     config = UNetConfig(**{**config.to_dict(), "resolution": entry.resolution, "dropout": 0.0, **entry.extra.get("unet", {})})
     unet = build_unet(config, state, f"model {entry.name!r}")
-    return LoadedModel(unet, entry.name, entry.source, entry.schedule, entry.skip)
+    return LoadedModel(unet, entry.name, entry.source, entry.schedule, entry.skip, digest)
 
 
 def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | None,
-                    notify: Callable[[str], None]) -> dict[str, torch.Tensor]:
+                    notify: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a registry model's Hub file, and that file's sha256."""
     is_pickle = Path(entry.file).suffix in PICKLE_SUFFIXES
     if is_pickle and entry.sha256 and converted_path(entry, entry.sha256).is_file():
-        return load_file(str(converted_path(entry, entry.sha256)))
+        return load_file(str(converted_path(entry, entry.sha256))), entry.sha256
     path = hub.download(
         entry.name, entry.repo, entry.file, entry.revision, entry.sha256 or None, cache_dir=hub_cache, endpoint=endpoint
     )
@@ -181,13 +184,13 @@ def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | No
                f"the file has sha256 {digest}")
     state = _read_download(entry, path, hub_cache)
     if not is_pickle:
-        return state
+        return state, digest
     converted = converted_path(entry, digest)
     if converted.is_file():
-        return load_file(str(converted))
+        return load_file(str(converted)), digest
     state = to_diffusers_names(state)
     atomic_save_safetensors(state, converted, {"source": f"{entry.repo}/{entry.file}", "sha256": digest})
-    return state
+    return state, digest
 
 
 def _read_download(entry: ModelEntry, path: Path, hub_cache: str | None) -> dict[str, torch.Tensor]:
@@ -255,7 +258,7 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
             schedule = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file), notify)
             break
     unet = build_unet(config, state, str(path))
-    return LoadedModel(unet, path.name, str(path), schedule, skip)
+    return LoadedModel(unet, path.name, str(path), schedule, skip, hub.sha256_of(weights))
 
 
 def run_checkpoint(spec: str) -> Path | None:

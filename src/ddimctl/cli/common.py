@@ -229,7 +229,7 @@ def fill_with_progress(sampler: sampling.Sampler, plan: folders.FolderPlan, seed
 
 def plan_and_fill(sampler: sampling.Sampler, seed: int, count: int, folder: Path, world, x_T=None, scale: int = 1) -> tuple[int, float]:
     """Plan the folder (noting images already there), fill it; (images this process wrote, stall)."""
-    plan = folders.plan_folder(folder, count, sampler.batch, world, sampler.model.config.resolution * scale)
+    plan = folders.plan_folder(folder, count, sampler.batch, world)
     if plan.already and world.is_main:
         note(f"{plan.already} of {count} images already in {folder}; generating the rest")
     return len(plan.todo), fill_with_progress(sampler, plan, seed, world, x_T, scale)

@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import devices, distributed, fast, registry, samplers, weights
+from .. import devices, distributed, fast, folders, registry, samplers, weights
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -143,6 +143,9 @@ def sweep(
                             batch_size=batch_size, count=num, reuse=reuse)
 
     def fill(runner, folder: Path) -> None:
+        if world.is_main:  # a cell's images are its run's only: another sweep's are refused, not scored
+            folders.claim_folder(folder, folders.run_record(loaded, runner.settings, seed, None, runner.precision, 1), num)
+        world.barrier()
         plan_and_fill(runner, seed, num, folder, world)
 
     evaluate.run_sweep(loaded.name, cells, num, ref, out, world, prepare_cell, fill, feature_extractor, say)

@@ -10,7 +10,7 @@ import typer
 
 from .. import devices, distributed, fast, folders, images, samplers, sampling
 from .. import latents as latents_file
-from ..files import remove_stale_temporaries
+from ..files import refuse_foreign, remove_stale_temporaries
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -91,7 +91,7 @@ def sample(
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
-            loaded.source, settings, seed, str(latents) if latents else None,
+            loaded, settings, seed, latents,
             fast.resolve_precision(precision, devices.pick_device(device)), scale or 1), count)
     world.barrier()
     runner = make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
@@ -160,6 +160,7 @@ def edit(
     if to_folder:
         out_path.mkdir(parents=True, exist_ok=True)
     images.check_writable(targets[0])
+    refuse_foreign(targets)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
     channels, resolution, _ = loaded.image_shape

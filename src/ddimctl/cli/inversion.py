@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from .. import folders, images, metrics, samplers, sampling
+from ..files import refuse_foreign
 from .. import latents as latents_file
 from .common import (
     MAX_STRIP_FRAMES,
@@ -192,6 +193,7 @@ def interpolate(
     if to_folder:
         out.mkdir(parents=True, exist_ok=True)
         images.check_writable(out / "x.png")
+        refuse_foreign(folders.image_names(out, frames)(i) for i in range(frames))
     else:
         check_output(out, images.PICTURE_SUFFIXES, "--out")
     if (gif or not to_folder) and frames > MAX_STRIP_FRAMES:
