@@ -149,7 +149,7 @@ def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
         (["sample", "--steps", "0"], ["--steps must be at least 1, got 0"]),
         (["sample", "--steps", "1001"], ["--steps must be between 1 and 1000"]),
         (["sample", "--eta", "-0.5"], ["--eta must be a finite number >= 0"]),
-        (["sample", "--skip", "cosine"], ["--skip must be one of uniform, quad"]),
+        (["sample", "--skip", "cosine"], ["--skip: unknown skip scheme 'cosine'; use one of uniform, quad, logsnr, karras, ays, trailing"]),
         (["sample", "--out", "nowhere/x.png"], ["folder nowhere does not exist"]),
         (["sample", "--out", "x.txt"], ["give an image file"]),
         (["sample", "--latents", "missing.safetensors"], ["no such file"]),
@@ -335,7 +335,7 @@ def test_every_sampler_writes_the_librarys_images(tiny_checkpoint, tmp_path, nam
     model = weights.load_model(str(tiny_checkpoint))
     x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1, 2]), model.image_shape)
     with torch.no_grad():
-        x0 = settings.run(model.unet, x_T, model.alphas_cumprod, settings.timesteps(1000))
+        x0 = settings.run(model.unet, x_T, model.alphas_cumprod, settings.timesteps(model.alphas_cumprod))
     expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(3):
         assert np.array_equal(pixels(tmp_path / "o" / f"{i:06d}.png"), expected[i]), (name, i)

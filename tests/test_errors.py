@@ -45,7 +45,7 @@ def test_each_sampling_rule(values, expected):
     [
         ({"steps": 0}, "steps must be at least 1, got 0"),
         ({"sampler": "plms", "steps": 2}, "steps must be at least 3 for plms (its first step takes two network calls), got 2"),
-        ({"skip": "cosine"}, "skip must be one of uniform, quad, got 'cosine'"),
+        ({"skip": "cosine"}, "skip: unknown skip scheme 'cosine'; use one of uniform, quad, logsnr, karras, ays, trailing, or explicit timesteps"),
         ({"eta": math.nan}, "eta must be a finite number >= 0, got nan"),
         ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
         ({"sampler": "dpm++2m", "eta": 1.0}, "eta is a setting of the ddim sampler; dpm++2m is deterministic (leave it out)"),

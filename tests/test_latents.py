@@ -34,7 +34,7 @@ def test_decoding_takes_the_files_settings_unless_told_otherwise(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, expected", [
-    ("steps", "many", "a positive integer"), ("steps", "0", "a positive integer"), ("skip", "cosine", "uniform or quad"),
+    ("steps", "many", "a positive integer"), ("steps", "0", "a positive integer"), ("skip", "cosine", "one of uniform, quad, logsnr, karras, ays, trailing or explicit timesteps"),
     ("sampler", "euler", "one of ddim"), ("eta", "x", "a number"),
 ])
 def test_metadata_fields_are_checked_as_untrusted_input(tmp_path, field, value, expected):

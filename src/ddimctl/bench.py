@@ -86,7 +86,7 @@ def run_ours(
 ) -> tuple[Measurement, torch.Tensor]:
     device = x_T.device
     batch = x_T.shape[0]
-    timesteps = settings.timesteps(len(alphas_cumprod))
+    timesteps = settings.timesteps(alphas_cumprod)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     eps = fast.prepare(unet, device, precision, compile_mode, batch)
@@ -159,7 +159,7 @@ def run_reference(
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
 
-    descending = [int(t) for t in reversed(settings.timesteps(SCHEDULE.train_steps))]
+    descending = [int(t) for t in reversed(settings.timesteps(SCHEDULE.alphas_cumprod()))]
 
     @torch.no_grad()
     def run():

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import ddim, samplers
+from . import samplers, timesteps
 from .errors import DdimctlError, param
 from .files import atomic_save_safetensors
 
@@ -83,8 +83,11 @@ def latents_settings(path: Path) -> dict[str, str]:
 
     if "steps" in made and not (made["steps"].isdigit() and int(made["steps"]) >= 1):
         raise bad("steps", "a positive integer")
-    if "skip" in made and made["skip"] not in ddim.SKIP_SCHEMES:
-        raise bad("skip", " or ".join(ddim.SKIP_SCHEMES))
+    if "skip" in made:
+        try:
+            timesteps.check(made["skip"])
+        except ValueError:
+            raise bad("skip", f"one of {', '.join(timesteps.SCHEMES)} or explicit timesteps") from None
     if made["sampler"] not in samplers.SAMPLERS:
         raise bad("sampler", f"one of {samplers.names()}")
     if "eta" in made:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import ddim, solvers
+from . import ddim, solvers, timesteps
 from .errors import DdimctlError, between, finite_at_least, one_of, param
 
 
@@ -56,8 +56,9 @@ def names() -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """How to sample: which sampler, S network calls per image, the timestep scheme (None: the
-    sampler's default for the model), and DDIM's eta and sigma-hat."""
+    """How to sample: which sampler, S network calls per image, the timesteps (a scheme of
+    timesteps.SCHEMES or an explicit list as text; None: the sampler's default for the model), and
+    DDIM's eta and sigma-hat."""
 
     sampler: str = "ddim"
     steps: int = 50
@@ -72,7 +73,15 @@ class Settings:
             why = f" for {self.sampler} (its first step takes two network calls)" if spec.min_steps > 1 else ""
             raise DdimctlError(f"{param('steps')} must be at least {spec.min_steps}{why}, got {self.steps}")
         if self.skip is not None:
-            one_of("skip", self.skip, ddim.SKIP_SCHEMES)
+            try:
+                timesteps.check(self.skip)
+            except ValueError as e:
+                raise DdimctlError(f"{param('skip')}: {e}") from e
+            walked = self.steps - spec.extra_calls
+            if timesteps.is_list(self.skip) and len(timesteps.parse_list(self.skip)) != walked:
+                raise DdimctlError(f"{len(timesteps.parse_list(self.skip))} timesteps for {param('steps')} {self.steps}"
+                                   f"{' (plms: one more call than timesteps)' if spec.extra_calls else ''}; "
+                                   f"leave out {param('steps')}: it follows from the timesteps")
         finite_at_least("eta", self.eta, 0)
         if not spec.takes_eta and (self.eta != 0 or self.sigma_hat):
             what = param("eta") if self.eta != 0 else param("sigma_hat")
@@ -92,11 +101,14 @@ class Settings:
         between("steps", self.steps - self.spec.extra_calls, 1, train_steps, " (the model's train steps)")
         return replace(self, skip=self.skip or self.spec.default_skip or model_skip)
 
-    def timesteps(self, train_steps: int) -> torch.Tensor:
-        """The increasing timestep sub-sequence the sampler walks (skip must be resolved)."""
+    def timesteps(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+        """The increasing timestep sub-sequence the sampler walks on this schedule (skip resolved)."""
         if self.skip is None:
             raise ValueError("Settings.timesteps needs a resolved skip: call for_model() first")
-        return ddim.timestep_sequence(self.steps - self.spec.extra_calls, train_steps, self.skip)
+        try:
+            return timesteps.sequence(self.skip, self.steps - self.spec.extra_calls, alphas_cumprod)
+        except ValueError as e:
+            raise DdimctlError(f"{param('skip')} {self.skip}: {e}") from e
 
     def network_calls(self, timesteps: int) -> int:
         """Network calls per image for a walk over this many timesteps."""

@@ -82,7 +82,7 @@ class Sampler:
 
             self.eps_model = fast.prepare(self.model.unet, self.device, "fp32")
         self._alphas_cumprod = self.model.alphas_cumprod
-        self.timesteps = self.settings.timesteps(self.model.train_steps)
+        self.timesteps = self.settings.timesteps(self._alphas_cumprod)
 
     @property
     def evaluations(self) -> int:

@@ -21,7 +21,7 @@ if THREADS_DECIDED:
     cpu_threads_note.append(THREADS_DECIDED)
 
 # Each module registers its commands when imported; this order is the order of --help.
-for _group in ("generate", "inversion", "training", "evaluation"):
+for _group in ("generate", "inversion", "tuning", "training", "evaluation"):
     importlib.import_module(f".{_group}", __name__)
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import typer
 
-from .. import folders, images, registry, samplers, sampling, weights
+from .. import folders, images, registry, samplers, sampling, timesteps, weights
 from ..data import find_images
 from ..errors import DdimctlError
 from .output import PlainProgress, flag, note, progress_bar, say, stderr, stdout  # noqa: F401 (the commands' imports)
@@ -73,7 +73,9 @@ ModelOpt = typer.Option(
 )
 
 
-StepsOpt = typer.Option(50, "--steps", "-S", help="Network calls per image S (for every sampler).")
+StepsOpt = typer.Option(
+    None, "--steps", "-S", help="Network calls per image S, for every sampler (default 50, or what --timesteps give)."
+)
 
 
 SamplerOpt = typer.Option(
@@ -83,7 +85,54 @@ SamplerOpt = typer.Option(
 )
 
 
-SkipOpt = typer.Option(None, "--skip", help="Timestep scheme: uniform or quad (default: the model's).")
+SkipOpt = typer.Option(
+    None, "--skip",
+    help=f"Timestep scheme: {', '.join(timesteps.SCHEMES)}; or explicit timesteps, or a tune-steps file F.json "
+    f"(default: the sampler's, for ddim the model's).",
+)
+
+
+TimestepsOpt = typer.Option(
+    None, "--timesteps", help="Explicit timesteps such as 999,700,450,200,50 (either order), or a tune-steps file F.json; "
+    "--steps follows from them.",
+)
+
+
+DEFAULT_STEPS = 50
+
+
+def timestep_choice(skip: str | None, given: str | None) -> tuple[str | None, timesteps.Tuned | None]:
+    """--skip and --timesteps as the one value Settings.skip holds (a scheme or an explicit list), and
+    the tune-steps file it came from, if any (checked against the model once it is loaded)."""
+    if skip is not None and given is not None:
+        fail("give --skip or --timesteps, not both")
+    value = given if given is not None else skip
+    if value is None:
+        return None, None
+    if value.lower().endswith(".json"):
+        tuned = timesteps.read_tuned(Path(value).expanduser())
+        return timesteps.canonical(tuned.timesteps), tuned
+    if given is not None or timesteps.is_list(value):
+        try:
+            return timesteps.canonical(timesteps.parse_list(value)), None
+        except ValueError as e:
+            fail(f"--timesteps {value}: {e}")
+    return value, None
+
+
+def steps_for(steps: int | None, skip: str | None, sampler: str) -> int:
+    """--steps as given, else as many network calls as explicit timesteps take, else the default."""
+    if steps is not None:
+        return steps
+    if skip is not None and timesteps.is_list(skip):
+        extra = samplers.SAMPLERS[sampler].extra_calls if sampler in samplers.SAMPLERS else 0
+        return len(timesteps.parse_list(skip)) + extra
+    return DEFAULT_STEPS
+
+
+def check_tuned(tuned: timesteps.Tuned | None, loaded: weights.LoadedModel, sampler: str) -> None:
+    if tuned is not None:
+        tuned.check(loaded.name, loaded.weights_sha256, sampler)
 
 
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")

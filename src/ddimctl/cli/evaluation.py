@@ -21,7 +21,9 @@ from .common import (
     SamplerOpt,
     SkipOpt,
     StepsOpt,
+    TimestepsOpt,
     app,
+    check_tuned,
     fail,
     load,
     make_sampler,
@@ -31,6 +33,8 @@ from .common import (
     plan_and_fill,
     say,
     stdout,
+    steps_for,
+    timestep_choice,
 )
 
 
@@ -67,7 +71,7 @@ def fid(
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the FID statistics of SAMPLES to this .npz."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Sample from this model instead of reading SAMPLES."),
     num: int = typer.Option(10_000, "--num", "-n", help="With --model: images to sample."),
-    steps: int = StepsOpt,
+    steps: Optional[int] = StepsOpt,
     sampler: str = SamplerOpt,
     eta: float = typer.Option(0.0, "--eta", help="ddim only."),
     skip: Optional[str] = SkipOpt,
@@ -84,7 +88,8 @@ def fid(
 
     evaluate.fidelity()
     dev = devices.pick_device(device)
-    settings = samplers.Settings(sampler, steps, skip, eta)
+    skip, tuned = timestep_choice(skip, None)
+    settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
     if save_stats is not None:
@@ -99,6 +104,7 @@ def fid(
         if model is not None:
             evaluate.check_sample_count(num)
             loaded = load(model)
+            check_tuned(tuned, loaded, settings.sampler)
             runner = make_sampler(loaded, settings, device, count=num)
             samples = Path(tmp)
             plan_and_fill(runner, seed, num, samples, distributed.World())
@@ -158,8 +164,10 @@ def sweep(
 @app.command()
 def bench(
     model: Optional[str] = typer.Option("cifar10", "--model", "-m", help="Registry name, path, or a preset (random weights)."),
-    steps: int = typer.Option(50, "--steps", "-S", help="Network calls per image."),
+    steps: Optional[int] = StepsOpt,
     sampler: str = SamplerOpt,
+    skip: Optional[str] = SkipOpt,
+    timesteps_given: Optional[str] = TimestepsOpt,
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Default: 256 on GPUs, 4 on CPU."),
     precision: str = PrecisionOpt,
     compile_mode: Optional[str] = typer.Option(
@@ -176,7 +184,9 @@ def bench(
 
     dev = devices.pick_device(device)
     mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
-    settings = benchmarks.check_settings(samplers.Settings(sampler, steps), None if mode == "none" else mode)
+    skip, _ = timestep_choice(skip, timesteps_given)  # speed does not depend on which model they were tuned for
+    steps = steps_for(steps, skip, sampler)
+    settings = benchmarks.check_settings(samplers.Settings(sampler, steps, skip), None if mode == "none" else mode)
     unet, source = benchmarks.unet_to_time(model, load)
     batch = batch_size or (256 if dev.type == "cuda" else 4)
     if not as_json:

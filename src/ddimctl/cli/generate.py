@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .. import devices, distributed, fast, folders, images, samplers, sampling
+from .. import devices, distributed, fast, folders, images, samplers, sampling, timesteps
 from .. import latents as latents_file
 from ..files import refuse_foreign, remove_stale_temporaries
 from .common import (
@@ -24,8 +24,10 @@ from .common import (
     SkipOpt,
     StepsOpt,
     TolOpt,
+    TimestepsOpt,
     app,
     check_inputs,
+    check_tuned,
     exact_settings,
     fail,
     is_directory_target,
@@ -36,6 +38,8 @@ from .common import (
     plan_and_fill,
     read_images,
     say,
+    steps_for,
+    timestep_choice,
 )
 
 
@@ -49,6 +53,7 @@ def sample(
     sampler: str = SamplerOpt,
     eta: float = typer.Option(0.0, "--eta", help="ddim only: 0 = deterministic, 1 = DDPM posterior variance."),
     skip: Optional[str] = SkipOpt,
+    timesteps_given: Optional[str] = TimestepsOpt,
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     batch_size: Optional[int] = BatchOpt,
     seed: int = typer.Option(0, "--seed", help="Image i depends only on (seed, i)."),
@@ -63,6 +68,9 @@ def sample(
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
     sampling.check_settings(batch_size=batch_size, num=None if latents else num)
     made = latents_file.latents_settings(latents) if latents is not None else {}
+    skip, tuned = timestep_choice(skip, timesteps_given)
+    if skip is not None and timesteps.is_list(skip):
+        steps = steps_for(steps, skip, sampler)
     settings = latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat)  # checked here
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
@@ -80,6 +88,7 @@ def sample(
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     # Latents decode with the model, S and skip they were made with, unless told otherwise.
     loaded = load(model or made.get("model"))
+    check_tuned(tuned, loaded, settings.sampler)
     settings = settings.for_model(loaded.train_steps, loaded.skip)
     x_T = latents_file.load_latents(latents, loaded.image_shape) if latents is not None else None
     if latents is not None and world.is_main:
@@ -127,9 +136,10 @@ def edit(
     ),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Inpainting mask: white = regenerate, black = keep."),
     model: Optional[str] = ModelOpt,
-    steps: int = StepsOpt,
+    steps: Optional[int] = StepsOpt,
     sampler: str = SamplerOpt,
     skip: Optional[str] = SkipOpt,
+    timesteps_given: Optional[str] = TimestepsOpt,
     eta: float = typer.Option(0.0, "--eta", help="ddim only: 0 = deterministic, 1 = DDPM posterior variance."),
     seed: int = typer.Option(0, "--seed", help="Image i's noise depends only on (seed, i)."),
     exact: bool = typer.Option(False, "--exact/--noise", help="Start from the exact inversion to t0, not fresh noise."),
@@ -144,7 +154,8 @@ def edit(
 ) -> None:
     """SDEdit: noise the images to t0 and denoise them back (with --sampler), or inpaint the masked part."""
     how = exact_settings(exact, tol, max_iters)
-    settings = samplers.Settings(sampler, steps, skip, eta)
+    skip, tuned = timestep_choice(skip, timesteps_given)
+    settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     sampling.check_settings(batch_size=batch_size, strength=strength)
     out_path = Path(out).expanduser()
     image_paths = check_inputs(image_paths)
@@ -162,6 +173,7 @@ def edit(
     images.check_writable(targets[0])
     refuse_foreign(targets)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)
+    check_tuned(tuned, loaded, settings.sampler)
     x0 = read_images(image_paths, loaded)
     channels, resolution, _ = loaded.image_shape
     regenerate = None  # the mask: 1 where the edit draws new pixels

@@ -25,10 +25,12 @@ from .common import (
     ScaleOpt,
     SkipOpt,
     StepsOpt,
+    TimestepsOpt,
     TolOpt,
     app,
     check_inputs,
     check_output,
+    check_tuned,
     exact_settings,
     fail,
     is_directory_target,
@@ -42,6 +44,8 @@ from .common import (
     run_inversion,
     say,
     stdout,
+    steps_for,
+    timestep_choice,
 )
 
 
@@ -49,7 +53,7 @@ from .common import (
 def invert(
     image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode."),
     model: Optional[str] = ModelOpt,
-    steps: int = StepsOpt,
+    steps: Optional[int] = StepsOpt,
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -62,7 +66,8 @@ def invert(
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path). Inversion follows the
     DDIM ODE whatever sampler decodes later: its exact round trip is defined for the DDIM decoder."""
     how = exact_settings(exact, tol, max_iters)
-    settings = samplers.Settings("ddim", steps, skip)
+    skip, _ = timestep_choice(skip, None)
+    settings = samplers.Settings("ddim", steps_for(steps, skip, "ddim"), skip)
     check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
@@ -155,9 +160,10 @@ def interpolate(
     image_paths: list[Path] = typer.Argument(None, metavar="[A B]", help="Two images to blend."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Blend two random latents instead, e.g. --seeds 1,2."),
     model: Optional[str] = ModelOpt,
-    steps: int = StepsOpt,
+    steps: Optional[int] = StepsOpt,
     sampler: str = SamplerOpt,
     skip: Optional[str] = SkipOpt,
+    timesteps_given: Optional[str] = TimestepsOpt,
     device: str = DeviceOpt,
     frames: int = typer.Option(8, "--frames", help="Frames including both ends."),
     out: str = typer.Option(
@@ -177,6 +183,8 @@ def interpolate(
     """Slerp between the latents of two images (or two seeds) and decode every frame (DDIM at eta = 0,
     or --sampler). The images are inverted along the DDIM ODE."""
     how = exact_settings(exact, tol, max_iters)
+    skip, tuned = timestep_choice(skip, timesteps_given)
+    steps = steps_for(steps, skip, sampler)
     decoding, inverting = samplers.Settings(sampler, steps, skip), samplers.Settings("ddim", steps, skip)
     paths = check_inputs(image_paths or [])
     if seeds is not None:
@@ -202,6 +210,7 @@ def interpolate(
     if gif:
         check_output(gif, (".gif",), "--gif")
     loaded = load(model)
+    check_tuned(tuned, loaded, decoding.sampler)
     x0 = read_images(paths, loaded) if seeds is None else None
     options = dict(precision=precision, compile_model=False, batch_size=batch_size, count=frames)
     runner = make_sampler(loaded, decoding, device, **options)
