@@ -200,3 +200,12 @@ def test_bench_times_presets_with_random_weights_and_loads_the_rest():
 
     assert bench.unet_to_time("some/checkpoint.safetensors", lambda spec: Loaded()) == (
         "the loaded UNet", "some/checkpoint.safetensors")
+
+
+def test_bench_without_diffusers_says_so_and_times_ddimctl(tmp_path):
+    """It was a traceback (No module named 'diffusers'), README commands included."""
+    result = ddimctl("bench", "--model", "digits", "--steps", "2", "--batch-size", "2", "--runs", "1", cwd=tmp_path,
+                     prelude="import sys; sys.modules['diffusers'] = None  # as if not installed", check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "diffusers is not installed: ddimctl's rows only" in result.stderr
+    assert "ddimctl fp32 eager" in result.stdout and "diffusers fp32" not in result.stdout

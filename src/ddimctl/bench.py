@@ -118,6 +118,17 @@ def follow_grid(scheduler, descending: list[int], alphas_cumprod: torch.Tensor):
     return scheduler
 
 
+def no_reference(sampler: str) -> str | None:
+    """Why diffusers cannot be timed beside this sampler (not installed, no scheduler), or None."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return "diffusers is not installed: ddimctl's rows only (pip install diffusers adds its reference row)"
+    if reference_scheduler(sampler) is None:
+        return f"diffusers has no scheduler for {sampler} on this noise schedule: no reference run"
+    return None
+
+
 def reference_scheduler(sampler: str):
     """diffusers' scheduler for a sampler, walking the same timesteps when S divides T ("leading"),
     or None (iPNDM: diffusers' IPNDMScheduler uses another noise schedule)."""
@@ -311,14 +322,8 @@ def run_benchmark(
         log(f"ddimctl {fast.resolve_precision(precision, device)} compile={compile_mode or 'none'}")
         mine, mine_out = run_ours(unet, x_T, settings, precision, compile_mode, runs, abar)
         results.append(mine)
-    if reference:
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            log("diffusers is not installed: no reference run (pip install diffusers)")
-            reference = False
-    if reference and reference_scheduler(settings.sampler) is None:
-        log(f"diffusers has no scheduler for {settings.sampler} on this noise schedule: no reference run")
+    if reference and no_reference(settings.sampler):
+        log(no_reference(settings.sampler))
         reference = False
     refs = []
     if reference:

@@ -192,7 +192,7 @@ def bench(
     if not as_json:
         say(f"bench: {source}; {dev}; batch {batch}; {settings.sampler}, S={steps}; {runs} timed runs each")
         if dev.type == "cpu":
-            paths = 1 + (reference and benchmarks.reference_scheduler(settings.sampler) is not None) + (
+            paths = 1 + (reference and benchmarks.no_reference(settings.sampler) is None) + (
                 fast.resolve_precision(precision, dev) != "fp32" or mode != "none")
             seconds = benchmarks.estimate_seconds(unet, dev, settings, batch, runs, paths)
             took = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
