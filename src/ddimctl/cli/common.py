@@ -20,6 +20,8 @@ app = typer.Typer(
     help="Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help: at 80 columns rich's boxed tables squeezed each option's text into ~21 characters.
+    rich_markup_mode=None,
 )
 
 

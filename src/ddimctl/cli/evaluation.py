@@ -80,7 +80,7 @@ def fid(
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Feature-extraction batch."),
     feature_extractor: Optional[str] = typer.Option(None, "--feature-extractor", help="Default: torch-fidelity's inception-v3-compat."),
 ) -> None:
-    """FID via torch-fidelity (pip install 'ddimctl\\[eval]'): a folder of samples, or a model sampled now,
+    """FID via torch-fidelity (pip install '.[eval]' from a clone, see the README): a folder of samples, or a model sampled now,
     against a reference folder, a saved statistics file or a named data set."""
     import tempfile
 
