@@ -7,6 +7,12 @@ strokes rather than pixels. Every cell uses the same x_T for image i of seed k. 
 uniform against quad at 5 and 10 calls, the measurement behind each sampler's default --skip.
 
     python scripts/make_digits.py data/digits && python scripts/eval_samplers.py data/digits [--json docs/samplers-eval.json]
+
+--timesteps-study scores every built-in timestep scheme, and the tuned files given with --tuned,
+for the fast samplers at --study-calls, beside DDIM at 5 and 50 calls (docs/timesteps-eval.json):
+
+    python scripts/eval_samplers.py data/digits --timesteps-study --tuned src/ddimctl/bundled/tuned/*.json \
+        --json docs/timesteps-eval.json
 """
 
 import argparse
@@ -21,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import data, metrics, samplers, sampling, weights  # noqa: E402
+from ddimctl import data, metrics, samplers, sampling, timesteps, weights  # noqa: E402
 
 CALLS = (5, 10, 20, 50)
 
@@ -65,6 +71,10 @@ def main() -> None:
     parser.add_argument("--model", default="digits")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--skip-study", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--timesteps-study", action="store_true", help="Only the timestep schemes and tuned files")
+    parser.add_argument("--tuned", type=Path, nargs="*", default=[], help="tune-steps files to score")
+    parser.add_argument("--study-calls", default="5,10", help="Network calls of the timesteps study")
+    parser.add_argument("--study-samplers", default="unipc,dpm++2m,ipndm")
     args = parser.parse_args()
 
     model = weights.load_model(args.model)
@@ -96,6 +106,9 @@ def main() -> None:
               f"({cell['seconds']:.0f}s)", flush=True)
         return cell
 
+    if args.timesteps_study:
+        timesteps_study(args, model, score, report)
+        return
     runs = [("ddim", 0.0), ("ddim", 1.0), *[(name, 0.0) for name in samplers.SAMPLERS if name != "ddim"]]
     for name, eta in runs:  # each sampler with its default skip for this model
         for calls in CALLS:
@@ -115,6 +128,26 @@ def main() -> None:
         label = samplers.Settings(name, 5, None, eta).label()
         cells = [c for c in report["cells"] if c["sampler"] == name and c["eta"] == eta and c["steps"] in CALLS]
         print(f"| {label} | " + " | ".join(f"{c['features']:.2f} +- {c['features_std']:.2f}" for c in cells) + " |")
+
+
+def timesteps_study(args, model, score, report) -> None:
+    """Every scheme of timesteps.SCHEMES and every tuned file, for the study's samplers and calls."""
+    report["timesteps_study"] = []
+    for calls in (5, 50):
+        report["timesteps_study"].append(score(samplers.Settings("ddim", calls).for_model(1000, model.skip)))
+    for name in args.study_samplers.split(","):
+        for calls in map(int, args.study_calls.split(",")):
+            for scheme in timesteps.SCHEMES:
+                settings = samplers.Settings(name, calls, scheme)
+                if len(settings.timesteps(model.alphas_cumprod)) == calls - settings.spec.extra_calls:
+                    report["timesteps_study"].append(score(settings))
+    for path in args.tuned:
+        tuned = timesteps.read_tuned(path)
+        tuned.check(args.model, model.weights_sha256, tuned.sampler)
+        cell = score(samplers.Settings(tuned.sampler, tuned.steps, timesteps.canonical(tuned.timesteps)))
+        report["timesteps_study"].append({**cell, "tuned_file": str(path)})
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

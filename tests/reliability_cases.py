@@ -319,7 +319,7 @@ CASES += [
     # The environment and sizes checked before the work
     Case("WORLD_SIZE leaking into a plain run", lambda f: ["sample", *DIGITS, "-n", "2", "--steps", "2"],
          "WORLD_SIZE=2 is set but this is no torchrun launch", env={"WORLD_SIZE": "2"}),
-    Case("a grid that cannot fit in memory", lambda f: ["sample", *DIGITS, "-n", "1000000000", "--out", "g.png"],
+    Case("a grid that cannot fit in memory", lambda f: ["sample", *DIGITS, "-n", "50000000", "--out", "g.png"],
          "write them one PNG each with --out FOLDER/"),
     Case("export on a full disk", lambda f: ["export", "digits", "exported"], "No space left on device", python=FULL_DISK,
          leaves=lambda f: [p.name for p in f.iterdir() if p.name.startswith((".exported", "exported"))]),
@@ -431,4 +431,36 @@ CASES += [
          leaves=lambda f: [] if Image.open(f / "pics" / "three.png").tobytes() == Image.open(THREE).tobytes() else ["pics/three.png"]),
     Case("a user's image in a sample folder that ddimctl's run started", recorded_folder_with_users_image,
          "that ddimctl did not write (000003.png)", leaves=users_png_kept),
+]
+
+# Numbers that stop being numbers, and refusals that must come before the work
+CASES += [
+    Case("training whose loss goes NaN", lambda f: (gray_pngs(f), ["train", "data", "--out", "run", *TRAIN, "--channels", "1",
+                                                                  "--steps", "4", "--lr", "1e30", "--warmup", "0"])[-1],
+         "the training loss became", leaves=lambda f: [p.name for p in (f / "run" / "checkpoints").glob("*.safetensors")]),
+    Case("--eta with --sigma-hat", lambda f: ["sample", *DIGITS, "--sigma-hat", "--eta", "0.5"], "is not used with --sigma-hat"),
+    Case("DDIMCTL_PROGRESS_SECONDS=abc", lambda f: ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "g.png"],
+         "wrote 2 images", code=0),
+    # option ranges the parser states: click's usage error, exit 2
+    Case("--threads 100000", lambda f: ["--threads", "100000", "models"], "100000", code=2),
+    Case("bench --runs 0", lambda f: ["bench", "--model", "digits", "--runs", "0"], "--runs", code=2),
+    Case("bench --batch-size 0", lambda f: ["bench", "--model", "digits", "--batch-size", "0"], "--batch-size", code=2),
+    Case("train --sample-count 10^8", lambda f: (gray_pngs(f), ["train", "data", "--out", "run", "--sample-count", "100000000"])[-1],
+         "--sample-count", code=2),
+    Case("RUN@² as a model", lambda f: (trained_run(f), ["sample", "--model", "run@²", "-n", "1"])[-1], "unknown model"),
+]
+for case in CASES:
+    if case.name == "DDIMCTL_PROGRESS_SECONDS=abc":
+        case.env = {"DDIMCTL_PROGRESS_SECONDS": "abc"}
+CASES += [
+    Case("sample -n 10^12", lambda f: ["sample", *DIGITS, "-n", "1000000000000", "--out", "s/"], "more images than one run",
+         leaves=lambda f: ["s"] if (f / "s").exists() else []),
+    Case("--scale 100000", lambda f: ["sample", *DIGITS, "-n", "4", "--scale", "100000"], "--scale", code=2),
+    Case("a failed sample leaves no folder it made", lambda f: ["sample", "--model", "no/such", "--out", "a/b/c/"],
+         "unknown model", leaves=lambda f: ["a"] if (f / "a").exists() else []),
+    Case("a FIFO as --model", lambda f: (__import__("os").mkfifo(f / "fifo.safetensors"),
+                                        ["sample", "--model", "fifo.safetensors", "-n", "1"])[-1], "not a regular file"),
+    Case("train on unreadable data writes no run folder", lambda f: ((f / "data").mkdir(), (f / "data" / "x.png").write_bytes(b"nope"),
+                                                                     ["train", "data", "--out", "run", *TRAIN])[-1],
+         "could be read as an image", leaves=lambda f: ["run"] if (f / "run").exists() else []),
 ]

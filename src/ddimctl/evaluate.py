@@ -138,6 +138,25 @@ def load_statistics(path: Path) -> dict:
         raise DdimctlError(f"{param('ref')} {path}: not a statistics file written by `ddimctl fid --save-stats` ({e})") from e
 
 
+def check_reference(reference: str, feature_extractor: str | None = None) -> None:
+    """Before any sampling: the reference is a folder, a readable .npz of statistics, or a data set
+    torch-fidelity knows by name."""
+    if reference.endswith(".npz"):
+        saved = load_statistics(Path(reference))
+        if feature_extractor and feature_extractor != saved["feature_extractor"]:
+            raise DdimctlError(f"{param('ref')} {reference} holds {saved['feature_extractor']} features, not {feature_extractor}")
+        return
+    if Path(reference).is_dir():
+        return
+    if Path(reference).exists():
+        raise DdimctlError(f"{param('ref')} {reference}: give a folder of images, a .npz statistics file or a name such as cifar10-train")
+    from torch_fidelity.registry import DATASETS_REGISTRY
+
+    if reference not in DATASETS_REGISTRY:
+        raise DdimctlError(f"{param('ref')} {reference}: no such folder or file, and not a data set torch-fidelity knows "
+                           f"({', '.join(DATASETS_REGISTRY)})")
+
+
 def compute_fid(
     samples: Path,
     reference: str,

@@ -14,6 +14,11 @@ from .errors import DdimctlError
 _MISSING = object()
 
 
+def is_whole_number(text: str) -> bool:
+    """0-9 digits only: str.isdigit() also takes '²' and other Unicode digits int() may refuse."""
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 def read_json_object(path: Path) -> dict:
     """A JSON file holding an object; unreadable, not UTF-8, not JSON or not an object: one line."""
     try:

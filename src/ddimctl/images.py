@@ -140,10 +140,10 @@ def save_gif(frames: Sequence[torch.Tensor], path: Path, duration_ms: int = 120,
 GRID_MEMORY_LIMIT = 4 << 30  # bytes of float images a grid may gather in memory
 
 
-def check_grid_size(count: int, image_shape) -> None:
-    """Before sampling into one picture: the images must fit in memory together."""
+def check_grid_size(count: int, image_shape, scale: int | None = None) -> None:
+    """Before sampling into one picture: the images must fit in memory together, enlarged too."""
     c, h, w = image_shape
-    needed = count * c * h * w * 4
+    needed = count * c * h * w * 4 * max(1, scale or 1) ** 2
     if needed > GRID_MEMORY_LIMIT:
         raise DdimctlError(f"a grid of {count} images needs {needed / 2**30:,.0f} GiB of memory; "
                            f"write them one PNG each with --out FOLDER/")

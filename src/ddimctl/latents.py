@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from . import samplers, timesteps
 from .errors import DdimctlError, param
+from .fields import is_whole_number
 from .files import atomic_save_safetensors
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def latents_settings(path: Path) -> dict[str, str]:
         return DdimctlError(f"{param('latents')} {path}: its metadata field {field!r} is {made[field]!r}, "
                             f"expected {expected}; write the file again with `ddimctl invert`")
 
-    if "steps" in made and not (made["steps"].isdigit() and int(made["steps"]) >= 1):
+    if "steps" in made and not (is_whole_number(made["steps"]) and int(made["steps"]) >= 1):
         raise bad("steps", "a positive integer")
     if "skip" in made:
         try:

@@ -83,6 +83,9 @@ class Settings:
                                    f"{' (plms: one more call than timesteps)' if spec.extra_calls else ''}; "
                                    f"leave out {param('steps')}: it follows from the timesteps")
         finite_at_least("eta", self.eta, 0)
+        if self.sigma_hat and self.eta != 0:
+            raise DdimctlError(f"{param('eta')} is not used with {param('sigma_hat')} (DDPM's larger variance replaces "
+                               f"eta's); leave one of them out")
         if not spec.takes_eta and (self.eta != 0 or self.sigma_hat):
             what = param("eta") if self.eta != 0 else param("sigma_hat")
             raise DdimctlError(f"{what} is a setting of the ddim sampler; {self.sampler} is deterministic (leave it out)")

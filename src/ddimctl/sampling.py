@@ -193,6 +193,9 @@ def aligned_batches(indices: Sequence[int], batch_size: int, count: int) -> list
 # The CLI checks what it can before loading a model; prepare() checks again for every caller.
 
 
+MAX_IMAGES = 100_000_000  # 2,000 of the paper's 50,000-image FID sets
+
+
 def check_settings(
     *,
     batch_size: int | None = None,
@@ -205,6 +208,9 @@ def check_settings(
         at_least("batch_size", batch_size, 1)
     if num is not None:
         at_least("num", num, 1)
+        if num > MAX_IMAGES:
+            raise DdimctlError(f"{param('num')} {num:,} is more images than one run can finish (at most {MAX_IMAGES:,}); "
+                               f"split the work over several {param('seed')} values")
     if strength is not None:
         between("strength", strength, 0, 1)
     if frames is not None:

@@ -23,7 +23,7 @@ import torch
 
 from . import ddim
 from .errors import DdimctlError, param
-from .fields import Fields, read_json_object
+from .fields import Fields, is_whole_number, read_json_object
 
 SCHEMES = ("uniform", "quad", "logsnr", "karras", "ays", "trailing")
 KARRAS_RHO = 7.0
@@ -86,7 +86,7 @@ def scheme_sequence(scheme: str, steps: int, alphas_cumprod: torch.Tensor) -> to
 def parse_list(text: str) -> tuple[int, ...]:
     """Strictly monotone integer timesteps, in either direction, as an increasing tuple."""
     parts = [p.strip() for p in str(text).split(",")]
-    if not parts or not all(p.isascii() and p.isdigit() for p in parts):
+    if not parts or not all(is_whole_number(p) for p in parts):
         raise ValueError(f"timesteps are whole numbers separated by commas, such as 999,700,450,200,50; got {text!r}")
     values = [int(p) for p in parts]
     if len(values) > 1 and not (all(a < b for a, b in zip(values, values[1:])) or all(a > b for a, b in zip(values, values[1:]))):
@@ -95,7 +95,7 @@ def parse_list(text: str) -> tuple[int, ...]:
 
 
 def is_list(skip: str) -> bool:
-    return "," in skip or skip.isdigit()
+    return "," in skip or is_whole_number(skip)
 
 
 def canonical(values) -> str:
@@ -147,6 +147,30 @@ class Tuned:
         if self.sampler != sampler:
             raise DdimctlError(f"{self.where} was tuned for the {self.sampler} sampler, not {sampler}; pass "
                                f"{param('sampler')} {self.sampler} or tune {sampler}")
+
+
+def bundled_tuned(model: str, sampler: str, steps: int | None) -> Path:
+    """The tuned timesteps ddimctl ships for a registry model (`--skip tuned`)."""
+    from importlib import resources
+
+    from .registry import NAME
+
+    if not NAME.match(model) or not NAME.match(sampler.replace("+", "p")):
+        raise DdimctlError(f"{param('skip')} tuned: ddimctl ships tuned timesteps for registry models only; for "
+                           f"{model}, fit them with `ddimctl tune-steps` and pass --skip F.json")
+    folder = Path(str(resources.files("ddimctl").joinpath("bundled", "tuned")))
+    shipped = sorted(folder.glob(f"{model}-{sampler}-*.json")) if folder.is_dir() else []
+    calls = {int(p.stem.rsplit("-", 1)[1]): p for p in shipped if is_whole_number(p.stem.rsplit("-", 1)[1])}
+    if not calls:
+        raise DdimctlError(f"{param('skip')} tuned: ddimctl ships no tuned timesteps for {sampler} on {model}; "
+                           f"fit them with `ddimctl tune-steps --model {model} --sampler {sampler} --out F.json`")
+    if steps is None and len(calls) == 1:
+        return next(iter(calls.values()))
+    if steps not in calls:
+        raise DdimctlError(f"{param('skip')} tuned: the tuned timesteps for {sampler} on {model} are for "
+                           f"{param('steps')} {' or '.join(map(str, sorted(calls)))}; pass one of them, or fit S = {steps} "
+                           f"with `ddimctl tune-steps`")
+    return calls[steps]
 
 
 def read_tuned(path: Path) -> Tuned:

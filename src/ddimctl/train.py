@@ -258,6 +258,14 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     resume_from = runs.prepare_run_dir(run_dir, config, resume)
     if resume_from is not None:
         resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
+    # The data before anything is written: unreadable data must not leave a run folder behind.
+    data = load_folder(
+        Path(options.data), config.resolution, config.in_channels,
+        progress.on_data if world.is_main else None, say if world.is_main else None, exclude=run_dir,
+    )
+    if world.is_main:
+        say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
+
     if world.is_main:
         for folder in (run_dir, run_dir / runs.CHECKPOINTS, run_dir / runs.SAMPLES):
             if folder.is_dir():
@@ -271,13 +279,6 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         with atomic_path(run_dir / runs.CONFIG) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
     world.barrier()
-
-    data = load_folder(
-        Path(options.data), config.resolution, config.in_channels,
-        progress.on_data if world.is_main else None, say if world.is_main else None, exclude=run_dir,
-    )
-    if world.is_main:
-        say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
 
     torch.manual_seed(options.seed)  # the initial weights
     model = UNet(config)
@@ -329,7 +330,10 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         step += 1
         images_seen += options.batch_size
 
-        # Reading the loss waits for the device: only every log_every steps.
+        # Reading the loss waits for the device: only every log_every steps, and before each save.
+        saving = step % options.save_every == 0 or step == options.steps
+        if saving or step % options.log_every == 0:
+            check_loss(loss.item(), step, lr, newest)
         if world.is_main and (step % options.log_every == 0 or step == options.steps):
             speed = images_seen / (time.perf_counter() - started)
             value = loss.item()
@@ -337,7 +341,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
                 progress.on_step(step, value, speed)
             log.write(f"step={step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}\n")
             log.flush()
-        if step % options.save_every == 0 or step == options.steps:
+        if saving:
             if world.is_main:
                 newest = runs.save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
                 write_samples(run_dir, step, ema, options, device)
@@ -347,6 +351,14 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     world.barrier()
     distributed.shutdown()
     return newest or runs.checkpoint_files(run_dir)[-1]
+
+
+def check_loss(value: float, step: int, lr: float, newest: Path | None) -> None:
+    """Stop a run whose loss is no longer a number: its weights are lost, and no checkpoint of them is written."""
+    if not math.isfinite(value):
+        kept = f"the newest good checkpoint is {newest.name}" if newest is not None else "no checkpoint was written"
+        raise DdimctlError(f"the training loss became {value} by step {step} (learning rate {lr:.3g}); the run stopped and "
+                           f"{kept}; start again with a lower {param('lr')} (or {param('precision')} fp32)")
 
 
 @torch.no_grad()

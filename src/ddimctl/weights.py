@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from . import ddim, hub, runs
 from .errors import DdimctlError
 from .files import atomic_save_safetensors, cache_dir
-from .fields import Fields, read_json_object
+from .fields import Fields, is_whole_number, read_json_object
 from .layouts import (
     MAX_RESOLUTION,
     config_from_diffusers,
@@ -264,7 +264,7 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
 def run_checkpoint(spec: str) -> Path | None:
     """RUN@STEP (a run folder and a step it saved): that checkpoint's path; None if spec is not one."""
     run, at, step = spec.rpartition("@")
-    if not at or not step.isdigit() or not Path(run).expanduser().is_dir():
+    if not at or not is_whole_number(step) or not Path(run).expanduser().is_dir():
         return None
     run_dir = Path(run).expanduser()
     if runs.saved_run(run_dir) is None:
@@ -284,6 +284,8 @@ def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None 
     if spec in entries:
         return load_registered(entries[spec], hub_cache=hub_cache, endpoint=endpoint, notify=notify)
     path = Path(spec).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
+        raise DdimctlError(f"{path}: not a regular file or folder; --model takes a checkpoint file or a model folder")
     if path.exists():
         return load_local(path, notify)
     checkpoint = run_checkpoint(spec)

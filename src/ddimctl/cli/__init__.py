@@ -15,7 +15,7 @@ THREADS_DECIDED = threads.choose()  # before torch is imported (by .common): it 
 import typer  # noqa: E402
 
 from ..errors import DdimctlError, spell  # noqa: E402
-from .common import app, cpu_threads_note, flag, progress_on_interrupt  # noqa: E402
+from .common import app, cpu_threads_note, flag, progress_on_interrupt, remove_made_folders  # noqa: E402
 
 if THREADS_DECIDED:
     cpu_threads_note.append(THREADS_DECIDED)
@@ -32,10 +32,12 @@ def main() -> None:
         from click import ClickException
 
     def interrupted() -> None:
+        remove_made_folders()
         done = spell(progress_on_interrupt[-1](), flag) if progress_on_interrupt else ""
         print(f"interrupted{'; ' + done if done else ''}", file=sys.stderr)
         sys.exit(130)
 
+    remove_made_folders()  # (a list of this command's own: runs in one process start empty)
     try:
         # click's standalone mode would turn Ctrl-C into a silent exit 130 (typer) or "Aborted!".
         code = app(standalone_mode=False)
@@ -45,9 +47,11 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except DdimctlError as e:
+        remove_made_folders()
         print(f"error: {e.render(flag)}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # disk full, permissions, ...: say what failed, in one line
+        remove_made_folders()
         print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         sys.exit(1)
     if code == 130:  # typer's way of reporting a KeyboardInterrupt in non-standalone mode

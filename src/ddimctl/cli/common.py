@@ -39,7 +39,7 @@ def main_options(
         False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
     ),
     threads: Optional[int] = typer.Option(
-        None, "--threads", min=1,
+        None, "--threads", min=1, max=1024,  # far beyond any CPU; 100,000 threads crashed OpenMP
         help="CPU threads for the network (default: the cores not busy with other work; all of them when idle).",
     ),
 ) -> None:
@@ -89,8 +89,8 @@ SamplerOpt = typer.Option(
 
 SkipOpt = typer.Option(
     None, "--skip",
-    help=f"Timestep scheme: {', '.join(timesteps.SCHEMES)}; or explicit timesteps, or a tune-steps file F.json "
-    f"(default: the sampler's, for ddim the model's).",
+    help=f"Timestep scheme: {', '.join(timesteps.SCHEMES)}; explicit timesteps; a tune-steps file F.json; or tuned "
+    f"(the timesteps ddimctl ships for the model and sampler). Default: the sampler's, for ddim the model's.",
 )
 
 
@@ -103,16 +103,20 @@ TimestepsOpt = typer.Option(
 DEFAULT_STEPS = 50
 
 
-def timestep_choice(skip: str | None, given: str | None) -> tuple[str | None, timesteps.Tuned | None]:
+def timestep_choice(skip: str | None, given: str | None, model: str | None = None, sampler: str = "ddim",
+                    steps: int | None = None) -> tuple[str | None, timesteps.Tuned | None]:
     """--skip and --timesteps as the one value Settings.skip holds (a scheme or an explicit list), and
-    the tune-steps file it came from, if any (checked against the model once it is loaded)."""
+    the tune-steps file it came from, if any (checked against the model once it is loaded); `--skip
+    tuned` is the file ddimctl ships for a registry model, sampler and S."""
     if skip is not None and given is not None:
         fail("give --skip or --timesteps, not both")
     value = given if given is not None else skip
     if value is None:
         return None, None
-    if value.lower().endswith(".json"):
-        tuned = timesteps.read_tuned(Path(value).expanduser())
+    if value == "tuned" or value.lower().endswith(".json"):
+        path = (timesteps.bundled_tuned(model or registry.default_model(), sampler, steps) if value == "tuned"
+                else Path(value).expanduser())
+        tuned = timesteps.read_tuned(path)
         return timesteps.canonical(tuned.timesteps), tuned
     if given is not None or timesteps.is_list(value):
         try:
@@ -149,7 +153,7 @@ PrecisionOpt = typer.Option(
 
 
 ScaleOpt = typer.Option(
-    None, "--scale", min=1,
+    None, "--scale", min=1, max=64,  # 64x already makes a 256-pixel image 16,384 pixels wide
     help="Enlarge pictures N times (nearest neighbour; 1: the model's size). Default: grids, strips, GIFs and "
     "single images at least 256 px on the short side; one-PNG-per-image folders at the model's resolution.",
 )
@@ -178,6 +182,30 @@ CompileOpt = typer.Option(
 
 def fail(message: str) -> None:
     raise DdimctlError(message)
+
+
+# The output folders this command created, so a command that fails leaves no empty folder behind.
+made_folders: list[Path] = []
+
+
+def make_output_folder(path: Path, option: str = "--out") -> None:
+    """Create `path` (and missing parents), remembering which of them this command made."""
+    missing = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{option} {path}: cannot create the folder ({e.strerror})")
+    made_folders.extend(missing)  # deepest first
+
+
+def remove_made_folders() -> None:
+    """After a failure: the folders this command made that are still empty (never anything in them)."""
+    for folder in made_folders:
+        try:
+            folder.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            pass
+    made_folders.clear()
 
 
 OFFLINE_TRY = "ddimctl sample --model digits --steps 50 --eta 0"

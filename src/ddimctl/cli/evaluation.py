@@ -26,6 +26,7 @@ from .common import (
     check_tuned,
     fail,
     load,
+    make_output_folder,
     make_sampler,
     note,
     parse_list,
@@ -88,7 +89,7 @@ def fid(
 
     evaluate.fidelity()
     dev = devices.pick_device(device)
-    skip, tuned = timestep_choice(skip, None)
+    skip, tuned = timestep_choice(skip, None, model, sampler, steps)
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
@@ -100,6 +101,7 @@ def fid(
         return
     if ref is None:
         fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
+    evaluate.check_reference(ref, feature_extractor)
     with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:
         if model is not None:
             evaluate.check_sample_count(num)
@@ -138,11 +140,19 @@ def sweep(
     steps_list = parse_list(steps, "--steps")
     eta_list = parse_list(etas, "--eta", float)
     sampler_list = parse_names(sampler, "--sampler")
+    for values, option in ((steps_list, "--steps"), (eta_list, "--eta"), (sampler_list, "--sampler")):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            fail(f"{option} lists {twice[0]} twice; each cell is sampled once")
     cells = evaluate.sweep_cells(sampler_list, steps_list, eta_list, sigma_hat, skip)  # every cell checked here
     evaluate.check_sample_count(num)
-    out.mkdir(parents=True, exist_ok=True)
-    world = distributed.init(devices.pick_device(device))
+    evaluate.check_reference(ref, feature_extractor)
     loaded = load(model)
+    abar = loaded.alphas_cumprod
+    for cell in cells:  # every cell against the model (S <= T, its timesteps) before the first is sampled
+        cell.for_model(loaded.train_steps, loaded.skip).timesteps(abar)
+    make_output_folder(out)
+    world = distributed.init(devices.pick_device(device))
 
     def prepare_cell(settings, reuse):
         return make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
@@ -168,12 +178,12 @@ def bench(
     sampler: str = SamplerOpt,
     skip: Optional[str] = SkipOpt,
     timesteps_given: Optional[str] = TimestepsOpt,
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Default: 256 on GPUs, 4 on CPU."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Default: 256 on GPUs, 4 on CPU."),
     precision: str = PrecisionOpt,
     compile_mode: Optional[str] = typer.Option(
         None, "--compile-mode", help="torch.compile mode, or 'none' (default: the sampler's default on CUDA)."
     ),
-    runs: int = typer.Option(3, "--runs", help="Timed runs; the median is reported."),
+    runs: int = typer.Option(3, "--runs", min=1, max=1000, help="Timed runs; the median is reported."),
     reference: bool = typer.Option(True, "--reference/--no-reference", help="Also time diffusers, if installed."),
     device: str = DeviceOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON only."),
@@ -184,7 +194,7 @@ def bench(
 
     dev = devices.pick_device(device)
     mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
-    skip, _ = timestep_choice(skip, timesteps_given)  # speed does not depend on which model they were tuned for
+    skip, _ = timestep_choice(skip, timesteps_given, model, sampler, steps)  # speed does not depend on which model they were tuned for
     steps = steps_for(steps, skip, sampler)
     settings = benchmarks.check_settings(samplers.Settings(sampler, steps, skip), None if mode == "none" else mode)
     unet, source = benchmarks.unet_to_time(model, load)

@@ -32,6 +32,7 @@ from .common import (
     fail,
     is_directory_target,
     load,
+    make_output_folder,
     make_sampler,
     note,
     progress_bar,
@@ -68,7 +69,7 @@ def sample(
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
     sampling.check_settings(batch_size=batch_size, num=None if latents else num)
     made = latents_file.latents_settings(latents) if latents is not None else {}
-    skip, tuned = timestep_choice(skip, timesteps_given)
+    skip, tuned = timestep_choice(skip, timesteps_given, model or made.get("model"), sampler, steps)
     if skip is not None and timesteps.is_list(skip):
         steps = steps_for(steps, skip, sampler)
     settings = latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat)  # checked here
@@ -77,10 +78,7 @@ def sample(
     if not to_folder and out_path.suffix.lower() not in images.PICTURE_SUFFIXES:
         fail(f"--out {out}: give an image file such as samples.png, or a folder ending in /")
     if to_folder:
-        try:
-            out_path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            fail(f"--out {out}: cannot create the folder ({e.strerror})")
+        make_output_folder(out_path)
     images.check_writable(out_path if not to_folder else out_path / "x")
 
     world = distributed.init(devices.pick_device(device))
@@ -96,7 +94,7 @@ def sample(
             note(line)
     count = x_T.shape[0] if x_T is not None else num
     if not to_folder:
-        images.check_grid_size(count, loaded.image_shape)
+        images.check_grid_size(count, loaded.image_shape, scale)
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
@@ -154,7 +152,7 @@ def edit(
 ) -> None:
     """SDEdit: noise the images to t0 and denoise them back (with --sampler), or inpaint the masked part."""
     how = exact_settings(exact, tol, max_iters)
-    skip, tuned = timestep_choice(skip, timesteps_given)
+    skip, tuned = timestep_choice(skip, timesteps_given, model, sampler, steps)
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     sampling.check_settings(batch_size=batch_size, strength=strength)
     out_path = Path(out).expanduser()
@@ -169,7 +167,7 @@ def edit(
         fail(f"--mask {mask}: no such image file")
     targets = [out_path / n for n in names] if to_folder else [out_path]
     if to_folder:
-        out_path.mkdir(parents=True, exist_ok=True)
+        make_output_folder(out_path)
     images.check_writable(targets[0])
     refuse_foreign(targets)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)

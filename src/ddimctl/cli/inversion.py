@@ -35,6 +35,7 @@ from .common import (
     fail,
     is_directory_target,
     load,
+    make_output_folder,
     make_sampler,
     note,
     parse_list,
@@ -66,7 +67,7 @@ def invert(
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path). Inversion follows the
     DDIM ODE whatever sampler decodes later: its exact round trip is defined for the DDIM decoder."""
     how = exact_settings(exact, tol, max_iters)
-    skip, _ = timestep_choice(skip, None)
+    skip, _ = timestep_choice(skip, None, model, "ddim", steps)
     settings = samplers.Settings("ddim", steps_for(steps, skip, "ddim"), skip)
     check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
@@ -183,7 +184,7 @@ def interpolate(
     """Slerp between the latents of two images (or two seeds) and decode every frame (DDIM at eta = 0,
     or --sampler). The images are inverted along the DDIM ODE."""
     how = exact_settings(exact, tol, max_iters)
-    skip, tuned = timestep_choice(skip, timesteps_given)
+    skip, tuned = timestep_choice(skip, timesteps_given, model, sampler, steps)
     steps = steps_for(steps, skip, sampler)
     decoding, inverting = samplers.Settings(sampler, steps, skip), samplers.Settings("ddim", steps, skip)
     paths = check_inputs(image_paths or [])
@@ -199,7 +200,7 @@ def interpolate(
     to_folder = is_directory_target(Path(out), out)
     out = Path(out).expanduser()
     if to_folder:
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_folder(out)
         images.check_writable(out / "x.png")
         refuse_foreign(folders.image_names(out, frames)(i) for i in range(frames))
     else:

@@ -59,13 +59,23 @@ class ImagesPerSecond(ProgressColumn):
         return Text(text + (f"  ({slow})" if slow else ""), style="progress.data.speed")
 
 
+def progress_seconds(default: float = 5.0) -> float:
+    """$DDIMCTL_PROGRESS_SECONDS, the seconds between plain progress lines; a value that is not a
+    number >= 0 is passed over (a progress setting never stops a run)."""
+    try:
+        value = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", default))
+    except ValueError:
+        return default
+    return value if math.isfinite(value) and value >= 0 else default
+
+
 class PlainProgress:
     """Progress for logs and pipes: a plain line every few seconds (rich draws nothing there until
     the end), with done/total, rate, elapsed and time left."""
 
     def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "calls"):
         self.description, self.total, self.per_image, self.unit = description, total, per_image, unit
-        self.every = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", "5"))
+        self.every = progress_seconds()
         self.started = self.last = time.perf_counter()
         self.done = 0
         self.slowdown = threads.Slowdown()

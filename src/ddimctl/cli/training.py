@@ -72,7 +72,9 @@ def train(
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and sample grid every N steps (default 1000)."),
     keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept (default 3)."),
     sample_steps: Optional[int] = typer.Option(None, "--sample-steps", help="DDIM steps of the sample grids (default 50)."),
-    sample_count: Optional[int] = typer.Option(None, "--sample-count", help="Images in each sample grid (default 16; 0: none)."),
+    sample_count: Optional[int] = typer.Option(
+        None, "--sample-count", min=0, max=1024, help="Images in each sample grid (default 16; 0: none)."
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and every training draw (default 0)."),
     precision: Optional[str] = typer.Option(
         None, "--precision", help="auto (default: bf16 autocast on GPUs and on CPUs with native bf16), fp32 or bf16."
