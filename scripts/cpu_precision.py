@@ -23,7 +23,7 @@ from ddimctl.unet import PRESETS, UNet  # noqa: E402
 
 def run(model, steps: int, eta: float, precision: str, n: int, batch: int) -> tuple[torch.Tensor, float]:
     eps = fast.prepare(model.unet, torch.device("cpu"), precision)
-    sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, "uniform", eta), torch.device("cpu"), eps_model=eps)
+    sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform", eta), torch.device("cpu"), eps_model=eps)
     started = time.perf_counter()
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), 0, batch)])
     return x, time.perf_counter() - started

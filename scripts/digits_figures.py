@@ -25,7 +25,7 @@ def eta_figure(path: Path, steps: int = 20, count: int = 64, scale: int = 3) -> 
     model = weights.load_model("digits")
     grids = []
     for eta in (0.0, 1.0):
-        sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, eta=eta), torch.device("cpu"))
+        sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, eta=eta), torch.device("cpu"))
         x0 = sampling.sample_batches(sampler, count, 0)
         grids.append(images.grid(images.to_uint8(x0)))
     gap = torch.zeros((grids[0].shape[0], 8, grids[0].shape[2]), dtype=torch.uint8)
@@ -42,7 +42,7 @@ def samplers_figure(path: Path, count: int = 36, scale: int = 3) -> None:
     panels += [(f"{name}, 5 calls", samplers.Settings(name, 5)) for name in samplers.SAMPLERS]
     tiles = []
     for label, settings in panels:
-        sampler = sampling.Sampler.create(model, settings, torch.device("cpu"))
+        sampler = sampling.Runner.create(model, settings, torch.device("cpu"))
         grid = images.grid(images.to_uint8(sampling.sample_batches(sampler, count, 0)))
         tile = images.to_pil(images.enlarge(grid, scale))
         band = Image.new("L", (tile.width, tile.height + 14), 255)

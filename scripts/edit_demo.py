@@ -33,7 +33,7 @@ def main() -> None:
     corrupted = (clean + 0.35 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
     mse = lambda a: float((a - clean).pow(2).mean())  # noqa: E731
     print(f"{args.n} test digits, sigma 0.35: corrupted input MSE to the clean digit {mse(corrupted):.4f}")
-    sampler = sampling.Sampler.create(model, samplers.Settings("ddim", args.steps), torch.device("cpu"))
+    sampler = sampling.Runner.create(model, samplers.Settings("ddim", args.steps), torch.device("cpu"))
     generators = lambda: seeds.image_generators(0, range(args.n))  # noqa: E731
     best = None
     for strength in (0.2, 0.3, 0.4, 0.5, 0.6):

@@ -38,7 +38,7 @@ def broken_tiles(pixels: torch.Tensor) -> int:
 
 
 def sample_cell(model, steps: int, eta: float, n: int, seed: int, device: torch.device) -> torch.Tensor:
-    sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, "uniform", eta), device)
+    sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform", eta), device)
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
     return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
 
@@ -85,7 +85,7 @@ def main() -> None:
 
     x_0 = test[: args.recon] * 2 - 1
     for steps in STEPS:
-        sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, "uniform"), device)
+        sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform"), device)
         back = sampler.sample(sampler.invert(x_0)[0], None).cpu()
         mse = ((back + 1) / 2).clamp(0, 1).sub((x_0 + 1) / 2).pow(2).flatten(1).mean(1)
         rows["recon"].append({"steps": steps, "mse_mean": float(mse.mean()), "mse_max": float(mse.max())})

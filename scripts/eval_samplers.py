@@ -58,7 +58,7 @@ def labelled(folder: Path, resolution: int, channels: int) -> tuple[torch.Tensor
 
 
 def sample_cell(model, settings: samplers.Settings, n: int, seed: int) -> torch.Tensor:
-    sampler = sampling.Sampler.create(model, settings, torch.device("cpu"))
+    sampler = sampling.Runner.create(model, settings, torch.device("cpu"))
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
     return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
 

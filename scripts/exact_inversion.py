@@ -29,7 +29,7 @@ def main() -> None:
     rows = []
     for name, x_0 in sets.items():
         for steps in (10, 20):
-            sampler = sampling.Sampler.create(model, samplers.Settings("ddim", steps, "uniform"), torch.device("cpu"))
+            sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform"), torch.device("cpu"))
             for how in (None, sampling.ExactInversion()):
                 with torch.no_grad():
                     x_T, calls = sampler.invert(x_0, exact=how)

@@ -186,12 +186,12 @@ def main() -> None:
         def run_batches(dev: torch.device) -> torch.Tensor:
             loaded = LoadedModel(copy.deepcopy(unet), "check", "gpu_check", dict(DEFAULT_SCHEDULE), "uniform")
             eps = fast.prepare(loaded.unet, dev, "fp32")
-            sampler = sampling.Sampler.create(loaded, samplers.Settings("ddim", 10, eta=1.0), dev, eps_model=eps)
+            sampler = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, eta=1.0), dev, eps_model=eps)
             return torch.cat([x for _, x in sampler.sample_indices(list(range(12)), 5, 5)])
 
         diff = float((run_batches(device) - run_batches(torch.device("cpu"))).abs().max())
         report["stages"]["pipelined_eta1_gpu_vs_cpu"] = {"max_abs_diff": diff, "images": 12, "batch": 5}
-        log(f"pipelined Sampler, eta = 1, GPU fp32 vs CPU fp32: max |diff| = {diff:.2e}")
+        log(f"pipelined Runner, eta = 1, GPU fp32 vs CPU fp32: max |diff| = {diff:.2e}")
         save()
 
     # 2. CIFAR-10: references and the fp32 baseline once, then each compile mode.

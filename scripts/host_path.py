@@ -23,7 +23,7 @@ with torch.device("meta"):
 loaded = LoadedModel(unet, "free", "none", dict(DEFAULT_SCHEDULE), "quad")
 for eta in (0.0, 1.0):
     free = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    sampler = sampling.Sampler.create(loaded, samplers.Settings("ddim", 50, "quad", eta), torch.device("cpu"), eps_model=free)
+    sampler = sampling.Runner.create(loaded, samplers.Settings("ddim", 50, "quad", eta), torch.device("cpu"), eps_model=free)
     out = Path(tempfile.mkdtemp())
     n = 4096
     started = time.perf_counter()

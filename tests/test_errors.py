@@ -76,9 +76,9 @@ def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
 
     model = weights.load_model("digits")
     with pytest.raises(DdimctlError, match="^eta must be a finite number >= 0, got -1$"):
-        sampling.Sampler.create(model, samplers.Settings(eta=-1), torch.device("cpu"))
+        sampling.Runner.create(model, samplers.Settings(eta=-1), torch.device("cpu"))
     with pytest.raises(DdimctlError, match="^batch_size must be at least 1, got 0$"):
-        sampling.prepare(model, samplers.Settings(steps=10), "cpu", batch_size=0)
+        sampling.make_runner(model, samplers.Settings(steps=10), "cpu", batch_size=0)
 
 
 def test_training_options_name_their_values():

@@ -90,7 +90,7 @@ def test_bf16_samples_of_the_trained_digits_model_match_fp32():
         runs = {}
         for precision in ("fp32", "bf16"):
             eps = fast.prepare(model.unet, torch.device("cpu"), precision)
-            sampler = sampling.Sampler.create(model, samplers.Settings(steps=6, eta=eta), torch.device("cpu"), eps_model=eps)
+            sampler = sampling.Runner.create(model, samplers.Settings(steps=6, eta=eta), torch.device("cpu"), eps_model=eps)
             runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(4)), 0, 4)])
         assert torch.isfinite(runs["bf16"]).all()
         psnr = metrics.psnr_per_image(runs["bf16"], runs["fp32"])

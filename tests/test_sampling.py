@@ -25,7 +25,7 @@ def test_non_finite_rows_are_named_and_never_pass():
         sampling.check_finite([10, 11, 12, 13], x)
 
 
-DIGITS = SimpleNamespace(source="digits", weights_sha256="ab" * 32)  # what a record names of a model
+DIGITS = SimpleNamespace(name="digits", source="bundled", weights_sha256="ab" * 32)  # what a record names of a model
 
 
 def test_a_sample_folder_refuses_a_run_with_other_settings(tmp_path):
@@ -47,7 +47,7 @@ def test_a_record_names_the_models_and_the_latents_content(tmp_path):
     (tmp_path / "out").mkdir()
     record = folders.run_record(DIGITS, samplers.Settings(steps=20, skip="uniform"), 1, latents, "fp32", 1)
     folders.claim_folder(tmp_path / "out", record, 4)
-    newer = SimpleNamespace(source="digits", weights_sha256="cd" * 32)
+    newer = SimpleNamespace(name="digits", source="bundled", weights_sha256="cd" * 32)
     with pytest.raises(DdimctlError, match=r"weights_sha256 abababababab \(now cdcdcdcdcdcd\)"):
         folders.claim_folder(tmp_path / "out", folders.run_record(newer, samplers.Settings(steps=20, skip="uniform"),
                                                                   1, latents, "fp32", 1), 4)
@@ -116,7 +116,7 @@ def test_any_subset_of_a_run_is_computed_in_the_runs_own_batches():
         position = torch.arange(x.shape[0], dtype=x.dtype).view(-1, 1, 1, 1)
         return model.unet(x, t) + 1e-3 * (x.shape[0] + position)
 
-    sampler = sampling.Sampler.create(model, samplers.Settings(steps=3, eta=1.0), torch.device("cpu"),
+    sampler = sampling.Runner.create(model, samplers.Settings(steps=3, eta=1.0), torch.device("cpu"),
                                       eps_model=batch_sensitive)
     straight = dict(zip(range(7), torch.cat([x for _, x in sampler.sample_indices(list(range(7)), 0, 3)])))
     for subset in ([6, 2], [5], [1, 3, 5], [4, 0, 6]):
@@ -137,7 +137,7 @@ def test_every_sampler_gives_each_image_the_same_numbers_in_any_batch(settings):
     def row_wise(x, t):
         return 0.5 * x + 1e-3 * t.to(x.dtype).view(-1, 1, 1, 1)
 
-    sampler = sampling.Sampler.create(model, settings, torch.device("cpu"), eps_model=row_wise)
+    sampler = sampling.Runner.create(model, settings, torch.device("cpu"), eps_model=row_wise)
     runs = [torch.cat([x for _, x in sampler.sample_indices(list(range(7)), 0, batch)]) for batch in (7, 3, 1)]
     assert torch.isfinite(runs[0]).all() and runs[0].abs().max() > 0.1
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

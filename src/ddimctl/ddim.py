@@ -324,11 +324,11 @@ def edit(
     generator: Generator = None,
     x_start: torch.Tensor | None = None,
     callback: StepCallback | None = None,
-    sampler: Callable[..., torch.Tensor] = sample,
+    sample_fn: Callable[..., torch.Tensor] = sample,
     **options,
 ) -> torch.Tensor:
     """SDEdit (Meng et al.) and masked inpainting: start from x_0 noised to t0 = timesteps[-1] (or
-    from `x_start`, e.g. its exact inversion) and walk `timesteps` down with `sampler` (DDIM, or any
+    from `x_start`, e.g. its exact inversion) and walk `timesteps` down with `sample_fn` (DDIM, or any
     sampler of the same signature; `options` such as eta go to it).
 
     With a mask (1 = regenerate, 0 = keep, broadcast over channels), the kept pixels are replaced
@@ -343,7 +343,7 @@ def edit(
         def keep_known(s: int, x_s: torch.Tensor) -> torch.Tensor:
             known = x_0 if s < 0 else noise_to(x_0, _abar(alphas_cumprod, s), standard_normal(x_0, generator))
             return torch.lerp(known, x_s, mask)
-    return sampler(eps_model, x, alphas_cumprod, taus, generator=generator, callback=callback, keep_known=keep_known, **options)
+    return sample_fn(eps_model, x, alphas_cumprod, taus, generator=generator, callback=callback, keep_known=keep_known, **options)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:

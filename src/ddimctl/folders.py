@@ -13,7 +13,7 @@ import torch
 from . import images, samplers
 from .errors import DdimctlError, param
 from .files import Ledger, atomic_path, sha256_of
-from .sampling import ProgressFn, Sampler, aligned_batches, check_finite, interpolation_alphas, interpolation_latents
+from .sampling import ProgressFn, Runner, aligned_batches, check_finite, interpolation_alphas, interpolation_latents
 from .weights import LoadedModel
 
 
@@ -57,7 +57,7 @@ def plan_folder(folder: Path, count: int, batch: int, world) -> FolderPlan:
 
 
 def fill_folder(
-    sampler: Sampler,
+    runner: Runner,
     plan: FolderPlan,
     seed: int,
     world,
@@ -70,14 +70,14 @@ def fill_folder(
     name_of = image_names(plan.folder, plan.count)
     world.barrier()  # every process has listed the folder before any writes to it
     with images.BackgroundWriter() as writer:
-        for indices, x0 in sampler.sample_indices(plan.todo, seed, sampler.batch, x_T, progress, count=plan.count):
+        for indices, x0 in runner.sample_indices(plan.todo, seed, runner.batch, x_T, progress, count=plan.count):
             writer.submit([(p, name_of(i)) for i, p in zip(indices, images.enlarge(images.to_uint8(x0), scale))])
     world.barrier()
     return writer.stalled_s
 
 
 def interpolate_to_folder(
-    sampler: Sampler,
+    runner: Runner,
     ends: torch.Tensor,
     frames: int,
     folder: Path,
@@ -88,11 +88,11 @@ def interpolate_to_folder(
     written one PNG each: memory does not grow with the number of frames."""
     name_of = image_names(folder, frames)
     alphas = interpolation_alphas(frames)
-    batch = sampler.batch or frames
+    batch = runner.batch or frames
     with images.BackgroundWriter() as writer:
         for start in range(0, frames, batch):
             z = interpolation_latents(ends, alphas[start : start + batch])
-            x = check_finite(list(range(start, start + len(z))), sampler.sample(z, None, progress).cpu())
+            x = check_finite(list(range(start, start + len(z))), runner.sample(z, None, progress).cpu())
             writer.submit([(p, name_of(start + i)) for i, p in enumerate(images.enlarge(images.to_uint8(x), scale))])
 
 
@@ -107,7 +107,7 @@ def run_record(model: LoadedModel, settings: samplers.Settings, seed: int, laten
     """What a folder's record holds: everything that decides the images' pixels, the model and the
     latents by their content (a newer checkpoint in a run folder, or other latents at the same path,
     are another run)."""
-    return {"model": model.source, "weights_sha256": model.weights_sha256, **settings.record(), "seed": seed,
+    return {"model": model.name, "source": model.source, "weights_sha256": model.weights_sha256, **settings.record(), "seed": seed,
             "latents": str(latents) if latents else None, "latents_sha256": sha256_of(latents) if latents else None,
             "precision": precision, "scale": scale}
 

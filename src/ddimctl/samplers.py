@@ -8,7 +8,7 @@ that walks the increasing `timesteps` downwards and returns the clean image (aba
 is one such function (in ddim.py or solvers.py) and one row of SAMPLERS.
 
 `Settings` (sampler, steps, skip, eta, sigma-hat) is built and checked once, wherever it comes from,
-and carried whole through preparation, the Sampler, the sample-folder record, the latents file and
+and carried whole through preparation, the Runner, the sample-folder record, the latents file and
 the sweep. `steps` is always the number of network calls per image.
 """
 

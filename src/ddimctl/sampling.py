@@ -60,7 +60,7 @@ def check_finite(indices: Sequence[int], x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Sampler:
+class Runner:
     """A model on a device with one sampling configuration (samplers.Settings, resolved for the
     model), ready to run batches of `batch` images."""
 
@@ -72,8 +72,8 @@ class Sampler:
     precision: str = "fp32"
 
     @classmethod
-    def create(cls, model: LoadedModel, settings: samplers.Settings, device: torch.device, **kwargs) -> "Sampler":
-        """A sampler over the model's network as it is (on `device` already); prepare() makes a fast one."""
+    def create(cls, model: LoadedModel, settings: samplers.Settings, device: torch.device, **kwargs) -> "Runner":
+        """A runner over the model's network as it is (on `device` already); make_runner() makes a fast one."""
         return cls(model, settings.for_model(model.train_steps, model.skip), device, **kwargs)
 
     def __post_init__(self):
@@ -139,7 +139,7 @@ class Sampler:
             start, _ = ddim.invert_exact(self.eps_model, x, self._alphas_cumprod, timesteps, exact.tol, exact.max_iters)
         mask = mask.to(self.device, torch.float32) if mask is not None else None
         return ddim.edit(self._counted(progress), x, self._alphas_cumprod, timesteps, mask, generator=list(generators),
-                         x_start=start, sampler=self.settings.spec.function, **self.settings.options())
+                         x_start=start, sample_fn=self.settings.spec.function, **self.settings.options())
 
     def sample_indices(
         self,
@@ -190,7 +190,7 @@ def aligned_batches(indices: Sequence[int], batch_size: int, count: int) -> list
 
 # --------------------------------------------------------------------------------------------
 # The rules for a run's other values, each written once (samplers.Settings checks the sampler's).
-# The CLI checks what it can before loading a model; prepare() checks again for every caller.
+# The CLI checks what it can before loading a model; make_runner() checks again for every caller.
 
 
 MAX_IMAGES = 100_000_000  # 2,000 of the paper's 50,000-image FID sets
@@ -221,7 +221,7 @@ def check_settings(
 # A sampler ready for a run: device, precision, batch size, and compiling when it pays.
 
 
-def prepare(
+def make_runner(
     model: LoadedModel,
     settings: samplers.Settings,
     device: str = "auto",
@@ -230,13 +230,13 @@ def prepare(
     compile_model: bool | None = None,
     batch_size: int | None = None,
     count: int | None = None,
-    reuse: Sampler | None = None,
+    reuse: Runner | None = None,
     notify: Callable[[str], None] = lambda message: None,
-) -> Sampler:
-    """A sampler on the chosen device and precision; its `batch` is the batch size to run with (at
+) -> Runner:
+    """A runner on the chosen device and precision; its `batch` is the batch size to run with (at
     most `count`, the run's images, whatever the number of processes: batches are the run's own).
     compile_model None compiles on CUDA when this process's share of the work repays it; `reuse`
-    shares another sampler's prepared (compiled) network, so a sweep compiles once. The model
+    shares another runner's prepared (compiled) network, so a sweep compiles once. The model
     itself is never changed. notify() hears what was decided."""
     from . import distributed, fast
 
@@ -245,7 +245,7 @@ def prepare(
     dev = distributed.local_device(pick_device(device), world)
     precision = fast.resolve_precision(precision, dev)
     if reuse is not None:
-        return Sampler.create(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision)
+        return Runner.create(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision)
     settings = settings.for_model(model.train_steps, model.skip)
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
@@ -260,44 +260,44 @@ def prepare(
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
         notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
-    sampler = Sampler.create(model, settings, dev, eps_model=eps, batch=batch, precision=precision)
-    walked = len(sampler.timesteps) + settings.spec.extra_calls
+    runner = Runner.create(model, settings, dev, eps_model=eps, batch=batch, precision=precision)
+    walked = len(runner.timesteps) + settings.spec.extra_calls
     if walked != settings.steps:
-        notify(f"{settings.skip} skip with S={settings.steps} has {len(sampler.timesteps)} distinct timesteps")
-    return sampler
+        notify(f"{settings.skip} skip with S={settings.steps} has {len(runner.timesteps)} distinct timesteps")
+    return runner
 
 
 def invert_batches(
-    sampler: Sampler, x_0: torch.Tensor, exact: ExactInversion | None = None, progress: ProgressFn | None = None
+    runner: Runner, x_0: torch.Tensor, exact: ExactInversion | None = None, progress: ProgressFn | None = None
 ) -> tuple[torch.Tensor, int]:
     """Latents of x_0 (on the CPU) and the most network calls per image any batch took."""
     calls = []
 
     def invert(x: torch.Tensor) -> torch.Tensor:
-        latents, evaluations = sampler.invert(x, progress, exact)
+        latents, evaluations = runner.invert(x, progress, exact)
         calls.append(evaluations)
         return latents
 
-    return in_batches(invert, x_0, sampler.batch or len(x_0)), max(calls)
+    return in_batches(invert, x_0, runner.batch or len(x_0)), max(calls)
 
 
-def decode_batches(sampler: Sampler, x_T: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
+def decode_batches(runner: Runner, x_T: torch.Tensor, progress: ProgressFn | None = None) -> torch.Tensor:
     """x_0 of each latent (on the CPU); a deterministic sampler (ddim at eta = 0 or a solver)."""
-    if sampler.settings.stochastic:
+    if runner.settings.stochastic:
         raise ValueError("decoding latents needs a deterministic sampler (eta = 0, no sigma-hat)")
-    return in_batches(lambda x: sampler.sample(x, None, progress), x_T, sampler.batch or len(x_T))
+    return in_batches(lambda x: runner.sample(x, None, progress), x_T, runner.batch or len(x_T))
 
 
 def sample_batches(
-    sampler: Sampler, count: int, seed: int, x_T: torch.Tensor | None = None, progress: ProgressFn | None = None
+    runner: Runner, count: int, seed: int, x_T: torch.Tensor | None = None, progress: ProgressFn | None = None
 ) -> torch.Tensor:
     """Images 0..count-1 of a run (on the CPU), for a grid."""
-    batch = sampler.batch or count
-    return torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(count)), seed, batch, x_T, progress)])
+    batch = runner.batch or count
+    return torch.cat([x0 for _, x0 in runner.sample_indices(list(range(count)), seed, batch, x_T, progress)])
 
 
 def edit_batches(
-    sampler: Sampler,
+    runner: Runner,
     x_0: torch.Tensor,
     strength: float,
     seed: int,
@@ -305,11 +305,11 @@ def edit_batches(
     exact: ExactInversion | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
-    """Sampler.edit over batches; image i's noise from (seed, i). Results on the CPU, checked finite."""
-    parts, batch = [], sampler.batch or len(x_0)
+    """Runner.edit over batches; image i's noise from (seed, i). Results on the CPU, checked finite."""
+    parts, batch = [], runner.batch or len(x_0)
     for start in range(0, x_0.shape[0], batch):
         generators = seeds.image_generators(seed, range(start, min(start + batch, x_0.shape[0])))
-        parts.append(sampler.edit(x_0[start : start + batch], strength, generators, mask, exact, progress).cpu())
+        parts.append(runner.edit(x_0[start : start + batch], strength, generators, mask, exact, progress).cpu())
     return check_finite(list(range(x_0.shape[0])), torch.cat(parts))
 
 

@@ -23,7 +23,7 @@ from . import ddim, distributed, fast, images, runs, samplers, seeds
 from .errors import DdimctlError, param
 from .files import atomic_path, remove_stale_temporaries
 from .registry import DEFAULT_SCHEDULE
-from .sampling import Sampler
+from .sampling import Runner
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 from .weights import LoadedModel
 
@@ -368,7 +368,7 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
         return
     loaded = LoadedModel(ema, "ema", str(run_dir), dict(DEFAULT_SCHEDULE), "uniform")
     steps = min(options.sample_steps, loaded.train_steps)
-    sampler = Sampler.create(loaded, samplers.Settings("ddim", steps, "uniform"), device)
+    sampler = Runner.create(loaded, samplers.Settings("ddim", steps, "uniform"), device)
     grids = [x for _, x in sampler.sample_indices(list(range(options.sample_count)), 0, options.sample_count)]
     pixels = images.to_uint8(torch.cat(grids))
     images.save_picture(images.grid(pixels), runs.sample_grid_path(run_dir, step))  # enlarged to >= 256 px

@@ -6,6 +6,7 @@ Pickles are only ever read with weights_only=True; Hub pickles are converted onc
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -293,8 +294,14 @@ def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None 
         loaded = load_local(checkpoint, notify)
         loaded.name = spec
         return loaded
+    registered_as = [name for name, entry in entries.items() if entry.repo and entry.repo.lower() == spec.lower()]
+    if registered_as:
+        raise DdimctlError(f"unknown model {spec!r}: that Hub repository is registered as {registered_as[0]!r}; "
+                           f"pass --model {registered_as[0]}")
+    close = difflib.get_close_matches(spec, list(entries), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     raise DdimctlError(
-        f"unknown model {spec!r}: not a registered name ({', '.join(entries)}) nor an existing path; "
+        f"unknown model {spec!r}: {hint}not a registered name ({', '.join(entries)}) nor an existing path; "
         f"`ddimctl models` lists the registry"
     )
 

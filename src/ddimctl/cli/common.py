@@ -222,9 +222,9 @@ def load(model: str | None) -> weights.LoadedModel:
         raise
 
 
-def make_sampler(model: weights.LoadedModel, settings: samplers.Settings, device: str, **options) -> sampling.Sampler:
-    """sampling.prepare, with its decisions shown as notes."""
-    runner = sampling.prepare(model, settings, device, notify=note, **options)
+def make_runner(model: weights.LoadedModel, settings: samplers.Settings, device: str, **options) -> sampling.Runner:
+    """sampling.make_runner, with its decisions shown as notes."""
+    runner = sampling.make_runner(model, settings, device, notify=note, **options)
     note_cpu_threads(runner.device)
     return runner
 
@@ -294,7 +294,7 @@ def parse_names(text: str, option: str) -> list[str]:
 progress_on_interrupt: list = []
 
 
-def fill_with_progress(sampler: sampling.Sampler, plan: folders.FolderPlan, seed: int, world, x_T=None,
+def fill_with_progress(runner: sampling.Runner, plan: folders.FolderPlan, seed: int, world, x_T=None,
                        scale: int = 1) -> float:
     """folders.fill_folder with a progress bar and a line for Ctrl-C; returns the writers' stall."""
     folder, count = plan.folder, plan.count
@@ -302,27 +302,29 @@ def fill_with_progress(sampler: sampling.Sampler, plan: folders.FolderPlan, seed
         lambda: f"{folders.images_written(folder, count)} of {count} images written to {folder}; "
         f"rerun the same command to finish"
     )
-    with progress_bar(f"sampling {folder.name}", plan.computed, sampler.evaluations, enabled=world.is_main) as advance:
-        return folders.fill_folder(sampler, plan, seed, world, x_T, scale, advance)
+    with progress_bar(f"sampling {folder.name}", plan.computed, runner.evaluations, enabled=world.is_main) as advance:
+        return folders.fill_folder(runner, plan, seed, world, x_T, scale, advance)
 
 
-def plan_and_fill(sampler: sampling.Sampler, seed: int, count: int, folder: Path, world, x_T=None, scale: int = 1) -> tuple[int, float]:
-    """Plan the folder (noting images already there), fill it; (images this process wrote, stall)."""
-    plan = folders.plan_folder(folder, count, sampler.batch, world)
-    if plan.already and world.is_main:
+def plan_and_fill(runner: sampling.Runner, seed: int, count: int, folder: Path, world, x_T=None, scale: int = 1) -> tuple[int, float]:
+    """Plan the folder (noting images already there), fill it; (images all processes wrote, stall)."""
+    plan = folders.plan_folder(folder, count, runner.batch, world)
+    if plan.already == count and world.is_main:
+        note(f"all {count} images are already in {folder}; nothing to do")
+    elif plan.already and world.is_main:
         note(f"{plan.already} of {count} images already in {folder}; generating the rest")
-    return len(plan.todo), fill_with_progress(sampler, plan, seed, world, x_T, scale)
+    return count - plan.already, fill_with_progress(runner, plan, seed, world, x_T, scale)
 
 
 def exact_settings(exact: bool, tol: float, max_iters: int) -> sampling.ExactInversion | None:
     return sampling.ExactInversion(tol, max_iters) if exact else None
 
 
-def run_inversion(sampler: sampling.Sampler, x0: torch.Tensor, exact=None) -> tuple[torch.Tensor, int]:
-    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], sampler.evaluations) as advance:
-        return sampling.invert_batches(sampler, x0, exact, advance)
+def run_inversion(runner: sampling.Runner, x0: torch.Tensor, exact=None) -> tuple[torch.Tensor, int]:
+    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], runner.evaluations) as advance:
+        return sampling.invert_batches(runner, x0, exact, advance)
 
 
-def run_decoding(sampler: sampling.Sampler, x_T: torch.Tensor, label="decoding") -> torch.Tensor:
-    with progress_bar(label, x_T.shape[0], sampler.evaluations) as advance:
-        return sampling.decode_batches(sampler, x_T, advance)
+def run_decoding(runner: sampling.Runner, x_T: torch.Tensor, label="decoding") -> torch.Tensor:
+    with progress_bar(label, x_T.shape[0], runner.evaluations) as advance:
+        return sampling.decode_batches(runner, x_T, advance)

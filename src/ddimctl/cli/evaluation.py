@@ -27,7 +27,7 @@ from .common import (
     fail,
     load,
     make_output_folder,
-    make_sampler,
+    make_runner,
     note,
     parse_list,
     parse_names,
@@ -107,7 +107,7 @@ def fid(
             evaluate.check_sample_count(num)
             loaded = load(model)
             check_tuned(tuned, loaded, settings.sampler)
-            runner = make_sampler(loaded, settings, device, count=num)
+            runner = make_runner(loaded, settings, device, count=num)
             samples = Path(tmp)
             plan_and_fill(runner, seed, num, samples, distributed.World())
         value = evaluate.compute_fid(samples, ref, dev, batch_size, feature_extractor)
@@ -155,7 +155,7 @@ def sweep(
     world = distributed.init(devices.pick_device(device))
 
     def prepare_cell(settings, reuse):
-        return make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
+        return make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
                             batch_size=batch_size, count=num, reuse=reuse)
 
     def fill(runner, folder: Path) -> None:

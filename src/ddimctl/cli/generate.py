@@ -33,7 +33,7 @@ from .common import (
     is_directory_target,
     load,
     make_output_folder,
-    make_sampler,
+    make_runner,
     note,
     progress_bar,
     plan_and_fill,
@@ -101,7 +101,7 @@ def sample(
             loaded, settings, seed, latents,
             fast.resolve_precision(precision, devices.pick_device(device)), scale or 1), count)
     world.barrier()
-    runner = make_sampler(loaded, settings, device, precision=precision, compile_model=compile_model,
+    runner = make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
                           batch_size=batch_size, count=count)
 
     started = time.perf_counter()
@@ -117,9 +117,10 @@ def sample(
     elapsed = time.perf_counter() - started
     if world.is_main:
         where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
-        what = f"{done} image{'s' * (done != 1)}" if world.size == 1 else f"{done} images per process x {world.size} processes"
+        what = f"{done} image{'s' * (done != 1)}" + (f" ({world.size} processes)" if world.size > 1 else "")
+        done_before = f"{out_path}/ already held all {count} images; nothing written " if to_folder and done == 0 else ""
         say(
-            f"wrote {what} to {where} in {elapsed:.1f}s "
+            (done_before or f"wrote {what} to {where} in {elapsed:.1f}s ") +
             f"[{loaded.name}, {settings.describe()}, seed={seed}, {runner.device}, {runner.precision}, batch {runner.batch}]"
         )
         if stalled is not None and stalled >= 0.05:  # only worth saying when the writers held sampling up
@@ -177,7 +178,7 @@ def edit(
     regenerate = None  # the mask: 1 where the edit draws new pixels
     if mask is not None:
         regenerate = images.load_mask(mask, resolution, notice=note)
-    runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
+    runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
                           batch_size=batch_size, count=len(image_paths))
     walked = sampling.edit_steps(strength, len(runner.timesteps))
     with progress_bar("editing", len(image_paths), max(runner.settings.network_calls(walked), 1)) as advance:

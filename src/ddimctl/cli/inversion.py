@@ -36,7 +36,7 @@ from .common import (
     is_directory_target,
     load,
     make_output_folder,
-    make_sampler,
+    make_runner,
     note,
     parse_list,
     progress_bar,
@@ -73,7 +73,7 @@ def invert(
     image_paths = check_inputs(image_paths)
     loaded = load(model)
     x0 = read_images(image_paths, loaded)
-    runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
+    runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
                           batch_size=batch_size, count=len(image_paths))
     latents, _ = run_inversion(runner, x0, how)
     latents_file.save_latents(out, latents, loaded.name, runner.settings, sources=[p.name for p in image_paths],
@@ -122,7 +122,7 @@ def reconstruct(
     results = []
     for settings in all_settings:
         s = settings.steps
-        runner = make_sampler(loaded, settings, device, precision=precision, compile_model=False,
+        runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
                               batch_size=batch_size, count=len(image_paths))
         latents, evaluations = run_inversion(runner, x0, how)
         recon = run_decoding(runner, latents, f"decoding S={s}")
@@ -214,11 +214,11 @@ def interpolate(
     check_tuned(tuned, loaded, decoding.sampler)
     x0 = read_images(paths, loaded) if seeds is None else None
     options = dict(precision=precision, compile_model=False, batch_size=batch_size, count=frames)
-    runner = make_sampler(loaded, decoding, device, **options)
+    runner = make_runner(loaded, decoding, device, **options)
     if seeds is not None:
         ends = sampling.seed_latents(seeds, loaded.image_shape)
     else:
-        inverter = runner if sampler == "ddim" else make_sampler(loaded, inverting, device, **options)
+        inverter = runner if sampler == "ddim" else make_runner(loaded, inverting, device, **options)
         ends, _ = run_inversion(inverter, x0, how)
         if sampler != "ddim":
             note(f"the end frames are decoded with {sampler}: they return the inputs approximately (the inversion "
