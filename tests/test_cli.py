@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ddimctl import ddim, samplers, seeds, weights
+from ddimctl.errors import DdimctlError
 
 
 def pixels(path) -> np.ndarray:
@@ -310,6 +311,25 @@ def test_threads_follow_the_free_cores(monkeypatch):
     env = {"OMP_NUM_THREADS": "2"}
     monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 4)
     assert threads.choose(env) is None and env == {"OMP_NUM_THREADS": "2"}  # the user's setting wins
+
+
+def test_training_keeps_its_thread_count_whatever_the_load(monkeypatch):
+    """A run's bits depend on its thread count (1 and 2 threads give other weights): train never takes
+    the count from the load of the moment, and a resume with another count says so."""
+    from ddimctl import runs, threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 4)
+    for argv, command in ((["train", "data"], "train"), (["--threads", "2", "train"], "train"),
+                          (["sample", "--model", "digits"], "sample"), (["--version"], None)):
+        assert threads.command_of(argv) == command
+    env = {}
+    assert threads.choose(env, "train") is None and env == {}
+    assert threads.choose(env, "sample") is not None
+    assert runs.thread_change({"cpu_threads": 2}, 2) is None and runs.thread_change({}, 1) is None
+    assert "--threads 2 keeps them" in runs.thread_change({"cpu_threads": 2}, 1)
+    with pytest.raises(DdimctlError, match="cpu_threads"):
+        runs.thread_change({"cpu_threads": "two"}, 1)
 
 
 def test_no_network_default_model_answers_in_one_line(tmp_path):

@@ -57,15 +57,26 @@ def sample_grid_path(run_dir: Path, step: int) -> Path:
 # The run folder: its config, and what a resume may change
 
 
-def run_config(options: dict, config: UNetConfig) -> dict:
-    """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume."""
+def run_config(options: dict, config: UNetConfig, cpu_threads: int | None = None) -> dict:
+    """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume (on a CPU
+    the thread count too: the weights' bits depend on it)."""
     return {
         "format": RUN_FORMAT,
         "unet": config.to_dict(),
         "schedule": dict(DEFAULT_SCHEDULE),
         "skip": "uniform",
         "train": options,
+        **({"cpu_threads": cpu_threads} if cpu_threads else {}),
     }
+
+
+def thread_change(saved: dict | None, threads: int) -> str | None:
+    """What a CPU resume with `threads` threads should know when the run used another count."""
+    before = Fields(saved or {}, CONFIG).integer("cpu_threads", None, 1, 1_000_000)
+    if before is None or before == threads:
+        return None
+    return (f"this run was trained with {before} CPU thread(s) and resumes with {threads}: the weights will not be "
+            f"bit-identical to an uninterrupted run; --threads {before} keeps them so")
 
 
 # Options a resumed run may change (the rest decide the weights: a change would not continue the run).

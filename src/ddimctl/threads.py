@@ -31,10 +31,27 @@ def runnable_elsewhere() -> int | None:
     return max(0, running - 1)
 
 
-def choose(environ: dict = os.environ) -> str | None:
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand of a ddimctl command line (the first word that is not an option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--threads":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+# Training's weights depend on the thread count (reductions split differently: 1 and 2 threads give
+# other bits), so a run and its resume must not take their count from the machine's load of the moment.
+FIXED_THREADS = ("train",)
+
+
+def choose(environ: dict = os.environ, command: str | None = None) -> str | None:
     """Set OMP_NUM_THREADS and OMP_WAIT_POLICY for the free cores when other work is running and the
-    user set neither; returns what was decided, for a note, or None when nothing changed."""
-    if "OMP_NUM_THREADS" in environ:
+    user set neither; returns what was decided, for a note, or None when nothing changed. Training
+    keeps every core whatever the load (its bits depend on the count)."""
+    if "OMP_NUM_THREADS" in environ or command in FIXED_THREADS:
         return None
     cores, busy = usable_cores(), runnable_elsewhere()
     if busy is None or busy == 0 or cores <= 1:

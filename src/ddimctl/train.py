@@ -272,8 +272,11 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
                 remove_stale_temporaries(folder)  # left by a process killed while saving
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
-        record = runs.run_config(asdict(options), config)
+        threads = torch.get_num_threads() if device.type == "cpu" else None
+        record = runs.run_config(asdict(options), config, threads)
         before = runs.saved_run(run_dir) if resume_from is not None else None
+        if threads and (change := runs.thread_change(before, threads)):
+            say(f"notice: {change}")
         if before is not None:  # the run's history of resumes, and what each changed
             record["resumes"] = [*before.get("resumes", []), {"from": resume_from.name, "changed": changes}]
         with atomic_path(run_dir / runs.CONFIG) as tmp:

@@ -10,7 +10,7 @@ import sys
 
 from .. import threads
 
-THREADS_DECIDED = threads.choose()  # before torch is imported (by .common): it reads OMP_* once
+THREADS_DECIDED = threads.choose(command=threads.command_of(sys.argv[1:]))  # before torch is imported: it reads OMP_* once
 
 import typer  # noqa: E402
 
