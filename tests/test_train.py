@@ -97,6 +97,9 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert (tmp_path / "straight" / "samples" / "step-00000006.png").is_file()
+    # the kill came between the step-3 checkpoint and its grid: the resume draws the missing grid
+    grid = "samples/step-00000003.png"
+    assert (tmp_path / "resumed" / grid).read_bytes() == (tmp_path / "straight" / grid).read_bytes()
     log = (tmp_path / "straight" / "train.log").read_text()
     assert "step=6 loss=" in log and "images_per_s=" in log
 

@@ -298,6 +298,8 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         step = runs.load_checkpoint(resume_from, model, ema, optimizer, device)
         if world.is_main:
             say(f"resuming from {resume_from.name} (step {step})")
+            if not runs.sample_grid_path(run_dir, step).exists():  # killed between the checkpoint and its grid
+                write_samples(run_dir, step, ema, options, device)
 
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
