@@ -43,8 +43,9 @@ def command_of(argv: list[str]) -> str | None:
 
 
 # Training's weights depend on the thread count (reductions split differently: 1 and 2 threads give
-# other bits), so a run and its resume must not take their count from the machine's load of the moment.
-FIXED_THREADS = ("train",)
+# other bits), so a run and its resume must not take their count from the machine's load of the
+# moment; nor does tune-steps, whose search compares errors.
+FIXED_THREADS = ("train", "tune-steps")
 
 
 def choose(environ: dict = os.environ, command: str | None = None) -> str | None:

@@ -27,6 +27,9 @@ from . import samplers, seeds, timesteps
 TEACHER_CALLS = 100
 TEACHER = samplers.Settings("unipc", TEACHER_CALLS, "logsnr")
 MOVES = (64, 32, 16, 8, 4, 2, 1)  # how far one timestep moves, coarse to fine
+# A move is kept when it lowers the error by more than this fraction: float rounding (another thread
+# count, another CPU) moves the error by about 1e-7, so near-ties are decided the same way everywhere.
+MIN_GAIN = 1e-4
 
 
 @dataclass
@@ -112,7 +115,7 @@ def tune(
             for index in range(walked):
                 for candidate in neighbours(grid, index, move, train_steps):
                     error = error_of(candidate)
-                    if error < best:
+                    if error < best * (1 - MIN_GAIN):
                         grid, best, improved = candidate, error, True
                         history.append(best)
                         progress(f"move {move}", best)
