@@ -3,6 +3,7 @@ like any other, and tune-steps keeps what its method promises."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from gaussian import MixtureEps
@@ -115,3 +116,18 @@ def test_a_tuned_file_is_used_for_its_model_and_sampler_only(tmp_path):
         result = ddimctl("sample", "--model", "digits", "--skip", "t.json", "--out", "o.png", cwd=tmp_path, check=False)
         assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_skip_tuned_takes_the_timesteps_ddimctl_ships(tmp_path):
+    """The bundled digits model ships fitted 5-call timesteps; --skip tuned finds them by model,
+    sampler and S, and says what to do where there are none."""
+    shipped = json.loads((Path(timesteps.__file__).parent / "bundled" / "tuned" / "digits-unipc-5.json").read_text())
+    ddimctl("sample", "--model", "digits", "--sampler", "unipc", "--skip", "tuned", "-n", "2", "--out", "s/", cwd=tmp_path)
+    record = json.loads((tmp_path / "s" / ".ddimctl-sample.json").read_text())
+    assert record["skip"] == timesteps.canonical(shipped["timesteps"]) and record["steps"] == 5
+    for args, says in [(["--sampler", "ddim"], "ships no tuned timesteps for ddim on digits"),
+                       (["--sampler", "unipc", "--steps", "7"], "are for --steps 5"),
+                       (["--model", "../x", "--sampler", "unipc"], "registry models only")]:
+        result = ddimctl("sample", *(["--model", "digits"] if "--model" not in args else []), *args, "--skip", "tuned",
+                         "--out", "o.png", cwd=tmp_path, check=False)
+        assert result.returncode == 1 and says in result.stderr, result.stderr
