@@ -65,7 +65,8 @@ class FakeHub:
             return
         handler.send_response(200)
         handler.send_header("X-Repo-Commit", COMMIT)
-        handler.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+        reported = b"other bytes" if fault == "wrong-etag" else content  # a Hub (or proxy) reporting another hash
+        handler.send_header("ETag", f'"{hashlib.sha256(reported).hexdigest()}"')
         handler.send_header("Content-Length", str(len(content)))
         handler.send_header("Content-Type", "application/octet-stream")
         handler.end_headers()

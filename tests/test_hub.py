@@ -262,3 +262,56 @@ def test_a_misbehaving_hub_is_one_line_and_leaves_no_file(hub, tmp_path, monkeyp
     assert "\n" not in str(info.value) and "tiny-hub" in str(info.value)
     assert time.perf_counter() - started < 40
     assert not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts and not p.name.endswith(".incomplete")]
+
+
+def serve_pipeline(server: FakeHub, repo: str, folder) -> None:
+    """Every file of a local folder, under its relative name, as a Hub repository."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            server.add(repo, str(path.relative_to(folder)), path.read_bytes())
+
+
+def test_any_hub_repo_in_diffusers_format(hub, tmp_path):
+    """--model OWNER/REPO: a pipeline repository (model_index.json, unet/, scheduler/) and a bare
+    UNet repository, not in the registry, downloaded into the Hub cache and checked against the
+    sha256 the Hub reports; then loaded again from the cache alone (offline)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(beta_end=0.012)).save_pretrained(tmp_path / "pipe")
+    serve_pipeline(hub, "someone/butterflies", tmp_path / "pipe")
+    serve_pipeline(hub, "someone/bare-unet", tmp_path / "pipe" / "unet")
+    cache = str(tmp_path / "hf")
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([321])
+    for spec, beta_end in (("someone/butterflies", 0.012), ("someone/bare-unet@main", 0.02)):
+        loaded = weights.load_model(spec, hub_cache=cache, endpoint=hub.endpoint)
+        assert loaded.schedule["beta_end"] == beta_end and loaded.config.head_channels == 8
+        with torch.no_grad():
+            assert torch.allclose(loaded.unet(x, t), unet(x, t).sample, atol=1e-5)
+        assert loaded.weights_sha256 == hashlib.sha256(
+            (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    asked = len(hub.requests)
+    from huggingface_hub import constants
+
+    old, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:  # offline, from the cache: no request at all
+        assert weights.load_model("someone/butterflies", hub_cache=cache, endpoint=hub.endpoint).schedule["beta_end"] == 0.012
+    finally:
+        constants.HF_HUB_OFFLINE = old
+    assert len(hub.requests) == asked
+
+
+def test_a_hub_repo_whose_weights_do_not_match_the_reported_sha256_is_refused(hub, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                          down_block_types=("DownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(tmp_path / "unet")
+    serve_pipeline(hub, "someone/tampered", tmp_path / "unet")
+    hub.faults[("someone/tampered", "diffusion_pytorch_model.safetensors")] = "wrong-etag"
+    with pytest.raises(DdimctlError, match="the Hub reported .*; the corrupt download was deleted"):
+        weights.load_model("someone/tampered", hub_cache=str(tmp_path / "hf"), endpoint=hub.endpoint)
+    assert not list((tmp_path / "hf").rglob("diffusion_pytorch_model.safetensors"))
+    with pytest.raises(DdimctlError, match="repository nobody/nothing was not found on the Hub; check --model"):
+        weights.load_model("nobody/nothing", hub_cache=str(tmp_path / "hf"), endpoint=hub.endpoint)

@@ -89,10 +89,13 @@ def download(
     *,
     cache_dir: str | None = None,
     endpoint: str | None = None,
-) -> Path:
+    missing_ok: bool = False,
+    fix: str = "weights.toml",
+) -> Path | None:
     """Fetch (or find in the cache) one file of a Hub repo and verify its sha256.
 
-    Raises DdimctlError with a one-line message naming the model and what to do.
+    Raises DdimctlError with a one-line message naming the model and what to do (`fix`: where the
+    repo, revision and file were named); a file the repo lacks is None with missing_ok.
     """
     where = f"{repo}@{revision}/{filename}"
     # huggingface_hub retries a host that does not resolve for ~25 s: with no DNS answer there is
@@ -125,15 +128,17 @@ def download(
         ) from e
     except RepositoryNotFoundError as e:
         raise DdimctlError(
-            f"model {name!r}: repository {repo} was not found on the Hub; check its entry in weights.toml"
+            f"model {name!r}: repository {repo} was not found on the Hub; check {fix}"
         ) from e
     except RevisionNotFoundError as e:
         raise DdimctlError(
-            f"model {name!r}: revision {revision!r} of {repo} does not exist; fix the revision in weights.toml"
+            f"model {name!r}: revision {revision!r} of {repo} does not exist; fix the revision in {fix}"
         ) from e
     except EntryNotFoundError as e:
+        if missing_ok:
+            return None
         raise DdimctlError(
-            f"model {name!r}: {repo} has no file {filename!r} at {revision}; fix the file in weights.toml"
+            f"model {name!r}: {repo} has no file {filename!r} at {revision}; fix the file in {fix}"
         ) from e
     except Exception as e:  # the HTTP client's own errors too (a body cut short, a redirect loop, a stall)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -149,6 +154,14 @@ def download(
                 f"the corrupt download was deleted, run the command again to fetch it afresh"
             )
     return path
+
+
+def reported_sha256(path: Path) -> str | None:
+    """The sha256 the Hub reported for a cached file stored in LFS: huggingface_hub names each blob
+    by the ETag the Hub sent, which for LFS files is their sha256 (git-stored files get a 40-digit
+    git hash instead: None)."""
+    blob = Path(path).resolve().name
+    return blob if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) else None
 
 
 def remove_download(snapshot_path: Path, cache_dir: str | None = None) -> None:

@@ -28,7 +28,7 @@ from .layouts import (
     to_diffusers_names,
     unet_config_from,
 )
-from .registry import DEFAULT_SCHEDULE, HEX64, ModelEntry, registry
+from .registry import DEFAULT_SCHEDULE, HEX64, REVISION, ModelEntry, registry
 from .unet import PRESETS, UNet, UNetConfig
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
@@ -262,6 +262,65 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
     return LoadedModel(unet, path.name, str(path), schedule, skip, hub.sha256_of(weights))
 
 
+# --------------------------------------------------------------------------------------------
+# Any Hub repository in diffusers' format: a pipeline (model_index.json, unet/, scheduler/) or a bare UNet
+
+
+def hub_repo_id(spec: str) -> tuple[str, str] | None:
+    """OWNER/NAME[@REVISION] as (repo, revision), or None when spec is not a Hub repository id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo, _, revision = spec.partition("@")
+    if repo.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return None
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        return None
+    if revision and not REVISION.match(revision):
+        raise DdimctlError(f"{spec!r}: {revision!r} is not a branch, tag or commit name")
+    return repo, revision or "main"
+
+
+def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, endpoint: str | None = None,
+                  notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
+    """A Hub repository in diffusers' format, downloaded into the standard Hub cache: its configs read
+    key by key, its weights (safetensors first; a .bin only as weights_only) checked against the
+    sha256 the Hub reports for them before anything parses them."""
+    name = f"{repo}@{revision}" if revision != "main" else repo
+
+    def fetch(filename: str, missing_ok: bool = True) -> Path | None:
+        return hub.download(name, repo, filename, revision, cache_dir=hub_cache, endpoint=endpoint,
+                            missing_ok=missing_ok, fix="--model")
+
+    prefix = "unet/" if fetch("model_index.json") is not None else ""
+    config_file = fetch(f"{prefix}config.json", missing_ok=False)
+    cfg = read_json_object(config_file)
+    where = f"{name}: {prefix}config.json"
+    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise DdimctlError(f"{where} is a {cfg.get('_class_name')}; ddimctl samples pixel-space UNet2DModel repositories")
+    config = config_from_diffusers(cfg, where)
+    scheduler = fetch("scheduler/scheduler_config.json" if prefix else "scheduler_config.json")
+    schedule = (schedule_from_diffusers(read_json_object(scheduler), f"{name}: {scheduler.name}", notify)
+                if scheduler is not None else dict(DEFAULT_SCHEDULE))
+    weights = next((p for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                    if (p := fetch(prefix + f)) is not None), None)
+    if weights is None:
+        raise DdimctlError(f"{name}: no diffusion_pytorch_model.safetensors or .bin in {prefix or 'the repository'}")
+    expected = hub.reported_sha256(weights)
+    if expected is None:
+        raise DdimctlError(f"{name}: {weights.name} is not stored in LFS, so the Hub reports no sha256 to check it "
+                           f"against; download it yourself and pass the folder")
+    actual = hub.sha256_of(weights)
+    if actual != expected:
+        hub.remove_download(weights, hub_cache)
+        raise DdimctlError(f"{name}: {weights.name} has sha256 {actual[:16]}..., the Hub reported {expected[:16]}...; "
+                           f"the corrupt download was deleted, run the command again to fetch it afresh")
+    state = to_diffusers_names(read_checkpoint(weights))
+    unet = build_unet(config, state, name)
+    return LoadedModel(unet, name, f"hf://{repo}@{revision}", schedule, "uniform", actual)
+
+
 def run_checkpoint(spec: str) -> Path | None:
     """RUN@STEP (a run folder and a step it saved): that checkpoint's path; None if spec is not one."""
     run, at, step = spec.rpartition("@")
@@ -294,15 +353,18 @@ def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None 
         loaded = load_local(checkpoint, notify)
         loaded.name = spec
         return loaded
-    registered_as = [name for name, entry in entries.items() if entry.repo and entry.repo.lower() == spec.lower()]
-    if registered_as:
-        raise DdimctlError(f"unknown model {spec!r}: that Hub repository is registered as {registered_as[0]!r}; "
-                           f"pass --model {registered_as[0]}")
+    hub_repo = hub_repo_id(spec)
+    if hub_repo is not None:
+        registered = [e for e in entries.values() if e.repo.lower() == hub_repo[0].lower() and "@" not in spec]
+        if registered:  # the registry pins its file and sha256
+            notify(f"{spec} is registered as {registered[0].name}: its pinned file and sha256 are used")
+            return load_registered(registered[0], hub_cache=hub_cache, endpoint=endpoint, notify=notify)
+        return load_hub_repo(*hub_repo, hub_cache=hub_cache, endpoint=endpoint, notify=notify)
     close = difflib.get_close_matches(spec, list(entries), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise DdimctlError(
-        f"unknown model {spec!r}: {hint}not a registered name ({', '.join(entries)}) nor an existing path; "
-        f"`ddimctl models` lists the registry"
+        f"unknown model {spec!r}: {hint}not a registered name ({', '.join(entries)}), an existing path nor a Hub "
+        f"repository id (OWNER/NAME); `ddimctl models` lists the registry"
     )
 
 
