@@ -456,7 +456,7 @@ CASES += [
     Case("sample -n 10^12", lambda f: ["sample", *DIGITS, "-n", "1000000000000", "--out", "s/"], "more images than one run",
          leaves=lambda f: ["s"] if (f / "s").exists() else []),
     Case("--scale 100000", lambda f: ["sample", *DIGITS, "-n", "4", "--scale", "100000"], "--scale", code=2),
-    Case("a failed sample leaves no folder it made", lambda f: ["sample", "--model", "no/such", "--out", "a/b/c/"],
+    Case("a failed sample leaves no folder it made", lambda f: ["sample", "--model", "no-such-model", "--out", "a/b/c/"],
          "unknown model", leaves=lambda f: ["a"] if (f / "a").exists() else []),
     Case("a FIFO as --model", lambda f: (__import__("os").mkfifo(f / "fifo.safetensors"),
                                         ["sample", "--model", "fifo.safetensors", "-n", "1"])[-1], "not a regular file"),

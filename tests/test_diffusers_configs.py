@@ -142,17 +142,17 @@ def test_scheduler_configs_are_read_key_by_key():
         cfg = {k: v for k, v in getattr(diffusers, cls)().config.items() if not k.startswith("_")}
         cfg["_class_name"] = cls
         heard = []
-        schedule = schedule_from_diffusers(cfg, "s.json", heard.append)
-        assert schedule["train_steps"] == 1000 and schedule["beta_end"] == 0.02, cls
+        schedule, prediction = schedule_from_diffusers(cfg, "s.json", heard.append)
+        assert schedule["train_steps"] == 1000 and schedule["beta_end"] == 0.02 and prediction == "epsilon", cls
         assert len(heard) == (cls in ("DDPMScheduler", "DDIMScheduler")) and all("unclipped" in h for h in heard), cls
     heard = []
     schedule_from_diffusers({"_class_name": "DDPMScheduler", "clip_sample": False}, "s.json", heard.append)
     assert heard == []
     for cfg, named in [({"_class_name": "CMStochasticIterativeScheduler"}, "CMStochasticIterativeScheduler"),
                        ({"_class_name": "ScoreSdeVeScheduler"}, "ScoreSdeVeScheduler"),
-                       ({"beta_schedule": "squaredcos_cap_v2"}, "squaredcos_cap_v2"),
+                       ({"beta_schedule": "laplace"}, "laplace"),
                        ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
-                       ({"prediction_type": "v_prediction"}, "v_prediction"),
+                       ({"prediction_type": "flow"}, "prediction_type"),
                        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
                        ({"betta_start": 0.001}, "betta_start")]:
         with pytest.raises(DdimctlError, match=named):
@@ -170,3 +170,46 @@ def test_a_pipeline_folder_loads_with_its_scheduler(tmp_path):
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():
         assert torch.allclose(loaded.unet(x, t), unet(x, t).sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("beta_schedule,prediction", [
+    ("linear", "epsilon"), ("squaredcos_cap_v2", "epsilon"), ("linear", "v_prediction"), ("linear", "sample"),
+    ("scaled_linear", "v_prediction"), ("scaled_linear", "sample"), ("squaredcos_cap_v2", "v_prediction"),
+])
+def test_schedules_and_predictions_sample_as_diffusers_ddim_does(tmp_path, beta_schedule, prediction):
+    """A pipeline folder with any of these schedules and predictions: ddimctl's DDIM (the model
+    boundary turns the output into the noise) against diffusers' DDIMScheduler loop, clip_sample
+    off, set_alpha_to_one, on the same 10 timesteps from the same x_T."""
+    from ddimctl import samplers, sampling
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
+    scheduler = diffusers.DDIMScheduler(beta_schedule=beta_schedule, prediction_type=prediction, clip_sample=False,
+                                        set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+                                        beta_end=0.012 if beta_schedule == "scaled_linear" else 0.02,
+                                        beta_start=0.00085 if beta_schedule == "scaled_linear" else 0.0001)
+    diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    loaded = weights.load_model(str(tmp_path / "pipe"))
+    assert loaded.prediction == prediction and loaded.schedule["kind"] == beta_schedule
+    torch.testing.assert_close(loaded.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
+    with torch.no_grad():
+        ours = runner.sample(x_T, None)
+        scheduler.set_timesteps(10)
+        x = x_T.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert sorted(scheduler.timesteps.tolist()) == runner.timesteps.tolist()
+    within = ((ours - x).abs() <= 1 / 255).float().mean()
+    assert within >= 0.995 and float((ours - x).abs().max()) < 0.05, (float(within), float((ours - x).abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_every_schedule_kind_equals_diffusers_betas(kind):
+    """(DDIMScheduler has no sigmoid; DDPMScheduler has them all.)"""
+    from ddimctl import ddim
+
+    reference = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=0.0002, beta_end=0.015, num_train_timesteps=500)
+    ours = ddim.Schedule(500, 0.0002, 0.015, kind).alphas_cumprod()
+    torch.testing.assert_close(ours.float(), reference.alphas_cumprod, rtol=1e-5, atol=1e-6)

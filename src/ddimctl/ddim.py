@@ -46,10 +46,16 @@ def end_step(index: int, t: int, s: int, x_s: torch.Tensor, x0: torch.Tensor, ke
 SKIP_SCHEMES = ("uniform", "quad")
 
 
+# The noise schedules of the DDPM family, by their diffusers names: linear (every public DDPM
+# checkpoint), scaled_linear (linear in sqrt(beta)), squaredcos_cap_v2 (the cosine alpha-bar of Nichol &
+# Dhariwal, betas capped at 0.999; improved-diffusion's "cosine"), sigmoid (GeoDiff's).
+SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """A noise schedule: betas linear from beta_start to beta_end over train_steps (T) steps, the
-    schedule of every public DDPM checkpoint."""
+    """A noise schedule over train_steps (T) steps: `kind` of SCHEDULE_KINDS, between beta_start and
+    beta_end where the kind has them (the cosine schedule has none)."""
 
     train_steps: int = 1000
     beta_start: float = 1e-4
@@ -57,8 +63,8 @@ class Schedule:
     kind: str = "linear"
 
     def __post_init__(self):
-        if self.kind != "linear":
-            raise ValueError(f"unknown schedule kind {self.kind!r}; only 'linear' is supported")
+        if self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown schedule kind {self.kind!r}; use one of {', '.join(SCHEDULE_KINDS)}")
         if not (self.train_steps >= 1 and 0 < self.beta_start <= self.beta_end < 1):
             raise ValueError(f"a schedule needs T >= 1 and 0 < beta_start <= beta_end < 1, got {self}")
 
@@ -69,12 +75,30 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"kind": self.kind, "train_steps": self.train_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
 
+    def betas(self) -> torch.Tensor:
+        T, start, end = self.train_steps, self.beta_start, self.beta_end
+        if self.kind == "scaled_linear":
+            return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+        if self.kind == "squaredcos_cap_v2":
+            return cosine_betas(T)
+        if self.kind == "sigmoid":
+            return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (end - start) + start
+        return linear_betas(T, start, end)
+
     def alphas_cumprod(self) -> torch.Tensor:
-        return alphas_cumprod(linear_betas(self.train_steps, self.beta_start, self.beta_end))
+        return alphas_cumprod(self.betas())
 
 
 def linear_betas(train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     return torch.linspace(beta_start, beta_end, train_steps, dtype=torch.float64)
+
+
+def cosine_betas(train_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule: abar(u) = cos((u + 0.008) / 1.008 * pi / 2)^2 on u = t / T,
+    each beta 1 - abar(u_{t+1}) / abar(u_t), capped at max_beta."""
+    u = torch.arange(train_steps + 1, dtype=torch.float64) / train_steps
+    abar = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
@@ -106,6 +130,19 @@ def _numpy_linspace(stop: float, num: int) -> torch.Tensor:
     if num > 1:
         points[-1] = stop
     return points
+
+
+def noise_from_prediction(prediction: str, x_t: torch.Tensor, output: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """The noise eps that a network's output stands for, whatever it predicts: epsilon itself, the
+    clean image ("sample": x_t = sqrt(abar) x0 + sqrt(1 - abar) eps), or v = sqrt(abar) eps -
+    sqrt(1 - abar) x0 ("v_prediction"). abar_t broadcasts against x_t (one value per row)."""
+    if prediction == "epsilon":
+        return output
+    if prediction == "sample":
+        return (x_t - abar_t.sqrt() * output) / (1 - abar_t).sqrt()
+    if prediction == "v_prediction":
+        return abar_t.sqrt() * output + (1 - abar_t).sqrt() * x_t
+    raise ValueError(f"unknown prediction {prediction!r}")
 
 
 def ddim_sigma(abar_t: float, abar_s: float, eta: float) -> float:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import ddim
 from .errors import DdimctlError, param
 from .files import cache_dir
 from .unet import UNet
@@ -94,6 +95,8 @@ class FastEps:
     dtype: torch.dtype
     channels_last: bool
     noise_channels: int | None = None  # the output channels that are the noise; None: all
+    prediction: str = "epsilon"  # what the network predicts: converted to the noise here, for every caller
+    alphas_cumprod: torch.Tensor | None = None  # float64, needed for any prediction but epsilon
     fixed_batch: int | None = None  # compiled graphs keep one shape: smaller batches are padded
     cuda_graphs: bool = False
     compile_seconds: float = 0.0
@@ -109,8 +112,11 @@ class FastEps:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous output has been consumed
-        eps = self.model(x, t)
-        return eps[:n, : self.noise_channels].float().contiguous()  # a fresh tensor: graph outputs are reused buffers
+        eps = self.model(x, t)[:n, : self.noise_channels].float()
+        if self.prediction != "epsilon":
+            abar = self.alphas_cumprod.to(eps.device)[t[:n].long()].float().view(-1, *[1] * (eps.dim() - 1))
+            eps = ddim.noise_from_prediction(self.prediction, x[:n].float(), eps, abar)
+        return eps.contiguous()  # a fresh tensor: graph outputs are reused buffers
 
 
 def check_compile_mode(compile_mode: str | None) -> None:
@@ -125,10 +131,15 @@ def prepare(
     precision: str = "auto",
     compile_mode: str | None = None,
     batch_size: int | None = None,
+    prediction: str = "epsilon",
+    alphas_cumprod: torch.Tensor | None = None,
 ) -> FastEps:
-    """The UNet as a fast eps model. compile_mode None: eager; otherwise one of torch.compile's
+    """The UNet as a fast eps model: the noise whatever it predicts (prediction, with the model's
+    alphas_cumprod; see FastEps). compile_mode None: eager; otherwise one of torch.compile's
     COMPILE_MODES. The caller's UNet is never changed: a copy is made when the device, precision,
     memory layout or training mode must change."""
+    if prediction != "epsilon" and alphas_cumprod is None:
+        raise ValueError(f"a network predicting {prediction!r} needs the schedule's alphas_cumprod")
     check_compile_mode(compile_mode)
     precision = resolve_precision(precision, device)
     if device.type == "cuda":
@@ -142,7 +153,7 @@ def prepare(
             model = model.to(memory_format=torch.channels_last)
     else:
         model = unet
-    eps = FastEps(model, dtype, channels_last, unet.config.in_channels)
+    eps = FastEps(model, dtype, channels_last, unet.config.in_channels, prediction, alphas_cumprod)
     if compile_mode:
         use_persistent_compile_cache()
         eps.model = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode)

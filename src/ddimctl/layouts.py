@@ -170,7 +170,7 @@ def schedule_from(fields: Fields) -> ddim.Schedule:
         train_steps=fields.integer("train_steps", 1000, 1, MAX_TRAIN_STEPS),
         beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
         beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
-        kind=fields.text("kind", "linear", ("linear",)),
+        kind=fields.text("kind", "linear", ddim.SCHEDULE_KINDS),
     )
     try:
         return ddim.Schedule(**schedule)
@@ -380,10 +380,14 @@ CLIPPING_DEFAULT = {"DDPMScheduler": True, "DDIMScheduler": True, "DDPMParallelS
                     "DDIMParallelScheduler": True, "HeunDiscreteScheduler": False}
 
 
+PREDICTIONS = ("epsilon", "sample", "v_prediction")  # what a network predicts, by diffusers' names
+
+
 def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
-                            notify: Callable[[str], None] = lambda message: None) -> dict:
-    """The noise schedule of a diffusers scheduler config; every key is read, left to ddimctl's own
-    sampling options (said when the config asks for clipping), or refused by name."""
+                            notify: Callable[[str], None] = lambda message: None) -> tuple[dict, str]:
+    """The noise schedule of a diffusers scheduler config and what the network predicts (PREDICTIONS);
+    every key is read, left to ddimctl's own sampling options (said when the config asks for
+    clipping), or refused by name."""
     fields = Fields(cfg, where)
     kind = fields.text("_class_name", "DDPMScheduler")
     if kind not in DDPM_SCHEDULERS:
@@ -393,12 +397,10 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
     if unknown:
         raise DdimctlError(f"{where}: {unknown[0]!r} is not a scheduler setting ddimctl knows")
     betas = fields.text("beta_schedule", "linear")
-    if betas != "linear" or cfg.get("trained_betas") is not None:
+    if betas not in ddim.SCHEDULE_KINDS or cfg.get("trained_betas") is not None:
         what = "trained_betas" if cfg.get("trained_betas") is not None else f"beta_schedule={betas!r}"
-        raise DdimctlError(f"{where}: uses {what}; ddimctl supports the linear beta schedule so far")
-    prediction = fields.text("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise DdimctlError(f"{where}: prediction_type={prediction!r}; ddimctl supports noise (epsilon) prediction so far")
+        raise DdimctlError(f"{where}: uses {what}; ddimctl supports the beta schedules {', '.join(ddim.SCHEDULE_KINDS)}")
+    prediction = fields.text("prediction_type", "epsilon", PREDICTIONS)
     for key in ("rescale_betas_zero_snr", "use_flow_sigmas"):
         if fields.flag(key, False):
             raise DdimctlError(f"{where}: sets {key}, which is not a DDPM schedule; ddimctl does not support it")
@@ -408,10 +410,12 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
         notify(f"{where}: its {kind} would clip the predicted image ({' and '.join(clipping)}); ddimctl samples "
                f"unclipped, as the paper and the DDIM authors' code do")
     try:
-        return ddim.Schedule(
+        schedule = ddim.Schedule(
             train_steps=fields.integer("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS),
             beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
             beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
+            kind=betas,
         ).to_dict()
     except ValueError as e:
         raise DdimctlError(f"{where}: {e}") from e
+    return schedule, prediction

@@ -78,9 +78,7 @@ class Runner:
 
     def __post_init__(self):
         if self.eps_model is None:
-            from . import fast
-
-            self.eps_model = fast.prepare(self.model.unet, self.device, "fp32")
+            self.eps_model = self.model.noise_model(self.device)
         self._alphas_cumprod = self.model.alphas_cumprod
         self.timesteps = self.settings.timesteps(self._alphas_cumprod)
 
@@ -256,7 +254,7 @@ def make_runner(
         use_compile = dev.type == "cuda" and (share is None or fast.worth_compiling(model.unet, share * settings.steps))
         if dev.type == "cuda" and not use_compile:
             notify(f"{share} images x {settings.steps} steps: too little work to repay compiling the UNet ({param('compile')} forces it)")
-    eps = fast.prepare(model.unet, dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
+    eps = model.noise_model(dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
         notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")

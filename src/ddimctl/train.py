@@ -155,6 +155,9 @@ def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNe
             f"{param('init')} {spec} fixes the architecture ({loaded.config.in_channels} channel(s), "
             f"{loaded.config.resolution}x{loaded.config.resolution}); leave out {named}"
         )
+    if loaded.prediction != "epsilon":
+        raise DdimctlError(f"{param('init')} {spec} predicts {loaded.prediction!r}; ddimctl's loss trains noise "
+                           f"prediction, so start from a model that predicts the noise")
     if loaded.config.learned_variance:
         raise DdimctlError(f"{param('init')} {spec} also predicts variances, which ddimctl's loss does not train; "
                            f"start from a model that predicts the noise only")

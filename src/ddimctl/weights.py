@@ -92,6 +92,7 @@ class LoadedModel:
     schedule: dict
     skip: str
     weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
+    prediction: str = "epsilon"  # what the network predicts (layouts.PREDICTIONS); the samplers see the noise
 
     @property
     def config(self) -> UNetConfig:
@@ -105,6 +106,15 @@ class LoadedModel:
     @property
     def train_steps(self) -> int:
         return int(self.schedule["train_steps"])
+
+    def noise_model(self, device: torch.device, precision: str = "fp32", compile_mode: str | None = None,
+                    batch_size: int | None = None):
+        """The network as the samplers take it: eps_theta(x, t), the noise whatever it predicts (the
+        model boundary: fast.prepare)."""
+        from . import fast
+
+        return fast.prepare(self.unet, device, precision, compile_mode, batch_size, self.prediction,
+                            self.alphas_cumprod if self.prediction != "epsilon" else None)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -245,7 +255,7 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
     state = to_diffusers_names(state)
 
     fields = Fields(cfg, where)
-    schedule, skip = dict(DEFAULT_SCHEDULE), "uniform"
+    schedule, skip, prediction = dict(DEFAULT_SCHEDULE), "uniform", "epsilon"
     if "unet" in cfg:  # ddimctl's own format (written by `ddimctl train`, or a sidecar)
         config = replace(unet_config_from(fields.table("unet")), dropout=0.0)
         schedule = schedule_from(fields.table("schedule", None)).to_dict()
@@ -256,10 +266,10 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
         config = infer_config(state, fields.integer("resolution", None, 1, MAX_RESOLUTION), where)
     for scheduler_file in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
         if scheduler_file.is_file():
-            schedule = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file), notify)
+            schedule, prediction = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file), notify)
             break
     unet = build_unet(config, state, str(path))
-    return LoadedModel(unet, path.name, str(path), schedule, skip, hub.sha256_of(weights))
+    return LoadedModel(unet, path.name, str(path), schedule, skip, hub.sha256_of(weights), prediction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,8 +311,8 @@ def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, end
         raise DdimctlError(f"{where} is a {cfg.get('_class_name')}; ddimctl samples pixel-space UNet2DModel repositories")
     config = config_from_diffusers(cfg, where)
     scheduler = fetch("scheduler/scheduler_config.json" if prefix else "scheduler_config.json")
-    schedule = (schedule_from_diffusers(read_json_object(scheduler), f"{name}: {scheduler.name}", notify)
-                if scheduler is not None else dict(DEFAULT_SCHEDULE))
+    schedule, prediction = (schedule_from_diffusers(read_json_object(scheduler), f"{name}: {scheduler.name}", notify)
+                            if scheduler is not None else (dict(DEFAULT_SCHEDULE), "epsilon"))
     weights = next((p for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                     if (p := fetch(prefix + f)) is not None), None)
     if weights is None:
@@ -318,7 +328,7 @@ def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, end
                            f"the corrupt download was deleted, run the command again to fetch it afresh")
     state = to_diffusers_names(read_checkpoint(weights))
     unet = build_unet(config, state, name)
-    return LoadedModel(unet, name, f"hf://{repo}@{revision}", schedule, "uniform", actual)
+    return LoadedModel(unet, name, f"hf://{repo}@{revision}", schedule, "uniform", actual, prediction)
 
 
 def run_checkpoint(spec: str) -> Path | None:

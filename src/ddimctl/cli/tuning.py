@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import typer
 
-from .. import devices, fast, samplers, timesteps, tuning
+from .. import devices, samplers, timesteps, tuning
 from ..files import atomic_path
 from .common import DeviceOpt, ModelOpt, SamplerOpt, app, check_output, fail, load, note, note_cpu_threads, say, stderr
 
@@ -38,7 +38,7 @@ def tune_steps(
     settings = settings.for_model(loaded.train_steps, loaded.skip)
     dev = devices.pick_device(device)
     note_cpu_threads(dev)
-    eps = fast.prepare(loaded.unet, dev, "fp32")
+    eps = loaded.noise_model(dev)
     abar = loaded.alphas_cumprod
     teacher_calls = trajectories * tuning.TEACHER_CALLS
     say(f"tune-steps: {loaded.name}, {sampler} at S={steps}, {trajectories} trajectories against the teacher "
