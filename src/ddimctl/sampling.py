@@ -346,6 +346,6 @@ def generate(
 
     loaded = load_model(model) if isinstance(model, str) else model
     check_settings(num=num)
-    runner = prepare(loaded, samplers.Settings(sampler, steps, skip, eta), device, precision=precision,
+    runner = make_runner(loaded, samplers.Settings(sampler, steps, skip, eta), device, precision=precision,
                      compile_model=False, batch_size=batch_size, count=num)
     return sample_batches(runner, num, seed)
