@@ -442,7 +442,7 @@ CASES += [
     Case("DDIMCTL_PROGRESS_SECONDS=abc", lambda f: ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "g.png"],
          "wrote 2 images", code=0),
     # option ranges the parser states: click's usage error, exit 2
-    Case("--threads 100000", lambda f: ["--threads", "100000", "models"], "100000", code=2),
+    Case("--threads 100000", lambda f: ["--threads", "100000", "models"], "--threads", code=2),
     Case("bench --runs 0", lambda f: ["bench", "--model", "digits", "--runs", "0"], "--runs", code=2),
     Case("bench --batch-size 0", lambda f: ["bench", "--model", "digits", "--batch-size", "0"], "--batch-size", code=2),
     Case("train --sample-count 10^8", lambda f: (gray_pngs(f), ["train", "data", "--out", "run", "--sample-count", "100000000"])[-1],
