@@ -371,3 +371,14 @@ def test_latents_decode_with_another_sampler_and_say_so(tiny_checkpoint, images_
         assert len(list((images_dir / name).glob("*.png"))) == 2
     with safe_open(images_dir / "z.safetensors", "pt") as f:
         assert f.metadata()["sampler"] == "ddim"  # the file still says what it was inverted for
+
+
+def test_json_reports_write_null_for_an_infinite_psnr():
+    """A perfect round trip has MSE 0 and PSNR inf, which JSON cannot hold (it printed `Infinity`)."""
+    import math
+
+    from ddimctl.cli.inversion import finite_or_null
+
+    report = {"results": [{"mse": 0.0, "psnr": math.inf, "images": [{"psnr": math.inf}, {"psnr": 30.0}]}]}
+    text = json.dumps(finite_or_null(report), allow_nan=False)
+    assert json.loads(text) == {"results": [{"mse": 0.0, "psnr": None, "images": [{"psnr": None}, {"psnr": 30.0}]}]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -48,6 +49,17 @@ from .common import (
     steps_for,
     timestep_choice,
 )
+
+
+def finite_or_null(value):
+    """JSON has no Infinity or NaN: a perfect round trip's PSNR (MSE 0) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 @app.command()
@@ -138,7 +150,7 @@ def reconstruct(
     report = {"model": loaded.name, "skip": runner.settings.skip, "inversion": "exact" if how else "plain",
               **({"tol": how.tol, "max_iters": how.max_iters} if how else {}), "results": results}
     if as_json:
-        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        sys.stdout.write(json.dumps(finite_or_null(report), indent=2, allow_nan=False) + "\n")
         return
     table = Table(title=f"reconstruction ({loaded.name}, {'exact' if how else 'plain'} inversion, MSE per pixel on [0, 1])")
     table.add_column("S", justify="right")
