@@ -126,7 +126,7 @@ def test_skip_tuned_takes_the_timesteps_ddimctl_ships(tmp_path):
     record = json.loads((tmp_path / "s" / ".ddimctl-sample.json").read_text())
     assert record["skip"] == timesteps.canonical(shipped["timesteps"]) and record["steps"] == 5
     for args, says in [(["--sampler", "ddim"], "ships no tuned timesteps for ddim on digits"),
-                       (["--sampler", "unipc", "--steps", "7"], "are for --steps 5"),
+                       (["--sampler", "unipc", "--steps", "7"], "are for --steps 5 or 10"),
                        (["--model", "../x", "--sampler", "unipc"], "registry models only")]:
         result = ddimctl("sample", *(["--model", "digits"] if "--model" not in args else []), *args, "--skip", "tuned",
                          "--out", "o.png", cwd=tmp_path, check=False)

@@ -164,8 +164,8 @@ def bundled_tuned(model: str, sampler: str, steps: int | None) -> Path:
     if not calls:
         raise DdimctlError(f"{param('skip')} tuned: ddimctl ships no tuned timesteps for {sampler} on {model}; "
                            f"fit them with `ddimctl tune-steps --model {model} --sampler {sampler} --out F.json`")
-    if steps is None and len(calls) == 1:
-        return next(iter(calls.values()))
+    if steps is None:  # the fewest calls: what tuning is for
+        return calls[min(calls)]
     if steps not in calls:
         raise DdimctlError(f"{param('skip')} tuned: the tuned timesteps for {sampler} on {model} are for "
                            f"{param('steps')} {' or '.join(map(str, sorted(calls)))}; pass one of them, or fit S = {steps} "
