@@ -139,7 +139,7 @@ def claim_folder(folder: Path, settings: dict, count: int) -> None:
     name_of = image_names(folder, count)
     damaged, foreign = [], []
     for path in ledger.foreign(name_of(i) for i in range(count)):
-        if ledger.names(path) and not finished_image(path, None):
+        if ledger.names(path) and not path.is_symlink() and path.is_file() and not finished_image(path, None):
             damaged.append(path)
         else:
             foreign.append(path.name)
