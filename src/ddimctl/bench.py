@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import ddim, fast, metrics, registry, samplers, weights
-from .layouts import diffusers_config
+from .diffusers_configs import diffusers_config
 from .unet import PRESETS, UNet
 from .weights import LoadedModel
 

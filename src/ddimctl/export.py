@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .diffusers_configs import diffusers_config
 from .errors import DdimctlError
 from .files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, enter_in_ledger
-from .layouts import diffusers_config
 from .weights import LoadedModel
 
 

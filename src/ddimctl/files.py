@@ -93,7 +93,7 @@ def enter_in_ledger(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def refuse_foreign(paths, what: str = "") -> None:
+def refuse_foreign(paths) -> None:
     """Before any work: refuse when a file this command would write exists and is not ddimctl's."""
     paths = [Path(p) for p in paths if os.path.lexists(p)]  # the ledger is read only where a file stands
     by_folder: dict[Path, list[Path]] = {}
@@ -104,7 +104,7 @@ def refuse_foreign(paths, what: str = "") -> None:
         names = ", ".join(str(p) for p in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise DdimctlError(
             f"{names}: {'this file exists' if len(foreign) == 1 else f'{len(foreign)} files exist'} that ddimctl did not "
-            f"write{what}, and would be overwritten; move {'it' if len(foreign) == 1 else 'them'} or choose another output"
+            f"write, and would be overwritten; move {'it' if len(foreign) == 1 else 'them'} or choose another output"
         )
 
 

@@ -18,16 +18,9 @@ from safetensors.torch import load_file
 from . import ddim, hub, runs
 from .errors import DdimctlError
 from .files import atomic_save_safetensors, cache_dir
+from .diffusers_configs import config_from_diffusers, schedule_from_diffusers
 from .fields import Fields, is_whole_number, read_json_object
-from .layouts import (
-    MAX_RESOLUTION,
-    config_from_diffusers,
-    infer_config,
-    schedule_from,
-    schedule_from_diffusers,
-    to_diffusers_names,
-    unet_config_from,
-)
+from .layouts import MAX_RESOLUTION, infer_config, schedule_from, to_diffusers_names, unet_config_from
 from .registry import DEFAULT_SCHEDULE, HEX64, REVISION, ModelEntry, registry
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -92,7 +85,7 @@ class LoadedModel:
     schedule: dict
     skip: str
     weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
-    prediction: str = "epsilon"  # what the network predicts (layouts.PREDICTIONS); the samplers see the noise
+    prediction: str = "epsilon"  # what the network predicts (diffusers_configs.PREDICTIONS); the samplers see the noise
 
     @property
     def config(self) -> UNetConfig:

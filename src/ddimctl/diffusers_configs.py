@@ -1,0 +1,256 @@
+"""diffusers' on-disk configs, read key by key: UNet2DModel's config.json both ways (the table export
+writes from too) and the scheduler configs of the DDPM family (noise schedule and prediction type).
+Every key is read as diffusers reads it, left to ddimctl's own options, or refused by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import ddim
+from .errors import DdimctlError
+from .fields import Fields
+from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
+from .unet import UNetConfig
+
+# --------------------------------------------------------------------------------------------
+# diffusers' UNet2DModel config, both ways: every parameter of UNet2DModel.__init__ is a key here,
+# with diffusers' default (what a config without the key means), how it is read into a UNetConfig
+# (or refused, by name) and how export writes it. tests/test_layouts.py holds this table to
+# inspect.signature(UNet2DModel.__init__), so a new diffusers parameter cannot be silently ignored.
+
+DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}  # block type -> has attention
+UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+
+def _levels(f: Fields) -> tuple[tuple[int, ...], list[bool]]:
+    """The widths and which levels attend, from block_out_channels and down_block_types."""
+    widths = f.integers("block_out_channels", low=1, high=4096)
+    down = f.texts("down_block_types")
+    if len(down) != len(widths):
+        raise DdimctlError(f"{f.where}: {len(down)} down_block_types for {len(widths)} block_out_channels; they must match")
+    unknown = [kind for kind in down if kind not in DOWN_BLOCKS]
+    if unknown:
+        raise DdimctlError(f"{f.where}: down_block_types has {unknown[0]!r}; ddimctl builds "
+                           f"{' and '.join(DOWN_BLOCKS)} (pixel-space DDPM blocks)")
+    return widths, [DOWN_BLOCKS[kind] for kind in down]
+
+
+def _read_widths(f: Fields) -> dict:
+    widths, _ = _levels(f)
+    if any(w % widths[0] for w in widths):
+        raise DdimctlError(f"{f.where}: block_out_channels {list(widths)} are not multiples of the first")
+    return {"base_channels": widths[0], "channel_mult": tuple(w // widths[0] for w in widths)}
+
+
+def _read_attention_levels(f: Fields) -> dict:
+    _, attend = _levels(f)
+    resolution = _read_resolution(f)["resolution"]
+    return {"attention_resolutions": tuple(resolution >> i for i, a in enumerate(attend) if a)}
+
+
+def _read_up_blocks(f: Fields) -> dict:
+    _, attend = _levels(f)
+    up = f.texts("up_block_types")
+    expected = [next(kind for kind, attends in UP_BLOCKS.items() if attends == a) for a in reversed(attend)]
+    if list(up) != expected:
+        raise DdimctlError(f"{f.where}: up_block_types {list(up)} do not mirror down_block_types (expected "
+                           f"{expected}); ddimctl builds UNets whose up path mirrors the down path")
+    return {}
+
+
+def _read_resolution(f: Fields) -> dict:
+    size = f.data.get("sample_size")
+    if size is None:
+        raise DdimctlError(f"{f.where}: sample_size is missing or null; set it to the model's image size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise DdimctlError(f"{f.where}: sample_size {size!r} is not square; ddimctl samples square images")
+        f = Fields({"sample_size": size[0]}, f.where)
+    return {"resolution": f.integer("sample_size", low=1, high=MAX_RESOLUTION)}
+
+
+def _read_head_channels(f: Fields) -> dict:
+    if f.data.get("attention_head_dim") is None:
+        return {"head_channels": None}
+    return {"head_channels": f.integer("attention_head_dim", low=1, high=4096)}
+
+
+def _read_attention_norm(f: Fields) -> dict:
+    if f.data.get("attn_norm_num_groups") is None:
+        if f.data.get("resnet_time_scale_shift") == "scale_shift" and f.data.get("add_attention", True):
+            # diffusers then builds the mid block's attention without a norm, a form ddimctl does not build
+            raise DdimctlError(f"{f.where}: attn_norm_num_groups null with resnet_time_scale_shift 'scale_shift' "
+                               f"gives the mid attention no norm, which ddimctl does not build")
+        return {"attention_norm_groups": None}
+    return {"attention_norm_groups": f.integer("attn_norm_num_groups", low=1, high=4096)}
+
+
+def _read_mid_block(f: Fields) -> dict:
+    kind = f.data.get("mid_block_type")
+    if kind not in ("UNetMidBlock2D", None):
+        raise DdimctlError(f"{f.where}: mid_block_type {kind!r}; ddimctl builds UNetMidBlock2D or none (null)")
+    return {"mid_block": kind is not None}
+
+
+def _read_time_embedding_dim(f: Fields) -> dict:
+    if f.data.get("time_embedding_dim") is None:
+        return {"time_embedding_dim": None}
+    return {"time_embedding_dim": f.integer("time_embedding_dim", low=2, high=65536)}
+
+
+def _field(field: str, read) -> Callable:
+    """A key that is one UNetConfig field, read with `read(fields, key)`."""
+    return lambda key: (lambda f: {field: read(f, key)}, lambda c: getattr(c, field))
+
+
+def _only(values: tuple, why: str) -> Callable:
+    """A key ddimctl builds in these values only (written as the first); others are refused by name."""
+    def read(key):
+        def check(f: Fields) -> dict:
+            if f.data.get(key) not in values:
+                raise DdimctlError(f"{f.where}: {key}={f.data.get(key)!r} is not supported: {why}")
+            return {}
+        return check, lambda c: values[0]
+    return read
+
+
+@dataclass(frozen=True)
+class DiffusersKey:
+    default: object  # what diffusers takes when a config leaves the key out
+    read: Callable[[Fields], dict]  # the UNetConfig fields it gives (the key's value or default in f)
+    write: Callable[[UNetConfig], object]  # what export writes for it
+
+
+def _key(default, how: Callable) -> Callable[[str], DiffusersKey]:
+    return lambda key: DiffusersKey(default, *how(key))
+
+
+_integer = lambda low, high: lambda f, key: f.integer(key, low=low, high=high)  # noqa: E731
+_number = lambda low, high: lambda f, key: f.number(key, low=low, high=high)  # noqa: E731
+_flag = lambda f, key: f.flag(key)  # noqa: E731
+
+DIFFUSERS_UNET_KEYS: dict[str, DiffusersKey] = {name: make(name) for name, make in {
+    "sample_size": _key(None, lambda key: (_read_resolution, lambda c: c.resolution)),
+    "in_channels": _key(3, _field("in_channels", _integer(1, 4))),
+    "out_channels": _key(3, _field("out_channels", _integer(1, 8))),
+    "center_input_sample": _key(False, _only((False,), "the network takes [-1, 1] pixels as they are")),
+    "time_embedding_type": _key("positional", _only(("positional",), "ddimctl builds the sinusoidal embedding of "
+                                                    "DDPM models (fourier is score-SDE's NCSN++, a VE model)")),
+    "time_embedding_dim": _key(None, lambda key: (_read_time_embedding_dim, lambda c: c.time_embedding_dim)),
+    "freq_shift": _key(0, _field("freq_shift", _integer(0, 1))),
+    "flip_sin_to_cos": _key(True, _field("flip_sin_to_cos", _flag)),
+    "down_block_types": _key(("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"), lambda key: (
+        _read_attention_levels,
+        lambda c: ["AttnDownBlock2D" if r in c.attention_resolutions else "DownBlock2D" for r in c.level_resolutions])),
+    "mid_block_type": _key("UNetMidBlock2D", lambda key: (_read_mid_block, lambda c: "UNetMidBlock2D" if c.mid_block else None)),
+    "up_block_types": _key(("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), lambda key: (
+        _read_up_blocks,
+        lambda c: ["AttnUpBlock2D" if r in c.attention_resolutions else "UpBlock2D" for r in reversed(c.level_resolutions)])),
+    "block_out_channels": _key((224, 448, 672, 896), lambda key: (_read_widths, lambda c: c.widths)),
+    "layers_per_block": _key(2, _field("num_res_blocks", _integer(1, 64))),
+    "mid_block_scale_factor": _key(1, _field("mid_scale", _number(1e-3, 1e3))),
+    "downsample_padding": _key(1, _field("downsample_padding", _integer(0, 1))),
+    "downsample_type": _key("conv", _only(("conv",), "ddimctl downsamples with a strided convolution (the "
+                                          "'resnet' resampling blocks are not built yet)")),
+    "upsample_type": _key("conv", _only(("conv",), "ddimctl upsamples with a convolution (the 'resnet' "
+                                        "resampling blocks are not built yet)")),
+    "dropout": _key(0.0, _field("dropout", _number(0, 0.999))),
+    "act_fn": _key("silu", _only(("silu", "swish"), "the DDPM UNet uses SiLU (swish)")),
+    "attention_head_dim": _key(8, lambda key: (_read_head_channels, lambda c: c.head_channels)),
+    "norm_num_groups": _key(32, _field("norm_groups", _integer(1, 4096))),
+    "attn_norm_num_groups": _key(None, lambda key: (_read_attention_norm, lambda c: c.attention_norm_groups)),
+    "norm_eps": _key(1e-5, _field("norm_eps", _number(1e-12, 1))),
+    "resnet_time_scale_shift": _key("default", lambda key: (
+        lambda f: {"scale_shift": f.text(key, choices=("default", "scale_shift")) == "scale_shift"},
+        lambda c: "scale_shift" if c.scale_shift else "default")),
+    "add_attention": _key(True, _field("mid_attention", _flag)),
+    "class_embed_type": _key(None, _only((None,), "class-conditional models are not supported yet")),
+    "num_class_embeds": _key(None, _only((None,), "class-conditional models are not supported yet")),
+    # Only a learned time embedding uses it; with the positional one diffusers ignores it, and so may we.
+    "num_train_timesteps": _key(None, lambda key: (lambda f: {}, lambda c: None)),
+}.items()}
+
+
+def config_from_diffusers(cfg: dict, where: str = "config.json") -> UNetConfig:
+    """UNetConfig from a diffusers UNet2DModel config.json: every key read as diffusers reads it (a
+    missing key means diffusers' default), and one ddimctl does not build refused by name."""
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in DIFFUSERS_UNET_KEYS)
+    if unknown:
+        raise DdimctlError(f"{where}: {unknown[0]!r} is not a UNet2DModel setting ddimctl knows; a UNet2DModel "
+                           f"config has {', '.join(DIFFUSERS_UNET_KEYS)}")
+    fields = Fields({**{k: key.default for k, key in DIFFUSERS_UNET_KEYS.items()}, **cfg}, where)
+    values: dict = {}
+    for key in DIFFUSERS_UNET_KEYS.values():
+        values.update(key.read(fields))
+    return checked(UNetConfig(**values), where)
+
+
+def diffusers_config(c: UNetConfig) -> dict:
+    """The UNet2DModel config.json that builds this UNet (export writes it)."""
+    return {"_class_name": "UNet2DModel", **{name: key.write(c) for name, key in DIFFUSERS_UNET_KEYS.items()}}
+
+
+# diffusers' scheduler classes of the discrete DDPM family (betas over integer timesteps); a model saved
+# with another (consistency models, score-SDE VE models) only looks like these.
+DDPM_SCHEDULERS = (
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "DDPMParallelScheduler",
+    "DDIMParallelScheduler",
+)
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
+# How the scheduler samples: ddimctl's --sampler, --steps and --skip decide that (the paper's sampler
+# unclipped); DDPM's ancestral variance is not used by DDIM.
+SAMPLING_KEYS = (
+    "variance_type", "timestep_spacing", "steps_offset", "set_alpha_to_one", "skip_prk_steps", "solver_order",
+    "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped",
+    "predict_x0", "disable_corrector", "solver_p", "interpolation_type", "timestep_type", "sigma_min", "sigma_max",
+    "use_dynamic_shifting", "time_shift_type", "shift_terminal", "dynamic_thresholding_ratio", "clip_sample_range",
+    "sample_max_value", "clip_sample", "thresholding", "use_flow_sigmas", "flow_shift",
+)
+CLIPPING_DEFAULT = {"DDPMScheduler": True, "DDIMScheduler": True, "DDPMParallelScheduler": True,
+                    "DDIMParallelScheduler": True, "HeunDiscreteScheduler": False}
+
+
+PREDICTIONS = ("epsilon", "sample", "v_prediction")  # what a network predicts, by diffusers' names
+
+
+def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
+                            notify: Callable[[str], None] = lambda message: None) -> tuple[dict, str]:
+    """The noise schedule of a diffusers scheduler config and what the network predicts (PREDICTIONS);
+    every key is read, left to ddimctl's own sampling options (said when the config asks for
+    clipping), or refused by name."""
+    fields = Fields(cfg, where)
+    kind = fields.text("_class_name", "DDPMScheduler")
+    if kind not in DDPM_SCHEDULERS:
+        raise DdimctlError(f"{where}: {kind} is not a scheduler of the DDPM family (betas over integer timesteps); "
+                           f"ddimctl samples DDPM-family models only")
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in SCHEDULE_KEYS + SAMPLING_KEYS)
+    if unknown:
+        raise DdimctlError(f"{where}: {unknown[0]!r} is not a scheduler setting ddimctl knows")
+    betas = fields.text("beta_schedule", "linear")
+    if betas not in ddim.SCHEDULE_KINDS or cfg.get("trained_betas") is not None:
+        what = "trained_betas" if cfg.get("trained_betas") is not None else f"beta_schedule={betas!r}"
+        raise DdimctlError(f"{where}: uses {what}; ddimctl supports the beta schedules {', '.join(ddim.SCHEDULE_KINDS)}")
+    prediction = fields.text("prediction_type", "epsilon", PREDICTIONS)
+    for key in ("rescale_betas_zero_snr", "use_flow_sigmas"):
+        if fields.flag(key, False):
+            raise DdimctlError(f"{where}: sets {key}, which is not a DDPM schedule; ddimctl does not support it")
+    clipping = [key for key, default in (("clip_sample", CLIPPING_DEFAULT.get(kind, False)), ("thresholding", False))
+                if fields.flag(key, default)]
+    if clipping:
+        notify(f"{where}: its {kind} would clip the predicted image ({' and '.join(clipping)}); ddimctl samples "
+               f"unclipped, as the paper and the DDIM authors' code do")
+    try:
+        schedule = ddim.Schedule(
+            train_steps=fields.integer("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS),
+            beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
+            beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
+            kind=betas,
+        ).to_dict()
+    except ValueError as e:
+        raise DdimctlError(f"{where}: {e}") from e
+    return schedule, prediction
