@@ -34,6 +34,11 @@ VARIANTS = {
     "norm_eps 1e-6": {"norm_eps": 1e-6},
     "learned variance (6 channels out)": {"out_channels": 6},
     "dropout 0.1": {"dropout": 0.1},
+    "resnet resampling blocks": {
+        "down_block_types": ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"),
+        "up_block_types": ("ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        "downsample_type": "resnet", "upsample_type": "resnet"},
+    "class labels (num_class_embeds 10)": {"num_class_embeds": 10},
 }
 
 
@@ -64,8 +69,9 @@ def test_every_accepted_config_gives_diffusers_output(tmp_path, variant):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 16, 16, generator=g)
     t = torch.tensor([3, 871])
+    classes = torch.tensor([0, 9]) if loaded.config.class_count else None
     with torch.no_grad():
-        want, got = ref(x, t).sample, loaded.unet(x, t)
+        want, got = ref(x, t, class_labels=classes).sample, loaded.unet(x, t, classes)
     assert got.shape == want.shape
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()), variant
     # the round trip through export's writer gives the same architecture
@@ -103,7 +109,8 @@ def test_a_learned_variance_checkpoint_without_config_samples(tmp_path):
 @pytest.mark.parametrize("change,named", [
     ({"downsample_type": "resnet"}, "downsample_type"),
     ({"upsample_type": "resnet"}, "upsample_type"),
-    ({"num_class_embeds": 10}, "num_class_embeds"),
+    ({"num_class_embeds": 0}, "num_class_embeds"),
+    ({"down_block_types": ["ResnetDownsampleBlock2D", "AttnDownBlock2D", "DownBlock2D"]}, "resample"),
     ({"class_embed_type": "timestep"}, "class_embed_type"),
     ({"center_input_sample": True}, "center_input_sample"),
     ({"time_embedding_type": "fourier"}, "time_embedding_type"),

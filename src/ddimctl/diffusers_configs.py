@@ -5,7 +5,7 @@ Every key is read as diffusers reads it, left to ddimctl's own options, or refus
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import ddim
 from .errors import DdimctlError
@@ -19,8 +19,10 @@ from .unet import UNetConfig
 # (or refused, by name) and how export writes it. tests/test_layouts.py holds this table to
 # inspect.signature(UNet2DModel.__init__), so a new diffusers parameter cannot be silently ignored.
 
-DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}  # block type -> has attention
-UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# block type -> (has attention, how it resamples: "conv", "resnet" or None: as downsample_type / upsample_type say)
+DOWN_BLOCKS = {"DownBlock2D": (False, "conv"), "AttnDownBlock2D": (True, None), "ResnetDownsampleBlock2D": (False, "resnet")}
+UP_BLOCKS = {"UpBlock2D": (False, "conv"), "AttnUpBlock2D": (True, None), "ResnetUpsampleBlock2D": (False, "resnet")}
+RESAMPLING = ("conv", "resnet")
 
 
 def _levels(f: Fields) -> tuple[tuple[int, ...], list[bool]]:
@@ -33,7 +35,7 @@ def _levels(f: Fields) -> tuple[tuple[int, ...], list[bool]]:
     if unknown:
         raise DdimctlError(f"{f.where}: down_block_types has {unknown[0]!r}; ddimctl builds "
                            f"{' and '.join(DOWN_BLOCKS)} (pixel-space DDPM blocks)")
-    return widths, [DOWN_BLOCKS[kind] for kind in down]
+    return widths, [DOWN_BLOCKS[kind][0] for kind in down]
 
 
 def _read_widths(f: Fields) -> dict:
@@ -52,11 +54,42 @@ def _read_attention_levels(f: Fields) -> dict:
 def _read_up_blocks(f: Fields) -> dict:
     _, attend = _levels(f)
     up = f.texts("up_block_types")
-    expected = [next(kind for kind, attends in UP_BLOCKS.items() if attends == a) for a in reversed(attend)]
-    if list(up) != expected:
-        raise DdimctlError(f"{f.where}: up_block_types {list(up)} do not mirror down_block_types (expected "
-                           f"{expected}); ddimctl builds UNets whose up path mirrors the down path")
+    unknown = [kind for kind in up if kind not in UP_BLOCKS]
+    if unknown:
+        raise DdimctlError(f"{f.where}: up_block_types has {unknown[0]!r}; ddimctl builds {', '.join(UP_BLOCKS)}")
+    if [UP_BLOCKS[kind][0] for kind in up] != attend[::-1]:
+        raise DdimctlError(f"{f.where}: up_block_types {list(up)} do not mirror the attention of down_block_types; "
+                           f"ddimctl builds UNets whose up path mirrors the down path")
     return {}
+
+
+def _read_resampling(f: Fields) -> dict:
+    """One way of resampling for the whole UNet: strided / plain convolutions, or resnets that pool
+    and upsample inside (ResnetDownsampleBlock2D, ResnetUpsampleBlock2D, or the "resnet" types)."""
+    down_type = f.text("downsample_type", choices=RESAMPLING)
+    up_type = f.text("upsample_type", choices=RESAMPLING)
+    down, up = f.texts("down_block_types"), f.texts("up_block_types")
+    used = {DOWN_BLOCKS[kind][1] or down_type for kind in down[:-1]} | {UP_BLOCKS[kind][1] or up_type for kind in up[:-1]}
+    if len(used) > 1:
+        raise DdimctlError(f"{f.where}: its blocks resample both with convolutions and with resnets (block types "
+                           f"with downsample_type {down_type!r}, upsample_type {up_type!r}); ddimctl builds one kind")
+    return {"resnet_resampling": used == {"resnet"}}
+
+
+def _write_blocks(c: UNetConfig, blocks: dict, resolutions: list[int]) -> list[str]:
+    """Each level's block type (attention blocks name their resampling in downsample_type / upsample_type)."""
+    resampling = "resnet" if c.resnet_resampling else "conv"
+
+    def kind(attends: bool) -> str:
+        return next(k for k, (a, how) in blocks.items() if a == attends and how == (None if attends else resampling))
+
+    return [kind(r in c.attention_resolutions) for r in resolutions]
+
+
+def _read_classes(f: Fields) -> dict:
+    if f.data.get("num_class_embeds") is None:
+        return {"class_count": None}
+    return {"class_count": f.integer("num_class_embeds", low=1, high=1_000_000)}
 
 
 def _read_resolution(f: Fields) -> dict:
@@ -141,20 +174,16 @@ DIFFUSERS_UNET_KEYS: dict[str, DiffusersKey] = {name: make(name) for name, make 
     "freq_shift": _key(0, _field("freq_shift", _integer(0, 1))),
     "flip_sin_to_cos": _key(True, _field("flip_sin_to_cos", _flag)),
     "down_block_types": _key(("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"), lambda key: (
-        _read_attention_levels,
-        lambda c: ["AttnDownBlock2D" if r in c.attention_resolutions else "DownBlock2D" for r in c.level_resolutions])),
+        _read_attention_levels, lambda c: _write_blocks(c, DOWN_BLOCKS, c.level_resolutions))),
     "mid_block_type": _key("UNetMidBlock2D", lambda key: (_read_mid_block, lambda c: "UNetMidBlock2D" if c.mid_block else None)),
     "up_block_types": _key(("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), lambda key: (
-        _read_up_blocks,
-        lambda c: ["AttnUpBlock2D" if r in c.attention_resolutions else "UpBlock2D" for r in reversed(c.level_resolutions)])),
+        _read_up_blocks, lambda c: _write_blocks(c, UP_BLOCKS, c.level_resolutions[::-1]))),
     "block_out_channels": _key((224, 448, 672, 896), lambda key: (_read_widths, lambda c: c.widths)),
     "layers_per_block": _key(2, _field("num_res_blocks", _integer(1, 64))),
     "mid_block_scale_factor": _key(1, _field("mid_scale", _number(1e-3, 1e3))),
     "downsample_padding": _key(1, _field("downsample_padding", _integer(0, 1))),
-    "downsample_type": _key("conv", _only(("conv",), "ddimctl downsamples with a strided convolution (the "
-                                          "'resnet' resampling blocks are not built yet)")),
-    "upsample_type": _key("conv", _only(("conv",), "ddimctl upsamples with a convolution (the 'resnet' "
-                                        "resampling blocks are not built yet)")),
+    "downsample_type": _key("conv", lambda key: (_read_resampling, lambda c: "resnet" if c.resnet_resampling else "conv")),
+    "upsample_type": _key("conv", lambda key: (lambda f: {}, lambda c: "resnet" if c.resnet_resampling else "conv")),
     "dropout": _key(0.0, _field("dropout", _number(0, 0.999))),
     "act_fn": _key("silu", _only(("silu", "swish"), "the DDPM UNet uses SiLU (swish)")),
     "attention_head_dim": _key(8, lambda key: (_read_head_channels, lambda c: c.head_channels)),
@@ -165,8 +194,9 @@ DIFFUSERS_UNET_KEYS: dict[str, DiffusersKey] = {name: make(name) for name, make 
         lambda f: {"scale_shift": f.text(key, choices=("default", "scale_shift")) == "scale_shift"},
         lambda c: "scale_shift" if c.scale_shift else "default")),
     "add_attention": _key(True, _field("mid_attention", _flag)),
-    "class_embed_type": _key(None, _only((None,), "class-conditional models are not supported yet")),
-    "num_class_embeds": _key(None, _only((None,), "class-conditional models are not supported yet")),
+    "class_embed_type": _key(None, _only((None,), "ddimctl builds the learned class embedding of num_class_embeds "
+                                         "('timestep' and 'identity' embed other inputs)")),
+    "num_class_embeds": _key(None, lambda key: (_read_classes, lambda c: c.class_count)),
     # Only a learned time embedding uses it; with the positional one diffusers ignores it, and so may we.
     "num_train_timesteps": _key(None, lambda key: (lambda f: {}, lambda c: None)),
 }.items()}
@@ -187,7 +217,19 @@ def config_from_diffusers(cfg: dict, where: str = "config.json") -> UNetConfig:
 
 
 def diffusers_config(c: UNetConfig) -> dict:
-    """The UNet2DModel config.json that builds this UNet (export writes it)."""
+    """The UNet2DModel config.json that builds this UNet (export writes it); what UNet2DModel cannot
+    build is refused by name."""
+    if c.base_channels != c.widths[0]:
+        raise DdimctlError(f"its time embedding is {c.base_channels} wide and its first level {c.widths[0]}; "
+                           f"UNet2DModel makes them equal, so it cannot hold this UNet")
+    if c.head_channels is None and c.heads != 1 and c.attention_resolutions:
+        widths = {w for w, r in zip(c.widths, c.level_resolutions) if r in c.attention_resolutions}
+        if c.mid_block and c.mid_attention:
+            widths.add(c.widths[-1])
+        if len(widths) > 1 or min(widths) % c.heads:
+            raise DdimctlError(f"its attention layers have {c.heads} heads each at widths {sorted(widths)}; "
+                               f"UNet2DModel has one head width for all of them")
+        c = replace(c, head_channels=min(widths) // c.heads)
     return {"_class_name": "UNet2DModel", **{name: key.write(c) for name, key in DIFFUSERS_UNET_KEYS.items()}}
 
 

@@ -62,11 +62,23 @@ def check_target(out: Path) -> None:
         raise DdimctlError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
 
 
+def exported_unet_config(loaded: LoadedModel) -> dict:
+    """The unet/config.json of the export, or a one-line refusal naming what diffusers cannot hold."""
+    if loaded.timestep_scale != 1:
+        raise DdimctlError(f"model {loaded.name!r} cannot be exported to diffusers: its network takes rescaled "
+                           f"timesteps (t x {loaded.timestep_scale:g}), which diffusers' schedulers do not give it")
+    try:
+        return diffusers_config(loaded.config)
+    except DdimctlError as e:
+        raise DdimctlError(f"model {loaded.name!r} cannot be exported to diffusers: {e}") from e
+
+
 def export_diffusers(loaded: LoadedModel, out: Path) -> None:
     """A complete diffusers pipeline folder: DDIMPipeline.from_pretrained(out) loads it, and
     UNet2DModel / DDIMScheduler load its unet/ and scheduler/ subfolders. Written into a temporary
     folder and renamed into place: a kill or a full disk leaves no half-written export."""
     out = Path(out)
+    unet_config = exported_unet_config(loaded)
     check_target(out)
     with atomic_folder(out) as tmp:
         (tmp / "unet").mkdir()
@@ -74,7 +86,7 @@ def export_diffusers(loaded: LoadedModel, out: Path) -> None:
         atomic_save_safetensors(loaded.unet.state_dict(), tmp / "unet" / "diffusion_pytorch_model.safetensors",
                                 {"format": "pt"})
         for name, content in (
-            ("unet/config.json", diffusers_config(loaded.config)),
+            ("unet/config.json", unet_config),
             ("scheduler/scheduler_config.json", diffusers_scheduler_config(loaded)),
             ("model_index.json", model_index()),
         ):

@@ -150,6 +150,10 @@ def unet_config_from(fields: Fields) -> UNetConfig:
         mid_block=fields.flag("mid_block", d.mid_block),
         mid_attention=fields.flag("mid_attention", d.mid_attention),
         mid_scale=fields.number("mid_scale", d.mid_scale, 1e-3, 1e3),
+        heads=fields.integer("heads", d.heads, 1, 4096),
+        resnet_resampling=fields.flag("resnet_resampling", d.resnet_resampling),
+        class_count=optional("class_count", 1, 1_000_000),
+        float32_norms=fields.flag("float32_norms", d.float32_norms),
     )
     return checked(config, fields.where)
 

@@ -3,8 +3,10 @@
 The names match the Hub checkpoints (google/ddpm-*) so their state dicts load as they are;
 other layouts are renamed into this one by ddimctl.weights. The options beyond the DDPM UNet
 (multi-head attention, the time embedding's order and shift, scale-shift norm, symmetric
-downsampling padding, the mid block's form) are the ones diffusers' UNet2DModel offers for the same
-blocks, so models trained with diffusers' own script load too; their defaults are the DDPM UNet.
+downsampling padding, resnet resampling, class labels, the mid block's form) are the ones
+diffusers' UNet2DModel and openai's ADM UNet (guided-/improved-diffusion) offer for the same blocks,
+so models trained with diffusers' own script and openai's checkpoints load too; their defaults are
+the DDPM UNet.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ class UNetConfig:
     resolution: int = 32
     in_channels: int = 3
     out_channels: int = 3
-    base_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    base_channels: int = 128  # the time embedding's sinusoid width; level widths are multiples of it
+    channel_mult: tuple[float, ...] = (1, 2, 2, 2)  # whole widths; ADM's 512 model starts at 0.5
     num_res_blocks: int = 2
     attention_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.0
     norm_groups: int = 32
     norm_eps: float = 1e-6
-    head_channels: int | None = None  # attention channels per head; None: one head as wide as the level
+    head_channels: int | None = None  # attention channels per head; None: `heads` heads
+    heads: int = 1  # attention heads of every layer, when head_channels is None (ADM's num_heads)
     attention_norm_groups: int | None = None  # the mid block's attention norm; None: norm_groups
     flip_sin_to_cos: bool = False  # time embedding [cos, sin] instead of DDPM's [sin, cos]
     freq_shift: int = 1  # frequencies exp(-ln(10000) i / (half - freq_shift)); DDPM's is 1
@@ -39,6 +42,9 @@ class UNetConfig:
     mid_block: bool = True
     mid_attention: bool = True
     mid_scale: float = 1.0  # the mid block's residual sums are divided by this (diffusers' mid_block_scale_factor)
+    resnet_resampling: bool = False  # resnets that pool / upsample inside (ADM's resblock_updown) do the resampling
+    class_count: int | None = None  # class-conditional: a learned embedding per class label joins the time's
+    float32_norms: bool = False  # group norms compute in float32 whatever the weights' dtype (ADM's GroupNorm32)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -69,7 +75,14 @@ class UNetConfig:
                              f"predictor has as many (or twice as many, with learned variances)")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample padding must be 0 or 1, got {self.downsample_padding}")
+        if any(self.base_channels * m != int(self.base_channels * m) or m <= 0 for m in self.channel_mult):
+            raise ValueError(f"channel multipliers {list(self.channel_mult)} of {self.base_channels} channels do not "
+                             f"give whole widths")
+        if self.class_count is not None and self.class_count < 1:
+            raise ValueError(f"a class-conditional UNet needs at least one class, got {self.class_count}")
         for width in self.widths:
+            if self.head_channels is None and width % self.heads:
+                raise ValueError(f"channel width {width} is not divisible by {self.heads} attention heads")
             if width % self.norm_groups:
                 raise ValueError(f"channel width {width} is not divisible by {self.norm_groups} norm groups")
             if self.head_channels is not None and width % self.head_channels:
@@ -80,7 +93,7 @@ class UNetConfig:
 
     @property
     def widths(self) -> list[int]:
-        return [self.base_channels * m for m in self.channel_mult]
+        return [int(self.base_channels * m) for m in self.channel_mult]
 
     @property
     def embed_dim(self) -> int:
@@ -135,22 +148,46 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(emb.to(self.linear_1.weight.dtype))))
 
 
+class GroupNorm32(nn.GroupNorm):
+    """Group norm computed in float32 whatever the input's and the weights' dtype (as ADM's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+
+def group_norm(groups: int, channels: int, eps: float, float32: bool = False) -> nn.GroupNorm:
+    return (GroupNorm32 if float32 else nn.GroupNorm)(groups, channels, eps=eps)
+
+
 class ResnetBlock(nn.Module):
+    """Two 3x3 convolutions with the time embedding between them and a residual connection;
+    resample "down" (2x2 average pooling) or "up" (nearest) after the first norm, on both paths
+    (ADM's resblock_updown, diffusers' ResnetDownsampleBlock2D / ResnetUpsampleBlock2D)."""
+
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int, dropout: float, groups: int, eps: float,
-                 scale_shift: bool = False, output_scale: float = 1.0):
+                 scale_shift: bool = False, output_scale: float = 1.0, resample: str | None = None,
+                 float32_norms: bool = False):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = group_norm(groups, in_channels, eps, float32_norms)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(embed_dim, 2 * out_channels if scale_shift else out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = group_norm(groups, out_channels, eps, float32_norms)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        self.scale_shift, self.output_scale = scale_shift, output_scale
+        self.scale_shift, self.output_scale, self.resample = scale_shift, output_scale, resample
+
+    def _resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == "down":
+            return F.avg_pool2d(x, 2, 2)
+        if self.resample == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         # temb_act is SiLU(temb), computed once per forward and shared by every block.
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self._resample(F.silu(self.norm1(x))))
+        x = self._resample(x)
         temb = self.time_emb_proj(temb_act)[:, :, None, None]
         if self.scale_shift:
             scale, shift = temb.chunk(2, dim=1)
@@ -165,18 +202,18 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all pixels in heads of `head_channels` (None: one head of all channels),
-    with a residual connection."""
+    """Self-attention over all pixels in heads of `head_channels` (None: `heads` heads), with a
+    residual connection."""
 
     def __init__(self, channels: int, groups: int, eps: float, head_channels: int | None = None,
-                 output_scale: float = 1.0):
+                 output_scale: float = 1.0, heads: int = 1, float32_norm: bool = False):
         super().__init__()
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = group_norm(groups, channels, eps, float32_norm)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
-        self.heads = channels // head_channels if head_channels else 1
+        self.heads = channels // head_channels if head_channels else heads
         self.output_scale = output_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +267,12 @@ class MidBlock(nn.Module):
         super().__init__()
         c, width = config, config.widths[-1]
         resnet = lambda: ResnetBlock(width, width, c.embed_dim, c.dropout, c.norm_groups, c.norm_eps,  # noqa: E731
-                                     c.scale_shift, c.mid_scale)
+                                     c.scale_shift, c.mid_scale, float32_norms=c.float32_norms)
         self.resnets = nn.ModuleList([resnet(), resnet()])
         attention_groups = c.attention_norm_groups or c.norm_groups
         self.attentions = nn.ModuleList(
-            [AttentionBlock(width, attention_groups, c.norm_eps, c.head_channels, c.mid_scale)] if c.mid_attention else []
+            [AttentionBlock(width, attention_groups, c.norm_eps, c.head_channels, c.mid_scale, c.heads, c.float32_norms)]
+            if c.mid_attention else []
         )
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
@@ -245,28 +283,38 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): predicts the noise in x_t at integer timesteps t (0..T-1) (with learned
-    variances: the noise, then the variances, along the channels)."""
+    """eps_theta(x_t, t[, y]): predicts the noise in x_t at timesteps t (0..T-1) (with learned
+    variances: the noise, then the variances, along the channels); class-conditional UNets take
+    class labels y too."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         config.check()
         self.config = config
-        c0 = config.base_channels
+        c0 = config.widths[0]
         embed_dim = config.embed_dim
         groups, eps, dropout = config.norm_groups, config.norm_eps, config.dropout
         widths = config.widths
         attend = [res in config.attention_resolutions for res in config.level_resolutions]
         last = len(widths) - 1
 
-        def resnet(width_in: int, width_out: int) -> ResnetBlock:
-            return ResnetBlock(width_in, width_out, embed_dim, dropout, groups, eps, config.scale_shift)
+        def resnet(width_in: int, width_out: int, resample: str | None = None) -> ResnetBlock:
+            return ResnetBlock(width_in, width_out, embed_dim, dropout, groups, eps, config.scale_shift,
+                               resample=resample, float32_norms=config.float32_norms)
 
         def attention(width: int) -> AttentionBlock:
-            return AttentionBlock(width, groups, eps, config.head_channels)
+            return AttentionBlock(width, groups, eps, config.head_channels, heads=config.heads,
+                                  float32_norm=config.float32_norms)
+
+        def downsample(width: int) -> nn.Module:
+            return resnet(width, width, "down") if config.resnet_resampling else Downsample(width, config.downsample_padding)
+
+        def upsample(width: int) -> nn.Module:
+            return resnet(width, width, "up") if config.resnet_resampling else Upsample(width)
 
         self.conv_in = nn.Conv2d(config.in_channels, c0, 3, padding=1)
-        self.time_embedding = TimestepEmbedding(c0, embed_dim, config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = TimestepEmbedding(config.base_channels, embed_dim, config.flip_sin_to_cos, config.freq_shift)
+        self.class_embedding = nn.Embedding(config.class_count, embed_dim) if config.class_count else None
 
         skip_widths = [c0]
         self.down_blocks = nn.ModuleList()
@@ -279,7 +327,7 @@ class UNet(nn.Module):
                 if attend[level]:
                     attentions.append(attention(width))
                 skip_widths.append(width)
-            resampler = Downsample(width, config.downsample_padding) if level != last else None
+            resampler = downsample(width) if level != last else None
             if resampler is not None:
                 skip_widths.append(width)
             self.down_blocks.append(Level(resnets, attentions, resampler, "downsamplers"))
@@ -296,16 +344,21 @@ class UNet(nn.Module):
                 width = out_width
                 if attend[level]:
                     attentions.append(attention(width))
-            resampler = Upsample(width) if level != 0 else None
+            resampler = upsample(width) if level != 0 else None
             self.up_blocks.append(Level(resnets, attentions, resampler, "upsamplers"))
 
-        self.conv_norm_out = nn.GroupNorm(groups, c0, eps=eps)
+        self.conv_norm_out = group_norm(groups, c0, eps, config.float32_norms)
         self.conv_out = nn.Conv2d(c0, config.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int, classes: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.is_tensor(timesteps) or timesteps.dim() == 0:
             timesteps = torch.full((x.shape[0],), int(timesteps), device=x.device, dtype=torch.long)
-        temb_act = F.silu(self.time_embedding(timesteps.to(x.device)))
+        temb = self.time_embedding(timesteps.to(x.device))
+        if (classes is None) != (self.class_embedding is None):
+            raise ValueError("class labels go with class-conditional UNets, and only with them")
+        if self.class_embedding is not None:
+            temb = temb + self.class_embedding(classes.to(x.device)).to(temb.dtype)
+        temb_act = F.silu(temb)
 
         h = self.conv_in(x)
         skips = [h]
@@ -316,7 +369,7 @@ class UNet(nn.Module):
                     h = block.attentions[i](h)
                 skips.append(h)
             if block.resampler is not None:
-                h = block.resampler(h)
+                h = block.resampler(h, temb_act) if isinstance(block.resampler, ResnetBlock) else block.resampler(h)
                 skips.append(h)
 
         if self.mid_block is not None:
@@ -328,7 +381,7 @@ class UNet(nn.Module):
                 if len(block.attentions):
                     h = block.attentions[i](h)
             if block.resampler is not None:
-                h = block.resampler(h)
+                h = block.resampler(h, temb_act) if isinstance(block.resampler, ResnetBlock) else block.resampler(h)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
