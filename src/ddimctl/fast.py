@@ -44,9 +44,10 @@ def forward_flops(unet: UNet) -> float:
         model = UNet(c).eval()
         x = torch.zeros(1, c.in_channels, c.resolution, c.resolution)
         t = torch.ones(1, dtype=torch.long)
+        classes = torch.zeros(1, dtype=torch.long) if c.class_count else None
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(x, t)
+        model(x, t, classes)
     return float(counter.get_total_flops())
 
 
@@ -97,26 +98,35 @@ class FastEps:
     noise_channels: int | None = None  # the output channels that are the noise; None: all
     prediction: str = "epsilon"  # what the network predicts: converted to the noise here, for every caller
     alphas_cumprod: torch.Tensor | None = None  # float64, needed for any prediction but epsilon
+    timestep_scale: float = 1.0  # the network sees t * this (improved-diffusion's rescaled timesteps)
+    class_count: int | None = None  # class-conditional networks take one label per image
     fixed_batch: int | None = None  # compiled graphs keep one shape: smaller batches are padded
     cuda_graphs: bool = False
     compile_seconds: float = 0.0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         if self.fixed_batch and n < self.fixed_batch:
             pad = self.fixed_batch - n
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
             t = torch.cat([t, t.new_zeros(pad)])
+            classes = torch.cat([classes, classes.new_zeros(pad)]) if classes is not None else None
         x = x.to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous output has been consumed
-        eps = self.model(x, t)[:n, : self.noise_channels].float()
+        t_in = t * self.timestep_scale if self.timestep_scale != 1 else t
+        eps = (self.model(x, t_in) if classes is None else self.model(x, t_in, classes))[:n, : self.noise_channels].float()
         if self.prediction != "epsilon":
             abar = self.alphas_cumprod.to(eps.device)[t[:n].long()].float().view(-1, *[1] * (eps.dim() - 1))
             eps = ddim.noise_from_prediction(self.prediction, x[:n].float(), eps, abar)
         return eps.contiguous()  # a fresh tensor: graph outputs are reused buffers
+
+
+def probe_classes(eps: FastEps, n: int, device: torch.device) -> torch.Tensor | None:
+    """Class labels for a probe call of n images: class 0 if the network is class-conditional."""
+    return torch.zeros(n, dtype=torch.long, device=device) if eps.class_count else None
 
 
 def check_compile_mode(compile_mode: str | None) -> None:
@@ -133,6 +143,7 @@ def prepare(
     batch_size: int | None = None,
     prediction: str = "epsilon",
     alphas_cumprod: torch.Tensor | None = None,
+    timestep_scale: float = 1.0,
 ) -> FastEps:
     """The UNet as a fast eps model: the noise whatever it predicts (prediction, with the model's
     alphas_cumprod; see FastEps). compile_mode None: eager; otherwise one of torch.compile's
@@ -153,7 +164,8 @@ def prepare(
             model = model.to(memory_format=torch.channels_last)
     else:
         model = unet
-    eps = FastEps(model, dtype, channels_last, unet.config.in_channels, prediction, alphas_cumprod)
+    eps = FastEps(model, dtype, channels_last, unet.config.in_channels, prediction, alphas_cumprod, timestep_scale,
+                  unet.config.class_count)
     if compile_mode:
         use_persistent_compile_cache()
         eps.model = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode)
@@ -193,7 +205,7 @@ def warm_up(eps: FastEps, shape: tuple[int, ...], device: torch.device, calls: i
     t = torch.full((shape[0],), 500, device=device, dtype=torch.long)
     with torch.no_grad():
         for _ in range(calls):
-            eps(x, t)
+            eps(x, t, probe_classes(eps, shape[0], device))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     eps.compile_seconds = time.perf_counter() - started
@@ -211,7 +223,8 @@ def auto_batch_size(unet: UNet, device: torch.device, precision: str, limit: int
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        model(torch.randn(probe, c.in_channels, c.resolution, c.resolution, device=device), torch.zeros(probe, dtype=torch.long, device=device))
+        model(torch.randn(probe, c.in_channels, c.resolution, c.resolution, device=device),
+              torch.zeros(probe, dtype=torch.long, device=device), probe_classes(model, probe, device))
     per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) / probe)
     del model
     torch.cuda.empty_cache()

@@ -92,7 +92,7 @@ def interpolate_to_folder(
     with images.BackgroundWriter() as writer:
         for start in range(0, frames, batch):
             z = interpolation_latents(ends, alphas[start : start + batch])
-            x = check_finite(list(range(start, start + len(z))), runner.sample(z, None, progress).cpu())
+            x = check_finite(list(range(start, start + len(z))), runner.sample(z, None, progress, range(start, start + len(z))).cpu())
             writer.submit([(p, name_of(start + i)) for i, p in enumerate(images.enlarge(images.to_uint8(x), scale))])
 
 
@@ -103,13 +103,13 @@ FOLDER_RECORD = ".ddimctl-sample.json"
 
 
 def run_record(model: LoadedModel, settings: samplers.Settings, seed: int, latents: Path | None, precision: str,
-               scale: int) -> dict:
+               scale: int, classes: list[int] | None = None) -> dict:
     """What a folder's record holds: everything that decides the images' pixels, the model and the
     latents by their content (a newer checkpoint in a run folder, or other latents at the same path,
     are another run)."""
     return {"model": model.name, "source": model.source, "weights_sha256": model.weights_sha256, **settings.record(), "seed": seed,
             "latents": str(latents) if latents else None, "latents_sha256": sha256_of(latents) if latents else None,
-            "precision": precision, "scale": scale}
+            "precision": precision, "scale": scale, "classes": classes}
 
 
 def claim_folder(folder: Path, settings: dict, count: int) -> None:

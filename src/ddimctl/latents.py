@@ -96,6 +96,14 @@ def latents_settings(path: Path) -> dict[str, str]:
             made["eta"] = f"{float(made['eta']):g}"
         except ValueError:
             raise bad("eta", "a number") from None
+    if "classes" in made:  # a class-conditional model's labels, one per latent
+        try:
+            classes = json.loads(made["classes"])
+        except ValueError:
+            classes = None
+        if not (isinstance(classes, list) and classes and all(type(c) is int and c >= 0 for c in classes)):
+            raise bad("classes", "a list of class labels")
+        made["classes"] = classes
     return made
 
 

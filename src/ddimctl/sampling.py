@@ -40,9 +40,11 @@ def edit_steps(strength: float, steps: int) -> int:
     return round(strength * steps)
 
 
-def in_batches(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
-    """run() over batches of x (along the first axis); results on the CPU, checked to be finite."""
-    out = torch.cat([run(x[start : start + batch]).cpu() for start in range(0, x.shape[0], batch)])
+def in_batches(run: Callable[[torch.Tensor, range], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+    """run(rows of x, their indices) over batches of x (along the first axis); results on the CPU,
+    checked to be finite."""
+    out = torch.cat([run(x[start : start + batch], range(start, min(start + batch, len(x)))).cpu()
+                     for start in range(0, x.shape[0], batch)])
     return check_finite(list(range(x.shape[0])), out)
 
 
@@ -67,9 +69,10 @@ class Runner:
     model: LoadedModel
     settings: samplers.Settings
     device: torch.device
-    eps_model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    eps_model: Callable[..., torch.Tensor] | None = None  # eps(x, t[, classes]): fast.FastEps
     batch: int | None = None  # the batch size the eps model was prepared for, if any
     precision: str = "fp32"
+    classes: torch.Tensor | None = None  # class-conditional models: image i's class label (image_classes)
 
     @classmethod
     def create(cls, model: LoadedModel, settings: samplers.Settings, device: torch.device, **kwargs) -> "Runner":
@@ -77,6 +80,9 @@ class Runner:
         return cls(model, settings.for_model(model.train_steps, model.skip), device, **kwargs)
 
     def __post_init__(self):
+        if (self.classes is None) != (self.model.class_count is None):
+            raise DdimctlError(f"model {self.model.name!r} is {'not ' * (self.model.class_count is None)}class-conditional; "
+                               f"class labels go with class-conditional models only (image_classes)")
         if self.eps_model is None:
             self.eps_model = self.model.noise_model(self.device)
         self._alphas_cumprod = self.model.alphas_cumprod
@@ -87,11 +93,17 @@ class Runner:
         """Network calls per image for one pass (sample or invert)."""
         return self.settings.network_calls(len(self.timesteps))
 
-    def _counted(self, progress: ProgressFn | None):
-        """The eps model, telling progress() about every network call (whatever the sampler)."""
-        if progress is None:
-            return self.eps_model
+    def network(self, rows: Sequence[int] | None, progress: ProgressFn | None = None):
+        """eps(x, t) for images `rows` of the run (their class labels bound, if the model takes them),
+        telling progress() about every network call (whatever the sampler)."""
         eps_model = self.eps_model
+        if self.classes is not None:
+            if rows is None:
+                raise ValueError("a class-conditional runner needs the run's image indices of its rows")
+            labels = self.classes[list(rows)].to(self.device)
+            eps_model = lambda x, t: self.eps_model(x, t, labels)  # noqa: E731
+        if progress is None:
+            return eps_model
 
         def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             progress(x.shape[0])
@@ -99,23 +111,27 @@ class Runner:
 
         return counted
 
-    def sample(self, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None, progress: ProgressFn | None = None):
+    def sample(self, x_T: torch.Tensor, generators: Sequence[torch.Generator] | None, progress: ProgressFn | None = None,
+               rows: Sequence[int] | None = None):
+        """x_0 of each x_T; rows: the run's image indices of x_T's rows (for their class labels)."""
         x = to_device(x_T.float(), self.device)
         gen = generators if self.settings.stochastic else None
-        return self.settings.run(self._counted(progress), x, self._alphas_cumprod, self.timesteps, generator=gen)
+        return self.settings.run(self.network(rows, progress), x, self._alphas_cumprod, self.timesteps, generator=gen)
 
     def invert(
-        self, x_0: torch.Tensor, progress: ProgressFn | None = None, exact: ExactInversion | None = None
+        self, x_0: torch.Tensor, progress: ProgressFn | None = None, exact: ExactInversion | None = None,
+        rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """x_T of x_0 along the DDIM ODE and the network calls per image it took: plain (S calls), or exact."""
         if self.settings.sampler != "ddim":
             raise ValueError(f"inversion follows the DDIM ODE; this sampler is set up for {self.settings.sampler}")
         x = x_0.to(self.device, torch.float32)
         callback = (lambda step: progress(step.x.shape[0])) if progress else None  # per step: exact takes more calls
+        network = self.network(rows)
         if exact is None:
-            return ddim.invert(self.eps_model, x, self._alphas_cumprod, self.timesteps, callback), self.evaluations
+            return ddim.invert(network, x, self._alphas_cumprod, self.timesteps, callback), self.evaluations
         return ddim.invert_exact(
-            self.eps_model, x, self._alphas_cumprod, self.timesteps, exact.tol, exact.max_iters, callback=callback
+            network, x, self._alphas_cumprod, self.timesteps, exact.tol, exact.max_iters, callback=callback
         )
 
     def edit(
@@ -126,6 +142,7 @@ class Runner:
         mask: torch.Tensor | None = None,
         exact: ExactInversion | None = None,
         progress: ProgressFn | None = None,
+        rows: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """SDEdit / inpainting of x_0 from t0 at fraction `strength` of this sampler's timesteps,
         decoded with its sampler: noise from the generators (image i's own), or the exact DDIM
@@ -134,9 +151,9 @@ class Runner:
         x = x_0.to(self.device, torch.float32)
         start = None
         if exact is not None and len(timesteps):
-            start, _ = ddim.invert_exact(self.eps_model, x, self._alphas_cumprod, timesteps, exact.tol, exact.max_iters)
+            start, _ = ddim.invert_exact(self.network(rows), x, self._alphas_cumprod, timesteps, exact.tol, exact.max_iters)
         mask = mask.to(self.device, torch.float32) if mask is not None else None
-        return ddim.edit(self._counted(progress), x, self._alphas_cumprod, timesteps, mask, generator=list(generators),
+        return ddim.edit(self.network(rows, progress), x, self._alphas_cumprod, timesteps, mask, generator=list(generators),
                          x_start=start, sample_fn=self.settings.spec.function, **self.settings.options())
 
     def sample_indices(
@@ -163,7 +180,7 @@ class Runner:
         for members in aligned_batches(indices, batch_size, count):
             generators = seeds.image_generators(seed, members)
             x_T = seeds.initial_noise(generators, self.model.image_shape) if latents is None else latents[members]
-            x_0 = self.sample(x_T, generators, progress)
+            x_0 = self.sample(x_T, generators, progress, members)
             rows = [j for j, i in enumerate(members) if i in wanted]
             picked = [members[j] for j in rows]
             if waiting is not None:
@@ -191,7 +208,30 @@ def aligned_batches(indices: Sequence[int], batch_size: int, count: int) -> list
 # The CLI checks what it can before loading a model; make_runner() checks again for every caller.
 
 
-MAX_IMAGES = 100_000_000  # 2,000 of the paper's 50,000-image FID sets
+MAX_IMAGES = 100_000_000
+
+
+def image_classes(model: LoadedModel, count: int, given: Sequence[int] | None = None, seed: int | None = None,
+                  option: str = "class") -> torch.Tensor | None:
+    """The class label of each of a run's `count` images for a class-conditional model (None for an
+    unconditional one): `given` (one class for all, or one per image), else each image's own draw from
+    (seed, i); without a seed the classes must be given."""
+    classes = model.class_count
+    if classes is None:
+        if given is not None:
+            raise DdimctlError(f"{param(option)}: model {model.name!r} is not class-conditional; leave it out")
+        return None
+    if given is None:
+        if seed is None:
+            raise DdimctlError(f"model {model.name!r} is class-conditional ({classes} classes): give {param(option)} N, "
+                               f"or a list with one class per image")
+        return seeds.image_classes(seed, range(count), classes)
+    if len(given) not in (1, count):
+        raise DdimctlError(f"{param(option)} lists {len(given)} classes for {count} images; give one class, or one per image")
+    wrong = [c for c in given if not 0 <= c < classes]
+    if wrong:
+        raise DdimctlError(f"{param(option)} {wrong[0]} is not a class of model {model.name!r}: its classes are 0 to {classes - 1}")
+    return torch.tensor(list(given) * (count if len(given) == 1 else 1), dtype=torch.long)  # 2,000 of the paper's 50,000-image FID sets
 
 
 def check_settings(
@@ -229,13 +269,15 @@ def make_runner(
     batch_size: int | None = None,
     count: int | None = None,
     reuse: Runner | None = None,
+    classes: torch.Tensor | None = None,
     notify: Callable[[str], None] = lambda message: None,
 ) -> Runner:
     """A runner on the chosen device and precision; its `batch` is the batch size to run with (at
     most `count`, the run's images, whatever the number of processes: batches are the run's own).
     compile_model None compiles on CUDA when this process's share of the work repays it; `reuse`
-    shares another runner's prepared (compiled) network, so a sweep compiles once. The model
-    itself is never changed. notify() hears what was decided."""
+    shares another runner's prepared (compiled) network, so a sweep compiles once; `classes` are the
+    run's class labels (image_classes). The model itself is never changed. notify() hears what was
+    decided."""
     from . import distributed, fast
 
     check_settings(batch_size=batch_size)
@@ -243,7 +285,8 @@ def make_runner(
     dev = distributed.local_device(pick_device(device), world)
     precision = fast.resolve_precision(precision, dev)
     if reuse is not None:
-        return Runner.create(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision)
+        return Runner.create(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision,
+                             classes=classes)
     settings = settings.for_model(model.train_steps, model.skip)
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
@@ -258,7 +301,7 @@ def make_runner(
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
         notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
-    runner = Runner.create(model, settings, dev, eps_model=eps, batch=batch, precision=precision)
+    runner = Runner.create(model, settings, dev, eps_model=eps, batch=batch, precision=precision, classes=classes)
     walked = len(runner.timesteps) + settings.spec.extra_calls
     if walked != settings.steps:
         notify(f"{settings.skip} skip with S={settings.steps} has {len(runner.timesteps)} distinct timesteps")
@@ -271,8 +314,8 @@ def invert_batches(
     """Latents of x_0 (on the CPU) and the most network calls per image any batch took."""
     calls = []
 
-    def invert(x: torch.Tensor) -> torch.Tensor:
-        latents, evaluations = runner.invert(x, progress, exact)
+    def invert(x: torch.Tensor, rows: range) -> torch.Tensor:
+        latents, evaluations = runner.invert(x, progress, exact, rows)
         calls.append(evaluations)
         return latents
 
@@ -283,7 +326,7 @@ def decode_batches(runner: Runner, x_T: torch.Tensor, progress: ProgressFn | Non
     """x_0 of each latent (on the CPU); a deterministic sampler (ddim at eta = 0 or a solver)."""
     if runner.settings.stochastic:
         raise ValueError("decoding latents needs a deterministic sampler (eta = 0, no sigma-hat)")
-    return in_batches(lambda x: runner.sample(x, None, progress), x_T, runner.batch or len(x_T))
+    return in_batches(lambda x, rows: runner.sample(x, None, progress, rows), x_T, runner.batch or len(x_T))
 
 
 def sample_batches(
@@ -306,8 +349,9 @@ def edit_batches(
     """Runner.edit over batches; image i's noise from (seed, i). Results on the CPU, checked finite."""
     parts, batch = [], runner.batch or len(x_0)
     for start in range(0, x_0.shape[0], batch):
-        generators = seeds.image_generators(seed, range(start, min(start + batch, x_0.shape[0])))
-        parts.append(runner.edit(x_0[start : start + batch], strength, generators, mask, exact, progress).cpu())
+        rows = range(start, min(start + batch, x_0.shape[0]))
+        generators = seeds.image_generators(seed, rows)
+        parts.append(runner.edit(x_0[start : start + batch], strength, generators, mask, exact, progress, rows).cpu())
     return check_finite(list(range(x_0.shape[0])), torch.cat(parts))
 
 
@@ -338,14 +382,17 @@ def generate(
     device: str = "auto",
     precision: str = "auto",
     batch_size: int | None = None,
+    classes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) on the
     CPU: image i depends only on (seed, i). Precision as `--precision` (auto: bf16 on GPUs, fp32 on
-    CPUs). ddimctl.sample is this function."""
+    CPUs). A class-conditional model takes `classes` (one, or one per image; default: each image's
+    own draw). ddimctl.sample is this function."""
     from .weights import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     check_settings(num=num)
+    labels = image_classes(loaded, num, classes, seed)
     runner = make_runner(loaded, samplers.Settings(sampler, steps, skip, eta), device, precision=precision,
-                     compile_model=False, batch_size=batch_size, count=num)
+                         compile_model=False, batch_size=batch_size, count=num, classes=labels)
     return sample_batches(runner, num, seed)

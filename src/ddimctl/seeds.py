@@ -42,6 +42,13 @@ def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -
     return x_T
 
 
+def image_classes(seed: int, indices: Sequence[int], count: int) -> torch.Tensor:
+    """A class label in 0..count-1 for each image, from the image's own class stream (the noise
+    streams stay as they are, so an image's x_T does not depend on whether the model takes labels)."""
+    return torch.tensor([int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(
+        derive(seed, "class", i)))) for i in indices], dtype=torch.long)
+
+
 def training_batch(seed: int, step: int, rank: int) -> torch.Generator:
     """Timesteps, noise and flips of one process's share of a training step."""
     return torch.Generator().manual_seed(derive(seed, "training-batch", step, rank))

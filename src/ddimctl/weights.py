@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import ddim, hub, runs
+from . import ddim, guided, hub, runs
 from .errors import DdimctlError
 from .files import atomic_save_safetensors, cache_dir
 from .diffusers_configs import config_from_diffusers, schedule_from_diffusers
@@ -69,7 +69,7 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
 
 def _looks_like_weights(d: dict) -> bool:
     return any(torch.is_tensor(v) for v in d.values()) and any(
-        k.removeprefix("module.").startswith(("conv_in", "temb.", "time_embedding")) for k in d
+        k.removeprefix("module.").startswith(("conv_in", "temb.", "time_embedding", "time_embed.")) for k in d
     )
 
 
@@ -86,6 +86,7 @@ class LoadedModel:
     skip: str
     weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
     prediction: str = "epsilon"  # what the network predicts (diffusers_configs.PREDICTIONS); the samplers see the noise
+    timestep_scale: float = 1.0  # the network sees t * this (improved-diffusion's rescale_timesteps: 1000 / T)
 
     @property
     def config(self) -> UNetConfig:
@@ -107,7 +108,12 @@ class LoadedModel:
         from . import fast
 
         return fast.prepare(self.unet, device, precision, compile_mode, batch_size, self.prediction,
-                            self.alphas_cumprod if self.prediction != "epsilon" else None)
+                            self.alphas_cumprod if self.prediction != "epsilon" else None, self.timestep_scale)
+
+    @property
+    def class_count(self) -> int | None:
+        """How many class labels a class-conditional network takes; None: unconditional."""
+        return self.unet.config.class_count
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -245,6 +251,8 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
     state = read_checkpoint(weights)
     if any(k.startswith("ema.") for k in state):  # a training checkpoint: use the EMA weights
         state = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+    if guided.is_guided_state(state):
+        return _load_guided(path, weights, state, cfg, where if config_file else str(path.with_suffix(".json")))
     state = to_diffusers_names(state)
 
     fields = Fields(cfg, where)
@@ -263,6 +271,22 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
             break
     unet = build_unet(config, state, str(path))
     return LoadedModel(unet, path.name, str(path), schedule, skip, hub.sha256_of(weights), prediction)
+
+
+def _load_guided(path: Path, weights: Path, state: dict[str, torch.Tensor], flags: dict, where: str) -> LoadedModel:
+    """An openai guided-/improved-diffusion checkpoint with its flags (guided.py) from the sidecar."""
+    if not flags:
+        raise DdimctlError(f"{path}: an openai guided-/improved-diffusion checkpoint needs its flags (its README's "
+                           f"MODEL_FLAGS and DIFFUSION_FLAGS) in {where}, improved-diffusion's with rescale_timesteps "
+                           f"true; from the weights and guided-diffusion's defaults: {guided.suggested_flags(state)}")
+    model = guided.read_flags(flags, where)
+    try:
+        unet = build_unet(model.config, guided.to_ddimctl_names(state, model, where), str(path))
+    except DdimctlError as e:
+        raise DdimctlError(f"{e}; the flags in {where} do not match these weights, which suggest "
+                           f"{guided.suggested_flags(state)}") from e
+    return LoadedModel(unet, path.name, str(path), model.schedule, "uniform", hub.sha256_of(weights), model.prediction,
+                       model.timestep_scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -143,6 +143,11 @@ def check_tuned(tuned: timesteps.Tuned | None, loaded: weights.LoadedModel, samp
 
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 
+ClassOpt = typer.Option(
+    None, "--class", help="Class-conditional models: one class for every image, or one per image (such as 1,7); "
+    "sample and edit otherwise draw each image's class from its seed."
+)
+
 
 BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
 
@@ -280,6 +285,11 @@ def parse_list(text: str, option: str, kind=int, allow_empty: bool = False, any_
         what = "integers" if any_integer else "positive integers" if kind is int else "non-negative numbers"
         fail(f"{option} takes {what} separated by commas, such as {'1,2' if any_integer else '10,20,50'}, got {text!r}")
     return values
+
+
+def class_list(text: str | None) -> list[int] | None:
+    """--class: one class label or a comma-separated list (checked against the model later)."""
+    return parse_list(text, "--class", any_integer=True) if text is not None else None
 
 
 def parse_names(text: str, option: str) -> list[str]:

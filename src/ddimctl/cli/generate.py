@@ -12,6 +12,7 @@ from .. import devices, distributed, fast, folders, images, samplers, sampling, 
 from .. import latents as latents_file
 from ..files import refuse_foreign, remove_stale_temporaries
 from .common import (
+    ClassOpt,
     BatchOpt,
     CompileOpt,
     DeviceOpt,
@@ -27,6 +28,7 @@ from .common import (
     TimestepsOpt,
     app,
     check_inputs,
+    class_list,
     check_tuned,
     exact_settings,
     fail,
@@ -65,10 +67,14 @@ def sample(
     precision: str = PrecisionOpt,
     compile_model: Optional[bool] = CompileOpt,
     scale: Optional[int] = ScaleOpt,
+    class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
     sampling.check_settings(batch_size=batch_size, num=None if latents else num)
+    given_classes = class_list(class_text)
     made = latents_file.latents_settings(latents) if latents is not None else {}
+    if given_classes is None and "classes" in made:  # latents decode with the classes they were inverted with
+        given_classes = made["classes"]
     skip, tuned = timestep_choice(skip, timesteps_given, model or made.get("model"), sampler, steps)
     if skip is not None and timesteps.is_list(skip):
         steps = steps_for(steps, skip, sampler)
@@ -93,16 +99,17 @@ def sample(
         for line in latents_file.decoding_notes(latents.name, made, loaded.name, settings):
             note(line)
     count = x_T.shape[0] if x_T is not None else num
+    classes = sampling.image_classes(loaded, count, given_classes, seed)
     if not to_folder:
         images.check_grid_size(count, loaded.image_shape, scale)
     if to_folder and world.is_main:
         remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
             loaded, settings, seed, latents,
-            fast.resolve_precision(precision, devices.pick_device(device)), scale or 1), count)
+            fast.resolve_precision(precision, devices.pick_device(device)), scale or 1, given_classes), count)
     world.barrier()
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
-                          batch_size=batch_size, count=count)
+                          batch_size=batch_size, count=count, classes=classes)
 
     started = time.perf_counter()
     stalled = None
@@ -150,9 +157,11 @@ def edit(
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
     precision: str = ExactPrecisionOpt,
+    class_text: Optional[str] = ClassOpt,
 ) -> None:
     """SDEdit: noise the images to t0 and denoise them back (with --sampler), or inpaint the masked part."""
     how = exact_settings(exact, tol, max_iters)
+    given_classes = class_list(class_text)
     skip, tuned = timestep_choice(skip, timesteps_given, model, sampler, steps)
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     sampling.check_settings(batch_size=batch_size, strength=strength)
@@ -173,13 +182,14 @@ def edit(
     refuse_foreign(targets)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)
     check_tuned(tuned, loaded, settings.sampler)
+    classes = sampling.image_classes(loaded, len(image_paths), given_classes, seed)
     x0 = read_images(image_paths, loaded)
     channels, resolution, _ = loaded.image_shape
     regenerate = None  # the mask: 1 where the edit draws new pixels
     if mask is not None:
         regenerate = images.load_mask(mask, resolution, notice=note)
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
-                          batch_size=batch_size, count=len(image_paths))
+                          batch_size=batch_size, count=len(image_paths), classes=classes)
     walked = sampling.edit_steps(strength, len(runner.timesteps))
     with progress_bar("editing", len(image_paths), max(runner.settings.network_calls(walked), 1)) as advance:
         edited = sampling.edit_batches(runner, x0, strength, seed, regenerate, how, advance)

@@ -15,6 +15,7 @@ from .. import folders, images, metrics, samplers, sampling
 from ..files import refuse_foreign
 from .. import latents as latents_file
 from .common import (
+    ClassOpt,
     MAX_STRIP_FRAMES,
     BatchOpt,
     DeviceOpt,
@@ -30,6 +31,7 @@ from .common import (
     TolOpt,
     app,
     check_inputs,
+    class_list,
     check_output,
     check_tuned,
     exact_settings,
@@ -75,21 +77,25 @@ def invert(
     exact: bool = ExactOpt,
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
+    class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Encode images to their DDIM latents x_T (the deterministic eta = 0 path). Inversion follows the
     DDIM ODE whatever sampler decodes later: its exact round trip is defined for the DDIM decoder."""
     how = exact_settings(exact, tol, max_iters)
+    given_classes = class_list(class_text)
     skip, _ = timestep_choice(skip, None, model, "ddim", steps)
     settings = samplers.Settings("ddim", steps_for(steps, skip, "ddim"), skip)
     check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
+    classes = sampling.image_classes(loaded, len(image_paths), given_classes)
     x0 = read_images(image_paths, loaded)
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
-                          batch_size=batch_size, count=len(image_paths))
+                          batch_size=batch_size, count=len(image_paths), classes=classes)
     latents, _ = run_inversion(runner, x0, how)
     latents_file.save_latents(out, latents, loaded.name, runner.settings, sources=[p.name for p in image_paths],
-                              **latents_file.inversion_metadata(how))
+                              **latents_file.inversion_metadata(how),
+                              **({"classes": classes.tolist()} if classes is not None else {}))
     table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
     for column in ("image", "mean", "std"):
         table.add_column(column, justify="right" if column != "image" else "left")
@@ -117,10 +123,12 @@ def reconstruct(
     exact: bool = ExactOpt,
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
+    class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Invert then decode with the same S along the DDIM ODE: per-image MSE (paper's Table 2) and PSNR.
     A folder counts as all the images in it."""
     how = exact_settings(exact, tol, max_iters)
+    given_classes = class_list(class_text)
     steps_list = parse_list(steps, "--steps")
     all_settings = [samplers.Settings("ddim", s, skip) for s in steps_list]
     if out is None and not as_json:
@@ -129,13 +137,14 @@ def reconstruct(
         check_output(out, images.PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
+    classes = sampling.image_classes(loaded, len(image_paths), given_classes)
     x0 = read_images(image_paths, loaded)
     columns = [images.to_uint8(x0)]
     results = []
     for settings in all_settings:
         s = settings.steps
         runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
-                              batch_size=batch_size, count=len(image_paths))
+                              batch_size=batch_size, count=len(image_paths), classes=classes)
         latents, evaluations = run_inversion(runner, x0, how)
         recon = run_decoding(runner, latents, f"decoding S={s}")
         columns.append(images.to_uint8(recon))
@@ -192,10 +201,14 @@ def interpolate(
     ),
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
+    class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Slerp between the latents of two images (or two seeds) and decode every frame (DDIM at eta = 0,
     or --sampler). The images are inverted along the DDIM ODE."""
     how = exact_settings(exact, tol, max_iters)
+    given_classes = class_list(class_text)
+    if given_classes is not None and len(given_classes) != 1:
+        fail("--class: interpolate takes one class, for both ends and every frame")
     skip, tuned = timestep_choice(skip, timesteps_given, model, sampler, steps)
     steps = steps_for(steps, skip, sampler)
     decoding, inverting = samplers.Settings(sampler, steps, skip), samplers.Settings("ddim", steps, skip)
@@ -224,8 +237,9 @@ def interpolate(
         check_output(gif, (".gif",), "--gif")
     loaded = load(model)
     check_tuned(tuned, loaded, decoding.sampler)
+    classes = sampling.image_classes(loaded, frames, given_classes)
     x0 = read_images(paths, loaded) if seeds is None else None
-    options = dict(precision=precision, compile_model=False, batch_size=batch_size, count=frames)
+    options = dict(precision=precision, compile_model=False, batch_size=batch_size, count=frames, classes=classes)
     runner = make_runner(loaded, decoding, device, **options)
     if seeds is not None:
         ends = sampling.seed_latents(seeds, loaded.image_shape)
