@@ -204,3 +204,30 @@ def test_a_class_conditional_model_draws_each_images_class_from_its_seed(tmp_pat
     assert len(set(classes)) > 1
     assert float((drawn - in_twos).abs().max()) < 1e-4 and torch.equal(drawn, given)
     assert float((drawn - other).abs().amax((1, 2, 3)).min()) > 1e-3  # the label reaches every image
+
+
+def test_class_labels_for_an_unconditional_model_are_refused(tmp_path):
+    flags = {**SMALL, "num_heads": 2}
+    checkpoint = save(tmp_path, their_model(flags), flags)
+    result = ddimctl("sample", "--model", checkpoint, "--class", "3", "-n", "1", "--steps", "2", "--out",
+                     tmp_path / "o.png", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and "not class-conditional" in result.stderr and not (tmp_path / "o.png").exists()
+
+
+def test_an_adm_model_exports_to_diffusers_when_unet2dmodel_can_hold_it(tmp_path):
+    """Equal head widths and no rescaled timesteps: diffusers' UNet2DModel gives the same output;
+    rescaled timesteps are refused by name before anything is written."""
+    diffusers = pytest.importorskip("diffusers")
+    flags = {**SMALL, "num_head_channels": 16, "use_scale_shift_norm": True}
+    theirs = their_model(flags)
+    ddimctl("export", save(tmp_path, theirs, flags), tmp_path / "pipe", cwd=tmp_path)
+    unet = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        want, got = theirs(x, t), unet(x, t).sample
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+    rescaled = {**flags, "rescale_timesteps": True, "diffusion_steps": 4000}
+    result = ddimctl("export", save(tmp_path, theirs, rescaled, "rescaled"), tmp_path / "pipe2", check=False,
+                     cwd=tmp_path)
+    assert result.returncode != 0 and "rescaled timesteps" in result.stderr and not (tmp_path / "pipe2").exists()

@@ -15,6 +15,7 @@ import torch
 
 from . import ddim, fast, metrics, registry, samplers, weights
 from .diffusers_configs import diffusers_config
+from .errors import DdimctlError
 from .unet import PRESETS, UNet
 from .weights import LoadedModel
 
@@ -91,7 +92,8 @@ def run_ours(
         torch.cuda.reset_peak_memory_stats(device)
     eps = fast.prepare(unet, device, precision, compile_mode, batch)
     compile_s = fast.warm_up(eps, tuple(x_T.shape), device) if compile_mode else 0.0
-    run = lambda: settings.run(eps, x_T, alphas_cumprod, timesteps)  # noqa: E731
+    classes = fast.probe_classes(eps, batch, device)
+    run = lambda: settings.run(lambda x, t: eps(x, t, classes), x_T, alphas_cumprod, timesteps)  # noqa: E731
     run()  # warm-up of the whole loop
     seconds, out = time_runs(run, device, runs)
     resolved = fast.resolve_precision(precision, device)
@@ -118,14 +120,20 @@ def follow_grid(scheduler, descending: list[int], alphas_cumprod: torch.Tensor):
     return scheduler
 
 
-def no_reference(sampler: str) -> str | None:
-    """Why diffusers cannot be timed beside this sampler (not installed, no scheduler), or None."""
+def no_reference(sampler: str, unet: UNet | None = None) -> str | None:
+    """Why diffusers cannot be timed beside this sampler and UNet (not installed, no scheduler, a
+    UNet that UNet2DModel cannot hold), or None."""
     try:
         import diffusers  # noqa: F401
     except ImportError:
         return "diffusers is not installed: ddimctl's rows only (pip install diffusers adds its reference row)"
     if reference_scheduler(sampler) is None:
         return f"diffusers has no scheduler for {sampler} on this noise schedule: no reference run"
+    if unet is not None:
+        try:
+            diffusers_config(unet.config)
+        except DdimctlError as e:
+            return f"diffusers cannot build this UNet ({e}): no reference run"
     return None
 
 
@@ -171,6 +179,7 @@ def run_reference(
         torch.cuda.reset_peak_memory_stats(device)
 
     descending = [int(t) for t in reversed(settings.timesteps(SCHEDULE.alphas_cumprod()))]
+    labels = torch.zeros(x_T.shape[0], dtype=torch.long, device=device) if unet.config.class_count else None
 
     @torch.no_grad()
     def run():
@@ -180,7 +189,7 @@ def run_reference(
             follow_grid(scheduler, descending, SCHEDULE.alphas_cumprod())
         x = x_T.to(dtype)
         for t in scheduler.timesteps:
-            eps = ref(x, t).sample
+            eps = ref(x, t, class_labels=labels).sample[:, : unet.config.in_channels]
             x = scheduler.step(eps, t, x).prev_sample
         return x.float()
 
@@ -276,11 +285,12 @@ def estimate_seconds(unet: UNet, device: torch.device, settings: samplers.Settin
     c = unet.config
     x = torch.randn(batch, c.in_channels, c.resolution, c.resolution, device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    classes = torch.zeros(batch, dtype=torch.long, device=device) if c.class_count else None
     model = unet.to(device)
     with torch.no_grad():
         _sync(device)
         started = time.perf_counter()
-        model(x, t)
+        model(x, t, classes)
         _sync(device)
     return (time.perf_counter() - started) * settings.steps * (runs + 1) * paths
 
@@ -322,8 +332,8 @@ def run_benchmark(
         log(f"ddimctl {fast.resolve_precision(precision, device)} compile={compile_mode or 'none'}")
         mine, mine_out = run_ours(unet, x_T, settings, precision, compile_mode, runs, abar)
         results.append(mine)
-    if reference and no_reference(settings.sampler):
-        log(no_reference(settings.sampler))
+    if reference and no_reference(settings.sampler, unet):
+        log(no_reference(settings.sampler, unet))
         reference = False
     refs = []
     if reference:

@@ -116,7 +116,8 @@ def _read_attention_norm(f: Fields) -> dict:
             raise DdimctlError(f"{f.where}: attn_norm_num_groups null with resnet_time_scale_shift 'scale_shift' "
                                f"gives the mid attention no norm, which ddimctl does not build")
         return {"attention_norm_groups": None}
-    return {"attention_norm_groups": f.integer("attn_norm_num_groups", low=1, high=4096)}
+    groups = f.integer("attn_norm_num_groups", low=1, high=4096)
+    return {"attention_norm_groups": None if groups == f.data.get("norm_num_groups") else groups}  # None: the same
 
 
 def _read_mid_block(f: Fields) -> dict:
@@ -188,7 +189,9 @@ DIFFUSERS_UNET_KEYS: dict[str, DiffusersKey] = {name: make(name) for name, make 
     "act_fn": _key("silu", _only(("silu", "swish"), "the DDPM UNet uses SiLU (swish)")),
     "attention_head_dim": _key(8, lambda key: (_read_head_channels, lambda c: c.head_channels)),
     "norm_num_groups": _key(32, _field("norm_groups", _integer(1, 4096))),
-    "attn_norm_num_groups": _key(None, lambda key: (_read_attention_norm, lambda c: c.attention_norm_groups)),
+    # written out with scale_shift, where diffusers would read a missing value as "no norm"
+    "attn_norm_num_groups": _key(None, lambda key: (
+        _read_attention_norm, lambda c: c.attention_norm_groups or (c.norm_groups if c.scale_shift else None))),
     "norm_eps": _key(1e-5, _field("norm_eps", _number(1e-12, 1))),
     "resnet_time_scale_shift": _key("default", lambda key: (
         lambda f: {"scale_shift": f.text(key, choices=("default", "scale_shift")) == "scale_shift"},

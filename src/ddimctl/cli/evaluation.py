@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import devices, distributed, fast, folders, registry, samplers, weights
+from .. import devices, distributed, fast, folders, registry, samplers, sampling, weights
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -151,12 +151,13 @@ def sweep(
     abar = loaded.alphas_cumprod
     for cell in cells:  # every cell against the model (S <= T, its timesteps) before the first is sampled
         cell.for_model(loaded.train_steps, loaded.skip).timesteps(abar)
+    classes = sampling.image_classes(loaded, num, None, seed)  # a class-conditional model: image i's from (seed, i)
     make_output_folder(out)
     world = distributed.init(devices.pick_device(device))
 
     def prepare_cell(settings, reuse):
         return make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
-                            batch_size=batch_size, count=num, reuse=reuse)
+                            batch_size=batch_size, count=num, reuse=reuse, classes=classes)
 
     def fill(runner, folder: Path) -> None:
         if world.is_main:  # a cell's images are its run's only: another sweep's are refused, not scored
@@ -202,7 +203,7 @@ def bench(
     if not as_json:
         say(f"bench: {source}; {dev}; batch {batch}; {settings.sampler}, S={steps}; {runs} timed runs each")
         if dev.type == "cpu":
-            paths = 1 + (reference and benchmarks.no_reference(settings.sampler) is None) + (
+            paths = 1 + (reference and benchmarks.no_reference(settings.sampler, unet) is None) + (
                 fast.resolve_precision(precision, dev) != "fp32" or mode != "none")
             seconds = benchmarks.estimate_seconds(unet, dev, settings, batch, runs, paths)
             took = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
