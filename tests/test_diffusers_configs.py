@@ -157,8 +157,9 @@ def test_scheduler_configs_are_read_key_by_key():
     assert heard == []
     for cfg, named in [({"_class_name": "CMStochasticIterativeScheduler"}, "CMStochasticIterativeScheduler"),
                        ({"_class_name": "ScoreSdeVeScheduler"}, "ScoreSdeVeScheduler"),
-                       ({"beta_schedule": "laplace"}, "laplace"),
-                       ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
+                       ({"beta_schedule": "exp"}, "exp"),
+                       ({"trained_betas": [0.1, 0.2]}, "trained_betas"),  # not one per step
+                       ({"num_train_timesteps": 2, "trained_betas": [0.1, 1.5]}, "trained_betas"),
                        ({"prediction_type": "flow"}, "prediction_type"),
                        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
                        ({"betta_start": 0.001}, "betta_start")]:
@@ -212,7 +213,7 @@ def test_schedules_and_predictions_sample_as_diffusers_ddim_does(tmp_path, beta_
     assert within >= 0.995 and float((ours - x).abs().max()) < 0.05, (float(within), float((ours - x).abs().max()))
 
 
-@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"])
 def test_every_schedule_kind_equals_diffusers_betas(kind):
     """(DDIMScheduler has no sigmoid; DDPMScheduler has them all.)"""
     from ddimctl import ddim
@@ -220,3 +221,41 @@ def test_every_schedule_kind_equals_diffusers_betas(kind):
     reference = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=0.0002, beta_end=0.015, num_train_timesteps=500)
     ours = ddim.Schedule(500, 0.0002, 0.015, kind).alphas_cumprod()
     torch.testing.assert_close(ours.float(), reference.alphas_cumprod, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta_schedule", ["trained_betas", "laplace"])
+def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_path, beta_schedule):
+    """trained_betas (diffusers then ignores beta_schedule) and DDPMScheduler's laplace schedule: the
+    same alphas_cumprod, DDIM as diffusers' DDIMScheduler on them, and an export whose DDIMScheduler
+    (which has no laplace) carries the betas themselves."""
+    from ddimctl import ddim, samplers, sampling
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
+    betas = (ddim.laplace_betas(1000) if beta_schedule == "laplace" else torch.linspace(2e-4, 0.03, 1000) ** 1.1).tolist()
+    if beta_schedule == "laplace":
+        scheduler = diffusers.DDPMScheduler(beta_schedule="laplace", clip_sample=False)
+    else:
+        scheduler = diffusers.DDPMScheduler(trained_betas=betas, clip_sample=False)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    loaded = weights.load_model(str(tmp_path / "pipe"))
+    assert loaded.schedule["kind"] == ("laplace" if beta_schedule == "laplace" else "trained")
+    torch.testing.assert_close(loaded.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)
+
+    reference = diffusers.DDIMScheduler(trained_betas=betas, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                        timestep_spacing="leading")
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
+    with torch.no_grad():
+        ours = runner.sample(x_T, None)
+        reference.set_timesteps(10)
+        x = x_T.clone()
+        for t in reference.timesteps:
+            x = reference.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    assert float(((ours - x).abs() <= 1 / 255).float().mean()) >= 0.995
+
+    from ddimctl.export import export_diffusers
+
+    export_diffusers(loaded, tmp_path / "exported")
+    exported = diffusers.DDIMScheduler.from_pretrained(tmp_path / "exported" / "scheduler")
+    torch.testing.assert_close(exported.alphas_cumprod, scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)

@@ -231,3 +231,11 @@ def test_an_adm_model_exports_to_diffusers_when_unet2dmodel_can_hold_it(tmp_path
     result = ddimctl("export", save(tmp_path, theirs, rescaled, "rescaled"), tmp_path / "pipe2", check=False,
                      cwd=tmp_path)
     assert result.returncode != 0 and "rescaled timesteps" in result.stderr and not (tmp_path / "pipe2").exists()
+
+
+def test_tune_steps_refuses_a_class_conditional_model_before_any_work(tmp_path):
+    flags = {**SMALL, "class_cond": True}
+    checkpoint = save(tmp_path, their_model(flags), flags)
+    result = ddimctl("tune-steps", "--model", checkpoint, "--sampler", "unipc", "--steps", "5", "--out",
+                     tmp_path / "t.json", check=False, cwd=tmp_path)
+    assert result.returncode != 0 and "class-conditional" in result.stderr and not (tmp_path / "t.json").exists()

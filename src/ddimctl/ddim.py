@@ -48,32 +48,47 @@ SKIP_SCHEMES = ("uniform", "quad")
 
 # The noise schedules of the DDPM family, by their diffusers names: linear (every public DDPM
 # checkpoint), scaled_linear (linear in sqrt(beta)), squaredcos_cap_v2 (the cosine alpha-bar of Nichol &
-# Dhariwal, betas capped at 0.999; improved-diffusion's "cosine"), sigmoid (GeoDiff's).
-SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+# Dhariwal, betas capped at 0.999; improved-diffusion's "cosine"), sigmoid (GeoDiff's), laplace (diffusers'
+# DDPMScheduler); and TRAINED: betas given one by one (diffusers' trained_betas).
+SCHEDULE_KINDS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
+TRAINED = "trained"
 
 
 @dataclass(frozen=True)
 class Schedule:
     """A noise schedule over train_steps (T) steps: `kind` of SCHEDULE_KINDS, between beta_start and
-    beta_end where the kind has them (the cosine schedule has none)."""
+    beta_end where the kind has them (the cosine and laplace schedules have none; "trained" has its T
+    betas in trained_betas)."""
 
     train_steps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     kind: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
 
     def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
+        if self.kind not in (*SCHEDULE_KINDS, TRAINED):
             raise ValueError(f"unknown schedule kind {self.kind!r}; use one of {', '.join(SCHEDULE_KINDS)}")
         if not (self.train_steps >= 1 and 0 < self.beta_start <= self.beta_end < 1):
             raise ValueError(f"a schedule needs T >= 1 and 0 < beta_start <= beta_end < 1, got {self}")
+        if (self.kind == TRAINED) != (self.trained_betas is not None):
+            raise ValueError("trained betas go with the schedule kind 'trained', and only with it")
+        if self.trained_betas is not None:
+            betas = tuple(self.trained_betas)
+            if len(betas) != self.train_steps or not all(0 < b < 1 for b in betas):
+                raise ValueError(f"trained betas must be {self.train_steps} numbers in (0, 1), one per training "
+                                 f"step; got {len(betas)}")
+            object.__setattr__(self, "trained_betas", betas)
 
     @classmethod
     def from_dict(cls, d: dict) -> Schedule:
-        return cls(int(d["train_steps"]), float(d["beta_start"]), float(d["beta_end"]), d.get("kind", "linear"))
+        trained = d.get("trained_betas")
+        return cls(int(d["train_steps"]), float(d["beta_start"]), float(d["beta_end"]), d.get("kind", "linear"),
+                   tuple(float(b) for b in trained) if trained is not None else None)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "train_steps": self.train_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+        d = {"kind": self.kind, "train_steps": self.train_steps, "beta_start": self.beta_start, "beta_end": self.beta_end}
+        return {**d, "trained_betas": list(self.trained_betas)} if self.trained_betas is not None else d
 
     def betas(self) -> torch.Tensor:
         T, start, end = self.train_steps, self.beta_start, self.beta_end
@@ -81,8 +96,12 @@ class Schedule:
             return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
         if self.kind == "squaredcos_cap_v2":
             return cosine_betas(T)
+        if self.kind == "laplace":
+            return laplace_betas(T)
         if self.kind == "sigmoid":
             return torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (end - start) + start
+        if self.kind == TRAINED:
+            return torch.tensor(self.trained_betas, dtype=torch.float64)
         return linear_betas(T, start, end)
 
     def alphas_cumprod(self) -> torch.Tensor:
@@ -99,6 +118,17 @@ def cosine_betas(train_steps: int, max_beta: float = 0.999) -> torch.Tensor:
     u = torch.arange(train_steps + 1, dtype=torch.float64) / train_steps
     abar = torch.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+def laplace_betas(train_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """diffusers' laplace schedule: log-SNR lambda(u) = -sign(1/2 - u) log(1 - 2 |1/2 - u| + 1e-6) / 2
+    on u = t / T, its function f(u) = sqrt(sigmoid(lambda)) in the place of abar, each beta
+    1 - f(u_{t+1}) / f(u_t), capped at max_beta."""
+    u = torch.arange(train_steps + 1, dtype=torch.float64) / train_steps
+    sign = torch.where(0.5 - u >= 0, 1.0, -1.0)
+    lam = -0.5 * sign * torch.log(1 - 2 * (0.5 - u).abs() + 1e-6)
+    f = torch.sigmoid(lam).sqrt()
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:

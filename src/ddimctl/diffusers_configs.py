@@ -277,9 +277,18 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
     if unknown:
         raise DdimctlError(f"{where}: {unknown[0]!r} is not a scheduler setting ddimctl knows")
     betas = fields.text("beta_schedule", "linear")
-    if betas not in ddim.SCHEDULE_KINDS or cfg.get("trained_betas") is not None:
-        what = "trained_betas" if cfg.get("trained_betas") is not None else f"beta_schedule={betas!r}"
-        raise DdimctlError(f"{where}: uses {what}; ddimctl supports the beta schedules {', '.join(ddim.SCHEDULE_KINDS)}")
+    if betas not in ddim.SCHEDULE_KINDS:
+        raise DdimctlError(f"{where}: uses beta_schedule={betas!r}; ddimctl supports the beta schedules "
+                           f"{', '.join(ddim.SCHEDULE_KINDS)} and trained_betas")
+    steps = fields.integer("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS)
+    trained = None
+    if cfg.get("trained_betas") is not None:  # diffusers then ignores beta_schedule
+        value = cfg["trained_betas"]
+        if not (isinstance(value, list) and len(value) == steps and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in value)):
+            raise DdimctlError(f"{where}: trained_betas must be a list of {steps} numbers in (0, 1), one per "
+                               f"num_train_timesteps")
+        betas, trained = ddim.TRAINED, tuple(float(b) for b in value)
     prediction = fields.text("prediction_type", "epsilon", PREDICTIONS)
     for key in ("rescale_betas_zero_snr", "use_flow_sigmas"):
         if fields.flag(key, False):
@@ -291,10 +300,11 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
                f"unclipped, as the paper and the DDIM authors' code do")
     try:
         schedule = ddim.Schedule(
-            train_steps=fields.integer("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS),
+            train_steps=steps,
             beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
             beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
             kind=betas,
+            trained_betas=trained,
         ).to_dict()
     except ValueError as e:
         raise DdimctlError(f"{where}: {e}") from e

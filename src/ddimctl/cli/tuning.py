@@ -35,6 +35,8 @@ def tune_steps(
     if settings.stochastic:
         fail("tune-steps fits the deterministic samplers")
     loaded = load(model)
+    if loaded.class_count:
+        fail(f"tune-steps fits unconditional models; {loaded.name} is class-conditional, which it does not fit yet")
     settings = settings.for_model(loaded.train_steps, loaded.skip)
     dev = devices.pick_device(device)
     note_cpu_threads(dev)
