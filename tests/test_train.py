@@ -63,6 +63,40 @@ def test_loss_is_mse_of_noise_prediction():
     assert train.diffusion_loss(zero, x0, t, noise, abar) == pytest.approx(float(noise.pow(2).mean()))
 
 
+@pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
+def test_the_loss_of_x0_and_v_prediction_is_zero_for_the_perfect_network(prediction):
+    """The target the loss trains is the one the model boundary turns back into the noise."""
+    abar = ddim.Schedule(kind="squaredcos_cap_v2").alphas_cumprod().float()
+    x0, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    noise = torch.randn_like(x0)
+    a = abar[t].view(-1, 1, 1, 1)
+    perfect = {"sample": lambda x, t_: x0, "v_prediction": lambda x, t_: a.sqrt() * noise - (1 - a).sqrt() * x0}[prediction]
+    assert train.diffusion_loss(perfect, x0, t, noise, abar, prediction) < 1e-10
+    eps_model = train.diffusion_loss(lambda x, t_: noise, x0, t, noise, abar, prediction)
+    assert eps_model > 0.1  # a network predicting the noise is wrong for these targets
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    assert torch.allclose(ddim.noise_from_prediction(prediction, x_t, perfect(x_t, t), a), noise, atol=1e-4)
+
+
+def test_a_v_prediction_cosine_run_is_recorded_loaded_and_exported(data_dir, tmp_path):
+    """train --prediction v --schedule cosine: the run says so, --model RUN loads it with both, and its
+    export carries them in diffusers' scheduler config; a resume cannot change them."""
+    run("train", data_dir, "--out", "v", "--steps", 2, "--save-every", 2, *TINY, "--prediction", "v", "--schedule",
+        "cosine", cwd=tmp_path)
+    record = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert record["prediction"] == "v_prediction" and record["schedule"]["kind"] == "squaredcos_cap_v2"
+    loaded = weights.load_model(str(tmp_path / "v"))
+    assert loaded.prediction == "v_prediction" and loaded.schedule["kind"] == "squaredcos_cap_v2"
+    run("export", tmp_path / "v", tmp_path / "exported", cwd=tmp_path)
+    scheduler = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["prediction_type"], scheduler["beta_schedule"]) == ("v_prediction", "squaredcos_cap_v2")
+    changed = run("train", data_dir, "--out", "v", "--steps", 4, *TINY, "--prediction", "eps", "--resume",
+                  cwd=tmp_path, check=False)
+    assert changed.returncode == 1 and "--prediction" in changed.stderr and "Traceback" not in changed.stderr
+    refused = run("train", data_dir, "--out", "w", "--steps", 2, *TINY, "--prediction", "score", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "eps, v or x0" in refused.stderr and not (tmp_path / "w").exists()
+
+
 def test_schedules_and_data_order():
     assert train.learning_rate(0, 1e-3, 10) == pytest.approx(1e-4)
     assert train.learning_rate(50, 1e-3, 10) == pytest.approx(1e-3)

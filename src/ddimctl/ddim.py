@@ -162,6 +162,9 @@ def _numpy_linspace(stop: float, num: int) -> torch.Tensor:
     return points
 
 
+PREDICTIONS = ("epsilon", "sample", "v_prediction")  # what a network predicts, by diffusers' names
+
+
 def noise_from_prediction(prediction: str, x_t: torch.Tensor, output: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
     """The noise eps that a network's output stands for, whatever it predicts: epsilon itself, the
     clean image ("sample": x_t = sqrt(abar) x0 + sqrt(1 - abar) eps), or v = sqrt(abar) eps -
@@ -172,6 +175,18 @@ def noise_from_prediction(prediction: str, x_t: torch.Tensor, output: torch.Tens
         return (x_t - abar_t.sqrt() * output) / (1 - abar_t).sqrt()
     if prediction == "v_prediction":
         return abar_t.sqrt() * output + (1 - abar_t).sqrt() * x_t
+    raise ValueError(f"unknown prediction {prediction!r}")
+
+
+def prediction_target(prediction: str, x_0: torch.Tensor, noise: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+    """What a network predicting `prediction` should output for x_t = sqrt(abar) x0 + sqrt(1 - abar) eps:
+    the training target that noise_from_prediction inverts."""
+    if prediction == "epsilon":
+        return noise
+    if prediction == "sample":
+        return x_0
+    if prediction == "v_prediction":
+        return abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x_0
     raise ValueError(f"unknown prediction {prediction!r}")
 
 

@@ -260,12 +260,10 @@ CLIPPING_DEFAULT = {"DDPMScheduler": True, "DDIMScheduler": True, "DDPMParallelS
                     "DDIMParallelScheduler": True, "HeunDiscreteScheduler": False}
 
 
-PREDICTIONS = ("epsilon", "sample", "v_prediction")  # what a network predicts, by diffusers' names
-
 
 def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
                             notify: Callable[[str], None] = lambda message: None) -> tuple[dict, str]:
-    """The noise schedule of a diffusers scheduler config and what the network predicts (PREDICTIONS);
+    """The noise schedule of a diffusers scheduler config and what the network predicts (ddim.PREDICTIONS);
     every key is read, left to ddimctl's own sampling options (said when the config asks for
     clipping), or refused by name."""
     fields = Fields(cfg, where)
@@ -289,7 +287,7 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
             raise DdimctlError(f"{where}: trained_betas must be a list of {steps} numbers in (0, 1), one per "
                                f"num_train_timesteps")
         betas, trained = ddim.TRAINED, tuple(float(b) for b in value)
-    prediction = fields.text("prediction_type", "epsilon", PREDICTIONS)
+    prediction = fields.text("prediction_type", "epsilon", ddim.PREDICTIONS)
     for key in ("rescale_betas_zero_snr", "use_flow_sigmas"):
         if fields.flag(key, False):
             raise DdimctlError(f"{where}: sets {key}, which is not a DDPM schedule; ddimctl does not support it")

@@ -22,7 +22,6 @@ from .errors import DdimctlError, param
 from .fields import Fields, read_json_object
 from .files import Ledger, atomic_save_safetensors
 from .layouts import unet_config_from
-from .registry import DEFAULT_SCHEDULE
 from .unet import UNetConfig
 
 RUN_FORMAT = "ddimctl-run"
@@ -57,13 +56,14 @@ def sample_grid_path(run_dir: Path, step: int) -> Path:
 # The run folder: its config, and what a resume may change
 
 
-def run_config(options: dict, config: UNetConfig, cpu_threads: int | None = None) -> dict:
-    """config.json of a run folder: enough for `--model RUN_DIR` and for checking a resume (on a CPU
-    the thread count too: the weights' bits depend on it)."""
+def run_config(options: dict, config: UNetConfig, schedule: dict, prediction: str, cpu_threads: int | None = None) -> dict:
+    """config.json of a run folder: enough for `--model RUN_DIR` (the UNet, its noise schedule, what
+    it predicts) and for checking a resume (on a CPU the thread count too: the weights' bits depend on it)."""
     return {
         "format": RUN_FORMAT,
         "unet": config.to_dict(),
-        "schedule": dict(DEFAULT_SCHEDULE),
+        "schedule": schedule,
+        "prediction": prediction,
         "skip": "uniform",
         "train": options,
         **({"cpu_threads": cpu_threads} if cpu_threads else {}),
@@ -81,7 +81,9 @@ def thread_change(saved: dict | None, threads: int) -> str | None:
 
 # Options a resumed run may change (the rest decide the weights: a change would not continue the run).
 RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "sample_count", "sample_steps", "log_every", "compile", "data", "out")
-ARCHITECTURE_OPTIONS = ("unet", "preset", "init")  # checked as the architecture itself (prepare_run_dir)
+ARCHITECTURE_OPTIONS = ("unet", "preset", "init")
+# Options that runs of earlier versions did not record, at the value those runs were trained with.
+RECORDED_SINCE = {"prediction": "epsilon", "noise_schedule": "linear"}  # checked as the architecture itself (prepare_run_dir)
 
 
 def _comparable(name: str, value):
@@ -109,7 +111,7 @@ def resume_changes(run_dir: Path, options: dict) -> dict[str, list]:
     """What resuming the run in `run_dir` with `options` (train.TrainOptions as a dict) changes:
     {option: [the run's value, the new one]}. Only RESUME_MAY_CHANGE may differ (and steps only with
     a constant learning rate: the cosine schedule depends on it); anything else is refused."""
-    saved = (saved_run(run_dir) or {}).get("train", {})
+    saved = {**RECORDED_SINCE, **(saved_run(run_dir) or {}).get("train", {})}
     changed = {k: [saved[k], v] for k, v in options.items()
                if k in saved and k not in ARCHITECTURE_OPTIONS and _comparable(k, saved[k]) != _comparable(k, v)}
     fixed = [k for k in changed if k not in RESUME_MAY_CHANGE or (k == "steps" and options.get("lr_schedule") == "cosine")]

@@ -54,6 +54,8 @@ class TrainOptions:
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     compile: bool = False
     log_every: int = 10
+    prediction: str = "epsilon"  # what the network learns to predict (ddim.PREDICTIONS)
+    noise_schedule: str = "linear"  # NOISE_SCHEDULES: DDPM's linear betas, or the cosine alpha-bar
 
     def fitted(self) -> TrainOptions:
         """These options with warm-up and EMA decay fitted to the run's length where not given: a
@@ -100,6 +102,11 @@ class TrainOptions:
             if not ok:
                 raise DdimctlError(message)
 
+    @property
+    def schedule(self) -> dict:
+        """The run's noise schedule (ddim.Schedule.to_dict)."""
+        return NOISE_SCHEDULES[self.noise_schedule].to_dict()
+
     def unet_config(self) -> UNetConfig:
         return self.architecture()[0]
 
@@ -109,10 +116,14 @@ class TrainOptions:
         self.check()
         if self.lr_schedule not in LR_SCHEDULES:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
+        if self.noise_schedule not in NOISE_SCHEDULES:
+            raise DdimctlError(f"unknown noise schedule {self.noise_schedule!r}; use {' or '.join(NOISE_SCHEDULES)}")
+        if self.prediction not in ddim.PREDICTIONS:
+            raise DdimctlError(f"unknown prediction {self.prediction!r}; use one of {', '.join(ddim.PREDICTIONS)}")
         preset = self.preset or DEFAULT_PRESET
         state = None
         if self.init is not None:
-            config, state = initial_weights(self.init, self.preset, self.unet)
+            config, state = initial_weights(self.init, self.preset, self.unet, self.prediction, self.schedule)
         elif preset in PRESETS:
             config = UNetConfig(**{**PRESETS[preset].to_dict(), **self.unet})
         else:
@@ -141,9 +152,10 @@ _OVERRIDE_NAMES = {"in_channels": "channels", "out_channels": "channels", "num_r
                    "attention_resolutions": "attention"}
 
 
-def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: str = "epsilon",
+                    schedule: dict | None = None) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """The architecture and weights a fine-tuning run starts from. The weights fix the architecture
-    (only dropout may change) and must come from the noise schedule training uses."""
+    (only dropout may change) and must predict what the run trains, under its noise schedule."""
     from .weights import load_model
 
     loaded = load_model(spec)
@@ -155,14 +167,18 @@ def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNe
             f"{param('init')} {spec} fixes the architecture ({loaded.config.in_channels} channel(s), "
             f"{loaded.config.resolution}x{loaded.config.resolution}); leave out {named}"
         )
-    if loaded.prediction != "epsilon":
-        raise DdimctlError(f"{param('init')} {spec} predicts {loaded.prediction!r}; ddimctl's loss trains noise "
-                           f"prediction, so start from a model that predicts the noise")
+    if loaded.prediction != prediction:
+        raise DdimctlError(f"{param('init')} {spec} predicts {loaded.prediction!r} and this run trains {prediction!r}; "
+                           f"give {param('prediction')} {TRAIN_PREDICTIONS_BY_NAME[loaded.prediction]}")
     if loaded.config.learned_variance:
         raise DdimctlError(f"{param('init')} {spec} also predicts variances, which ddimctl's loss does not train; "
-                           f"start from a model that predicts the noise only")
-    if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(DEFAULT_SCHEDULE):
-        raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than training uses")
+                           f"start from a model without them")
+    if loaded.class_count or loaded.timestep_scale != 1:
+        raise DdimctlError(f"{param('init')} {spec} takes class labels or rescaled timesteps, which ddimctl's "
+                           f"training does not give it")
+    if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(schedule or DEFAULT_SCHEDULE):
+        raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than this run's "
+                           f"(training offers {param('noise_schedule')} {' or '.join(NOISE_SCHEDULES)})")
     return config, loaded.unet.state_dict()
 
 
@@ -170,21 +186,27 @@ def initial_weights(spec: str, preset: str | None, overrides: dict) -> tuple[UNe
 # Pure pieces: the loss, the learning rate, EMA, data order
 
 
-def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (DDPM's L_simple)."""
+def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor,
+                   prediction: str = "epsilon") -> torch.Tensor:
+    """|| target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2: DDPM's L_simple, whose target
+    is the noise eps, or the clean image x0 or v (ddim.prediction_target) for those predictions."""
     a = abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return F.mse_loss(model(x_t, t).float(), noise)
+    return F.mse_loss(model(x_t, t).float(), ddim.prediction_target(prediction, x0, noise, a))
 
 
 LR_SCHEDULES = ("constant", "cosine")
+NOISE_SCHEDULES = {"linear": ddim.Schedule(), "cosine": ddim.Schedule(kind="squaredcos_cap_v2")}
+TRAIN_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # --prediction's names
+TRAIN_PREDICTIONS_BY_NAME = {name: short for short, name in TRAIN_PREDICTIONS.items()}
 
 
-def optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16: bool, grad_clip: float) -> torch.Tensor:
+def optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16: bool, grad_clip: float,
+                   prediction: str = "epsilon") -> torch.Tensor:
     """One step of training: the loss (bf16 autocast if asked), its gradients clipped, AdamW's update.
     `trained` is the model as called (DDP-wrapped or compiled), `model` the module itself."""
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        loss = diffusion_loss(trained, x0, t, noise, abar)
+        loss = diffusion_loss(trained, x0, t, noise, abar, prediction)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -276,7 +298,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
         threads = torch.get_num_threads() if device.type == "cpu" else None
-        record = runs.run_config(asdict(options), config, threads)
+        record = runs.run_config(asdict(options), config, options.schedule, options.prediction, threads)
         before = runs.saved_run(run_dir) if resume_from is not None else None
         if threads and (change := runs.thread_change(before, threads)):
             say(f"notice: {change}")
@@ -307,7 +329,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
         trained = torch.compile(trained)
-    abar = ddim.Schedule.from_dict(DEFAULT_SCHEDULE).alphas_cumprod().float().to(device)
+    abar = ddim.Schedule.from_dict(options.schedule).alphas_cumprod().float().to(device)
     train_steps = abar.shape[0]
     use_bf16 = uses_bf16(options.precision, device)
     log = open(run_dir / runs.LOG, "a") if world.is_main else None
@@ -333,7 +355,8 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         lr = learning_rate(step, options.lr, options.warmup, options.steps, options.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16, options.grad_clip)
+        loss = optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16, options.grad_clip,
+                              options.prediction)
         update_ema(ema, model, ema_decay(step, options.ema_decay))
         step += 1
         images_seen += options.batch_size
@@ -374,7 +397,7 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
     """A grid of DDIM samples from the EMA weights, the same noise at every save."""
     if options.sample_count <= 0:
         return
-    loaded = LoadedModel(ema, "ema", str(run_dir), dict(DEFAULT_SCHEDULE), "uniform")
+    loaded = LoadedModel(ema, "ema", str(run_dir), options.schedule, "uniform", prediction=options.prediction)
     steps = min(options.sample_steps, loaded.train_steps)
     sampler = Runner.create(loaded, samplers.Settings("ddim", steps, "uniform"), device)
     grids = [x for _, x in sampler.sample_indices(list(range(options.sample_count)), 0, options.sample_count)]

@@ -85,7 +85,7 @@ class LoadedModel:
     schedule: dict
     skip: str
     weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
-    prediction: str = "epsilon"  # what the network predicts (diffusers_configs.PREDICTIONS); the samplers see the noise
+    prediction: str = "epsilon"  # what the network predicts (ddim.PREDICTIONS); the samplers see the noise
     timestep_scale: float = 1.0  # the network sees t * this (improved-diffusion's rescale_timesteps: 1000 / T)
 
     @property
@@ -261,6 +261,7 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
         config = replace(unet_config_from(fields.table("unet")), dropout=0.0)
         schedule = schedule_from(fields.table("schedule", None)).to_dict()
         skip = fields.text("skip", skip, ddim.SKIP_SCHEMES)
+        prediction = fields.text("prediction", prediction, ddim.PREDICTIONS)
     elif "block_out_channels" in cfg:
         config = config_from_diffusers(cfg, where)
     else:

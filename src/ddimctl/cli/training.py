@@ -22,6 +22,7 @@ from .common import (
     DeviceOpt,
     PlainProgress,
     app,
+    fail,
     parse_list,
     note,
     note_cpu_threads,
@@ -60,6 +61,12 @@ def train(
         None, "--warmup", help="Steps of linear learning-rate warm-up (default: a tenth of --steps, at most 1000)."
     ),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (default), or cosine (decays to 0 at --steps)."),
+    prediction: Optional[str] = typer.Option(
+        None, "--prediction", help="What the network learns to predict: eps (the noise, default), v or x0."
+    ),
+    noise_schedule: Optional[str] = typer.Option(
+        None, "--schedule", "--noise-schedule", help="Noise schedule: linear (DDPM's betas, default) or cosine (Nichol & Dhariwal)."
+    ),
     ema_decay: Optional[float] = typer.Option(
         None, "--ema-decay",
         help="Decay of the weights' moving average that is sampled (default: averaging over a tenth of --steps; "
@@ -105,7 +112,10 @@ def train(
         overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
     if attention is not None:
         overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
+    if prediction is not None and prediction not in training.TRAIN_PREDICTIONS:
+        fail(f"--prediction {prediction}: choose eps, v or x0")
     given = dict(preset=preset, init=init, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                 prediction=training.TRAIN_PREDICTIONS.get(prediction), noise_schedule=noise_schedule,
                  lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
                  sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model)
     given = {"data": str(data.resolve()), "out": str(out), "unet": overrides, **{k: v for k, v in given.items() if v is not None}}
