@@ -301,6 +301,11 @@ def test_any_hub_repo_in_diffusers_format(hub, tmp_path):
     finally:
         constants.HF_HUB_OFFLINE = old
     assert len(hub.requests) == asked
+    # `ddimctl models` lists them from the cache alone
+    assert weights.cached_hub_repos(cache) == [("someone/bare-unet", "main", "UNet"), ("someone/butterflies", "main", "pipeline")]
+    listed = ddimctl("models", env={"HF_HUB_CACHE": cache})
+    assert "someone/butterflies" in listed.stdout and "someone/bare-unet" in listed.stdout
+    assert len(hub.requests) == asked
 
 
 def test_a_hub_repo_whose_weights_do_not_match_the_reported_sha256_is_refused(hub, tmp_path):

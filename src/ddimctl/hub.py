@@ -80,6 +80,22 @@ def cached_file(repo: str, filename: str, revision: str = "main", cache_dir: str
     return Path(found) if isinstance(found, str) else None
 
 
+def cached_repositories(cache_dir: str | None = None) -> list[tuple[str, list[str], list[Path]]]:
+    """(repository id, its refs or commit ids, each snapshot folder) of every model repository in the
+    Hub cache; never touches the network. A cache that does not exist (yet) holds none."""
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except (CacheNotFound, OSError, ValueError):
+        return []
+    return sorted(
+        (repo.repo_id, sorted({ref for r in repo.revisions for ref in r.refs} or {r.commit_hash[:12] for r in repo.revisions}),
+         [Path(r.snapshot_path) for r in repo.revisions])
+        for repo in info.repos if repo.repo_type == "model"
+    )
+
+
 def download(
     name: str,
     repo: str,

@@ -349,6 +349,27 @@ def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, end
     return LoadedModel(unet, name, f"hf://{repo}@{revision}", schedule, "uniform", actual, prediction)
 
 
+def cached_hub_repos(hub_cache: str | None = None) -> list[tuple[str, str, str]]:
+    """(repository id, its refs, "pipeline" or "UNet") of the Hub repositories in the cache that
+    `--model OWNER/NAME` loads: a UNet2DModel config (at the top or in unet/) and its weights in some
+    snapshot. Only the config's class is read; the weights are checked when a command loads them."""
+    found = []
+    for repo, refs, snapshots in hub.cached_repositories(hub_cache):
+        for snapshot in snapshots:
+            kind = "pipeline" if (snapshot / "model_index.json").is_file() else "UNet"
+            folder = snapshot / "unet" if kind == "pipeline" else snapshot
+            try:
+                config = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+            except DdimctlError:
+                continue
+            has_weights = any((folder / f).is_file() for f in ("diffusion_pytorch_model.safetensors",
+                                                               "diffusion_pytorch_model.bin"))
+            if config.get("_class_name", "UNet2DModel") == "UNet2DModel" and "block_out_channels" in config and has_weights:
+                found.append((repo, ", ".join(refs), kind))
+                break
+    return found
+
+
 def run_checkpoint(spec: str) -> Path | None:
     """RUN@STEP (a run folder and a step it saved): that checkpoint's path; None if spec is not one."""
     run, at, step = spec.rpartition("@")

@@ -41,7 +41,8 @@ from .common import (
 
 @app.command()
 def models() -> None:
-    """List the pretrained models of the registry (weights.toml)."""
+    """List the pretrained models of the registry (weights.toml), and the Hub repositories in the cache
+    that --model OWNER/NAME loads."""
     from rich import box
 
     default = registry.default_model()
@@ -63,6 +64,16 @@ def models() -> None:
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
         table.add_row(name, f"{entry.resolution}", params, entry.skip, cached, entry.source.removeprefix("hf://"))
     stdout.print(table)
+    registered = {entry.repo.lower() for entry in entries if entry.repo}
+    cached_repos = [row for row in weights.cached_hub_repos() if row[0].lower() not in registered]
+    if cached_repos:
+        hub_table = Table(title="Hub repositories in the cache (--model OWNER/NAME)", box=box.SIMPLE_HEAD,
+                          pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+        for column in ("repository", "revisions", "kind"):
+            hub_table.add_column(column, no_wrap=column != "revisions")
+        for row in cached_repos:
+            hub_table.add_row(*row)
+        stdout.print(hub_table)
 
 
 @app.command()
