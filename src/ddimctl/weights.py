@@ -387,8 +387,16 @@ def run_checkpoint(spec: str) -> Path | None:
 
 def load_model(spec: str, *, hub_cache: str | None = None, endpoint: str | None = None,
                notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
-    """Resolve `--model`: a registry name (weights.toml) or a local path. notify() hears what a
-    user should know (an unverified download's hash)."""
+    """Resolve `--model`: a registry name (weights.toml), a local path or a Hub repository. notify()
+    hears what a user should know (an unverified download's hash, variances that are not used)."""
+    loaded = _resolve(spec, hub_cache, endpoint, notify)
+    if loaded.config.learned_variance:
+        notify(f"{loaded.name} also predicts variances (its last {loaded.config.in_channels} output channels): DDIM "
+               f"and the ODE solvers use only its noise prediction, as the paper's sampler does")
+    return loaded
+
+
+def _resolve(spec: str, hub_cache: str | None, endpoint: str | None, notify: Callable[[str], None]) -> LoadedModel:
     entries = registry()
     if spec in entries:
         return load_registered(entries[spec], hub_cache=hub_cache, endpoint=endpoint, notify=notify)
