@@ -99,6 +99,28 @@ def strip_optimizer(folder: Path) -> None:
         save_file(kept, str(path), metadata={"step": meta["step"]})
 
 
+def damage_metadata(folder: Path, **changed: str) -> None:
+    """Rewrite the newest checkpoint's metadata (as a crash or a hand edit might leave it)."""
+    from safetensors import safe_open
+
+    newest = sorted((folder / "run" / "checkpoints").glob("*.safetensors"))[-1]
+    with safe_open(str(newest), "pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(kept, str(newest), metadata={**meta, **changed})
+
+
+def original_layout_checkpoint(folder: Path, extra_key: str | None = None, drop_levels: bool = False) -> str:
+    """The DDIM authors' layout (temb.dense...), with an unknown key or without its levels."""
+    state = {"temb.dense.0.weight": torch.zeros(4, 2), "conv_in.weight": torch.zeros(2, 1, 3, 3),
+             "mid.block_1.norm1.weight": torch.zeros(2)}
+    if not drop_levels:
+        state["down.0.block.0.conv1.weight"] = torch.zeros(2, 2, 3, 3)
+    if extra_key:
+        state[extra_key] = torch.zeros(2)
+    save_file(state, str(folder / "orig.safetensors"))
+    return "orig.safetensors"
+
+
 def sixteen_bit(folder: Path) -> str:
     array = (np.asarray(Image.open(THREE), dtype=np.uint32) * 257).astype(np.uint16)  # 8 -> 16 bits exactly
     Image.fromarray(array).save(folder / "three16.png")
@@ -193,9 +215,17 @@ CASES = [
     # Devices and options
     Case("unsupported device", lambda f: ["sample", *DIGITS, "--device", "meta"], "--device meta is not supported"),
     Case("CUDA asked for, none there", lambda f: ["sample", *DIGITS, "--device", "cuda"], "no CUDA GPU is visible"),
-    Case("eta NaN", lambda f: ["sample", *DIGITS, "--eta", "nan"], "--eta must be a finite number >= 0"),
-    Case("eta infinite", lambda f: ["sample", *DIGITS, "--eta", "inf"], "--eta must be a finite number >= 0"),
-    Case("eta negative", lambda f: ["sample", *DIGITS, "--eta", "-1"], "--eta must be a finite number >= 0"),
+    Case("eta NaN", lambda f: ["sample", *DIGITS, "--eta", "nan"], "--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"),
+    Case("eta infinite", lambda f: ["sample", *DIGITS, "--eta", "inf"], "--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"),
+    Case("eta negative", lambda f: ["sample", *DIGITS, "--eta", "-1"], "--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"),
+    Case("eta huge", lambda f: ["sample", *DIGITS, "--eta", "1e308", "--out", "e.png"], "--eta must be between 0 and 1",
+         leaves=lambda f: ["e.png"] if (f / "e.png").exists() else []),
+    Case("a registry file that is not UTF-8", lambda f: (f / "reg.toml").write_bytes(b"\xff\xfe[x]") and ["models"],
+         "not a readable TOML file", env={"DDIMCTL_REGISTRY": "reg.toml"}),
+    Case("a sidecar asking for a network far larger than its weights", lambda f: sidecar(f, json.dumps({"unet": {
+         "resolution": 2048, "base_channels": 4096, "channel_mult": [64, 64], "num_res_blocks": 64,
+         "attention_resolutions": []}})) and
+         ["sample", "--model", "tiny.safetensors", "-n", "1", "--out", "x.png"], "weights do not fit the UNet architecture"),
     Case("steps 0", lambda f: ["sample", *DIGITS, "--steps", "0"], "--steps must be at least 1, got 0"),
     Case("steps above T", lambda f: ["sample", *DIGITS, "--steps", "5000"], "--steps must be between 1 and 1000"),
     Case("unknown skip", lambda f: ["sample", *DIGITS, "--skip", "cosine"], "uniform"),
@@ -277,6 +307,18 @@ CASES = [
     Case("resume from checkpoints without optimizer state", lambda f: trained_run(f) or strip_optimizer(f) or
          ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--resume"],
          "holds no checkpoint that can be resumed from"),
+    Case("resume when the newest checkpoint's step is not a number", lambda f: trained_run(f) or
+         damage_metadata(f, step="two") or
+         ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--save-every", "1", "--keep", "5",
+          "--resume"], "done in", code=0, also="is not the 2 its name says"),
+    Case("resume when the newest checkpoint's optimizer settings are damaged", lambda f: trained_run(f) or
+         damage_metadata(f, param_groups='[{"lr": "x"}]') or
+         ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--save-every", "1", "--keep", "5",
+          "--resume"], "done in", code=0, also="param_groups"),
+    Case("an original-layout checkpoint with an unknown mid block", lambda f: ["sample", "--model",
+         original_layout_checkpoint(f, "mid.block_3.norm1.weight"), "-n", "1", "--out", "x.png"], "mid.block_3"),
+    Case("an original-layout checkpoint without levels", lambda f: ["sample", "--model",
+         original_layout_checkpoint(f, drop_levels=True), "-n", "1", "--out", "x.png"], "without down.N keys"),
 ]
 
 CASES += [

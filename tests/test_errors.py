@@ -46,8 +46,8 @@ def test_each_sampling_rule(values, expected):
         ({"steps": 0}, "steps must be at least 1, got 0"),
         ({"sampler": "plms", "steps": 2}, "steps must be at least 3 for plms (its first step takes two network calls), got 2"),
         ({"skip": "cosine"}, "skip: unknown skip scheme 'cosine'; use one of uniform, quad, logsnr, karras, ays, trailing, or explicit timesteps"),
-        ({"eta": math.nan}, "eta must be a finite number >= 0, got nan"),
-        ({"eta": -0.5}, "eta must be a finite number >= 0, got -0.5"),
+        ({"eta": math.nan}, "eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance), got nan"),
+        ({"eta": -0.5}, "eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance), got -0.5"),
         ({"sampler": "dpm++2m", "eta": 1.0}, "eta is a setting of the ddim sampler; dpm++2m is deterministic (leave it out)"),
         ({"sampler": "unipc", "sigma_hat": True}, "sigma_hat is a setting of the ddim sampler; unipc is deterministic (leave it out)"),
         ({"sampler": "euler"}, "sampler must be one of ddim, dpm++2m, dpm++3m, unipc, plms, ipndm, got 'euler'"),
@@ -75,7 +75,7 @@ def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
     from ddimctl import weights
 
     model = weights.load_model("digits")
-    with pytest.raises(DdimctlError, match="^eta must be a finite number >= 0, got -1$"):
+    with pytest.raises(DdimctlError, match=r"^eta must be between 0 and 1 \(0: DDIM, 1: DDPM's posterior variance\), got -1$"):
         sampling.Runner.create(model, samplers.Settings(eta=-1), torch.device("cpu"))
     with pytest.raises(DdimctlError, match="^batch_size must be at least 1, got 0$"):
         sampling.make_runner(model, samplers.Settings(steps=10), "cpu", batch_size=0)

@@ -81,6 +81,12 @@ def test_pickle_is_verified_then_converted_once_to_safetensors(hub, tmp_path):
     again = weights.load_registered(e, hub_cache=cache, endpoint="http://127.0.0.1:9")
     assert same_weights(again.unet, hub.model)
     assert len(hub.requests) == count
+    # A conversion cut short (a crash, a full disk) is removed and redone from the verified download.
+    converted.write_bytes(converted.read_bytes()[:100])
+    heard = []
+    redone = weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint, notify=heard.append)
+    assert same_weights(redone.unet, hub.model) and "damaged conversion" in heard[0]
+    assert weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint).weights_sha256 == e.sha256
 
 
 def test_sha256_mismatch_deletes_the_file_and_says_so(hub, tmp_path):

@@ -45,11 +45,6 @@ def between(name: str, value: float, low: float, high: float, why: str = "") -> 
         raise DdimctlError(f"{param(name)} must be between {low} and {high}{why}, got {value}")
 
 
-def finite_at_least(name: str, value: float, low: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
-        raise DdimctlError(f"{param(name)} must be a finite number >= {low:g}, got {value}")
-
-
 def one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise DdimctlError(f"{param(name)} must be one of {', '.join(choices)}, got {value!r}")

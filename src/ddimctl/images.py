@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DdimctlError, param
 from .files import atomic_path, refuse_foreign
@@ -175,7 +175,11 @@ def read_pixels(path: Path, resolution: int, channels: int, changes: dict[str, l
     try:
         with Image.open(path) as img:
             img.load()
+            if img.format == "PNG" and not png_rows_complete(path.read_bytes()):
+                raise DdimctlError(f"{path}: its pixel data ends before its last row (a cut-short PNG, which would "
+                                   f"read as black rows); write the image again")
             gray = img.mode in GRAYSCALE_MODES
+            img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag: upright as it is shown
             img = to_8bit(img).convert("RGB" if channels == 3 else "L")
     except ValueError as e:
         if "NaN or infinite pixels" in str(e):  # a floating-point image must not become black or white silently
@@ -191,6 +195,40 @@ def read_pixels(path: Path, resolution: int, channels: int, changes: dict[str, l
         img = fit(img, resolution)
     pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return pixels.reshape(resolution, resolution, channels).permute(2, 0, 1)
+
+
+# Adam7's passes: (first column, first row, column step, row step)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def png_rows_complete(data: bytes) -> bool:
+    """Whether a PNG's compressed pixel data (its IDAT chunks) holds every row its header promises.
+    Pillow fills the rows of a stream that ends early with zeros without a word."""
+    import struct
+    import zlib
+
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 33:
+        return False
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    pixel_bits = depth * _PNG_CHANNELS.get(colour, 1)
+    row_bytes = lambda w: 1 + (w * pixel_bits + 7) // 8  # noqa: E731 (a filter byte, then the pixels)
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = sum(row_bytes(-(-(width - x0) // dx)) * -(-(height - y0) // dy)
+                   for x0, y0, dx, dy in passes if width > x0 and height > y0)
+    stream, at = zlib.decompressobj(), 8
+    produced = 0
+    while at + 8 <= len(data) and produced < expected:
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        if kind == b"IDAT":
+            try:
+                produced += len(stream.decompress(data[at + 8:at + 8 + length], expected - produced))
+                while stream.unconsumed_tail and produced < expected:
+                    produced += len(stream.decompress(stream.unconsumed_tail, expected - produced))
+            except zlib.error:
+                return False
+        at += 12 + length
+    return produced >= expected
 
 
 def describe_changes(changes: dict[str, list], resolution: int) -> list[str]:

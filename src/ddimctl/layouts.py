@@ -37,37 +37,49 @@ def to_diffusers_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return renamed
 
 
+_ORIGINAL_MID = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}
+
+
 def _from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    levels = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"down\.(\d+)\.", k)))
+    levels = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"down\.(\d+)\.", k))), default=-1)
+    if levels == 0:
+        raise DdimctlError("an original-layout checkpoint (temb.dense) without down.N keys: it is not a whole DDPM UNet")
     out = {}
     for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "temb":  # temb.dense.{0,1}
-            new = f"time_embedding.linear_{int(parts[2]) + 1}.{parts[3]}"
-        elif parts[0] in {"down", "up"}:
-            level = int(parts[1])
-            prefix = f"down_blocks.{level}" if parts[0] == "down" else f"up_blocks.{levels - 1 - level}"
-            kind, rest = parts[2], parts[3:]
-            if kind == "block":
-                new = f"{prefix}.resnets.{rest[0]}.{_rename_resnet(rest[1:])}"
-            elif kind == "attn":
-                new = f"{prefix}.attentions.{rest[0]}.{_rename_attention(rest[1:])}"
-            elif kind in {"downsample", "upsample"}:
-                new = f"{prefix}.{kind}rs.0.{'.'.join(rest)}"
-            else:
-                raise DdimctlError(f"unexpected key {key!r} in an original-layout checkpoint")
-        elif parts[0] == "mid":
-            sub = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"}[parts[1]]
-            rename = _rename_attention if parts[1] == "attn_1" else _rename_resnet
-            new = f"mid_block.{sub}.{rename(parts[2:])}"
-        elif parts[0] == "norm_out":
-            new = "conv_norm_out." + ".".join(parts[1:])
-        else:
-            new = key
+        try:
+            new = _original_name(key.split("."), levels)
+        except (IndexError, ValueError, KeyError):
+            new = None
+        if new is None:
+            raise DdimctlError(f"unexpected key {key!r} in an original-layout checkpoint (its mid block has "
+                               f"{', '.join(_ORIGINAL_MID)}; its levels down.N and up.N)")
         if ".attentions." in new and value.dim() == 4:  # 1x1 convolutions become linear layers
             value = value[:, :, 0, 0]
         out[new] = value
     return out
+
+
+def _original_name(parts: list[str], levels: int) -> str | None:
+    """diffusers' name of the original layout's key `parts` (None: not a key of that layout)."""
+    if parts[0] == "temb":  # temb.dense.{0,1}
+        return f"time_embedding.linear_{int(parts[2]) + 1}.{parts[3]}"
+    if parts[0] in {"down", "up"}:
+        level = int(parts[1])
+        prefix = f"down_blocks.{level}" if parts[0] == "down" else f"up_blocks.{levels - 1 - level}"
+        kind, rest = parts[2], parts[3:]
+        if kind == "block":
+            return f"{prefix}.resnets.{rest[0]}.{_rename_resnet(rest[1:])}"
+        if kind == "attn":
+            return f"{prefix}.attentions.{rest[0]}.{_rename_attention(rest[1:])}"
+        if kind in {"downsample", "upsample"}:
+            return f"{prefix}.{kind}rs.0.{'.'.join(rest)}"
+        return None
+    if parts[0] == "mid":
+        rename = _rename_attention if parts[1] == "attn_1" else _rename_resnet
+        return f"mid_block.{_ORIGINAL_MID[parts[1]]}.{rename(parts[2:])}" if len(parts) > 2 else None
+    if parts[0] == "norm_out":
+        return "conv_norm_out." + ".".join(parts[1:])
+    return ".".join(parts)
 
 
 def _rename_resnet(parts: list[str]) -> str:

@@ -65,8 +65,8 @@ def registry() -> dict[str, ModelEntry]:
     extra_file = os.environ.get("DDIMCTL_REGISTRY")
     if extra_file:
         try:
-            extra = tomllib.loads(Path(extra_file).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            extra = tomllib.loads(Path(extra_file).read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise DdimctlError(f"DDIMCTL_REGISTRY={extra_file}: not a readable TOML file ({e})") from e
         for table in ("schedule", "models"):
             if not isinstance(extra.get(table, {}), dict):

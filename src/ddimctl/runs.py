@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .errors import DdimctlError, param
-from .fields import Fields, read_json_object
+from .fields import Fields, is_whole_number, read_json_object
 from .files import Ledger, atomic_save_safetensors
 from .layouts import unet_config_from
 from .unet import UNetConfig
@@ -205,7 +205,25 @@ def checkpoint_problem(path: Path) -> str | None:
         return "not a ddimctl training checkpoint"
     if not any(k.startswith("optim.") for k in keys) or "param_groups" not in meta:
         return "holds no optimizer state"
+    if not is_whole_number(meta["step"]) or int(meta["step"]) != step_of(path):
+        return f"its step {meta['step']!r} is not the {step_of(path)} its name says"
+    if not _are_param_groups(meta["param_groups"]):
+        return "its optimizer settings (param_groups) are damaged"
     return None
+
+
+def _are_param_groups(text: str) -> bool:
+    """Whether text is the JSON of one AdamW parameter group, as save_checkpoint writes it."""
+    try:
+        groups = json.loads(text)
+    except ValueError:
+        return False
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    return (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and isinstance(groups[0].get("params"), list) and all(type(i) is int for i in groups[0]["params"])
+            and all(number(groups[0].get(k)) for k in ("lr", "eps", "weight_decay"))
+            and isinstance(groups[0].get("betas"), list) and len(groups[0]["betas"]) == 2
+            and all(number(b) for b in groups[0]["betas"]))
 
 
 def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
@@ -259,5 +277,9 @@ def load_checkpoint(path: Path, model, ema, optimizer, device: torch.device) -> 
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value.cpu() if name == "step" else value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    except (ValueError, KeyError, TypeError) as e:  # another parameter count: not this run's optimizer
+        raise DdimctlError(f"{path}: its optimizer state does not fit this run's model ({e}); resume from another "
+                           f"checkpoint or start afresh with another {param('out')}") from e
     return int(meta["step"])

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import ddim, solvers, timesteps
-from .errors import DdimctlError, between, finite_at_least, one_of, param
+from .errors import DdimctlError, between, one_of, param
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class Settings:
                 raise DdimctlError(f"{len(timesteps.parse_list(self.skip))} timesteps for {param('steps')} {self.steps}"
                                    f"{' (plms: one more call than timesteps)' if spec.extra_calls else ''}; "
                                    f"leave out {param('steps')}: it follows from the timesteps")
-        finite_at_least("eta", self.eta, 0)
+        # beyond 1, sigma_t^2 can exceed 1 - abar of the next step, and the step has no real solution
+        between("eta", self.eta, 0, 1, " (0: DDIM, 1: DDPM's posterior variance)")
         if self.sigma_hat and self.eta != 0:
             raise DdimctlError(f"{param('eta')} is not used with {param('sigma_hat')} (DDPM's larger variance replaces "
                                f"eta's); leave one of them out")

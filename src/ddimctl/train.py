@@ -21,6 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import ddim, distributed, fast, images, runs, samplers, seeds
 from .errors import DdimctlError, param
+from .fields import Fields
+from .layouts import unet_config_from
 from .files import atomic_path, remove_stale_temporaries
 from .registry import DEFAULT_SCHEDULE
 from .sampling import Runner
@@ -83,6 +85,7 @@ class TrainOptions:
 
     def check(self) -> None:
         """Every option, before anything is created on disk."""
+        self._check_types()
         self = self.fitted()
         finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
         channels = self.unet.get("in_channels", 3)
@@ -93,7 +96,8 @@ class TrainOptions:
             (finite(self.ema_decay) and 0 <= self.ema_decay < 1, f"EMA decay must be in [0, 1), got {self.ema_decay}"),
             (self.warmup >= 0, f"warm-up steps must be >= 0, got {self.warmup}"),
             *[(value >= 1, f"{param(name)} must be at least 1, got {value}") for name, value in [
-                ("steps", self.steps), ("batch_size", self.batch_size), ("save_every", self.save_every), ("keep", self.keep)]],
+                ("steps", self.steps), ("batch_size", self.batch_size), ("save_every", self.save_every), ("keep", self.keep),
+                ("log_every", self.log_every)]],
             (self.sample_count >= 0 and self.sample_steps >= 1, "sample grids need a count >= 0 and steps >= 1"),
             (self.precision in ("auto", "fp32", "bf16"),
              f"{param('precision')} for training must be auto, fp32 or bf16, got {self.precision!r}"),
@@ -101,6 +105,25 @@ class TrainOptions:
         for ok, message in rules:
             if not ok:
                 raise DdimctlError(message)
+
+    def _check_types(self) -> None:
+        """Every option of its type: a resumed run's come from a file anyone may have edited."""
+        f = Fields(asdict(self), "the run's training options")
+        for name in ("steps", "batch_size", "save_every", "keep", "sample_count", "sample_steps", "seed", "log_every"):
+            f.integer(name)
+        if self.warmup is not None:
+            f.integer("warmup")
+        for name in ("lr", "grad_clip", "ema_decay"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (int, float)):
+                f.number(name)  # NaN and infinities are named by check()'s rules
+        for name in ("flip", "compile"):
+            f.flag(name)
+        for name in ("data", "out", "lr_schedule", "precision", "prediction", "noise_schedule"):
+            f.text(name)
+        for name in ("preset", "init"):
+            if getattr(self, name) is not None:
+                f.text(name)
+        f.table("unet")
 
     @property
     def schedule(self) -> dict:
@@ -125,13 +148,17 @@ class TrainOptions:
         if self.init is not None:
             config, state = initial_weights(self.init, self.preset, self.unet, self.prediction, self.schedule)
         elif preset in PRESETS:
-            config = UNetConfig(**{**PRESETS[preset].to_dict(), **self.unet})
+            config = {**PRESETS[preset].to_dict(), **self.unet}
         else:
             raise DdimctlError(f"unknown {param('preset')} {preset!r}; choose from {', '.join(PRESETS)}")
         try:
+            config = config if isinstance(config, UNetConfig) else UNetConfig(**config)
             config.check()
         except ValueError as e:
             raise DdimctlError(f"this architecture cannot take the run's settings: {e}") from e
+        except TypeError:  # a resumed run's overrides come from its config.json: name the field that is wrong
+            unet_config_from(Fields({**PRESETS[preset].to_dict(), **self.unet}, "the run's architecture"))
+            raise
         return config, state
 
 
@@ -143,7 +170,11 @@ def options_for_run(given: dict, resume: bool) -> TrainOptions:
     if resume:
         saved = runs.saved_run(Path(given["out"])) or {}
         base = {k: v for k, v in saved.get("train", {}).items() if k in fields}
-        given = {**given, "unet": {**base.get("unet", {}), **given.get("unet", {})}}
+        saved_unet = base.get("unet", {})
+        if not isinstance(saved_unet, dict):
+            raise DdimctlError(f"{Path(given['out']) / runs.CONFIG}: its train.unet is not an object of fields; "
+                               f"start afresh with another {param('out')}")
+        given = {**given, "unet": {**saved_unet, **given.get("unet", {})}}
     return TrainOptions(**{**base, **given}).fitted()
 
 

@@ -124,12 +124,14 @@ class LoadedModel:
 
 
 def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) -> UNet:
-    """The UNet of `config` with the weights `state` (diffusers names: layouts.to_diffusers_names)."""
+    """The UNet of `config` with the weights `state` (diffusers names: layouts.to_diffusers_names).
+    The weights are held to the architecture on the meta device first: a config asking for a network
+    far larger than its weights is refused without allocating it."""
     try:
-        unet = UNet(config)
+        with torch.device("meta"):
+            expected = UNet(config).state_dict()
     except ValueError as e:
         raise DdimctlError(f"{what}: {e}") from e
-    expected = unet.state_dict()
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
             raise DdimctlError(
@@ -141,12 +143,14 @@ def build_unet(config: UNetConfig, state: dict[str, torch.Tensor], what: str) ->
                                f"float16, bfloat16, float32 or float64 weights (quantized ones would be silently wrong)")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise DdimctlError(f"{what}: the weights hold NaN or infinite values ({key}); the checkpoint is broken")
-    missing, unexpected = unet.load_state_dict(state, strict=False)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}") + (
             f" and {len(missing) + len(unexpected) - 1} more" if len(missing) + len(unexpected) > 1 else ""
         )
         raise DdimctlError(f"{what}: weights do not fit the UNet architecture ({detail})")
+    unet = UNet(config)
+    unet.load_state_dict(state)
     return unet.eval().requires_grad_(False)
 
 
@@ -183,8 +187,8 @@ def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | No
                     notify: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a registry model's Hub file, and that file's sha256."""
     is_pickle = Path(entry.file).suffix in PICKLE_SUFFIXES
-    if is_pickle and entry.sha256 and converted_path(entry, entry.sha256).is_file():
-        return load_file(str(converted_path(entry, entry.sha256))), entry.sha256
+    if is_pickle and entry.sha256 and (state := _read_converted(converted_path(entry, entry.sha256), notify)) is not None:
+        return state, entry.sha256
     path = hub.download(
         entry.name, entry.repo, entry.file, entry.revision, entry.sha256 or None, cache_dir=hub_cache, endpoint=endpoint
     )
@@ -196,11 +200,24 @@ def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | No
     if not is_pickle:
         return state, digest
     converted = converted_path(entry, digest)
-    if converted.is_file():
-        return load_file(str(converted)), digest
+    if (done := _read_converted(converted, notify)) is not None:
+        return done, digest
     state = to_diffusers_names(state)
     atomic_save_safetensors(state, converted, {"source": f"{entry.repo}/{entry.file}", "sha256": digest})
     return state, digest
+
+
+def _read_converted(path: Path, notify: Callable[[str], None]) -> dict[str, torch.Tensor] | None:
+    """A conversion from ddimctl's cache, or None: none yet, or a damaged one (cut short by a crash or
+    a full disk), which is removed so that it is converted afresh from the verified download."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        path.unlink()
+        notify(f"removed a damaged conversion from ddimctl's cache ({path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); converting afresh")
+        return None
 
 
 def _read_download(entry: ModelEntry, path: Path, hub_cache: str | None) -> dict[str, torch.Tensor]:
@@ -253,7 +270,10 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
         state = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
     if guided.is_guided_state(state):
         return _load_guided(path, weights, state, cfg, where if config_file else str(path.with_suffix(".json")))
-    state = to_diffusers_names(state)
+    try:
+        state = to_diffusers_names(state)
+    except DdimctlError as e:
+        raise DdimctlError(f"{weights}: {e}") from e
 
     fields = Fields(cfg, where)
     schedule, skip, prediction = dict(DEFAULT_SCHEDULE), "uniform", "epsilon"
