@@ -315,6 +315,16 @@ CASES = [
          damage_metadata(f, param_groups='[{"lr": "x"}]') or
          ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--save-every", "1", "--keep", "5",
           "--resume"], "done in", code=0, also="param_groups"),
+    Case("an --out file name of 255 bytes, the most a file system takes", lambda f: [
+         "sample", *DIGITS, "-n", "1", "--steps", "2", "--out", "a" * 251 + ".png"], "wrote 1 image", code=0,
+         leaves=temporaries),
+    Case("resume with another dropout", lambda f: trained_run(f) or
+         ["train", "data", "--out", "run", *TRAIN, "--channels", "1", "--steps", "3", "--dropout", "0.5", "--resume"],
+         "dropout differ"),
+    Case("a plain run given torchrun's variables by hand", lambda f: ["sample", *DIGITS, "-n", "1", "--out", "s/"],
+         "TORCHELASTIC_RUN_ID missing", env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"},
+         leaves=no_run_folder("s")),
     Case("an original-layout checkpoint with an unknown mid block", lambda f: ["sample", "--model",
          original_layout_checkpoint(f, "mid.block_3.norm1.weight"), "-n", "1", "--out", "x.png"], "mid.block_3"),
     Case("an original-layout checkpoint without levels", lambda f: ["sample", "--model",

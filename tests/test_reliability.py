@@ -140,3 +140,20 @@ def test_a_sixteen_bit_png_reconstructs_exactly_as_its_eight_bit_original(tmp_pa
     wide = json.loads(ddimctl(*args, sixteen_bit(tmp_path), cwd=tmp_path).stdout)
     eight = json.loads(ddimctl(*args, THREE, cwd=tmp_path).stdout)
     assert wide["results"][0]["mse"] == eight["results"][0]["mse"] > 0
+
+
+def test_a_refusal_on_one_torchrun_process_is_one_line_on_every_process(tmp_path):
+    """Rank 0 refuses (someone else's PNG where image 0 would go); rank 1, waiting for it at a
+    barrier, loses its peer: one line from each, no gloo traceback, the user's file untouched."""
+    from helpers import ddimctl
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "000000.png").write_bytes(b"mine")
+    result = ddimctl("sample", "--model", "digits", "-n", "4", "--steps", "2", "--out", "photos/", cwd=tmp_path,
+                     check=False, torchrun=2)
+    # (torchrun's launcher prints its own summary of a failed child; no process of ddimctl's may trace back)
+    assert result.returncode != 0 and "[rank0]: Traceback" not in result.stderr, result.stderr
+    assert "[rank1]: Traceback" not in result.stderr, result.stderr
+    assert "did not write (000000.png)" in result.stderr
+    assert "process 1 stopped: another process of this torchrun launch ended first" in result.stderr
+    assert (tmp_path / "photos" / "000000.png").read_bytes() == b"mine"

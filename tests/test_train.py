@@ -236,7 +236,7 @@ def test_existing_run_is_never_overwritten(data_dir, tmp_path):
     result = run("train", data_dir, "--out", "r", "--steps", 2, *TINY, cwd=tmp_path, check=False)
     assert result.returncode == 1 and "pass --resume" in result.stderr
     other = run("train", data_dir, "--out", "r", "--steps", 4, *TINY, "--base-channels", "64", "--resume", cwd=tmp_path, check=False)
-    assert other.returncode == 1 and "another architecture (base_channels differ)" in other.stderr
+    assert other.returncode == 1 and "another architecture or dropout (base_channels differ)" in other.stderr
     after = checkpoint_tensors(tmp_path / "r")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["unet"]["base_channels"] == 32

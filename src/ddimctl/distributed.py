@@ -30,7 +30,9 @@ class World:
             dist.barrier()
 
 
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# What torchrun sets for each process; TORCHELASTIC_RUN_ID tells its launch from variables a plain run
+# inherited or was given by hand (which would wait for peers that never come).
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def from_env() -> World:
@@ -45,6 +47,13 @@ def from_env() -> World:
         raise DdimctlError(f"WORLD_SIZE={world.size} is set but this is no torchrun launch ({', '.join(missing)} "
                            f"missing); unset WORLD_SIZE, or start the command with torchrun")
     return world
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether an error is this process's process group losing a peer (which stopped first)."""
+    return dist.is_available() and dist.is_initialized() and (
+        isinstance(error, getattr(dist, "DistBackendError", ())) or "Connection closed by peer" in str(error)
+        or "Connection reset by peer" in str(error))
 
 
 def init(device: torch.device) -> World:

@@ -31,6 +31,29 @@ def _umask() -> int:
 # gone, are ever deleted as stale; any other file is someone else's.
 TEMPORARY_PREFIX = "ddimctl-"
 TEMPORARY = re.compile(r"^\.(?P<target>.+)\.ddimctl-(?P<pid>[1-9][0-9]{0,9})-[a-z0-9_]{8}\.tmp$")
+NAME_MAX = 255  # bytes in a file name on the common file systems
+
+
+def _temporary_target(name: str) -> str:
+    """The target's name as its temporaries carry it: shortened so that '.NAME.ddimctl-PID-XXXXXXXX.tmp'
+    fits NAME_MAX (a target whose own name fits must be writable)."""
+    room = NAME_MAX - len(f"..{TEMPORARY_PREFIX}-.tmp") - 10 - 8  # the pid's digits, mkstemp's 8 characters
+    return name.encode()[:room].decode(errors="ignore")
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{_temporary_target(name)}.{TEMPORARY_PREFIX}{os.getpid()}-"
+
+
+@contextmanager
+def _naming(path: Path, tmp: Path):
+    """Errors about a temporary name the user's path instead: the temporary is ddimctl's business."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None and Path(e.filename).name == tmp.name:
+            e.filename = str(path)
+        raise
 
 
 def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -120,12 +143,13 @@ def atomic_path(path: str | os.PathLike, clean_stale: bool = True):
     refuse_foreign([path])  # the last guard; commands check their outputs before any work
     if clean_stale:
         remove_stale_temporaries(path.parent, target=path.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{TEMPORARY_PREFIX}{os.getpid()}-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=".tmp")
     os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; use the usual mode
-        os.replace(tmp, path)
+        with _naming(path, Path(tmp)):
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; use the usual mode
+            os.replace(tmp, path)
         enter_in_ledger(path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -138,14 +162,14 @@ def atomic_folder(path: str | os.PathLike):
     `replaceable` says this kind of write made before (it is then replaced whole)."""
     path = Path(path)
     remove_stale_temporaries(path.parent, target=path.name)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{TEMPORARY_PREFIX}{os.getpid()}-", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=".tmp"))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
         if path.exists():  # an earlier write of the same kind: swap, then drop the old one
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{TEMPORARY_PREFIX}{os.getpid()}-", suffix=".tmp"))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=".tmp"))
             old.rmdir()
             os.replace(path, old)
             os.replace(tmp, path)
@@ -165,6 +189,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, target: str | None = Non
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    target = _temporary_target(target) if target is not None else None
     pattern = f".{glob.escape(target)}.{TEMPORARY_PREFIX}*.tmp" if target else f".*.{TEMPORARY_PREFIX}*.tmp"
     for candidate in folder.glob(pattern):
         match = TEMPORARY.match(candidate.name)

@@ -135,10 +135,11 @@ def prepare_run_dir(run_dir: Path, config: UNetConfig, resume: bool) -> Path | N
     if saved is not None:
         mine = config.to_dict()
         theirs = UNetConfig(**{**mine, **saved["unet"]}).to_dict()  # lists in JSON, tuples here
-        if existing and any(theirs[k] != mine[k] for k in mine if k != "dropout"):
-            changed = [k for k in mine if k != "dropout" and theirs[k] != mine[k]]
+        # dropout is no part of the weights, but a resume that changed it would not continue the run
+        changed = [k for k in mine if theirs[k] != mine[k] and (resume or k != "dropout")]
+        if existing and changed:
             raise DdimctlError(
-                f"{run_dir} holds a run with another architecture ({', '.join(changed)} differ); "
+                f"{run_dir} holds a run with another architecture or dropout ({', '.join(changed)} differ); "
                 f"use the same settings or another {param('out')}"
             )
     if existing and not resume:

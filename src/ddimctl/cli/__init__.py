@@ -54,6 +54,15 @@ def main() -> None:
         remove_made_folders()
         print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:
+        from .. import distributed
+
+        if not distributed.peer_lost(e):
+            raise
+        # Under torchrun, a process that refused (one line of its own) closes its connections.
+        print(f"error: process {distributed.from_env().rank} stopped: another process of this torchrun launch "
+              f"ended first (its error says why)", file=sys.stderr)
+        sys.exit(1)
     if code == 130:  # typer's way of reporting a KeyboardInterrupt in non-standalone mode
         interrupted()
     sys.exit(code if isinstance(code, int) else 0)
