@@ -131,3 +131,13 @@ def test_skip_tuned_takes_the_timesteps_ddimctl_ships(tmp_path):
         result = ddimctl("sample", *(["--model", "digits"] if "--model" not in args else []), *args, "--skip", "tuned",
                          "--out", "o.png", cwd=tmp_path, check=False)
         assert result.returncode == 1 and says in result.stderr, result.stderr
+
+
+def test_explicit_timesteps_set_each_sweep_cells_calls():
+    """sweep --timesteps without --steps: each sampler's S follows from the list (plms takes one more)."""
+    from ddimctl import evaluate
+
+    cells = evaluate.sweep_cells(["ddim", "plms", "unipc"], None, [0.0, 1.0], False, "0,250,500,750")
+    assert [(c.sampler, c.steps, c.eta) for c in cells] == [("ddim", 4, 0.0), ("ddim", 4, 1.0), ("plms", 5, 0.0),
+                                                             ("unipc", 4, 0.0)]
+    assert all(c.skip == "0,250,500,750" for c in cells)

@@ -188,12 +188,14 @@ def compute_fid(
     return float(_run(tf.calculate_metrics, **kwargs)[FID_KEY])
 
 
-def sweep_cells(sampler_names: list[str], steps_list: list[int], etas: list[float], sigma_hat: bool,
+def sweep_cells(sampler_names: list[str], steps_list: list[int] | None, etas: list[float], sigma_hat: bool,
                 skip: str | None = None) -> list[samplers.Settings]:
-    """The cells of a sweep, S by S: every eta of ddim (and sigma-hat), one row per other sampler."""
+    """The cells of a sweep, S by S: every eta of ddim (and sigma-hat), one row per other sampler.
+    steps_list None: explicit timesteps (skip) set each sampler's S."""
     cells = []
-    for steps in steps_list:
+    for given in steps_list or [None]:
         for name in sampler_names:
+            steps = given if given is not None else samplers.steps_from(skip, name)
             if name == "ddim":
                 cells += [samplers.Settings("ddim", steps, skip, eta) for eta in etas]
                 cells += [samplers.Settings("ddim", steps, skip, sigma_hat=True)] if sigma_hat else []

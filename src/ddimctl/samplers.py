@@ -143,3 +143,11 @@ class Settings:
         extra = f", eta={self.eta:g}" if self.spec.takes_eta else ""
         extra += ", sigma-hat" if self.sigma_hat else ""
         return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}"
+
+
+def steps_from(skip: str | None, sampler: str) -> int | None:
+    """The network calls S that explicit timesteps take with this sampler (None for a scheme)."""
+    if skip is None or not timesteps.is_list(skip):
+        return None
+    spec = SAMPLERS.get(sampler)
+    return len(timesteps.parse_list(skip)) + (spec.extra_calls if spec else 0)

@@ -130,10 +130,7 @@ def steps_for(steps: int | None, skip: str | None, sampler: str) -> int:
     """--steps as given, else as many network calls as explicit timesteps take, else the default."""
     if steps is not None:
         return steps
-    if skip is not None and timesteps.is_list(skip):
-        extra = samplers.SAMPLERS[sampler].extra_calls if sampler in samplers.SAMPLERS else 0
-        return len(timesteps.parse_list(skip)) + extra
-    return DEFAULT_STEPS
+    return samplers.steps_from(skip, sampler) or DEFAULT_STEPS
 
 
 def check_tuned(tuned: timesteps.Tuned | None, loaded: weights.LoadedModel, sampler: str) -> None:

@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import devices, distributed, fast, folders, registry, samplers, sampling, weights
+from .. import devices, distributed, fast, folders, registry, samplers, sampling, timesteps, weights
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -87,6 +87,7 @@ def fid(
     sampler: str = SamplerOpt,
     eta: float = typer.Option(0.0, "--eta", help="ddim only."),
     skip: Optional[str] = SkipOpt,
+    timesteps_given: Optional[str] = TimestepsOpt,
     seed: int = typer.Option(0, "--seed"),
     device: str = DeviceOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Feature-extraction batch."),
@@ -128,7 +129,9 @@ def fid(
 @app.command()
 def sweep(
     model: Optional[str] = ModelOpt,
-    steps: str = typer.Option("10,20,50,100", "--steps", "-S", help="Comma-separated S values (network calls per image)."),
+    steps: Optional[str] = typer.Option(
+        None, "--steps", "-S", help="Comma-separated S values (network calls per image; default 10,20,50,100, or "
+        "as many as --timesteps take)."),
     sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {samplers.names()}."),
     etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values (rows of the ddim sampler)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
@@ -136,6 +139,7 @@ def sweep(
     ref: str = typer.Option(..., "--ref", help="Reference for FID: a folder or a name (cifar10-train)."),
     out: Path = typer.Option(Path("sweep"), "--out", "-o", help="Folder for the cells' images and the tables."),
     skip: Optional[str] = SkipOpt,
+    timesteps_given: Optional[str] = TimestepsOpt,
     seed: int = typer.Option(0, "--seed"),
     batch_size: Optional[int] = BatchOpt,
     device: str = DeviceOpt,
@@ -148,10 +152,12 @@ def sweep(
     from .. import evaluate
 
     evaluate.fidelity()  # fail before hours of sampling, not after
-    steps_list = parse_list(steps, "--steps")
     eta_list = parse_list(etas, "--eta", float)
     sampler_list = parse_names(sampler, "--sampler")
-    for values, option in ((steps_list, "--steps"), (eta_list, "--eta"), (sampler_list, "--sampler")):
+    skip, tuned = timestep_choice(skip, timesteps_given, model, sampler_list[0])
+    explicit = skip is not None and timesteps.is_list(skip)
+    steps_list = parse_list(steps, "--steps") if steps is not None else (None if explicit else [10, 20, 50, 100])
+    for values, option in ((steps_list or [], "--steps"), (eta_list, "--eta"), (sampler_list, "--sampler")):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
             fail(f"{option} lists {twice[0]} twice; each cell is sampled once")
@@ -159,6 +165,8 @@ def sweep(
     evaluate.check_sample_count(num)
     evaluate.check_reference(ref, feature_extractor)
     loaded = load(model)
+    for name in sampler_list:  # a tune-steps file is for one model and sampler
+        check_tuned(tuned, loaded, name)
     abar = loaded.alphas_cumprod
     for cell in cells:  # every cell against the model (S <= T, its timesteps) before the first is sampled
         cell.for_model(loaded.train_steps, loaded.skip).timesteps(abar)
