@@ -203,7 +203,7 @@ def test_models_lists_the_registry(tmp_path):
     assert sorted(rows) == sorted(registry.registry())
     assert rows["cifar10"][1:5] == ["*", "32", "35.7M", "quad"] and rows["cifar10"][5] == "no"
     assert rows["ema-cat-256"][1:5] == ["256", "113.7M", "uniform", "no"]
-    assert rows["digits"][1:6] == ["16", "1.6M", "uniform", "yes", "bundled"]
+    assert rows["digits"][1:7] == ["16,", "gray", "1.6M", "uniform", "yes", "bundled"]  # 1 channel: said
 
 
 def test_python_dash_m_and_console_script_agree(tmp_path):

@@ -39,9 +39,10 @@ def test_edit_strength_zero_and_exact_edit_return_the_input(tmp_path):
     noised = ddimctl("edit", THREE, "--model", "digits", "--strength", "0.6", "--steps", "10", "--out", "noise.png",
                      "--strip", "--scale", "1", cwd=tmp_path)
     assert "6 of 10 steps" in noised.stderr
-    strip = gray(tmp_path / "noise.png")
+    strip = gray(tmp_path / "noise-strip.png")  # beside the edited image, which keeps its own name
     assert strip.shape == (14 + 20, 38)  # labels, then input | edited with the grid's padding
     assert np.array_equal(strip[16:32, 2:18], gray(THREE))
+    assert np.array_equal(strip[16:32, 20:36], gray(tmp_path / "noise.png"))
 
 
 def test_edit_is_reproducible_per_image(tmp_path):

@@ -123,7 +123,7 @@ def test_without_torch_fidelity_the_commands_say_what_to_install(tmp_path):
     for args in (["fid", str(tmp_path), "--ref", "cifar10-train"], ["sweep", "--model", "digits", "--ref", "x", "-n", "10"]):
         result = ddimctl(*args, cwd=tmp_path, check=False, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert "pip install 'ddimctl[eval]'" in result.stderr.strip().splitlines()[-1]
+        assert "pip install '.[eval]'" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "sweep").exists()
 
 
@@ -170,7 +170,8 @@ def test_fid_from_saved_statistics_and_from_a_running_sampler(tmp_path):
 def test_the_install_hint_keeps_the_installed_torch():
     from ddimctl.evaluate import install_hint
 
-    assert install_hint("2.13.0+cpu") == ("pip install 'ddimctl[eval]' torch==2.13.0 torchvision==0.28.0 (name both "
-                                          "from https://download.pytorch.org/whl/cpu, or pip replaces your torch 2.13.0+cpu)")
+    assert install_hint("2.13.0+cpu") == (
+        "in the ddimctl folder, pip install '.[eval]' torch==2.13.0 torchvision==0.28.0 (name both from "
+        "https://download.pytorch.org/whl/cpu, or pip replaces your torch 2.13.0+cpu; the README's fid section says more)")
     assert "torch==2.14.1 torchvision==0.29.1" in install_hint("2.14.1")
     assert "torch==2.2.2 torchvision==0.17.2" in install_hint("2.2.2")

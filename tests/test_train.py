@@ -306,3 +306,15 @@ def test_fine_tuning_keeps_the_architecture(data_dir, tmp_path, tiny_checkpoint)
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --init {tiny_checkpoint} fixes the architecture (3 channel(s), 16x16); leave out --preset, --channels")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_hopeless_cpu_run_says_so_before_it_starts(tmp_path):
+    """A CIFAR-10 preset for ten million steps on a CPU: a warning with the estimate and what is
+    quicker, before any work (here the data then turn out unreadable, so nothing is trained)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG not really")
+    result = run("train", tmp_path / "data", "--out", "r", "--preset", "cifar10", "--steps", 10_000_000, "--channels", 3,
+                 "--device", "cpu", cwd=tmp_path, check=False)
+    warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: about"))
+    assert "days on this CPU" in warning and "a smaller --preset" in warning
+    assert result.returncode == 1 and not (tmp_path / "r").exists()

@@ -1,5 +1,5 @@
 """FID through torch-fidelity (the TF-Inception features behind the paper's numbers), and the tables
-of a sweep. Optional: `pip install 'ddimctl[eval]'`."""
+of a sweep. Optional: the `eval` extra (`pip install '.[eval]'` in the ddimctl folder)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def install_hint(torch_version: str | None = None) -> str:
     else:
         pair = f"torch=={release} and the torchvision of the same release (pytorch.org lists the pairs)"
     index = f" from https://download.pytorch.org/whl/{local}" if local else ""
-    return f"pip install 'ddimctl[eval]' {pair} (name both{index}, or pip replaces your torch {version})"
+    return (f"in the ddimctl folder, pip install '.[eval]' {pair} (name both{index}, or pip replaces your torch "
+            f"{version}; the README's fid section says more)")
 
 
 

@@ -66,7 +66,8 @@ class TrainOptions:
         warmup = self.warmup if self.warmup is not None else min(1000, self.steps // 10)
         horizon = min(10_000, max(10, self.steps // 10))
         decay = self.ema_decay if self.ema_decay is not None else round(1 - 1 / horizon, 6)
-        return replace(self, warmup=warmup, ema_decay=decay)
+        preset = self.preset if self.preset is not None or self.init is not None else DEFAULT_PRESET  # recorded as used
+        return replace(self, warmup=warmup, ema_decay=decay, preset=preset)
 
     def misfits(self) -> list[str]:
         """Given warm-up and EMA values that do not fit the run's length, each with its fix (the
@@ -175,7 +176,9 @@ def options_for_run(given: dict, resume: bool) -> TrainOptions:
             raise DdimctlError(f"{Path(given['out']) / runs.CONFIG}: its train.unet is not an object of fields; "
                                f"start afresh with another {param('out')}")
         given = {**given, "unet": {**saved_unet, **given.get("unet", {})}}
-    return TrainOptions(**{**base, **given}).fitted()
+    options = TrainOptions(**{**base, **given})
+    options._check_types()  # a resumed run's values come from its config.json, which anyone may have edited
+    return options.fitted()
 
 
 # Where a UNetConfig field is set from, for the message when --init forbids it.
@@ -434,6 +437,21 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
     grids = [x for _, x in sampler.sample_indices(list(range(options.sample_count)), 0, options.sample_count)]
     pixels = images.to_uint8(torch.cat(grids))
     images.save_picture(images.grid(pixels), runs.sample_grid_path(run_dir, step))  # enlarged to >= 256 px
+
+
+def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: torch.device, probe: int = 2) -> float:
+    """About how long `steps` optimizer steps of `batch_size` images take on `device`: one timed
+    forward pass of `probe` images, times 3 for the backward pass, scaled to the batch and the steps
+    (random weights: the time does not depend on their values)."""
+    model = UNet(config).to(device).eval()
+    x = torch.randn(probe, config.in_channels, config.resolution, config.resolution, device=device)
+    t = torch.full((probe,), 500, dtype=torch.long, device=device)
+    with torch.no_grad():
+        model(x, t)  # the first call pays for allocations
+        started = time.perf_counter()
+        model(x, t)
+        seconds = time.perf_counter() - started
+    return 3 * seconds * batch_size / probe * steps
 
 
 def params_for(config: UNetConfig) -> int:

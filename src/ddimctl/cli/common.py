@@ -146,7 +146,8 @@ ClassOpt = typer.Option(
 )
 
 
-BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory).")
+BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory on CUDA; "
+                        "16 of 32x32 on the CPU, fewer for larger images).")
 
 
 PrecisionOpt = typer.Option(
@@ -210,7 +211,7 @@ def remove_made_folders() -> None:
     made_folders.clear()
 
 
-OFFLINE_TRY = "ddimctl sample --model digits --steps 50 --eta 0"
+OFFLINE_MODEL = "digits"  # bundled: works with no network
 
 
 def load(model: str | None) -> weights.LoadedModel:
@@ -220,7 +221,8 @@ def load(model: str | None) -> weights.LoadedModel:
             return weights.load_model(spec, notify=note)
     except DdimctlError as e:
         if model is None and not weights.is_cached(registry.registry()[spec]):  # the default model, not downloaded
-            raise DdimctlError(f"{e.args[0]}; to try ddimctl with no network, run: {OFFLINE_TRY}") from e
+            raise DdimctlError(f"{e.args[0]}; to try ddimctl with no network, add --model {OFFLINE_MODEL} (the bundled "
+                               f"model)") from e
         raise
 
 

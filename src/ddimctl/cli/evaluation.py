@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from .. import devices, distributed, fast, folders, registry, samplers, sampling, timesteps, weights
+from ..unet import PRESETS
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -62,7 +63,10 @@ def models() -> None:
         name = entry.name + (" *" if entry.name == default else "")
         cached = "yes" if weights.is_cached(entry) else "no"
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
-        table.add_row(name, f"{entry.resolution}", params, entry.skip, cached, entry.source.removeprefix("hf://"))
+        gray = entry.architecture in PRESETS and {**PRESETS[entry.architecture].to_dict(),
+                                                   **entry.extra.get("unet", {})}["in_channels"] == 1
+        size = f"{entry.resolution}" + (", gray" if gray else "")
+        table.add_row(name, size, params, entry.skip, cached, entry.source.removeprefix("hf://"))
     stdout.print(table)
     registered = {entry.repo.lower() for entry in entries if entry.repo}
     cached_repos = [row for row in weights.cached_hub_repos() if row[0].lower() not in registered]

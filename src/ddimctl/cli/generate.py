@@ -152,7 +152,7 @@ def edit(
     tol: float = TolOpt,
     max_iters: int = MaxItersOpt,
     out: str = typer.Option("edited/", "--out", "-o", help="A folder (one PNG per input, named like it), or a .png for one image."),
-    strip: bool = typer.Option(False, "--strip", help="Write input | edited side by side (labelled, enlarged)."),
+    strip: bool = typer.Option(False, "--strip", help="Also write input | edited side by side (labelled, enlarged) as NAME-strip.png."),
     scale: Optional[int] = ScaleOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -171,15 +171,17 @@ def edit(
     if not to_folder and (out_path.suffix.lower() != ".png" or len(image_paths) != 1):
         fail(f"--out {out}: give a folder ending in / (one PNG per input), or a .png file for a single image")
     names = [p.stem + ".png" for p in image_paths]
-    if to_folder and len(set(names)) < len(names):
+    written = names + [p.stem + "-strip.png" for p in image_paths] * strip
+    if to_folder and len(set(written)) < len(written):
         fail("two inputs have the same name, and their outputs would overwrite each other; edit them separately")
     if mask is not None and not mask.is_file():
         fail(f"--mask {mask}: no such image file")
     targets = [out_path / n for n in names] if to_folder else [out_path]
+    strips = [t.with_name(t.stem + "-strip.png") for t in targets] if strip else []
     if to_folder:
         make_output_folder(out_path)
     images.check_writable(targets[0])
-    refuse_foreign(targets)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
+    refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)
     check_tuned(tuned, loaded, settings.sampler)
     classes = sampling.image_classes(loaded, len(image_paths), given_classes, seed)
@@ -194,14 +196,14 @@ def edit(
     with progress_bar("editing", len(image_paths), max(runner.settings.network_calls(walked), 1)) as advance:
         edited = sampling.edit_batches(runner, x0, strength, seed, regenerate, how, advance)
     pixels, inputs = images.to_uint8(edited), images.to_uint8(x0)
-    for target, before, after in zip(targets, inputs, pixels):
+    for i, (target, before, after) in enumerate(zip(targets, inputs, pixels)):
+        # one image: enlarged like every picture (--scale 1 for the model's size); folders stay native
+        images.save_image(images.enlarge(after, scale or (1 if to_folder else images.display_scale(resolution))), target)
         if strip:
-            images.save_picture(images.strip(before[None], after[None]), target, scale, ["input", "edited"],
+            images.save_picture(images.strip(before[None], after[None]), strips[i], scale, ["input", "edited"],
                                 tile=resolution)
-        else:  # one image: enlarged like every picture (--scale 1 for the model's size); folders stay native
-            images.save_image(images.enlarge(after, scale or (1 if to_folder else images.display_scale(resolution))), target)
     t0 = int(runner.timesteps[walked - 1]) if walked else None
     where = f"{out_path}/" if to_folder else str(out_path)
-    say(f"wrote {len(targets)} edited image(s) to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "
+    say(f"wrote {len(targets)} edited image(s){' and their strips' * strip} to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "
         f"{walked} of {len(runner.timesteps)} steps from t0 = {t0}{f', eta={eta:g}' if settings.spec.takes_eta else ''}, "
         f"{'exact inversion' if exact else f'seed={seed}'}{', masked' if mask else ''}]")

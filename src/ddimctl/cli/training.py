@@ -32,6 +32,17 @@ from .common import (
 )
 
 
+HOPELESS_ON_CPU_S = 6 * 3600  # beyond this a CPU run is worth a warning before it starts
+
+
+def describe_duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds / 60:.0f} minutes"
+
+
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
@@ -135,6 +146,13 @@ def train(
         if channels_note:
             say(f"{channels_note} (--channels overrides)")
         note_cpu_threads(train_device)
+        if train_device.type == "cpu":  # a run of weeks should say so before it starts, not after
+            remaining = options.steps - (runs.step_of(runs.checkpoint_files(out)[-1]) if resume and runs.checkpoint_files(out) else 0)
+            seconds = training.estimate_seconds(config, options.batch_size, max(remaining, 0), train_device)
+            if seconds > HOPELESS_ON_CPU_S:
+                note(f"warning: about {describe_duration(seconds)} on this CPU (one timed forward pass, x3 for the "
+                     f"backward); a CUDA GPU, a smaller --preset (small, tiny), a lower --resolution or fewer --steps "
+                     f"is quicker")
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
