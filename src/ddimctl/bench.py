@@ -92,7 +92,7 @@ def run_ours(
         torch.cuda.reset_peak_memory_stats(device)
     eps = fast.prepare(unet, device, precision, compile_mode, batch)
     compile_s = fast.warm_up(eps, tuple(x_T.shape), device) if compile_mode else 0.0
-    classes = fast.probe_classes(eps, batch, device)
+    classes = eps.config.example_classes(batch, device)
     run = lambda: settings.run(lambda x, t: eps(x, t, classes), x_T, alphas_cumprod, timesteps)  # noqa: E731
     run()  # warm-up of the whole loop
     seconds, out = time_runs(run, device, runs)
@@ -179,7 +179,7 @@ def run_reference(
         torch.cuda.reset_peak_memory_stats(device)
 
     descending = [int(t) for t in reversed(settings.timesteps(SCHEDULE.alphas_cumprod()))]
-    labels = torch.zeros(x_T.shape[0], dtype=torch.long, device=device) if unet.config.class_count else None
+    labels = unet.config.example_classes(x_T.shape[0], device)
 
     @torch.no_grad()
     def run():
@@ -236,8 +236,7 @@ def benchmark_training(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     trained = torch.compile(model) if compile_model else model
     abar = SCHEDULE.alphas_cumprod().float().to(device)
-    c = unet_config
-    x0 = torch.randn(batch, c.in_channels, c.resolution, c.resolution, device=device)
+    x0, _, _ = unet_config.example_inputs(batch, device)
     use_bf16 = precision == "bf16"
     if device.type == "cuda":
         fast.set_matmul_precision("fp32")
@@ -282,15 +281,12 @@ def estimate_seconds(unet: UNet, device: torch.device, settings: samplers.Settin
                      paths: int) -> float:
     """About how long a benchmark takes: one timed forward pass at the batch size, times every
     network call of every run (and one warm-up) of every path timed."""
-    c = unet.config
-    x = torch.randn(batch, c.in_channels, c.resolution, c.resolution, device=device)
-    t = torch.full((batch,), 500, device=device, dtype=torch.long)
-    classes = torch.zeros(batch, dtype=torch.long, device=device) if c.class_count else None
+    inputs = unet.config.example_inputs(batch, device)
     model = unet.to(device)
     with torch.no_grad():
         _sync(device)
         started = time.perf_counter()
-        model(x, t, classes)
+        model(*inputs)
         _sync(device)
     return (time.perf_counter() - started) * settings.steps * (runs + 1) * paths
 
@@ -317,9 +313,7 @@ def run_benchmark(
     on GPUs, fp16, all from the same x_T and with the same sampler. Fidelity of every path is
     measured against ddimctl fp32."""
     settings = check_settings(settings, compile_mode)
-    c = unet.config
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(batch, c.in_channels, c.resolution, c.resolution, generator=g).to(device)
+    x_T, _, _ = unet.config.example_inputs(batch, device, torch.Generator().manual_seed(0))
     abar = SCHEDULE.alphas_cumprod()
     flops = fast.forward_flops(unet)
     results = []

@@ -8,7 +8,6 @@ shows it as its flag ("--steps must be ..."), so one message serves both.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 _MARK = "\0"  # cannot occur in a path or an argument, so a message's own text never looks like a mark

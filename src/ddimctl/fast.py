@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import ddim
 from .errors import DdimctlError, param
 from .files import cache_dir
-from .unet import UNet
+from .unet import UNet, UNetConfig
 
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,15 +39,12 @@ COMPILE_PAYS_OFF_FLOP = 2.5e15
 def forward_flops(unet: UNet) -> float:
     """FLOPs of one forward pass for one image (2 per multiply-add), counted on the meta device:
     no arithmetic runs, and attention counts too (the CPU's SDPA kernel has no FLOP formula)."""
-    c = unet.config
     with torch.device("meta"):
-        model = UNet(c).eval()
-        x = torch.zeros(1, c.in_channels, c.resolution, c.resolution)
-        t = torch.ones(1, dtype=torch.long)
-        classes = torch.zeros(1, dtype=torch.long) if c.class_count else None
+        model = UNet(unet.config).eval()
+        inputs = unet.config.example_inputs(1)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(x, t, classes)
+        model(*inputs)
     return float(counter.get_total_flops())
 
 
@@ -99,7 +96,7 @@ class FastEps:
     prediction: str = "epsilon"  # what the network predicts: converted to the noise here, for every caller
     alphas_cumprod: torch.Tensor | None = None  # float64, needed for any prediction but epsilon
     timestep_scale: float = 1.0  # the network sees t * this (improved-diffusion's rescaled timesteps)
-    class_count: int | None = None  # class-conditional networks take one label per image
+    config: UNetConfig | None = None  # the network's (for probe inputs)
     fixed_batch: int | None = None  # compiled graphs keep one shape: smaller batches are padded
     cuda_graphs: bool = False
     compile_seconds: float = 0.0
@@ -122,11 +119,6 @@ class FastEps:
             abar = self.alphas_cumprod.to(eps.device)[t[:n].long()].float().view(-1, *[1] * (eps.dim() - 1))
             eps = ddim.noise_from_prediction(self.prediction, x[:n].float(), eps, abar)
         return eps.contiguous()  # a fresh tensor: graph outputs are reused buffers
-
-
-def probe_classes(eps: FastEps, n: int, device: torch.device) -> torch.Tensor | None:
-    """Class labels for a probe call of n images: class 0 if the network is class-conditional."""
-    return torch.zeros(n, dtype=torch.long, device=device) if eps.class_count else None
 
 
 def check_compile_mode(compile_mode: str | None) -> None:
@@ -165,7 +157,7 @@ def prepare(
     else:
         model = unet
     eps = FastEps(model, dtype, channels_last, unet.config.in_channels, prediction, alphas_cumprod, timestep_scale,
-                  unet.config.class_count)
+                  unet.config)
     if compile_mode:
         use_persistent_compile_cache()
         eps.model = torch.compile(model, dynamic=False, fullgraph=True, mode=compile_mode)
@@ -201,11 +193,10 @@ def use_persistent_compile_cache() -> None:
 def warm_up(eps: FastEps, shape: tuple[int, ...], device: torch.device, calls: int = 3) -> float:
     """Run the model a few times (compiling, capturing graphs); return the seconds it took."""
     started = time.perf_counter()
-    x = torch.randn(shape, device=device)
-    t = torch.full((shape[0],), 500, device=device, dtype=torch.long)
+    inputs = eps.config.example_inputs(shape[0], device)
     with torch.no_grad():
         for _ in range(calls):
-            eps(x, t, probe_classes(eps, shape[0], device))
+            eps(*inputs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     eps.compile_seconds = time.perf_counter() - started
@@ -223,8 +214,7 @@ def auto_batch_size(unet: UNet, device: torch.device, precision: str, limit: int
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     with torch.no_grad():
-        model(torch.randn(probe, c.in_channels, c.resolution, c.resolution, device=device),
-              torch.zeros(probe, dtype=torch.long, device=device), probe_classes(model, probe, device))
+        model(*c.example_inputs(probe, device))
     per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) / probe)
     del model
     torch.cuda.empty_cache()

@@ -444,12 +444,11 @@ def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: to
     forward pass of `probe` images, times 3 for the backward pass, scaled to the batch and the steps
     (random weights: the time does not depend on their values)."""
     model = UNet(config).to(device).eval()
-    x = torch.randn(probe, config.in_channels, config.resolution, config.resolution, device=device)
-    t = torch.full((probe,), 500, dtype=torch.long, device=device)
+    inputs = config.example_inputs(probe, device)
     with torch.no_grad():
-        model(x, t)  # the first call pays for allocations
+        model(*inputs)  # the first call pays for allocations
         started = time.perf_counter()
-        model(x, t)
+        model(*inputs)
         seconds = time.perf_counter() - started
     return 3 * seconds * batch_size / probe * steps
 

@@ -107,6 +107,19 @@ class UNetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def example_classes(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """Class labels for a probe call of `batch` images: class 0, or None for an unconditional UNet."""
+        return torch.zeros(batch, dtype=torch.long, device=device) if self.class_count else None
+
+    def example_inputs(self, batch: int, device: torch.device | str | None = None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(x, t, classes) of one network call for `batch` images, for probes, warm-ups and benchmarks:
+        Gaussian noise (from `generator` if given), the middle timestep, class 0 if it takes classes."""
+        shape = (batch, self.in_channels, self.resolution, self.resolution)
+        x = torch.randn(shape, generator=generator).to(device) if generator else torch.randn(shape, device=device)
+        t = torch.full((batch,), 500, dtype=torch.long, device=device)
+        return x, t, self.example_classes(batch, device)
+
 
 PRESETS: dict[str, UNetConfig] = {
     # Ho et al.: CIFAR-10 (35.7M parameters), the 256x256 LSUN/CelebA-HQ models (113.7M).
