@@ -54,6 +54,9 @@ def names() -> str:
     return ", ".join(SAMPLERS)
 
 
+DEFAULT_STEPS = 50  # S when none is given (the one place this default is written)
+
+
 @dataclass(frozen=True)
 class Settings:
     """How to sample: which sampler, S network calls per image, the timesteps (a scheme of
@@ -61,7 +64,7 @@ class Settings:
     DDIM's eta and sigma-hat."""
 
     sampler: str = "ddim"
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     skip: str | None = None
     eta: float = 0.0
     sigma_hat: bool = False

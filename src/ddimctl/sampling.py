@@ -375,7 +375,7 @@ def generate(
     num: int = 16,
     *,
     sampler: str = "ddim",
-    steps: int = 50,
+    steps: int = samplers.DEFAULT_STEPS,
     eta: float = 0.0,
     skip: str | None = None,
     seed: int = 0,

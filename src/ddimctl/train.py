@@ -24,7 +24,6 @@ from .errors import DdimctlError, param
 from .fields import Fields
 from .layouts import unet_config_from
 from .files import atomic_path, remove_stale_temporaries
-from .registry import DEFAULT_SCHEDULE
 from .sampling import Runner
 from .unet import PRESETS, UNet, UNetConfig, count_parameters
 from .weights import LoadedModel
@@ -51,7 +50,7 @@ class TrainOptions:
     save_every: int = 1000
     keep: int = 3
     sample_count: int = 16
-    sample_steps: int = 50
+    sample_steps: int = samplers.DEFAULT_STEPS  # DDIM steps of the sample grids
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     compile: bool = False
@@ -186,8 +185,8 @@ _OVERRIDE_NAMES = {"in_channels": "channels", "out_channels": "channels", "num_r
                    "attention_resolutions": "attention"}
 
 
-def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: str = "epsilon",
-                    schedule: dict | None = None) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
+def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: str,
+                    schedule: dict) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """The architecture and weights a fine-tuning run starts from. The weights fix the architecture
     (only dropout may change) and must predict what the run trains, under its noise schedule."""
     from .weights import load_model
@@ -210,7 +209,7 @@ def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: 
     if loaded.class_count or loaded.timestep_scale != 1:
         raise DdimctlError(f"{param('init')} {spec} takes class labels or rescaled timesteps, which ddimctl's "
                            f"training does not give it")
-    if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(schedule or DEFAULT_SCHEDULE):
+    if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(schedule):
         raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than this run's "
                            f"(training offers {param('noise_schedule')} {' or '.join(NOISE_SCHEDULES)})")
     return config, loaded.unet.state_dict()

@@ -100,7 +100,7 @@ TimestepsOpt = typer.Option(
 )
 
 
-DEFAULT_STEPS = 50
+DEFAULT_STEPS = samplers.DEFAULT_STEPS
 
 
 def timestep_choice(skip: str | None, given: str | None, model: str | None = None, sampler: str = "ddim",

@@ -109,7 +109,7 @@ def invert(
 def reconstruct(
     image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode and decode."),
     model: Optional[str] = ModelOpt,
-    steps: str = typer.Option("50", "--steps", "-S", help="S, or a list such as 10,20,50,100."),
+    steps: str = typer.Option(str(samplers.DEFAULT_STEPS), "--steps", "-S", help="S, or a list such as 10,20,50,100."),
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
