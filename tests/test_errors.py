@@ -68,7 +68,19 @@ def test_steps_are_checked_against_the_models_schedule():
 
 def test_values_that_every_run_can_use_pass():
     sampling.check_settings(batch_size=1, num=1, strength=0.0, frames=2)
-    samplers.Settings("ddim", 1000, "quad", 0.0)
+    samplers.Settings("ddim", 1000, "quad", 0.0).for_model(1000, "uniform")
+    with pytest.raises(DdimctlError, match="steps"):  # and the model's check is the one that holds S to T
+        samplers.Settings("ddim", 10**9).for_model(1000, "uniform")
+
+
+@pytest.mark.parametrize("tol,max_iters", [(-1e-3, 4), (float("nan"), 4), (1e-3, 0)])
+def test_exact_inversion_refuses_what_it_cannot_run(tol, max_iters):
+    """ddim.invert_exact's own rule, for library callers (the CLI's ExactInversion checks first)."""
+    from ddimctl import ddim
+
+    abar = ddim.Schedule().alphas_cumprod()
+    with pytest.raises(ValueError, match="max_iters >= 1 and tol >= 0"):
+        ddim.invert_exact(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), abar, [0, 500], tol, max_iters)
 
 
 def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
