@@ -325,39 +325,9 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
         say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
 
     if world.is_main:
-        for folder in (run_dir, run_dir / runs.CHECKPOINTS, run_dir / runs.SAMPLES):
-            if folder.is_dir():
-                remove_stale_temporaries(folder)  # left by a process killed while saving
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
-        threads = torch.get_num_threads() if device.type == "cpu" else None
-        record = runs.run_config(asdict(options), config, options.schedule, options.prediction, threads)
-        before = runs.saved_run(run_dir) if resume_from is not None else None
-        if threads and (change := runs.thread_change(before, threads)):
-            say(f"notice: {change}")
-        if before is not None:  # the run's history of resumes, and what each changed
-            record["resumes"] = [*before.get("resumes", []), {"from": resume_from.name, "changed": changes}]
-        with atomic_path(run_dir / runs.CONFIG) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
+        record_run(run_dir, options, config, resume_from, changes, device, say)
     world.barrier()
-
-    torch.manual_seed(options.seed)  # the initial weights
-    model = UNet(config)
-    if options.init is not None and resume_from is None:
-        model.load_state_dict(initial_state)
-        if world.is_main:
-            say(f"starting from the weights of {options.init}")
-    model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    # One fused kernel on CUDA: the small models are bound by kernel launches there.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0, fused=device.type == "cuda")
-    step = 0
-    if resume_from is not None:
-        step = runs.load_checkpoint(resume_from, model, ema, optimizer, device)
-        if world.is_main:
-            say(f"resuming from {resume_from.name} (step {step})")
-            if not runs.sample_grid_path(run_dir, step).exists():  # killed between the checkpoint and its grid
-                write_samples(run_dir, step, ema, options, device)
+    model, ema, optimizer, step = build_model(options, config, initial_state, resume_from, device, world.is_main, say)
 
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
@@ -374,17 +344,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     model.train()
     started, images_seen = time.perf_counter(), 0
     while step < options.steps:
-        rng = seeds.training_batch(options.seed, step, world.rank)
-        torch.manual_seed(seeds.dropout(options.seed, step, world.rank))
-        idx = batch_indices(data.shape[0], step, options.batch_size, options.seed, world)
-        x0 = data[idx].float().div(127.5).sub(1)
-        if options.flip:
-            flip = torch.rand(x0.shape[0], generator=rng) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-        t = torch.randint(0, train_steps, (x0.shape[0],), generator=rng)
-        noise = torch.randn(x0.shape, generator=rng)
-        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
-
+        x0, t, noise = (v.to(device) for v in draw_batch(data, step, options, world, train_steps))
         lr = learning_rate(step, options.lr, options.warmup, options.steps, options.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -415,6 +375,66 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     world.barrier()
     distributed.shutdown()
     return newest or runs.checkpoint_files(run_dir)[-1]
+
+
+def record_run(run_dir: Path, options: TrainOptions, config: UNetConfig, resume_from: Path | None, changes: dict,
+               device: torch.device, say: Callable[[str], None]) -> None:
+    """The run folder made ready and its config.json written (rank 0): the options, the UNet, the
+    thread count on a CPU, and on a resume its history of what each resume changed."""
+    for folder in (run_dir, run_dir / runs.CHECKPOINTS, run_dir / runs.SAMPLES):
+        if folder.is_dir():
+            remove_stale_temporaries(folder)  # left by a process killed while saving
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    record = runs.run_config(asdict(options), config, options.schedule, options.prediction, threads)
+    before = runs.saved_run(run_dir) if resume_from is not None else None
+    if threads and (change := runs.thread_change(before, threads)):
+        say(f"notice: {change}")
+    if before is not None:  # the run's history of resumes, and what each changed
+        record["resumes"] = [*before.get("resumes", []), {"from": resume_from.name, "changed": changes}]
+    with atomic_path(run_dir / runs.CONFIG) as tmp:
+        tmp.write_text(json.dumps(record, indent=2))
+
+
+def build_model(options: TrainOptions, config: UNetConfig, initial_state: dict | None, resume_from: Path | None,
+                device: torch.device, is_main: bool, say: Callable[[str], None]):
+    """(model, EMA, optimizer, step): fresh from the seed, from --init's weights, or as a checkpoint left them."""
+    run_dir = Path(options.out)
+    torch.manual_seed(options.seed)  # the initial weights
+    model = UNet(config)
+    if options.init is not None and resume_from is None:
+        model.load_state_dict(initial_state)
+        if is_main:
+            say(f"starting from the weights of {options.init}")
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # One fused kernel on CUDA: the small models are bound by kernel launches there.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step = 0
+    if resume_from is not None:
+        step = runs.load_checkpoint(resume_from, model, ema, optimizer, device)
+        if is_main:
+            say(f"resuming from {resume_from.name} (step {step})")
+            if not runs.sample_grid_path(run_dir, step).exists():  # killed between the checkpoint and its grid
+                write_samples(run_dir, step, ema, options, device)
+    return model, ema, optimizer, step
+
+
+def draw_batch(data: torch.Tensor, step: int, options: TrainOptions, world: distributed.World,
+               train_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's (x0 on [-1, 1], t, noise) of one step, from the step's own streams (seeds.py);
+    the dropout stream of the step is set here too, so that the draws happen in one order always."""
+    rng = seeds.training_batch(options.seed, step, world.rank)
+    torch.manual_seed(seeds.dropout(options.seed, step, world.rank))
+    idx = batch_indices(data.shape[0], step, options.batch_size, options.seed, world)
+    x0 = data[idx].float().div(127.5).sub(1)
+    if options.flip:
+        flip = torch.rand(x0.shape[0], generator=rng) < 0.5
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+    t = torch.randint(0, train_steps, (x0.shape[0],), generator=rng)
+    noise = torch.randn(x0.shape, generator=rng)
+    return x0, t, noise
 
 
 def check_loss(value: float, step: int, lr: float, newest: Path | None) -> None:
