@@ -125,6 +125,25 @@ def test_any_subset_of_a_run_is_computed_in_the_runs_own_batches():
         assert all(torch.equal(got[i], straight[i]) for i in subset), subset
 
 
+def test_a_folder_is_filled_by_its_plans_batches(tmp_path):
+    """The plan is what runs: the batches a folder plan holds are the ones computed (and what the
+    progress total counts), not batches worked out again from its to-do list."""
+    from ddimctl import weights
+    from ddimctl.distributed import World
+
+    model = weights.load_model("digits")
+    calls = []
+    runner = sampling.Runner.create(model, samplers.Settings(steps=2), torch.device("cpu"),
+                                    eps_model=lambda x, t: calls.append(x.shape[0]) or model.unet(x, t))
+    plan = folders.plan_folder(tmp_path, 6, 2, World())
+    assert plan.batches == [[0, 1], [2, 3], [4, 5]] and plan.computed == 6
+    plan.batches = plan.batches[1:2]  # this process's share, as another process count would give it
+    plan.todo = [2, 3]
+    folders.fill_folder(runner, plan, 0, World())
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000002.png", "000003.png"]
+    assert calls == [2, 2]  # one batch of 2, two steps
+
+
 @pytest.mark.parametrize("settings", [samplers.Settings("ddim", 6, eta=1.0), *[samplers.Settings(name, 6) for name in samplers.SAMPLERS]],
                          ids=lambda s: s.label())
 def test_every_sampler_gives_each_image_the_same_numbers_in_any_batch(settings):

@@ -70,7 +70,7 @@ def fill_folder(
     name_of = image_names(plan.folder, plan.count)
     world.barrier()  # every process has listed the folder before any writes to it
     with images.BackgroundWriter() as writer:
-        for indices, x0 in runner.sample_indices(plan.todo, seed, runner.batch, x_T, progress, count=plan.count):
+        for indices, x0 in runner.run_batches(plan.batches, plan.todo, seed, x_T, progress):  # the plan is what runs
             writer.submit([(p, name_of(i)) for i, p in zip(indices, images.enlarge(images.to_uint8(x0), scale))])
     world.barrier()
     return writer.stalled_s

@@ -170,14 +170,27 @@ class Runner:
 
         Batches are the run's own (aligned_batches): every image is computed in the same batch, at
         the same position, whatever subset is asked for, so a resumed or sharded run gives the bytes
-        of a straight run. On CUDA the work is queued one batch ahead: while the caller handles
-        batch k (encoding PNGs), the GPU already runs batch k + 1, and batch k reaches host memory
-        asynchronously. On the CPU each batch is handed over as soon as it is done.
+        of a straight run.
         """
+        count = count if count is not None else (max(indices) + 1 if len(indices) else 0)
+        return self.run_batches(aligned_batches(indices, batch_size, count), indices, seed, latents, progress)
+
+    def run_batches(
+        self,
+        batches: Sequence[Sequence[int]],
+        indices: Sequence[int],
+        seed: int,
+        latents: torch.Tensor | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield (indices, x_0 on the CPU) of each of the run's `batches` (lists of image indices, as
+        aligned_batches or a folder plan made them), keeping the images of `indices`. On CUDA the work
+        is queued one batch ahead: while the caller handles batch k (encoding PNGs), the GPU already
+        runs batch k + 1, and batch k reaches host memory asynchronously. On the CPU each batch is
+        handed over as soon as it is done."""
         wanted = set(indices)
-        count = count if count is not None else (max(wanted) + 1 if wanted else 0)
         waiting = None  # (indices, rows, wait for x_0 on the host) of the previous batch, on CUDA
-        for members in aligned_batches(indices, batch_size, count):
+        for members in map(list, batches):
             generators = seeds.image_generators(seed, members)
             x_T = seeds.initial_noise(generators, self.model.image_shape) if latents is None else latents[members]
             x_0 = self.sample(x_T, generators, progress, members)

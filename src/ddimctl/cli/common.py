@@ -10,10 +10,10 @@ from typing import Optional
 import torch
 import typer
 
-from .. import folders, images, registry, samplers, sampling, timesteps, weights
+from .. import images, registry, samplers, sampling, timesteps, weights
 from ..data import find_images
 from ..errors import DdimctlError
-from .output import PlainProgress, flag, note, progress_bar, say, stderr, stdout  # noqa: F401 (the commands' imports)
+from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, say, stderr, stdout  # noqa: F401 (the commands' imports)
 
 app = typer.Typer(
     name="ddimctl",
@@ -299,41 +299,5 @@ def parse_names(text: str, option: str) -> list[str]:
     return names
 
 
-# What a command has done so far, for the line Ctrl-C prints (set by long-running commands).
-progress_on_interrupt: list = []
-
-
-def fill_with_progress(runner: sampling.Runner, plan: folders.FolderPlan, seed: int, world, x_T=None,
-                       scale: int = 1) -> float:
-    """folders.fill_folder with a progress bar and a line for Ctrl-C; returns the writers' stall."""
-    folder, count = plan.folder, plan.count
-    progress_on_interrupt.append(
-        lambda: f"{folders.images_written(folder, count)} of {count} images written to {folder}; "
-        f"rerun the same command to finish"
-    )
-    with progress_bar(f"sampling {folder.name}", plan.computed, runner.evaluations, enabled=world.is_main) as advance:
-        return folders.fill_folder(runner, plan, seed, world, x_T, scale, advance)
-
-
-def plan_and_fill(runner: sampling.Runner, seed: int, count: int, folder: Path, world, x_T=None, scale: int = 1) -> tuple[int, float]:
-    """Plan the folder (noting images already there), fill it; (images all processes wrote, stall)."""
-    plan = folders.plan_folder(folder, count, runner.batch, world)
-    if plan.already == count and world.is_main:
-        note(f"all {count} images are already in {folder}; nothing to do")
-    elif plan.already and world.is_main:
-        note(f"{plan.already} of {count} images already in {folder}; generating the rest")
-    return count - plan.already, fill_with_progress(runner, plan, seed, world, x_T, scale)
-
-
 def exact_settings(exact: bool, tol: float, max_iters: int) -> sampling.ExactInversion | None:
     return sampling.ExactInversion(tol, max_iters) if exact else None
-
-
-def run_inversion(runner: sampling.Runner, x0: torch.Tensor, exact=None) -> tuple[torch.Tensor, int]:
-    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], runner.evaluations) as advance:
-        return sampling.invert_batches(runner, x0, exact, advance)
-
-
-def run_decoding(runner: sampling.Runner, x_T: torch.Tensor, label="decoding") -> torch.Tensor:
-    with progress_bar(label, x_T.shape[0], runner.evaluations) as advance:
-        return sampling.decode_batches(runner, x_T, advance)

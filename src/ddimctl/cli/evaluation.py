@@ -32,12 +32,12 @@ from .common import (
     note,
     parse_list,
     parse_names,
-    plan_and_fill,
     say,
     stdout,
     steps_for,
     timestep_choice,
 )
+from .progress import plan_and_fill
 
 
 @app.command()

@@ -38,12 +38,12 @@ from .common import (
     make_runner,
     note,
     progress_bar,
-    plan_and_fill,
     read_images,
     say,
     steps_for,
     timestep_choice,
 )
+from .progress import plan_and_fill
 
 
 @app.command()

@@ -44,13 +44,12 @@ from .common import (
     parse_list,
     progress_bar,
     read_images,
-    run_decoding,
-    run_inversion,
     say,
     stdout,
     steps_for,
     timestep_choice,
 )
+from .progress import run_decoding, run_inversion
 
 
 def finite_or_null(value):

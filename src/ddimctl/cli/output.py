@@ -133,3 +133,7 @@ def progress_bar(description: str, images_count: int, calls_per_image: int, enab
     ) as bar:
         task = bar.add_task(description, total=images_count * calls_per_image, calls_per_image=calls_per_image)
         yield lambda n: bar.advance(task, n)
+
+
+# What a command has done so far, for the line Ctrl-C prints (set by long-running commands).
+progress_on_interrupt: list = []
