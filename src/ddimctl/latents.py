@@ -22,12 +22,16 @@ if TYPE_CHECKING:
     from .sampling import ExactInversion
 
 
+def _as_text(values: dict) -> dict[str, str]:
+    """Metadata values as safetensors keeps them: strings (others as JSON)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+
+
 def save_latents(path: Path, latents: torch.Tensor, model: str, settings: samplers.Settings, **metadata) -> None:
-    """Write latents with the model and (resolved) DDIM settings they were inverted with."""
-    made = {"model": model, "sampler": settings.sampler, "steps": str(settings.steps), "skip": settings.skip,
-            "eta": f"{settings.eta:g}", **metadata}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in made.items()}
-    atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), meta)
+    """Write latents with the model and (resolved) settings they were inverted with, in the record
+    format of a samples folder (Settings.record)."""
+    made = {"model": model, **settings.record(), **metadata}
+    atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), _as_text(made))
 
 
 def inversion_metadata(exact: ExactInversion | None) -> dict[str, str]:
@@ -89,6 +93,8 @@ def latents_settings(path: Path) -> dict[str, str]:
             timesteps.check(made["skip"])
         except ValueError:
             raise bad("skip", f"one of {', '.join(timesteps.SCHEMES)} or explicit timesteps") from None
+    if made.get("sigma_hat", "false") not in ("true", "false"):
+        raise bad("sigma_hat", "true or false")
     if made["sampler"] not in samplers.SAMPLERS:
         raise bad("sampler", f"one of {samplers.names()}")
     if "eta" in made:
@@ -121,8 +127,7 @@ def decoding_settings(made: dict[str, str], sampler: str, steps: int | None, ski
 
 def decoding_notes(name: str, made: dict[str, str], model: str, settings: samplers.Settings) -> list[str]:
     """What a user decoding latents `name` with (resolved) `settings` should know."""
-    asked = {"model": model, "sampler": settings.sampler, "steps": str(settings.steps), "skip": settings.skip,
-             "eta": f"{settings.eta:g}"}
+    asked = _as_text({"model": model, **settings.record()})
     differ = latents_differences(made, asked)
     if differ:
         return [f"{name} was inverted with {', '.join(differ)}: decoding will not return the images exactly"]
