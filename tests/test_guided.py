@@ -239,3 +239,19 @@ def test_tune_steps_refuses_a_class_conditional_model_before_any_work(tmp_path):
     result = ddimctl("tune-steps", "--model", checkpoint, "--sampler", "unipc", "--steps", "5", "--out",
                      tmp_path / "t.json", check=False, cwd=tmp_path)
     assert result.returncode != 0 and "class-conditional" in result.stderr and not (tmp_path / "t.json").exists()
+
+
+def test_fp16_weights_load_as_their_float32_network(tmp_path):
+    """Checkpoints saved from use_fp16 training may hold float16 tensors: read as those values in fp32."""
+    flags = {**SMALL, "num_heads": 2}
+    theirs = their_model(flags)  # their fp32 network (use_fp16 only sets their compute dtype)
+    torch.save({k: v.half() for k, v in theirs.state_dict().items()}, tmp_path / "half.pt")
+    (tmp_path / "half.json").write_text(json.dumps({**flags, "use_fp16": True}))
+    loaded = weights.load_model(str(tmp_path / "half.pt"))
+    rounded = their_model(flags)
+    rounded.load_state_dict({k: v.half().float() for k, v in theirs.state_dict().items()})
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
+    with torch.no_grad():
+        want, got = rounded(x, t), loaded.unet(x, t)
+    assert next(loaded.unet.parameters()).dtype == torch.float32
+    assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
