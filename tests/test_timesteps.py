@@ -125,9 +125,9 @@ def test_skip_tuned_takes_the_timesteps_ddimctl_ships(tmp_path):
     ddimctl("sample", "--model", "digits", "--sampler", "unipc", "--skip", "tuned", "-n", "2", "--out", "s/", cwd=tmp_path)
     record = json.loads((tmp_path / "s" / ".ddimctl-sample.json").read_text())
     assert record["skip"] == timesteps.canonical(shipped["timesteps"]) and record["steps"] == 5
-    for args, says in [(["--sampler", "ddim"], "ships no tuned timesteps for ddim on digits"),
+    for args, says in [(["--sampler", "ddim"], "no tuned timesteps for ddim on digits in ddimctl's shipped files"),
                        (["--sampler", "unipc", "--steps", "7"], "are for --steps 5 or 10"),
-                       (["--model", "../x", "--sampler", "unipc"], "registry models only")]:
+                       (["--model", "../x", "--sampler", "unipc"], "registry models and in a model folder's tuned/")]:
         result = ddimctl("sample", *(["--model", "digits"] if "--model" not in args else []), *args, "--skip", "tuned",
                          "--out", "o.png", cwd=tmp_path, check=False)
         assert result.returncode == 1 and says in result.stderr, result.stderr
@@ -141,3 +141,21 @@ def test_explicit_timesteps_set_each_sweep_cells_calls():
     assert [(c.sampler, c.steps, c.eta) for c in cells] == [("ddim", 4, 0.0), ("ddim", 4, 1.0), ("plms", 5, 0.0),
                                                              ("unipc", 4, 0.0)]
     assert all(c.skip == "0,250,500,750" for c in cells)
+
+
+def test_a_model_folder_keeps_its_own_tuned_timesteps(tmp_path):
+    """--skip tuned with a model or run folder: the folder's tuned/SAMPLER-S.json, held to its weights."""
+    from ddimctl import weights
+
+    ddimctl("export", "digits", tmp_path / "mine", cwd=tmp_path)
+    mine = weights.load_model(str(tmp_path / "mine"))
+    (tmp_path / "mine" / "tuned").mkdir()
+    (tmp_path / "mine" / "tuned" / "unipc-3.json").write_text(json.dumps({
+        "format": "ddimctl-timesteps", "model": mine.name, "weights_sha256": mine.weights_sha256, "sampler": "unipc",
+        "steps": 3, "timesteps": [90, 420, 999]}))
+    ddimctl("sample", "--model", tmp_path / "mine", "--sampler", "unipc", "--skip", "tuned", "-n", "2", "--out", "s/",
+            cwd=tmp_path)
+    assert json.loads((tmp_path / "s" / ".ddimctl-sample.json").read_text())["skip"] == "90,420,999"
+    none = ddimctl("sample", "--model", tmp_path / "mine", "--sampler", "dpm++2m", "--skip", "tuned", "--out", "o.png",
+                   cwd=tmp_path, check=False)
+    assert none.returncode == 1 and "no tuned timesteps for dpm++2m" in none.stderr and "mine/tuned" in none.stderr

@@ -149,21 +149,34 @@ class Tuned:
                                f"{param('sampler')} {self.sampler} or tune {sampler}")
 
 
-def bundled_tuned(model: str, sampler: str, steps: int | None) -> Path:
-    """The tuned timesteps ddimctl ships for a registry model (`--skip tuned`)."""
+TUNED_FOLDER = "tuned"  # in a model or run folder: its own tune-steps files, named SAMPLER-S.json
+
+
+def tuned_file(model: str, sampler: str, steps: int | None) -> Path:
+    """The tuned timesteps `--skip tuned` takes for a model: those a model or run folder keeps in its
+    tuned/ folder (SAMPLER-S.json), or those ddimctl ships for a registry model. Either way the file
+    names the weights it was fitted to, and is refused for others (Tuned.check)."""
     from importlib import resources
 
     from .registry import NAME
 
-    if not NAME.match(model) or not NAME.match(sampler.replace("+", "p")):
-        raise DdimctlError(f"{param('skip')} tuned: ddimctl ships tuned timesteps for registry models only; for "
-                           f"{model}, fit them with `ddimctl tune-steps` and pass --skip F.json")
-    folder = Path(str(resources.files("ddimctl").joinpath("bundled", "tuned")))
-    shipped = sorted(folder.glob(f"{model}-{sampler}-*.json")) if folder.is_dir() else []
+    if not NAME.match(sampler.replace("+", "p")):
+        raise DdimctlError(f"{param('skip')} tuned: {sampler!r} is not a sampler name")
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        shipped = sorted((folder / TUNED_FOLDER).glob(f"{sampler}-*.json"))
+        where = f"{folder / TUNED_FOLDER}"
+    elif NAME.match(model):
+        bundled = Path(str(resources.files("ddimctl").joinpath("bundled", "tuned")))
+        shipped = sorted(bundled.glob(f"{model}-{sampler}-*.json")) if bundled.is_dir() else []
+        where = "ddimctl's shipped files"
+    else:
+        raise DdimctlError(f"{param('skip')} tuned: ddimctl finds tuned timesteps for registry models and in a model "
+                           f"folder's {TUNED_FOLDER}/; for {model}, fit them with `ddimctl tune-steps` and pass --skip F.json")
     calls = {int(p.stem.rsplit("-", 1)[1]): p for p in shipped if is_whole_number(p.stem.rsplit("-", 1)[1])}
     if not calls:
-        raise DdimctlError(f"{param('skip')} tuned: ddimctl ships no tuned timesteps for {sampler} on {model}; "
-                           f"fit them with `ddimctl tune-steps --model {model} --sampler {sampler} --out F.json`")
+        raise DdimctlError(f"{param('skip')} tuned: no tuned timesteps for {sampler} on {model} in {where}; fit them "
+                           f"with `ddimctl tune-steps --model {model} --sampler {sampler} --out F.json`")
     if steps is None:  # the fewest calls: what tuning is for
         return calls[min(calls)]
     if steps not in calls:

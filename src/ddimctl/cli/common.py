@@ -114,7 +114,7 @@ def timestep_choice(skip: str | None, given: str | None, model: str | None = Non
     if value is None:
         return None, None
     if value == "tuned" or value.lower().endswith(".json"):
-        path = (timesteps.bundled_tuned(model or registry.default_model(), sampler, steps) if value == "tuned"
+        path = (timesteps.tuned_file(model or registry.default_model(), sampler, steps) if value == "tuned"
                 else Path(value).expanduser())
         tuned = timesteps.read_tuned(path)
         return timesteps.canonical(tuned.timesteps), tuned
