@@ -260,3 +260,16 @@ def test_convergence_orders_on_the_mixture():
     # iPNDM is already at ~1e-5 from S = 17 (fourth order once warmed up), too close to the
     # reference's own error for a clean slope: its errors stay far below DDIM's instead.
     assert all(errors_ipndm < errors_ddim / 20 for errors_ipndm, errors_ddim in zip(errors_of["ipndm"], errors_of["ddim"]))
+
+
+def test_every_sampler_has_the_one_signature():
+    """samplers.SamplerFunction: the same positional tensors and keyword-only hooks for every row."""
+    import inspect
+
+    from ddimctl import samplers
+
+    for name, spec in samplers.SAMPLERS.items():
+        params = inspect.signature(spec.function).parameters
+        assert list(params)[:4] == ["eps_model", "x_T", "alphas_cumprod", "timesteps"], name
+        for hook in ("generator", "callback", "keep_known"):
+            assert params[hook].kind is inspect.Parameter.KEYWORD_ONLY and params[hook].default is None, (name, hook)

@@ -1,11 +1,8 @@
 """Every sampler by name, with one signature, and the one value that says how to sample.
 
-A sampler is a plain function over tensors,
-
-    fn(eps_model, x_T, alphas_cumprod, timesteps, *, generator=None, callback=None, keep_known=None, **options)
-
-that walks the increasing `timesteps` downwards and returns the clean image (abar = 1). A new sampler
-is one such function (in ddim.py or solvers.py) and one row of SAMPLERS.
+A sampler is a plain function over tensors of the signature `SamplerFunction` states: it walks the
+increasing `timesteps` downwards and returns the clean image (abar = 1). A new sampler is one such
+function (in ddim.py or solvers.py) and one row of SAMPLERS.
 
 `Settings` (sampler, steps, skip, eta, sigma-hat) is built and checked once, wherever it comes from,
 and carried whole through preparation, the Runner, the sample-folder record, the latents file and
@@ -14,8 +11,9 @@ the sweep. `steps` is always the number of network calls per image.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -23,9 +21,19 @@ from . import ddim, solvers, timesteps
 from .errors import DdimctlError, between, one_of, param
 
 
+class SamplerFunction(Protocol):
+    """The one signature of every sampler (ddim.sample's): eps_model(x, t) the noise prediction,
+    generator one per image (stochastic samplers only), callback(ddim.Step) after each step,
+    keep_known(t, x) to paste known pixels back (inpainting), options the sampler's own (eta)."""
+
+    def __call__(self, eps_model: ddim.EpsModel, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
+                 timesteps: torch.Tensor | Sequence[int], *, generator: ddim.Generator = None,
+                 callback: ddim.StepCallback | None = None, keep_known: ddim.KeepKnown = None, **options) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    function: Callable[..., torch.Tensor]
+    function: SamplerFunction
     summary: str
     extra_calls: int = 0  # network calls beyond one per timestep (PLMS's first step)
     min_steps: int = 1
