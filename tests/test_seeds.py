@@ -14,7 +14,9 @@ def test_image_streams_keep_their_values():
 
 
 def test_named_streams_never_share_values():
-    """The old dropout stream was the data stream of seed + 1: run s's dropout was run s + 1's data."""
+    """The old dropout stream was the data stream of seed + 1: run s's dropout was run s + 1's data.
+    That each use draws from its own stream is held by test_training_streams_are_not_image_streams
+    and by the kill-and-resume bit-identity test (tests/test_train.py)."""
     data_next_run = seeds.image_seed(1, 7 * 65536)
     assert seeds.dropout(0, 7, 0) != data_next_run
     values = {seeds.dropout(s, step, rank) for s in range(3) for step in range(50) for rank in range(4)}
