@@ -67,8 +67,9 @@ def main() -> None:
             text = run(command, folder)
             blocks.append("\n".join(("    " + line if not line.startswith("    $") else line) for line in text.splitlines()))
             print(blocks[-1], flush=True)
-    body = (f"What they print, with the bundled digits model ({machine()}; progress bars, which go to stderr,\n"
-            f"left out; `three.png` and `seven.png` are `tests/data/digit-three.png` and `digit-seven.png`,\n"
+    body = (f"What they print, with the bundled digits model ({machine()}; progress bars and notes go to\n"
+            f"stderr and are left out, tables and each command's last line, what it wrote, go to stdout;\n"
+            f"`three.png` and `seven.png` are `tests/data/digit-three.png` and `digit-seven.png`,\n"
             f"test-split digits; written by `python scripts/readme_examples.py`):\n\n" + "\n\n".join(blocks) + "\n")
     readme = args.readme.read_text()
     begin, end = "<!-- examples:begin -->\n", "<!-- examples:end -->"

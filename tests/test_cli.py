@@ -43,7 +43,7 @@ def test_sample_grid(tiny_checkpoint, tmp_path):
     # 5 images of 16x16 in a 3x2 grid with 2 px padding (56 x 38), enlarged 7 times to be at least
     # 256 px on its short side.
     assert img.size == (7 * (3 * 18 + 2), 7 * (2 * 18 + 2)) and img.mode == "RGB"
-    assert "wrote 5 images" in result.stderr
+    assert "wrote 5 images" in result.stdout
 
 
 @pytest.mark.parametrize("eta", ["0", "1"])
@@ -234,7 +234,7 @@ def test_bundled_digits_model_round_trip(tmp_path):
 
 def test_bundled_digits_model_samples_offline(tmp_path):
     result = ddimctl("sample", "--model", "digits", "-n", "4", "--steps", "10", "--out", "d.png", "--scale", "1", cwd=tmp_path)
-    assert "digits, S=10" in result.stderr
+    assert "digits, S=10" in result.stdout
     img = np.asarray(Image.open(tmp_path / "d.png"))
     assert img.shape == (2 * 18 + 2, 2 * 18 + 2)
     ddimctl("sample", "--model", "digits", "-n", "4", "--steps", "2", "--out", "big.png", cwd=tmp_path)
@@ -351,7 +351,7 @@ def test_every_sampler_writes_the_librarys_images(tiny_checkpoint, tmp_path, nam
     result = ddimctl("sample", "--model", tiny_checkpoint, "--sampler", name, "-n", 3, "--steps", 5, "--seed", 3,
                      "--out", "o/", "--precision", "fp32", cwd=tmp_path)
     settings = samplers.Settings(name, 5).for_model(1000, "uniform")
-    assert f"S=5, {name}" in result.stderr and f"skip={settings.skip}" in result.stderr
+    assert f"S=5, {name}" in result.stdout and f"skip={settings.skip}" in result.stdout
     model = weights.load_model(str(tiny_checkpoint))
     x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1, 2]), model.image_shape)
     with torch.no_grad():

@@ -38,7 +38,7 @@ def test_edit_strength_zero_and_exact_edit_return_the_input(tmp_path):
     assert (diff**2).mean() < 1e-3
     noised = ddimctl("edit", THREE, "--model", "digits", "--strength", "0.6", "--steps", "10", "--out", "noise.png",
                      "--strip", "--scale", "1", cwd=tmp_path)
-    assert "6 of 10 steps" in noised.stderr
+    assert "6 of 10 steps" in noised.stdout
     strip = gray(tmp_path / "noise-strip.png")  # beside the edited image, which keeps its own name
     assert strip.shape == (14 + 20, 38)  # labels, then input | edited with the grid's padding
     assert np.array_equal(strip[16:32, 2:18], gray(THREE))
@@ -74,7 +74,7 @@ def test_exact_latents_record_how_they_were_made_and_decode_back(tmp_path):
     assert meta["inversion"] == "exact" and meta["tol"] == "0.001" and meta["max_iters"] == "4"  # the defaults
     # sample takes the model, S and skip from the file: no --model needed.
     result = ddimctl("sample", "--latents", "z.safetensors", "--out", "back.png", "--scale", "1", cwd=tmp_path)
-    assert "digits, S=10" in result.stderr and "plain inversion" not in result.stderr
+    assert "digits, S=10" in result.stdout and "plain inversion" not in result.stderr
     back = gray(tmp_path / "back.png")[2:18, 2:18]
     assert ((back - gray(THREE)) / 255).var() < 1e-3 and np.abs(back - gray(THREE)).mean() < 3
     ddimctl("invert", THREE, "--model", "digits", "--steps", "10", "--out", "p.safetensors", cwd=tmp_path)

@@ -37,6 +37,7 @@ from .common import (
     steps_for,
     timestep_choice,
 )
+from .output import finish
 from .progress import plan_and_fill
 
 
@@ -113,7 +114,7 @@ def fid(
         if samples is None:
             fail("--save-stats writes the statistics of a folder: give SAMPLES")
         evaluate.save_statistics(evaluate.statistics(str(samples), dev, batch_size, feature_extractor), save_stats)
-        say(f"wrote the FID statistics of {samples} to {save_stats}")
+        finish(f"wrote the FID statistics of {samples} to {save_stats}")
         return
     if ref is None:
         fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
@@ -191,7 +192,7 @@ def sweep(
     evaluate.run_sweep(loaded.name, cells, num, ref, out, world, prepare_cell, fill, feature_extractor, say)
     distributed.shutdown()
     if world.is_main:
-        say(f"wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'fid.png'}" if (out / "fid.png").exists() else ""))
+        finish(f"wrote {out / 'table.md'}, {out / 'results.json'}" + (f", {out / 'fid.png'}" if (out / "fid.png").exists() else ""))
         stdout.print((out / "table.md").read_text(), markup=False, highlight=False)
 
 

@@ -43,6 +43,7 @@ from .common import (
     steps_for,
     timestep_choice,
 )
+from .output import finish
 from .progress import plan_and_fill
 
 
@@ -126,7 +127,7 @@ def sample(
         where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
         what = f"{done} image{'s' * (done != 1)}" + (f" ({world.size} processes)" if world.size > 1 else "")
         done_before = f"{out_path}/ already held all {count} images; nothing written " if to_folder and done == 0 else ""
-        say(
+        finish(
             (done_before or f"wrote {what} to {where} in {elapsed:.1f}s ") +
             f"[{loaded.name}, {settings.describe()}, seed={seed}, {runner.device}, {runner.precision}, batch {runner.batch}]"
         )
@@ -204,6 +205,6 @@ def edit(
                                 tile=resolution)
     t0 = int(runner.timesteps[walked - 1]) if walked else None
     where = f"{out_path}/" if to_folder else str(out_path)
-    say(f"wrote {len(targets)} edited image(s){' and their strips' * strip} to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "
+    finish(f"wrote {len(targets)} edited image(s){' and their strips' * strip} to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "
         f"{walked} of {len(runner.timesteps)} steps from t0 = {t0}{f', eta={eta:g}' if settings.spec.takes_eta else ''}, "
         f"{'exact inversion' if exact else f'seed={seed}'}{', masked' if mask else ''}]")

@@ -49,6 +49,7 @@ from .common import (
     steps_for,
     timestep_choice,
 )
+from .output import finish
 from .progress import run_decoding, run_inversion
 
 
@@ -101,7 +102,7 @@ def invert(
     for p, (mean, std) in zip(image_paths, latents_file.moments(latents)):
         table.add_row(p.name, f"{mean:+.3f}", f"{std:.3f}")
     stdout.print(table)
-    say(f"wrote {len(image_paths)} latent{'s' * (len(image_paths) != 1)} to {out} (a Gaussian latent has mean ~0, std ~1)")
+    finish(f"wrote {len(image_paths)} latent{'s' * (len(image_paths) != 1)} to {out} (a Gaussian latent has mean ~0, std ~1)")
 
 
 @app.command()
@@ -173,7 +174,7 @@ def reconstruct(
                       *[f"{im['mse']:.2e}" for im in r["images"][:6]])  # exact round trips reach 1e-6
     stdout.print(table)
     if out is not None:
-        say(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
+        finish(f"wrote {out} (rows: images; columns: input, then S = {', '.join(map(str, steps_list))})")
 
 
 @app.command()
@@ -251,7 +252,7 @@ def interpolate(
     if to_folder:
         with progress_bar("decoding", frames, runner.evaluations) as advance:
             folders.interpolate_to_folder(runner, ends, frames, out, scale or 1, advance)
-        say(f"wrote {frames} frames to {out}/ (one PNG each)")
+        finish(f"wrote {frames} frames to {out}/ (one PNG each)")
         return
     alphas = sampling.interpolation_alphas(frames)
     z = sampling.interpolation_latents(ends, alphas)
@@ -265,4 +266,4 @@ def interpolate(
     if gif:
         images.save_gif(list(pixels), gif, scale=scale)
     ends = " and the two inputs at its ends" if x0 is not None else ""
-    say(f"wrote {frames} frames{ends} to {out}" + (f", and the frames to {gif}" if gif else ""))
+    finish(f"wrote {frames} frames{ends} to {out}" + (f", and the frames to {gif}" if gif else ""))

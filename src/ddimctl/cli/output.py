@@ -44,6 +44,12 @@ def say(message: str) -> None:
     stderr.print(message, markup=False, highlight=False)
 
 
+def finish(message: str) -> None:
+    """A command's last line, what it wrote: on stdout, so `ddimctl sample > log.txt` keeps it (progress,
+    notes and errors go to stderr)."""
+    stdout.print(message, markup=False, highlight=False)
+
+
 class ImagesPerSecond(ProgressColumn):
     """Speed in images per second, from a task counted in network calls of single images; and a
     remark when the rate collapsed (other work took the CPU)."""

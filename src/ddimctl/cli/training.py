@@ -30,6 +30,7 @@ from .common import (
     say,
     stderr,
 )
+from .output import finish
 
 
 HOPELESS_ON_CPU_S = 6 * 3600  # beyond this a CPU run is worth a warning before it starts
@@ -180,7 +181,7 @@ def train(
             training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
         )
     if main_process:
-        say(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
+        finish(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
 
 
 @app.command()
@@ -194,4 +195,4 @@ def export(
     check_target(out)  # before the model loads
     loaded = weights.load_model(str(run_dir))
     export_diffusers(loaded, out)
-    say(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")
+    finish(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")

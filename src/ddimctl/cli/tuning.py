@@ -13,6 +13,7 @@ import typer
 from .. import devices, samplers, timesteps, tuning
 from ..files import atomic_path
 from .common import DeviceOpt, ModelOpt, SamplerOpt, app, check_output, fail, load, note, note_cpu_threads, say, stderr
+from .output import finish
 
 
 @app.command("tune-steps")
@@ -72,6 +73,6 @@ def tune_steps(
     }
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
-    say(f"wrote {out}: timesteps {','.join(map(str, result.timesteps))} (teacher error {result.error:.5f}, "
+    finish(f"wrote {out}: timesteps {','.join(map(str, result.timesteps))} (teacher error {result.error:.5f}, "
         f"{100 * tuning.relative_gain(result):.0f}% below {result.start_scheme}'s {result.start_error:.5f}) in "
         f"{result.seconds:.0f}s; use it as --skip {out}")
