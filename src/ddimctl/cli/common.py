@@ -70,8 +70,9 @@ def complete_samplers(incomplete: str) -> list[str]:
 # Options shared by every command that runs the sampler.
 ModelOpt = typer.Option(
     None, "--model", "-m", autocompletion=complete_models,
-    help="Registry name (`ddimctl models`), local checkpoint, run folder or RUN@STEP (default: cifar10, downloaded "
-    "from the Hub on first use; digits is bundled and needs no network).",
+    help="Registry name (`ddimctl models`), Hub repository OWNER/NAME[@REV], local checkpoint or folder (diffusers, "
+    "openai .pt with its flags .json), run folder or RUN@STEP (default: cifar10, downloaded from the Hub on first "
+    "use; digits is bundled and needs no network).",
 )
 
 
