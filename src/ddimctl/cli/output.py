@@ -79,8 +79,9 @@ class PlainProgress:
     """Progress for logs and pipes: a plain line every few seconds (rich draws nothing there until
     the end), with done/total, rate, elapsed and time left."""
 
-    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "calls"):
+    def __init__(self, description: str, total: int, per_image: int = 1, unit: str = "calls", image_rate: bool | None = None):
         self.description, self.total, self.per_image, self.unit = description, total, per_image, unit
+        self.image_rate = unit == "calls" if image_rate is None else image_rate  # else the unit's own rate
         self.every = progress_seconds()
         self.started = self.last = time.perf_counter()
         self.done = 0
@@ -97,7 +98,7 @@ class PlainProgress:
         self.last, elapsed = now, now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (self.total - done) / rate if rate > 0 else float("nan")
-        speed = images_per_second(rate / self.per_image) if self.unit == "calls" else f"{rate:.1f} {self.unit}/s"
+        speed = images_per_second(rate / self.per_image) if self.image_rate else f"{rate:.1f} {self.unit}/s"
         slow = self.slowdown.update(now, done)
         print(f"{self.description}: {done}/{self.total} {self.unit}, {speed}{extra}, elapsed {clock(elapsed)}, "
               f"left {clock(left)}{'; ' + slow if slow else ''}", file=sys.stderr, flush=True)
@@ -118,17 +119,18 @@ def clock(seconds: float) -> str:
 
 
 @contextmanager
-def progress_bar(description: str, images_count: int, calls_per_image: int, enabled: bool = True):
-    """A bar over every network call of every image; yields advance(n_images) for one call on a batch."""
+def progress_bar(description: str, images_count: int, calls_per_image: int, enabled: bool = True, unit: str = "calls"):
+    """A bar over every network call of every image; yields advance(n_images) for one call on a batch.
+    unit "steps": one advance per step, for work whose calls per step vary (exact inversion)."""
     if not stderr.is_terminal:
-        plain = PlainProgress(description, images_count * calls_per_image, calls_per_image)
+        plain = PlainProgress(description, images_count * calls_per_image, calls_per_image, unit, image_rate=True)
         yield plain.advance if enabled else (lambda n: None)
         return
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("calls"),
+        TextColumn(unit),
         ImagesPerSecond(),
         TimeElapsedColumn(),
         TextColumn("left"),

@@ -34,7 +34,9 @@ def plan_and_fill(runner: sampling.Runner, seed: int, count: int, folder: Path, 
 
 
 def run_inversion(runner: sampling.Runner, x0: torch.Tensor, exact=None) -> tuple[torch.Tensor, int]:
-    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], runner.evaluations) as advance:
+    # exact inversion takes a varying number of calls per step: its bar counts steps
+    with progress_bar("inverting" + (" (exact)" if exact else ""), x0.shape[0], runner.evaluations,
+                      unit="steps" if exact else "calls") as advance:
         return sampling.invert_batches(runner, x0, exact, advance)
 
 
