@@ -321,3 +321,23 @@ def test_a_hopeless_cpu_run_says_so_before_it_starts(tmp_path):
     warning = next(line for line in result.stderr.splitlines() if line.startswith("warning: about"))
     assert "days on this CPU" in warning and "a smaller --preset" in warning
     assert result.returncode == 1 and not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_leaves_a_log_that_says_where_the_run_stopped(data_dir, tmp_path):
+    """train.log ends with the step and the checkpoint a resume starts from; a log (not a terminal)
+    gets plain progress lines, not a dump of bars."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddimctl", "train", str(data_dir), "--out", "r", "--steps", "100000",
+                             "--save-every", "2", *TINY], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "r" / "checkpoints").glob("*.safetensors")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err and "━" not in err
+    last = (tmp_path / "r" / "train.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("interrupted at step ") and "newest checkpoint step-" in last

@@ -343,33 +343,40 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
 
     model.train()
     started, images_seen = time.perf_counter(), 0
-    while step < options.steps:
-        x0, t, noise = (v.to(device) for v in draw_batch(data, step, options, world, train_steps))
-        lr = learning_rate(step, options.lr, options.warmup, options.steps, options.lr_schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16, options.grad_clip,
-                              options.prediction)
-        update_ema(ema, model, ema_decay(step, options.ema_decay))
-        step += 1
-        images_seen += options.batch_size
+    try:
+        while step < options.steps:
+            x0, t, noise = (v.to(device) for v in draw_batch(data, step, options, world, train_steps))
+            lr = learning_rate(step, options.lr, options.warmup, options.steps, options.lr_schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16, options.grad_clip,
+                                  options.prediction)
+            update_ema(ema, model, ema_decay(step, options.ema_decay))
+            step += 1
+            images_seen += options.batch_size
 
-        # Reading the loss waits for the device: only every log_every steps, and before each save.
-        saving = step % options.save_every == 0 or step == options.steps
-        if saving or step % options.log_every == 0:
-            check_loss(loss.item(), step, lr, newest)
-        if world.is_main and (step % options.log_every == 0 or step == options.steps):
-            speed = images_seen / (time.perf_counter() - started)
-            value = loss.item()
-            if progress.on_step:
-                progress.on_step(step, value, speed)
-            log.write(f"step={step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}\n")
-            log.flush()
-        if saving:
-            if world.is_main:
-                newest = runs.save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
-                write_samples(run_dir, step, ema, options, device)
-            world.barrier()
+            # Reading the loss waits for the device: only every log_every steps, and before each save.
+            saving = step % options.save_every == 0 or step == options.steps
+            if saving or step % options.log_every == 0:
+                check_loss(loss.item(), step, lr, newest)
+            if world.is_main and (step % options.log_every == 0 or step == options.steps):
+                speed = images_seen / (time.perf_counter() - started)
+                value = loss.item()
+                if progress.on_step:
+                    progress.on_step(step, value, speed)
+                log.write(f"step={step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}\n")
+                log.flush()
+            if saving:
+                if world.is_main:
+                    newest = runs.save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
+                    write_samples(run_dir, step, ema, options, device)
+                world.barrier()
+    except KeyboardInterrupt:
+        if log:  # where the run stopped: the newest checkpoint is where --resume starts
+            kept = runs.checkpoint_files(run_dir)
+            log.write(f"interrupted at step {step}; newest checkpoint {kept[-1].name if kept else 'none'}\n")
+            log.close()
+        raise
     if log:
         log.close()
     world.barrier()

@@ -159,7 +159,7 @@ def train(
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TextColumn("left"),
-        TimeRemainingColumn(), console=stderr, disable=not main_process,
+        TimeRemainingColumn(), console=stderr, disable=not main_process or not stderr.is_terminal,  # logs: PlainProgress
     ) as bar:
         reading = bar.add_task("reading data", total=None, status="")
         task = bar.add_task("training", total=options.steps, status="", visible=False)
