@@ -276,6 +276,9 @@ def test_version_and_shell_completion(tmp_path):
     assert complete("ddimctl sam") == ["sample"]
     assert complete("ddimctl sample --model ema-c") == ["ema-church-256", "ema-celebahq-256", "ema-cat-256"]
     assert complete("ddimctl sample --sampler dpm") == ["dpm++2m", "dpm++3m"]
+    assert complete("ddimctl sample --precision f") == ["fp32", "fp16"]
+    assert complete("ddimctl invert --device c") == ["cpu", "cuda"]
+    assert complete("ddimctl sample --skip t") == ["trailing", "tuned"]
 
 
 def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):

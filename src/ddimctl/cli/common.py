@@ -4,6 +4,7 @@ progress (output.py prints)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +14,7 @@ import typer
 from .. import images, registry, samplers, sampling, timesteps, weights
 from ..data import find_images
 from ..errors import DdimctlError
+from ..fast import PRECISIONS
 from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, say, stderr, stdout  # noqa: F401 (the commands' imports)
 
 app = typer.Typer(
@@ -67,6 +69,11 @@ def complete_samplers(incomplete: str) -> list[str]:
     return [name for name in samplers.SAMPLERS if name.startswith(incomplete)]
 
 
+def completing(choices) -> Callable[[str], list[str]]:
+    """Shell completion from a fixed list of choices."""
+    return lambda incomplete: [c for c in choices if c.startswith(incomplete)]
+
+
 # Options shared by every command that runs the sampler.
 ModelOpt = typer.Option(
     None, "--model", "-m", autocompletion=complete_models,
@@ -89,7 +96,7 @@ SamplerOpt = typer.Option(
 
 
 SkipOpt = typer.Option(
-    None, "--skip",
+    None, "--skip", autocompletion=completing((*timesteps.SCHEMES, "tuned")),
     help=f"Timestep scheme: {', '.join(timesteps.SCHEMES)}; explicit timesteps; a tune-steps file F.json; or tuned "
     f"(the timesteps ddimctl ships for the model and sampler). Default: the sampler's, for ddim the model's.",
 )
@@ -139,7 +146,7 @@ def check_tuned(tuned: timesteps.Tuned | None, loaded: weights.LoadedModel, samp
         tuned.check(loaded.name, loaded.weights_sha256, sampler)
 
 
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DeviceOpt = typer.Option("auto", "--device", autocompletion=completing(("auto", "cpu", "cuda")), help="auto, cpu or cuda.")
 
 ClassOpt = typer.Option(
     None, "--class", help="Class-conditional models: one class for every image, or one per image (such as 1,7); "
@@ -152,7 +159,7 @@ BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (defa
 
 
 PrecisionOpt = typer.Option(
-    "auto", "--precision", help="auto (bf16 on GPUs, fp32 on CPUs: a seed gives the same image on every CPU), fp32, tf32, bf16, fp16."
+    "auto", "--precision", autocompletion=completing(PRECISIONS), help="auto (bf16 on GPUs, fp32 on CPUs: a seed gives the same image on every CPU), fp32, tf32, bf16, fp16."
 )
 
 
@@ -176,7 +183,7 @@ TolOpt = typer.Option(1e-3, "--tol", help="Exact inversion: per-step tolerance (
 MaxItersOpt = typer.Option(4, "--max-iters", help="Exact inversion: network calls per step at most (about 3 S in all).")
 
 
-ExactPrecisionOpt = typer.Option("fp32", "--precision", help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
+ExactPrecisionOpt = typer.Option("fp32", "--precision", autocompletion=completing(PRECISIONS[1:]), help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
 
 
 CompileOpt = typer.Option(
