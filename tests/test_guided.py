@@ -172,6 +172,8 @@ def test_their_command_line_spelling_of_flags_is_read(tmp_path):
     loaded = weights.load_model(str(save(tmp_path, their_model({**SMALL, "learn_sigma": True, "num_heads": 2}), flags)))
     assert (loaded.config.out_channels, loaded.train_steps, loaded.timestep_scale) == (6, 4000, 0.25)
     assert loaded.schedule["kind"] == "squaredcos_cap_v2"
+    one = {**SMALL, "num_heads": 2, "attention_resolutions": 16, "channel_mult": [1, 2]}  # JSON numbers, not strings
+    assert weights.load_model(str(save(tmp_path, their_model({**SMALL, "num_heads": 2}), one, "one"))).config.attention_resolutions == (16,)
 
 
 def test_class_labels_are_checked_before_any_work(tmp_path):

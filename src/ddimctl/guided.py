@@ -82,6 +82,8 @@ def _numbers(f: Fields, key: str, read: Callable[[str], float]) -> tuple | None:
             return tuple(read(v) for v in value.split(","))
         except ValueError:
             raise DdimctlError(f"{f.where}: {key} {value!r} is not a comma-separated list of numbers") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # one value: "16" written as 16
+        return (value,)
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return tuple(value)
     raise DdimctlError(f"{f.where}: {key} is {value!r}, expected a list of numbers such as \"16,8\"")

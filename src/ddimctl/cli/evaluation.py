@@ -124,7 +124,8 @@ def fid(
             evaluate.check_sample_count(num)
             loaded = load(model)
             check_tuned(tuned, loaded, settings.sampler)
-            runner = make_runner(loaded, settings, device, count=num)
+            runner = make_runner(loaded, settings, device, count=num,
+                                 classes=sampling.image_classes(loaded, num, None, seed))  # class-conditional: from (seed, i)
             samples = Path(tmp)
             plan_and_fill(runner, seed, num, samples, distributed.World())
         value = evaluate.compute_fid(samples, ref, dev, batch_size, feature_extractor)
