@@ -101,10 +101,11 @@ def read_flags(cfg: dict, where: str) -> GuidedModel:
     mult = _numbers(f, "channel_mult", float) or CHANNEL_MULT.get(size)
     if mult is None:
         raise DdimctlError(f"{where}: their code has no default channel_mult for image_size {size}; set channel_mult")
+    mult = tuple(int(m) if float(m).is_integer() else float(m) for m in mult)  # 1.0 as 1, 0.5 as it is
     heads = f.integer("num_heads", low=1, high=4096)
     head_channels = f.integer("num_head_channels", low=-1, high=4096)
     heads_up = f.integer("num_heads_upsample", low=-1, high=4096)
-    if head_channels in (0,) or heads_up == 0:
+    if head_channels == 0 or heads_up == 0:
         raise DdimctlError(f"{where}: num_head_channels and num_heads_upsample are -1 or at least 1")
     if head_channels == -1 and heads_up not in (-1, heads):
         raise DdimctlError(f"{where}: num_heads_upsample {heads_up} differs from num_heads {heads}; ddimctl builds "
