@@ -244,7 +244,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:
+        # temb_act: unused here; resamplers take it because resnet resamplers (ResnetBlock) use it
         if self.conv.padding == (0, 0):
             x = F.pad(x, (0, 1, 0, 1))  # asymmetric pad, as in the TF original
         return self.conv(x)
@@ -255,7 +256,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor | None = None) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -382,7 +383,7 @@ class UNet(nn.Module):
                     h = block.attentions[i](h)
                 skips.append(h)
             if block.resampler is not None:
-                h = block.resampler(h, temb_act) if isinstance(block.resampler, ResnetBlock) else block.resampler(h)
+                h = block.resampler(h, temb_act)
                 skips.append(h)
 
         if self.mid_block is not None:
@@ -394,7 +395,7 @@ class UNet(nn.Module):
                 if len(block.attentions):
                     h = block.attentions[i](h)
             if block.resampler is not None:
-                h = block.resampler(h, temb_act) if isinstance(block.resampler, ResnetBlock) else block.resampler(h)
+                h = block.resampler(h, temb_act)
 
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
