@@ -302,6 +302,16 @@ def test_fine_tuning_starts_from_the_given_weights(data_dir, tmp_path, tiny_chec
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["train"]["init"] == str(tiny_checkpoint)
 
 
+def test_fine_tuning_reads_the_initial_weights_once(data_dir, tmp_path, tiny_checkpoint, monkeypatch):
+    """--init's checkpoint is read for the checks before any work, and that reading is what trains."""
+    calls = []
+    real = weights.load_model
+    monkeypatch.setattr(weights, "load_model", lambda spec, **kw: calls.append(spec) or real(spec, **kw))
+    run("train", data_dir, "--out", "ft", "--init", tiny_checkpoint, "--steps", 1, "--batch-size", 4, "--sample-count", 0,
+        cwd=tmp_path)
+    assert calls == [str(tiny_checkpoint)]
+
+
 def test_fine_tuning_keeps_the_architecture(data_dir, tmp_path, tiny_checkpoint):
     result = run("train", data_dir, "--out", "r", "--init", tiny_checkpoint, "--preset", "tiny", "--channels", 1,
                  cwd=tmp_path, check=False)

@@ -130,9 +130,6 @@ class TrainOptions:
         """The run's noise schedule (ddim.Schedule.to_dict)."""
         return NOISE_SCHEDULES[self.noise_schedule].to_dict()
 
-    def unet_config(self) -> UNetConfig:
-        return self.architecture()[0]
-
     def architecture(self) -> tuple[UNetConfig, dict[str, torch.Tensor] | None]:
         """The run's UNet config, every value checked, and with --init the weights it starts from
         (loaded once here: callers that need both ask for both)."""
@@ -299,8 +296,10 @@ class TrainCallbacks:
     on_message: Callable[[str], None] | None = None
 
 
-def train(options: TrainOptions, device: torch.device, resume: bool = False, progress: TrainCallbacks | None = None) -> Path:
-    """Train a UNet; returns the newest checkpoint. Only rank 0 logs, samples and writes checkpoints."""
+def train(options: TrainOptions, device: torch.device, resume: bool = False, progress: TrainCallbacks | None = None,
+          architecture: tuple[UNetConfig, dict[str, torch.Tensor] | None] | None = None) -> Path:
+    """Train a UNet; returns the newest checkpoint. Only rank 0 logs, samples and writes checkpoints.
+    `architecture`: options.architecture() when the caller has it already (with --init it reads weights)."""
     from .data import load_folder
 
     progress = progress or TrainCallbacks()
@@ -310,7 +309,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     run_dir = Path(options.out)
     options = options.fitted()
     changes = runs.resume_changes(run_dir, asdict(options)) if resume else {}
-    config, initial_state = options.architecture()
+    config, initial_state = architecture or options.architecture()
     if options.batch_size % world.size:
         raise DdimctlError(f"{param('batch_size')} {options.batch_size} is not divisible by the {world.size} processes")
     resume_from = runs.prepare_run_dir(run_dir, config, resume)

@@ -132,7 +132,8 @@ def train(
                  sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model)
     given = {"data": str(data.resolve()), "out": str(out), "unet": overrides, **{k: v for k, v in given.items() if v is not None}}
     options = training.options_for_run(given, resume)
-    config = options.unet_config()  # every value checked here, before anything is written
+    architecture = options.architecture()  # every value checked here, before anything is written (once: --init reads weights)
+    config = architecture[0]
     runs.check_run_dir(out)
     main_process = distributed.from_env().is_main
     train_device = devices.pick_device(device)
@@ -179,6 +180,7 @@ def train(
         newest = training.train(
             options, train_device, resume,
             training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
+            architecture,
         )
     if main_process:
         finish(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
