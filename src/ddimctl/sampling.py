@@ -297,10 +297,10 @@ def make_runner(
     world = distributed.from_env()
     dev = distributed.local_device(pick_device(device), world)
     precision = fast.resolve_precision(precision, dev)
+    settings = settings.for_model(model.train_steps, model.skip)  # resolved here, once: Runner takes it as it is
     if reuse is not None:
-        return Runner.create(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision,
-                             classes=classes)
-    settings = settings.for_model(model.train_steps, model.skip)
+        return Runner(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision,
+                      classes=classes)
     batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
     if count:
         batch = min(batch, count)
@@ -314,7 +314,7 @@ def make_runner(
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
         notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
-    runner = Runner.create(model, settings, dev, eps_model=eps, batch=batch, precision=precision, classes=classes)
+    runner = Runner(model, settings, dev, eps_model=eps, batch=batch, precision=precision, classes=classes)
     walked = len(runner.timesteps) + settings.spec.extra_calls
     if walked != settings.steps:
         notify(f"{settings.skip} skip with S={settings.steps} has {len(runner.timesteps)} distinct timesteps")
