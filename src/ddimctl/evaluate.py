@@ -209,14 +209,14 @@ def cell_name(settings: samplers.Settings) -> str:
     """The cell's folder (ddim's names are those of earlier versions, so their sweeps resume)."""
     if settings.sampler != "ddim":
         return f"{settings.sampler}-S{settings.steps}"
-    return f"sigmahat-S{settings.steps}" if settings.sigma_hat else f"eta{settings.eta:g}-S{settings.steps}"
+    return f"sigmahat-S{settings.steps}" if settings.sigma_hat else f"eta{settings.eta_text}-S{settings.steps}"
 
 
 def paper_row(settings: samplers.Settings) -> str | None:
     """The row of the paper's Table 1 a ddim cell belongs to."""
     if settings.sampler != "ddim":
         return None
-    return "sigma-hat" if settings.sigma_hat else f"{settings.eta:g}"
+    return "sigma-hat" if settings.sigma_hat else settings.eta_text
 
 
 def write_tables(out: Path, model: str, cells: list[dict]) -> dict[str, Path]:

@@ -138,20 +138,25 @@ class Settings:
         return self.spec.function(eps_model, x_T, alphas_cumprod, timesteps, generator=generator, callback=callback,
                                   keep_known=keep_known, **self.options())
 
+    @property
+    def eta_text(self) -> str:
+        """eta as records, labels and summaries write it: 0, 0.2, 1."""
+        return f"{self.eta:g}"
+
     def record(self) -> dict:
         """The settings as a folder record or latents file writes them (strings and a bool)."""
-        return {"sampler": self.sampler, "steps": self.steps, "skip": self.skip, "eta": f"{self.eta:g}",
+        return {"sampler": self.sampler, "steps": self.steps, "skip": self.skip, "eta": self.eta_text,
                 "sigma_hat": self.sigma_hat}
 
     def label(self) -> str:
         """A row name: the sampler, and for DDIM its eta (or sigma-hat)."""
         if self.sampler != "ddim":
             return self.sampler
-        return "ddim sigma-hat" if self.sigma_hat else f"ddim eta={self.eta:g}"
+        return "ddim sigma-hat" if self.sigma_hat else f"ddim eta={self.eta_text}"
 
     def describe(self) -> str:
         """For summary lines: S=20, ddim, eta=0, skip=uniform."""
-        extra = f", eta={self.eta:g}" if self.spec.takes_eta else ""
+        extra = f", eta={self.eta_text}" if self.spec.takes_eta else ""
         extra += ", sigma-hat" if self.sigma_hat else ""
         return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}"
 

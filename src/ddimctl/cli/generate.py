@@ -206,5 +206,5 @@ def edit(
     t0 = int(runner.timesteps[walked - 1]) if walked else None
     where = f"{out_path}/" if to_folder else str(out_path)
     finish(f"wrote {len(targets)} edited image(s){' and their strips' * strip} to {where} [{loaded.name}, {settings.sampler}, strength {strength:g}: "
-        f"{walked} of {len(runner.timesteps)} steps from t0 = {t0}{f', eta={eta:g}' if settings.spec.takes_eta else ''}, "
+        f"{walked} of {len(runner.timesteps)} steps from t0 = {t0}{f', eta={settings.eta_text}' if settings.spec.takes_eta else ''}, "
         f"{'exact inversion' if exact else f'seed={seed}'}{', masked' if mask else ''}]")
