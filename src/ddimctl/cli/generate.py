@@ -79,7 +79,8 @@ def sample(
     skip, tuned = timestep_choice(skip, timesteps_given, model or made.get("model"), sampler, steps)
     if skip is not None and timesteps.is_list(skip):
         steps = steps_for(steps, skip, sampler)
-    settings = latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat)  # checked here
+    settings = (latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat) if latents is not None
+                else samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta, sigma_hat))  # checked here
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in images.PICTURE_SUFFIXES:
