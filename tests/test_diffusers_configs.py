@@ -180,6 +180,22 @@ def test_a_pipeline_folder_loads_with_its_scheduler(tmp_path):
         assert torch.allclose(loaded.unet(x, t), unet(x, t).sample, atol=1e-5)
 
 
+def ddim_against_diffusers(loaded, unet, scheduler):
+    """ddimctl's DDIM at S = 10 (uniform) and diffusers' DDIMScheduler loop from the same x_T: (ours,
+    theirs, the runner)."""
+    from ddimctl import samplers, sampling
+
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
+    with torch.no_grad():
+        ours = runner.sample(x_T, None)
+        scheduler.set_timesteps(10)
+        x = x_T.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    return ours, x, runner
+
+
 @pytest.mark.parametrize("beta_schedule,prediction", [
     ("linear", "epsilon"), ("squaredcos_cap_v2", "epsilon"), ("linear", "v_prediction"), ("linear", "sample"),
     ("scaled_linear", "v_prediction"), ("scaled_linear", "sample"), ("squaredcos_cap_v2", "v_prediction"),
@@ -188,8 +204,6 @@ def test_schedules_and_predictions_sample_as_diffusers_ddim_does(tmp_path, beta_
     """A pipeline folder with any of these schedules and predictions: ddimctl's DDIM (the model
     boundary turns the output into the noise) against diffusers' DDIMScheduler loop, clip_sample
     off, set_alpha_to_one, on the same 10 timesteps from the same x_T."""
-    from ddimctl import samplers, sampling
-
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
     scheduler = diffusers.DDIMScheduler(beta_schedule=beta_schedule, prediction_type=prediction, clip_sample=False,
@@ -200,14 +214,7 @@ def test_schedules_and_predictions_sample_as_diffusers_ddim_does(tmp_path, beta_
     loaded = weights.load_model(str(tmp_path / "pipe"))
     assert loaded.prediction == prediction and loaded.schedule["kind"] == beta_schedule
     torch.testing.assert_close(loaded.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)
-    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
-    with torch.no_grad():
-        ours = runner.sample(x_T, None)
-        scheduler.set_timesteps(10)
-        x = x_T.clone()
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    ours, x, runner = ddim_against_diffusers(loaded, unet, scheduler)
     assert sorted(scheduler.timesteps.tolist()) == runner.timesteps.tolist()
     within = ((ours - x).abs() <= 1 / 255).float().mean()
     assert within >= 0.995 and float((ours - x).abs().max()) < 0.05, (float(within), float((ours - x).abs().max()))
@@ -228,7 +235,7 @@ def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_p
     """trained_betas (diffusers then ignores beta_schedule) and DDPMScheduler's laplace schedule: the
     same alphas_cumprod, DDIM as diffusers' DDIMScheduler on them, and an export whose DDIMScheduler
     (which has no laplace) carries the betas themselves."""
-    from ddimctl import ddim, samplers, sampling
+    from ddimctl import ddim
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
@@ -244,14 +251,7 @@ def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_p
 
     reference = diffusers.DDIMScheduler(trained_betas=betas, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
                                         timestep_spacing="leading")
-    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
-    with torch.no_grad():
-        ours = runner.sample(x_T, None)
-        reference.set_timesteps(10)
-        x = x_T.clone()
-        for t in reference.timesteps:
-            x = reference.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    ours, x, _ = ddim_against_diffusers(loaded, unet, reference)
     assert float(((ours - x).abs() <= 1 / 255).float().mean()) >= 0.995
 
     from ddimctl.export import export_diffusers

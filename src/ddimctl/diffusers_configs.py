@@ -34,7 +34,7 @@ def _levels(f: Fields) -> tuple[tuple[int, ...], list[bool]]:
     unknown = [kind for kind in down if kind not in DOWN_BLOCKS]
     if unknown:
         raise DdimctlError(f"{f.where}: down_block_types has {unknown[0]!r}; ddimctl builds "
-                           f"{' and '.join(DOWN_BLOCKS)} (pixel-space DDPM blocks)")
+                           f"{', '.join(DOWN_BLOCKS)} (pixel-space DDPM blocks)")
     return widths, [DOWN_BLOCKS[kind][0] for kind in down]
 
 
@@ -76,9 +76,13 @@ def _read_resampling(f: Fields) -> dict:
     return {"resnet_resampling": used == {"resnet"}}
 
 
+def _resampling(c: UNetConfig) -> str:
+    return "resnet" if c.resnet_resampling else "conv"
+
+
 def _write_blocks(c: UNetConfig, blocks: dict, resolutions: list[int]) -> list[str]:
     """Each level's block type (attention blocks name their resampling in downsample_type / upsample_type)."""
-    resampling = "resnet" if c.resnet_resampling else "conv"
+    resampling = _resampling(c)
 
     def kind(attends: bool) -> str:
         return next(k for k, (a, how) in blocks.items() if a == attends and how == (None if attends else resampling))
@@ -183,8 +187,8 @@ DIFFUSERS_UNET_KEYS: dict[str, DiffusersKey] = {name: make(name) for name, make 
     "layers_per_block": _key(2, _field("num_res_blocks", _integer(1, 64))),
     "mid_block_scale_factor": _key(1, _field("mid_scale", _number(1e-3, 1e3))),
     "downsample_padding": _key(1, _field("downsample_padding", _integer(0, 1))),
-    "downsample_type": _key("conv", lambda key: (_read_resampling, lambda c: "resnet" if c.resnet_resampling else "conv")),
-    "upsample_type": _key("conv", lambda key: (lambda f: {}, lambda c: "resnet" if c.resnet_resampling else "conv")),
+    "downsample_type": _key("conv", lambda key: (_read_resampling, _resampling)),
+    "upsample_type": _key("conv", lambda key: (lambda f: {}, _resampling)),  # read with downsample_type
     "dropout": _key(0.0, _field("dropout", _number(0, 0.999))),
     "act_fn": _key("silu", _only(("silu", "swish"), "the DDPM UNet uses SiLU (swish)")),
     "attention_head_dim": _key(8, lambda key: (_read_head_channels, lambda c: c.head_channels)),

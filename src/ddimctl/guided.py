@@ -202,10 +202,6 @@ def _module_names(c: UNetConfig) -> dict[str, tuple[str, str]]:
     return names
 
 
-def _heads(c: UNetConfig, channels: int) -> int:
-    return channels // c.head_channels if c.head_channels else c.heads
-
-
 def _split_qkv(fused: torch.Tensor, heads: int, new_order: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v rows (weights with the 1x1 conv's last axis dropped, or biases) of a fused qkv."""
     fused = fused.reshape(fused.shape[0], -1)  # (3C, C) or (3C, 1)
@@ -235,7 +231,7 @@ def to_ddimctl_names(state: dict[str, torch.Tensor], model: GuidedModel, where: 
             out[f"{target}.{_RESAMPLER[inner]}.{param}"] = value
         elif kind == "attention" and inner == "qkv":
             channels = value.shape[0] // 3
-            q, k, v = _split_qkv(value, _heads(model.config, channels), model.new_attention_order)
+            q, k, v = _split_qkv(value, model.config.attention_heads(channels), model.new_attention_order)
             out.update({f"{target}.to_q.{param}": q, f"{target}.to_k.{param}": k, f"{target}.to_v.{param}": v})
         elif kind == "attention" and inner in ("norm", "proj_out"):
             name = "group_norm" if inner == "norm" else "to_out.0"

@@ -221,30 +221,7 @@ def aligned_batches(indices: Sequence[int], batch_size: int, count: int) -> list
 # The CLI checks what it can before loading a model; make_runner() checks again for every caller.
 
 
-MAX_IMAGES = 100_000_000
-
-
-def image_classes(model: LoadedModel, count: int, given: Sequence[int] | None = None, seed: int | None = None,
-                  option: str = "class") -> torch.Tensor | None:
-    """The class label of each of a run's `count` images for a class-conditional model (None for an
-    unconditional one): `given` (one class for all, or one per image), else each image's own draw from
-    (seed, i); without a seed the classes must be given."""
-    classes = model.class_count
-    if classes is None:
-        if given is not None:
-            raise DdimctlError(f"{param(option)}: model {model.name!r} is not class-conditional; leave it out")
-        return None
-    if given is None:
-        if seed is None:
-            raise DdimctlError(f"model {model.name!r} is class-conditional ({classes} classes): give {param(option)} N, "
-                               f"or a list with one class per image")
-        return seeds.image_classes(seed, range(count), classes)
-    if len(given) not in (1, count):
-        raise DdimctlError(f"{param(option)} lists {len(given)} classes for {count} images; give one class, or one per image")
-    wrong = [c for c in given if not 0 <= c < classes]
-    if wrong:
-        raise DdimctlError(f"{param(option)} {wrong[0]} is not a class of model {model.name!r}: its classes are 0 to {classes - 1}")
-    return torch.tensor(list(given) * (count if len(given) == 1 else 1), dtype=torch.long)  # 2,000 of the paper's 50,000-image FID sets
+MAX_IMAGES = 100_000_000  # 2,000 of the paper's 50,000-image FID sets
 
 
 def check_settings(
@@ -266,6 +243,28 @@ def check_settings(
         between("strength", strength, 0, 1)
     if frames is not None:
         at_least("frames", frames, 2)
+
+
+def image_classes(model: LoadedModel, count: int, given: Sequence[int] | None = None, seed: int | None = None) -> torch.Tensor | None:
+    """The class label of each of a run's `count` images for a class-conditional model (None for an
+    unconditional one): `given` (one class for all, or one per image), else each image's own draw from
+    (seed, i); without a seed the classes must be given."""
+    classes = model.class_count
+    if classes is None:
+        if given is not None:
+            raise DdimctlError(f"{param('class')}: model {model.name!r} is not class-conditional; leave it out")
+        return None
+    if given is None:
+        if seed is None:
+            raise DdimctlError(f"model {model.name!r} is class-conditional ({classes} classes): give {param('class')} N, "
+                               f"or a list with one class per image")
+        return seeds.image_classes(seed, range(count), classes)
+    if len(given) not in (1, count):
+        raise DdimctlError(f"{param('class')} lists {len(given)} classes for {count} images; give one class, or one per image")
+    wrong = [c for c in given if not 0 <= c < classes]
+    if wrong:
+        raise DdimctlError(f"{param('class')} {wrong[0]} is not a class of model {model.name!r}: its classes are 0 to {classes - 1}")
+    return torch.tensor(list(given) * (count if len(given) == 1 else 1), dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------------

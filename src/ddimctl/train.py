@@ -61,7 +61,9 @@ class TrainOptions:
     def fitted(self) -> TrainOptions:
         """These options with warm-up and EMA decay fitted to the run's length where not given: a
         tenth of the run each (warm-up at most DDPM's 1,000 steps; the EMA's horizon 1 / (1 - decay)
-        from 10 to 10,000 steps, decay 0.9999 for runs of 100,000 steps and more)."""
+        from 10 to 10,000 steps, decay 0.9999 for runs of 100,000 steps and more). Every option is typed
+        first: a resumed run's come from its config.json, which anyone may have edited."""
+        self._check_types()
         warmup = self.warmup if self.warmup is not None else min(1000, self.steps // 10)
         horizon = min(10_000, max(10, self.steps // 10))
         decay = self.ema_decay if self.ema_decay is not None else round(1 - 1 / horizon, 6)
@@ -85,7 +87,6 @@ class TrainOptions:
 
     def check(self) -> None:
         """Every option, before anything is created on disk."""
-        self._check_types()
         self = self.fitted()
         finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
         channels = self.unet.get("in_channels", 3)
@@ -172,9 +173,7 @@ def options_for_run(given: dict, resume: bool) -> TrainOptions:
             raise DdimctlError(f"{Path(given['out']) / runs.CONFIG}: its train.unet is not an object of fields; "
                                f"start afresh with another {param('out')}")
         given = {**given, "unet": {**saved_unet, **given.get("unet", {})}}
-    options = TrainOptions(**{**base, **given})
-    options._check_types()  # a resumed run's values come from its config.json, which anyone may have edited
-    return options.fitted()
+    return TrainOptions(**{**base, **given}).fitted()
 
 
 # Where a UNetConfig field is set from, for the message when --init forbids it.

@@ -95,6 +95,10 @@ class UNetConfig:
     def widths(self) -> list[int]:
         return [int(self.base_channels * m) for m in self.channel_mult]
 
+    def attention_heads(self, width: int) -> int:
+        """Heads of an attention layer `width` channels wide: of head_channels each, else `heads`."""
+        return width // self.head_channels if self.head_channels else self.heads
+
     @property
     def embed_dim(self) -> int:
         return self.time_embedding_dim or 4 * self.base_channels
@@ -215,18 +219,18 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over all pixels in heads of `head_channels` (None: `heads` heads), with a
-    residual connection."""
+    """Self-attention over all pixels in `heads` heads (UNetConfig.attention_heads), with a residual
+    connection."""
 
-    def __init__(self, channels: int, groups: int, eps: float, head_channels: int | None = None,
-                 output_scale: float = 1.0, heads: int = 1, float32_norm: bool = False):
+    def __init__(self, channels: int, groups: int, eps: float, heads: int = 1, output_scale: float = 1.0,
+                 float32_norm: bool = False):
         super().__init__()
         self.group_norm = group_norm(groups, channels, eps, float32_norm)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
-        self.heads = channels // head_channels if head_channels else heads
+        self.heads = heads
         self.output_scale = output_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +289,7 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([resnet(), resnet()])
         attention_groups = c.attention_norm_groups or c.norm_groups
         self.attentions = nn.ModuleList(
-            [AttentionBlock(width, attention_groups, c.norm_eps, c.head_channels, c.mid_scale, c.heads, c.float32_norms)]
+            [AttentionBlock(width, attention_groups, c.norm_eps, c.attention_heads(width), c.mid_scale, c.float32_norms)]
             if c.mid_attention else []
         )
 
@@ -317,7 +321,7 @@ class UNet(nn.Module):
                                resample=resample, float32_norms=config.float32_norms)
 
         def attention(width: int) -> AttentionBlock:
-            return AttentionBlock(width, groups, eps, config.head_channels, heads=config.heads,
+            return AttentionBlock(width, groups, eps, config.attention_heads(width),
                                   float32_norm=config.float32_norms)
 
         def downsample(width: int) -> nn.Module:

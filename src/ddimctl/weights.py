@@ -164,6 +164,14 @@ def converted_path(entry: ModelEntry, sha256: str) -> Path:
     return path
 
 
+def registered_config(entry: ModelEntry) -> UNetConfig:
+    """The UNet of a registry entry: its architecture's preset at its resolution, with its overrides."""
+    if entry.architecture not in PRESETS:
+        raise DdimctlError(f"model {entry.name!r}: unknown architecture {entry.architecture!r} in weights.toml")
+    preset = PRESETS[entry.architecture].to_dict()
+    return UNetConfig(**{**preset, "resolution": entry.resolution, "dropout": 0.0, **entry.extra.get("unet", {})})
+
+
 def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None,
                     notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
     if entry.bundled:
@@ -175,11 +183,7 @@ def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint
     else:
         state, digest = _hub_state_dict(entry, hub_cache, endpoint, notify)
     state = to_diffusers_names(state)
-    config = PRESETS[entry.architecture] if entry.architecture in PRESETS else None
-    if config is None:
-        raise DdimctlError(f"model {entry.name!r}: unknown architecture {entry.architecture!r} in weights.toml")
-    config = UNetConfig(**{**config.to_dict(), "resolution": entry.resolution, "dropout": 0.0, **entry.extra.get("unet", {})})
-    unet = build_unet(config, state, f"model {entry.name!r}")
+    unet = build_unet(registered_config(entry), state, f"model {entry.name!r}")
     return LoadedModel(unet, entry.name, entry.source, entry.schedule, entry.skip, digest)
 
 

@@ -64,8 +64,7 @@ def models() -> None:
         name = entry.name + (" *" if entry.name == default else "")
         cached = "yes" if weights.is_cached(entry) else "no"
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
-        gray = entry.architecture in PRESETS and {**PRESETS[entry.architecture].to_dict(),
-                                                   **entry.extra.get("unet", {})}["in_channels"] == 1
+        gray = entry.architecture in PRESETS and weights.registered_config(entry).in_channels == 1
         size = f"{entry.resolution}" + (", gray" if gray else "")
         table.add_row(name, size, params, entry.skip, cached, entry.source.removeprefix("hf://"))
     stdout.print(table)
