@@ -128,12 +128,18 @@ def test_reconstruct_table_and_side_by_side(tiny_checkpoint, images_dir):
 
 
 def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
-    ddimctl("interpolate", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", 4, "--frames", 5, "--gif", "i.gif", cwd=images_dir)
+    ddimctl("interpolate", "wide.png", "gray.png", "--model", tiny_checkpoint, "--steps", 4, "--frames", 5, "--gif", "interp.gif",
+            cwd=images_dir)
     # The inputs at both ends, enlarged to at least 256 px on the short side (20 px: 13 times), with a
     # band of labels on top.
     assert Image.open(images_dir / "interp.png").size == (13 * (7 * 18 + 2), 13 * (18 + 2) + 14)
-    gif = Image.open(images_dir / "i.gif")
+    gif = Image.open(images_dir / "interp.gif")
     assert gif.n_frames == 8 and gif.size == (256, 256)  # there and back; 16 px frames enlarged 16 times
+    # A new strip without --gif: the earlier animation stays (the user's to keep) and the run says it is stale.
+    earlier = (images_dir / "interp.gif").read_bytes()
+    again = ddimctl("interpolate", "--seeds", "1,2", "--model", tiny_checkpoint, "--steps", 2, "--frames", 3, cwd=images_dir)
+    assert "interp.gif beside it is an earlier run's animation" in again.stderr
+    assert (images_dir / "interp.gif").read_bytes() == earlier
     ddimctl("interpolate", "--seeds", "1,2", "--model", tiny_checkpoint, "--steps", 4, "--frames", 3, "--out", "s.png",
             "--scale", 1, cwd=images_dir)
     ddimctl("sample", "--model", tiny_checkpoint, "-n", 1, "--seed", 2, "--steps", 4, "--out", "end/", "--precision", "fp32",

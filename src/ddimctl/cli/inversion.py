@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from .. import folders, images, metrics, samplers, sampling
-from ..files import refuse_foreign
+from ..files import Ledger, refuse_foreign
 from .. import latents as latents_file
 from .common import (
     ClassOpt,
@@ -265,5 +265,9 @@ def interpolate(
     images.save_picture(images.strip(*parts), out, scale, labels, tile=loaded.config.resolution)
     if gif:
         images.save_gif(list(pixels), gif, scale=scale)
+    earlier_gif = out.with_suffix(".gif")  # an earlier run's animation of this strip: no longer of these frames
+    if (gif is None or Path(gif).resolve() != earlier_gif.resolve()) and Ledger(out.parent).owns(earlier_gif):
+        note(f"{earlier_gif} beside it is an earlier run's animation, not of these frames; --gif {earlier_gif} "
+             f"writes this run's")
     ends = " and the two inputs at its ends" if x0 is not None else ""
     finish(f"wrote {frames} frames{ends} to {out}" + (f", and the frames to {gif}" if gif else ""))
