@@ -153,7 +153,6 @@ def test_interpolate_images_and_seeds(tiny_checkpoint, images_dir):
 @pytest.mark.parametrize(
     "args,fragments",
     [
-        (["sample", "--steps", "0"], ["--steps must be at least 1, got 0"]),
         (["sample", "--steps", "1001"], ["--steps must be between 1 and 1000"]),
         (["sample", "--eta", "-0.5"], ["--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"]),
         (["sample", "--skip", "cosine"], ["--skip: unknown skip scheme 'cosine'; use one of uniform, quad, logsnr, karras, ays, trailing"]),

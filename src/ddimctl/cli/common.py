@@ -84,7 +84,7 @@ ModelOpt = typer.Option(
 
 
 StepsOpt = typer.Option(
-    None, "--steps", "-S", help="Network calls per image S, for every sampler (default 50, or what --timesteps give)."
+    None, "--steps", "-S", min=1, help="Network calls per image S, for every sampler (default 50, or what --timesteps give)."
 )
 
 
@@ -154,7 +154,7 @@ ClassOpt = typer.Option(
 )
 
 
-BatchOpt = typer.Option(None, "--batch-size", "-b", help="Images per batch (default: from free GPU memory on CUDA; "
+BatchOpt = typer.Option(None, "--batch-size", "-b", min=1, help="Images per batch (default: from free GPU memory on CUDA; "
                         "16 of 32x32 on the CPU, fewer for larger images).")
 
 

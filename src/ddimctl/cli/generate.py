@@ -51,14 +51,14 @@ from .progress import plan_and_fill
 def sample(
     model: Optional[str] = ModelOpt,
     steps: Optional[int] = typer.Option(
-        None, "--steps", "-S",
+        None, "--steps", "-S", min=1,
         help="Network calls per image S, for every sampler (default 50, or the S that --latents were made with).",
     ),
     sampler: str = SamplerOpt,
     eta: float = typer.Option(0.0, "--eta", help="ddim only: 0 = deterministic, 1 = DDPM posterior variance."),
     skip: Optional[str] = SkipOpt,
     timesteps_given: Optional[str] = TimestepsOpt,
-    num: int = typer.Option(16, "--num", "-n", help="Number of images."),
+    num: int = typer.Option(16, "--num", "-n", min=1, help="Number of images."),
     batch_size: Optional[int] = BatchOpt,
     seed: int = typer.Option(0, "--seed", help="Image i depends only on (seed, i)."),
     device: str = DeviceOpt,

@@ -187,7 +187,7 @@ def interpolate(
     skip: Optional[str] = SkipOpt,
     timesteps_given: Optional[str] = TimestepsOpt,
     device: str = DeviceOpt,
-    frames: int = typer.Option(8, "--frames", help="Frames including both ends."),
+    frames: int = typer.Option(8, "--frames", min=2, help="Frames including both ends."),
     out: str = typer.Option(
         "interp.png", "--out", "-o", help=f"Strip PNG of all frames (up to {MAX_STRIP_FRAMES}), or a folder (ending in /) for one PNG per frame."
     ),

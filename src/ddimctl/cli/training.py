@@ -66,11 +66,11 @@ def train(
     dropout: Optional[float] = typer.Option(
         None, "--dropout", help="Dropout in the residual blocks, 0 to <1 (default: the preset's, 0.1 for cifar10)."
     ),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps in all (default 10000)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step, over all processes (default 64)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps in all (default 10000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per step, over all processes (default 64)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 2e-4)."),
     warmup: Optional[int] = typer.Option(
-        None, "--warmup", help="Steps of linear learning-rate warm-up (default: a tenth of --steps, at most 1000)."
+        None, "--warmup", min=0, help="Steps of linear learning-rate warm-up (default: a tenth of --steps, at most 1000)."
     ),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (default), or cosine (decays to 0 at --steps)."),
     prediction: Optional[str] = typer.Option(
@@ -88,9 +88,9 @@ def train(
         None, "--flip/--no-flip",
         help="Random horizontal flips (default on; turn off for digits, text, anything with a handedness).",
     ),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Checkpoint and sample grid every N steps (default 1000)."),
-    keep: Optional[int] = typer.Option(None, "--keep", help="Checkpoints kept (default 3)."),
-    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", help="DDIM steps of the sample grids (default 50)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=1, help="Checkpoint and sample grid every N steps (default 1000)."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Checkpoints kept (default 3)."),
+    sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="DDIM steps of the sample grids (default 50)."),
     sample_count: Optional[int] = typer.Option(
         None, "--sample-count", min=0, max=1024, help="Images in each sample grid (default 16; 0: none)."
     ),
