@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddimctl import ddim, samplers, seeds, weights
+from ddimctl import choices, ddim, samplers, seeds, weights
 from ddimctl.errors import DdimctlError
 
 
@@ -273,17 +273,32 @@ def test_version_and_shell_completion(tmp_path):
     # What bash asks the installed console script at a Tab: commands, registry models, samplers.
     exe = Path(sys.executable).with_name("ddimctl")
 
-    def complete(words: str) -> list[str]:
+    def complete(words: str, imported: list[str] | None = None) -> list[str]:
         env = {**os.environ, "_DDIMCTL_COMPLETE": "complete_bash", "COMP_WORDS": words,
-               "COMP_CWORD": str(len(words.split()) - 1)}
-        return subprocess.run([exe], env=env, capture_output=True, text=True, check=True).stdout.split()
+               "COMP_CWORD": str(len(words.split()) - 1), **({"PYTHONPROFILEIMPORTTIME": "1"} if imported is not None else {})}
+        result = subprocess.run([exe], env=env, capture_output=True, text=True, check=True)
+        if imported is not None:  # -X importtime's lines: "import time: self | cumulative | module"
+            imported.extend(line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:"))
+        return result.stdout.split()
 
+    # A Tab on an option or a choice imports no torch (2 s on every Tab before the commands deferred it).
+    modules: list[str] = []
+    assert complete("ddimctl sample --sampler d", modules) == ["ddim", "dpm++2m", "dpm++3m"]
+    assert "typer" in modules and "torch" not in modules and "ddimctl.sampling" not in modules
     assert complete("ddimctl sam") == ["sample"]
     assert complete("ddimctl sample --model ema-c") == ["ema-church-256", "ema-celebahq-256", "ema-cat-256"]
     assert complete("ddimctl sample --sampler dpm") == ["dpm++2m", "dpm++3m"]
     assert complete("ddimctl sample --precision f") == ["fp32", "fp16"]
     assert complete("ddimctl invert --device c") == ["cpu", "cuda"]
     assert complete("ddimctl sample --skip t") == ["trailing", "tuned"]
+
+
+def test_the_command_lines_choices_name_what_the_library_implements():
+    """choices.py lets help and completion list the choices without importing torch; these are its names."""
+    from ddimctl import fast, timesteps
+
+    assert tuple(samplers.SAMPLERS) == choices.SAMPLER_NAMES
+    assert timesteps.SCHEMES == choices.SKIP_SCHEMES and fast.PRECISIONS == choices.PRECISIONS
 
 
 def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):

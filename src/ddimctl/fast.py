@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import ddim
+from . import choices, ddim
 from .errors import DdimctlError, param
 from .files import cache_dir
 from .unet import UNet, UNetConfig
 
-PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+PRECISIONS = choices.PRECISIONS
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Chosen by measurement on an H200 (docs/benchmarks.md): "reduce-overhead" (CUDA graphs) was no
 # faster at batch 256 or 1024 and compiled slower; "max-autotune" compiled for over 3 minutes.

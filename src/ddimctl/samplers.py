@@ -2,7 +2,8 @@
 
 A sampler is a plain function over tensors of the signature `SamplerFunction` states: it walks the
 increasing `timesteps` downwards and returns the clean image (abar = 1). A new sampler is one such
-function (in ddim.py or solvers.py) and one row of SAMPLERS.
+function (in ddim.py or solvers.py), one row of SAMPLERS and its name in choices.SAMPLER_NAMES (which
+the command line lists without importing torch).
 
 `Settings` (sampler, steps, skip, eta, sigma-hat) is built and checked once, wherever it comes from,
 and carried whole through preparation, the Runner, the sample-folder record, the latents file and
@@ -17,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from . import ddim, solvers, timesteps
+from . import choices, ddim, solvers, timesteps
 from .errors import DdimctlError, between, one_of, param
 
 
@@ -62,7 +63,7 @@ def names() -> str:
     return ", ".join(SAMPLERS)
 
 
-DEFAULT_STEPS = 50  # S when none is given (the one place this default is written)
+DEFAULT_STEPS = choices.DEFAULT_STEPS
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from . import ddim
+from . import choices, ddim
 from .errors import DdimctlError, param
 from .fields import Fields, is_whole_number, read_json_object
 
-SCHEMES = ("uniform", "quad", "logsnr", "karras", "ays", "trailing")
+SCHEMES = choices.SKIP_SCHEMES
 KARRAS_RHO = 7.0
 
 

@@ -8,14 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
-from .. import images, registry, samplers, sampling, timesteps, weights
-from ..data import find_images
+from .. import choices
 from ..errors import DdimctlError
-from ..fast import PRECISIONS
+from .deferred import Deferred, library
 from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, say, stderr, stdout  # noqa: F401 (the commands' imports)
+
+torch = Deferred("torch")
+data, images, registry, samplers, sampling, timesteps, weights = map(
+    library, ("data", "images", "registry", "samplers", "sampling", "timesteps", "weights"))
 
 app = typer.Typer(
     name="ddimctl",
@@ -66,7 +68,7 @@ def complete_models(incomplete: str) -> list[str]:
 
 
 def complete_samplers(incomplete: str) -> list[str]:
-    return [name for name in samplers.SAMPLERS if name.startswith(incomplete)]
+    return [name for name in choices.SAMPLER_NAMES if name.startswith(incomplete)]
 
 
 def completing(choices) -> Callable[[str], list[str]]:
@@ -90,14 +92,14 @@ StepsOpt = typer.Option(
 
 SamplerOpt = typer.Option(
     "ddim", "--sampler", autocompletion=complete_samplers,
-    help=f"{samplers.names()}: DDIM, or a faster solver of the same ODE (dpm++2m, unipc: about 5 calls "
+    help=f"{', '.join(choices.SAMPLER_NAMES)}: DDIM, or a faster solver of the same ODE (dpm++2m, unipc: about 5 calls "
     f"reach DDIM's 50-step quality on digits).",
 )
 
 
 SkipOpt = typer.Option(
-    None, "--skip", autocompletion=completing((*timesteps.SCHEMES, "tuned")),
-    help=f"Timestep scheme: {', '.join(timesteps.SCHEMES)}; explicit timesteps; a tune-steps file F.json; or tuned "
+    None, "--skip", autocompletion=completing((*choices.SKIP_SCHEMES, "tuned")),
+    help=f"Timestep scheme: {', '.join(choices.SKIP_SCHEMES)}; explicit timesteps; a tune-steps file F.json; or tuned "
     f"(the timesteps ddimctl ships for the model and sampler). Default: the sampler's, for ddim the model's.",
 )
 
@@ -108,7 +110,7 @@ TimestepsOpt = typer.Option(
 )
 
 
-DEFAULT_STEPS = samplers.DEFAULT_STEPS
+DEFAULT_STEPS = choices.DEFAULT_STEPS
 
 
 def timestep_choice(skip: str | None, given: str | None, model: str | None = None, sampler: str = "ddim",
@@ -159,7 +161,7 @@ BatchOpt = typer.Option(None, "--batch-size", "-b", min=1, help="Images per batc
 
 
 PrecisionOpt = typer.Option(
-    "auto", "--precision", autocompletion=completing(PRECISIONS), help="auto (bf16 on GPUs, fp32 on CPUs: a seed gives the same image on every CPU), fp32, tf32, bf16, fp16."
+    "auto", "--precision", autocompletion=completing(choices.PRECISIONS), help="auto (bf16 on GPUs, fp32 on CPUs: a seed gives the same image on every CPU), fp32, tf32, bf16, fp16."
 )
 
 
@@ -183,7 +185,7 @@ TolOpt = typer.Option(1e-3, "--tol", help="Exact inversion: per-step tolerance (
 MaxItersOpt = typer.Option(4, "--max-iters", help="Exact inversion: network calls per step at most (about 3 S in all).")
 
 
-ExactPrecisionOpt = typer.Option("fp32", "--precision", autocompletion=completing(PRECISIONS[1:]), help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
+ExactPrecisionOpt = typer.Option("fp32", "--precision", autocompletion=completing(choices.PRECISIONS[1:]), help="fp32 (default: inversion wants it), tf32, bf16, fp16.")
 
 
 CompileOpt = typer.Option(
@@ -250,7 +252,7 @@ def expand_images(paths: list[Path]) -> list[Path]:
     out = []
     for p in paths:
         if p.is_dir():
-            out.extend(find_images(p))
+            out.extend(data.find_images(p))
         else:
             out.append(p)
     return out

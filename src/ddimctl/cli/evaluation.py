@@ -7,12 +7,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 from rich.table import Table
 
-from .. import devices, distributed, fast, folders, registry, samplers, sampling, timesteps, weights
-from ..unet import PRESETS
+from .. import choices
 from .common import (
     BatchOpt,
     CompileOpt,
@@ -39,6 +37,12 @@ from .common import (
 )
 from .output import finish
 from .progress import plan_and_fill
+from .deferred import Deferred, library
+
+torch = Deferred("torch")
+devices, distributed, fast, folders, registry, samplers, sampling, timesteps, unet, weights = map(
+    library, ("devices", "distributed", "fast", "folders", "registry", "samplers", "sampling", "timesteps", "unet",
+              "weights"))
 
 
 @app.command()
@@ -64,7 +68,7 @@ def models() -> None:
         name = entry.name + (" *" if entry.name == default else "")
         cached = "yes" if weights.is_cached(entry) else "no"
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
-        gray = entry.architecture in PRESETS and weights.registered_config(entry).in_channels == 1
+        gray = entry.architecture in unet.PRESETS and weights.registered_config(entry).in_channels == 1
         size = f"{entry.resolution}" + (", gray" if gray else "")
         table.add_row(name, size, params, entry.skip, cached, entry.source.removeprefix("hf://"))
     stdout.print(table)
@@ -137,7 +141,7 @@ def sweep(
     steps: Optional[str] = typer.Option(
         None, "--steps", "-S", help="Comma-separated S values (network calls per image; default 10,20,50,100, or "
         "as many as --timesteps take)."),
-    sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {samplers.names()}."),
+    sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {', '.join(choices.SAMPLER_NAMES)}."),
     etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values (rows of the ddim sampler)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
     num: int = typer.Option(50_000, "--num", "-n", min=1, help="Images per cell."),

@@ -8,9 +8,6 @@ from typing import Optional
 
 import typer
 
-from .. import devices, distributed, fast, folders, images, samplers, sampling, timesteps
-from .. import latents as latents_file
-from ..files import refuse_foreign, remove_stale_temporaries
 from .common import (
     ClassOpt,
     BatchOpt,
@@ -39,12 +36,15 @@ from .common import (
     note,
     progress_bar,
     read_images,
-    say,
     steps_for,
     timestep_choice,
 )
 from .output import finish
 from .progress import plan_and_fill
+from .deferred import library
+
+devices, distributed, fast, files, folders, images, samplers, sampling, timesteps, latents_file = map(
+    library, ("devices", "distributed", "fast", "files", "folders", "images", "samplers", "sampling", "timesteps", "latents"))
 
 
 @app.command()
@@ -105,7 +105,7 @@ def sample(
     if not to_folder:
         images.check_grid_size(count, loaded.image_shape, scale)
     if to_folder and world.is_main:
-        remove_stale_temporaries(out_path)
+        files.remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
             loaded, settings, seed, latents,
             fast.resolve_precision(precision, devices.pick_device(device)), scale or 1, given_classes), count)
@@ -183,7 +183,7 @@ def edit(
     if to_folder:
         make_output_folder(out_path)
     images.check_writable(targets[0])
-    refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
+    files.refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)
     check_tuned(tuned, loaded, settings.sampler)
     classes = sampling.image_classes(loaded, len(image_paths), given_classes, seed)

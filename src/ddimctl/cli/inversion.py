@@ -11,9 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .. import folders, images, metrics, samplers, sampling
-from ..files import Ledger, refuse_foreign
-from .. import latents as latents_file
+from .. import choices
 from .common import (
     ClassOpt,
     MAX_STRIP_FRAMES,
@@ -44,13 +42,16 @@ from .common import (
     parse_list,
     progress_bar,
     read_images,
-    say,
     stdout,
     steps_for,
     timestep_choice,
 )
 from .output import finish
 from .progress import run_decoding, run_inversion
+from .deferred import library
+
+files, folders, images, metrics, samplers, sampling, latents_file = map(
+    library, ("files", "folders", "images", "metrics", "samplers", "sampling", "latents"))
 
 
 def finite_or_null(value):
@@ -109,7 +110,7 @@ def invert(
 def reconstruct(
     image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode and decode."),
     model: Optional[str] = ModelOpt,
-    steps: str = typer.Option(str(samplers.DEFAULT_STEPS), "--steps", "-S", help="S, or a list such as 10,20,50,100."),
+    steps: str = typer.Option(str(choices.DEFAULT_STEPS), "--steps", "-S", help="S, or a list such as 10,20,50,100."),
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -227,7 +228,7 @@ def interpolate(
     if to_folder:
         make_output_folder(out)
         images.check_writable(out / "x.png")
-        refuse_foreign(folders.image_names(out, frames)(i) for i in range(frames))
+        files.refuse_foreign(folders.image_names(out, frames)(i) for i in range(frames))
     else:
         check_output(out, images.PICTURE_SUFFIXES, "--out")
     if (gif or not to_folder) and frames > MAX_STRIP_FRAMES:
@@ -266,7 +267,7 @@ def interpolate(
     if gif:
         images.save_gif(list(pixels), gif, scale=scale)
     earlier_gif = out.with_suffix(".gif")  # an earlier run's animation of this strip: no longer of these frames
-    if (gif is None or Path(gif).resolve() != earlier_gif.resolve()) and Ledger(out.parent).owns(earlier_gif):
+    if (gif is None or Path(gif).resolve() != earlier_gif.resolve()) and files.Ledger(out.parent).owns(earlier_gif):
         note(f"{earlier_gif} beside it is an earlier run's animation, not of these frames; --gif {earlier_gif} "
              f"writes this run's")
     ends = " and the two inputs at its ends" if x0 is not None else ""

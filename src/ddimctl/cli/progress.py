@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from .. import folders, sampling
 from .output import note, progress_bar, progress_on_interrupt
+from .deferred import Deferred, library
+
+torch = Deferred("torch")
+folders, sampling = map(
+    library, ("folders", "sampling"))
 
 
 def fill_with_progress(runner: sampling.Runner, plan: folders.FolderPlan, seed: int, world, x_T=None,

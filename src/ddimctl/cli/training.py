@@ -16,8 +16,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .. import devices, distributed, runs, weights
-from ..data import find_images, infer_channels
 from .common import (
     DeviceOpt,
     PlainProgress,
@@ -31,6 +29,11 @@ from .common import (
     stderr,
 )
 from .output import finish
+from .deferred import Deferred, library
+
+torch = Deferred("torch")
+devices, distributed, runs, weights, image_data = map(
+    library, ("devices", "distributed", "runs", "weights", "data"))
 
 
 HOPELESS_ON_CPU_S = 6 * 3600  # beyond this a CPU run is worth a warning before it starts
@@ -110,10 +113,10 @@ def train(
     """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
     from .. import train as training
 
-    data_files = find_images(data, exclude=out)  # a missing or empty folder fails here, before any progress bar
+    data_files = image_data.find_images(data, exclude=out)  # a missing or empty folder fails here, before any progress bar
     channels_note = None
     if channels is None and init is None and not resume:  # a fine-tuning or resumed run keeps its channels
-        channels = infer_channels(data_files)
+        channels = image_data.infer_channels(data_files)
         channels_note = "1 channel: every image is grayscale" if channels == 1 else "3 channels: RGB images found"
     overrides = {}
     for key, value in [("resolution", resolution), ("in_channels", channels), ("out_channels", channels),

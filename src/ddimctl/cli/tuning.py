@@ -7,13 +7,15 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
-from .. import devices, samplers, timesteps, tuning
-from ..files import atomic_path
 from .common import DeviceOpt, ModelOpt, SamplerOpt, app, check_output, fail, load, note, note_cpu_threads, say, stderr
 from .output import finish
+from .deferred import Deferred, library
+
+torch = Deferred("torch")
+devices, files, samplers, timesteps, tuning = map(
+    library, ("devices", "files", "samplers", "timesteps", "tuning"))
 
 
 @app.command("tune-steps")
@@ -71,7 +73,7 @@ def tune_steps(
         "cost": {"evaluations": result.evaluations, "network_calls": result.network_calls,
                  "seconds": round(result.seconds, 1), "device": str(dev)},
     }
-    with atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     finish(f"wrote {out}: timesteps {','.join(map(str, result.timesteps))} (teacher error {result.error:.5f}, "
         f"{100 * tuning.relative_gain(result):.0f}% below {result.start_scheme}'s {result.start_error:.5f}) in "
