@@ -271,6 +271,16 @@ def image_classes(model: LoadedModel, count: int, given: Sequence[int] | None = 
 # A sampler ready for a run: device, precision, batch size, and compiling when it pays.
 
 
+def run_precision(precision: str, device: torch.device, settings: samplers.Settings) -> str:
+    """The precision a run of `settings` (resolved) takes: fast.resolve_precision's, except fp32 where
+    half precision would show in the images (Settings.half_precision_ok): every sampler keeps its
+    quality whatever precision is asked for."""
+    from . import fast
+
+    resolved = fast.resolve_precision(precision, device)
+    return "fp32" if resolved in ("bf16", "fp16") and not settings.half_precision_ok else resolved
+
+
 def make_runner(
     model: LoadedModel,
     settings: samplers.Settings,
@@ -295,8 +305,12 @@ def make_runner(
     check_settings(batch_size=batch_size)
     world = distributed.from_env()
     dev = distributed.local_device(pick_device(device), world)
-    precision = fast.resolve_precision(precision, dev)
     settings = settings.for_model(model.train_steps, model.skip)  # resolved here, once: Runner takes it as it is
+    asked, precision = precision, run_precision(precision, dev, settings)
+    if fast.resolve_precision(asked, dev) != precision:
+        notify(f"{settings.sampler} at {settings.steps} calls on the uniform grid runs its network in fp32: half precision's "
+               f"rounding grows into visible grain there (not from {settings.spec.half_precision_uniform_from} calls, "
+               f"nor with another {param('skip')})")
     if reuse is not None:
         return Runner(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision,
                       classes=classes)

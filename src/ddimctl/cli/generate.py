@@ -43,8 +43,8 @@ from .output import finish
 from .progress import plan_and_fill
 from .deferred import library
 
-devices, distributed, fast, files, folders, images, samplers, sampling, timesteps, latents_file = map(
-    library, ("devices", "distributed", "fast", "files", "folders", "images", "samplers", "sampling", "timesteps", "latents"))
+devices, distributed, files, folders, images, samplers, sampling, timesteps, latents_file = map(
+    library, ("devices", "distributed", "files", "folders", "images", "samplers", "sampling", "timesteps", "latents"))
 
 
 @app.command()
@@ -108,7 +108,7 @@ def sample(
         files.remove_stale_temporaries(out_path)
         folders.claim_folder(out_path, folders.run_record(
             loaded, settings, seed, latents,
-            fast.resolve_precision(precision, devices.pick_device(device)), scale or 1, given_classes), count)
+            sampling.run_precision(precision, devices.pick_device(device), settings), scale or 1, given_classes), count)
     world.barrier()
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
                           batch_size=batch_size, count=count, classes=classes)
