@@ -180,20 +180,36 @@ def test_a_pipeline_folder_loads_with_its_scheduler(tmp_path):
         assert torch.allclose(loaded.unet(x, t), unet(x, t).sample, atol=1e-5)
 
 
-def ddim_against_diffusers(loaded, unet, scheduler):
+def ddim_against_diffusers(loaded, unet, scheduler, clip=False):
     """ddimctl's DDIM at S = 10 (uniform) and diffusers' DDIMScheduler loop from the same x_T: (ours,
     theirs, the runner)."""
     from ddimctl import samplers, sampling
 
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
+    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform", clip=clip), torch.device("cpu"))
     with torch.no_grad():
         ours = runner.sample(x_T, None)
         scheduler.set_timesteps(10)
         x = x_T.clone()
         for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0, use_clipped_model_output=clip).prev_sample
     return ours, x, runner
+
+
+def test_clip_samples_as_diffusers_clip_sample_does(tmp_path):
+    """--clip (ddim.clipping_x0) against DDIMScheduler(clip_sample=True) stepping with the noise of the
+    clipped x0 (use_clipped_model_output, as guided-diffusion's DDIM with clip_denoised) on the same 10
+    timesteps: a random network predicts x0 far outside [-1, 1], so clipping decides the result."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
+    scheduler = diffusers.DDIMScheduler(clip_sample=True, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+    loaded = weights.load_model(str(tmp_path / "pipe"))
+    ours, theirs, _ = ddim_against_diffusers(loaded, unet, scheduler, clip=True)
+    unclipped, _, _ = ddim_against_diffusers(loaded, unet, scheduler)
+    within = ((ours - theirs).abs() <= 1 / 255).float().mean()
+    assert within >= 0.995 and float((ours - theirs).abs().max()) < 0.05, (float(within), float((ours - theirs).abs().max()))
+    assert float((unclipped - theirs).abs().max()) > 0.5  # without clipping the same loop lands elsewhere
 
 
 @pytest.mark.parametrize("beta_schedule,prediction", [

@@ -130,7 +130,12 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert (tmp_path / "straight" / "samples" / "step-00000006.png").is_file()
+    # Two labelled panels from the same x_T: eta 0 as `sample` gives it, and eta 1 with x0 clipped (train.GRID_PANELS):
+    # 16 tiles of 16 px in 4 x 4 (74 px), two panels (154 x 78 px), enlarged 4 times, under a 14 px band of labels.
+    picture = np.asarray(Image.open(tmp_path / "straight" / "samples" / "step-00000006.png"))
+    assert picture.shape[:2] == (4 * 78 + 14, 4 * 154)
+    left, right = picture[14 + 8 : 14 + 4 * 76, 8 : 4 * 76], picture[14 + 8 : 14 + 4 * 76, 4 * 78 : 4 * 152]
+    assert np.abs(left.astype(int) - right.astype(int)).mean() > 1  # the panels are not the same samples
     # the kill came between the step-3 checkpoint and its grid: the resume draws the missing grid
     grid = "samples/step-00000003.png"
     assert (tmp_path / "resumed" / grid).read_bytes() == (tmp_path / "straight" / grid).read_bytes()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from . import ddim
-from .errors import DdimctlError
+from .errors import DdimctlError, param
 from .fields import Fields
 from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
 from .unet import UNetConfig
@@ -299,7 +299,7 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
                 if fields.flag(key, default)]
     if clipping:
         notify(f"{where}: its {kind} would clip the predicted image ({' and '.join(clipping)}); ddimctl samples "
-               f"unclipped, as the paper and the DDIM authors' code do")
+               f"unclipped, as the paper and the DDIM authors' code do ({param('clip')} clips as it would)")
     try:
         schedule = ddim.Schedule(
             train_steps=steps,

@@ -119,10 +119,10 @@ def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str
 
 
 def decoding_settings(made: dict[str, str], sampler: str, steps: int | None, skip: str | None, eta: float,
-                      sigma_hat: bool) -> samplers.Settings:
+                      sigma_hat: bool, clip: bool = False) -> samplers.Settings:
     """How latents decode: with the S and skip they were inverted with, unless told otherwise."""
     return samplers.Settings(sampler, steps if steps is not None else int(made.get("steps", samplers.DEFAULT_STEPS)), skip or made.get("skip"),
-                             eta, sigma_hat)
+                             eta, sigma_hat, clip)
 
 
 def decoding_notes(name: str, made: dict[str, str], model: str, settings: samplers.Settings) -> list[str]:

@@ -72,14 +72,15 @@ DEFAULT_STEPS = choices.DEFAULT_STEPS
 @dataclass(frozen=True)
 class Settings:
     """How to sample: which sampler, S network calls per image, the timesteps (a scheme of
-    timesteps.SCHEMES or an explicit list as text; None: the sampler's default for the model), and
-    DDIM's eta and sigma-hat."""
+    timesteps.SCHEMES or an explicit list as text; None: the sampler's default for the model),
+    DDIM's eta and sigma-hat, and whether the predicted x0 is clipped (ddim.clipping_x0)."""
 
     sampler: str = "ddim"
     steps: int = DEFAULT_STEPS
     skip: str | None = None
     eta: float = 0.0
     sigma_hat: bool = False
+    clip: bool = False
 
     def __post_init__(self):
         one_of("sampler", self.sampler, tuple(SAMPLERS))
@@ -144,6 +145,8 @@ class Settings:
 
     def run(self, eps_model, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps, *, generator=None,
             callback=None, keep_known=None) -> torch.Tensor:
+        if self.clip:
+            eps_model = ddim.clipping_x0(eps_model, alphas_cumprod)
         return self.spec.function(eps_model, x_T, alphas_cumprod, timesteps, generator=generator, callback=callback,
                                   keep_known=keep_known, **self.options())
 
@@ -153,9 +156,10 @@ class Settings:
         return f"{self.eta:g}"
 
     def record(self) -> dict:
-        """The settings as a folder record or latents file writes them (strings and a bool)."""
+        """The settings as a folder record or latents file writes them (strings and bools; clip only
+        when on, so records written before it existed still match)."""
         return {"sampler": self.sampler, "steps": self.steps, "skip": self.skip, "eta": self.eta_text,
-                "sigma_hat": self.sigma_hat}
+                "sigma_hat": self.sigma_hat, **({"clip": True} if self.clip else {})}
 
     def label(self) -> str:
         """A row name: the sampler, and for DDIM its eta (or sigma-hat)."""
@@ -167,7 +171,7 @@ class Settings:
         """For summary lines: S=20, ddim, eta=0, skip=uniform."""
         extra = f", eta={self.eta_text}" if self.spec.takes_eta else ""
         extra += ", sigma-hat" if self.sigma_hat else ""
-        return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}"
+        return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}" + (", x0 clipped" if self.clip else "")
 
 
 def steps_from(skip: str | None, sampler: str) -> int | None:

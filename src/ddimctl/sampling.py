@@ -409,16 +409,17 @@ def generate(
     precision: str = "auto",
     batch_size: int | None = None,
     classes: Sequence[int] | None = None,
+    clip: bool = False,
 ) -> torch.Tensor:
     """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) on the
     CPU: image i depends only on (seed, i). Precision as `--precision` (auto: bf16 on GPUs, fp32 on
     CPUs). A class-conditional model takes `classes` (one, or one per image; default: each image's
-    own draw). ddimctl.sample is this function."""
+    own draw); clip clips the predicted x0 at every step (ddim.clipping_x0). ddimctl.sample is this function."""
     from .weights import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     check_settings(num=num)
     labels = image_classes(loaded, num, classes, seed)
-    runner = make_runner(loaded, samplers.Settings(sampler, steps, skip, eta), device, precision=precision,
+    runner = make_runner(loaded, samplers.Settings(sampler, steps, skip, eta, clip=clip), device, precision=precision,
                          compile_model=False, batch_size=batch_size, count=num, classes=labels)
     return sample_batches(runner, num, seed)

@@ -65,6 +65,10 @@ def sample(
     out: str = typer.Option("samples.png", "--out", "-o", help="A .png grid, or a folder (ending in /) of PNGs."),
     latents: Optional[Path] = typer.Option(None, "--latents", help="Decode these x_T (from `ddimctl invert`)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="ddim only: DDPM with the larger variance (Table 1's last row)."),
+    clip: bool = typer.Option(
+        False, "--clip", help="Clip the predicted x0 to [-1, 1] at every step and go on with the noise it implies "
+        "(guided-diffusion's clip_denoised; not the paper's sampler): an under-trained model's images stay in range.",
+    ),
     precision: str = PrecisionOpt,
     compile_model: Optional[bool] = CompileOpt,
     scale: Optional[int] = ScaleOpt,
@@ -79,8 +83,8 @@ def sample(
     skip, tuned = timestep_choice(skip, timesteps_given, model or made.get("model"), sampler, steps)
     if skip is not None and timesteps.is_list(skip):
         steps = steps_for(steps, skip, sampler)
-    settings = (latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat) if latents is not None
-                else samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta, sigma_hat))  # checked here
+    settings = (latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat, clip) if latents is not None
+                else samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta, sigma_hat, clip))  # checked here
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in images.PICTURE_SUFFIXES:

@@ -95,7 +95,7 @@ def train(
     keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Checkpoints kept (default 3)."),
     sample_steps: Optional[int] = typer.Option(None, "--sample-steps", min=1, help="DDIM steps of the sample grids (default 50)."),
     sample_count: Optional[int] = typer.Option(
-        None, "--sample-count", min=0, max=1024, help="Images in each sample grid (default 16; 0: none)."
+        None, "--sample-count", min=0, max=1024, help="Images in each panel of the sample grids (default 16; 0: none)."
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and every training draw (default 0)."),
     precision: Optional[str] = typer.Option(
