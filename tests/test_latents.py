@@ -31,6 +31,9 @@ def test_decoding_takes_the_files_settings_unless_told_otherwise(tmp_path):
         "z.safetensors was inverted with sampler ddim (now dpm++2m), steps 20 (now 10), skip quad (now uniform): "
         "decoding will not return the images exactly"]
     assert latents.decoding_notes("z.safetensors", made, "digits", samplers.Settings("ddim", 20, "quad")) == []
+    clipped = latents.decoding_settings(made, "ddim", None, None, 0.0, False, clip=True)
+    assert latents.decoding_notes("z.safetensors", made, "digits", clipped) == [
+        "z.safetensors was inverted with x0 unclipped (now --clip): decoding will not return the images exactly"]
 
 
 @pytest.mark.parametrize("field, value, expected", [

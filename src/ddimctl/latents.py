@@ -128,7 +128,7 @@ def decoding_settings(made: dict[str, str], sampler: str, steps: int | None, ski
 def decoding_notes(name: str, made: dict[str, str], model: str, settings: samplers.Settings) -> list[str]:
     """What a user decoding latents `name` with (resolved) `settings` should know."""
     asked = _as_text({"model": model, **settings.record()})
-    differ = latents_differences(made, asked)
+    differ = latents_differences(made, asked) + (["x0 unclipped (now --clip)"] if settings.clip else [])
     if differ:
         return [f"{name} was inverted with {', '.join(differ)}: decoding will not return the images exactly"]
     if made.get("inversion", "plain") == "plain":
