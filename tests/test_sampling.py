@@ -164,7 +164,7 @@ def test_every_sampler_gives_each_image_the_same_numbers_in_any_batch(settings):
 
 def test_half_precision_is_kept_from_samplers_whose_images_it_would_grain():
     """Adams-Bashforth in the noise (plms, ipndm) on the uniform grid below 20 calls runs its network in
-    fp32 whatever precision is asked for (bf16 there raised the neighbour contrast of 128 digits by 6-16%;
+    fp32 whatever precision is asked for (bf16 there raised the neighbour contrast of 128 digits by 6-15%;
     README, Precision); every other case keeps the precision asked for."""
     cpu = torch.device("cpu")
 

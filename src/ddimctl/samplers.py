@@ -41,7 +41,7 @@ class SamplerSpec:
     takes_eta: bool = False  # DDIM's eta and sigma-hat
     default_skip: str | None = None  # None: the model's (the paper's choice for DDIM); else measured (README)
     # Adams-Bashforth in the noise on the uniform grid grows bf16/fp16 rounding of the early calls
-    # into visible grain below this many calls (digits: +6-16% neighbour contrast at 8-15 calls, none at 20)
+    # into visible grain below this many calls (digits: +3-15% neighbour contrast at 8-15 calls, none at 20)
     half_precision_uniform_from: int = 1
 
 
