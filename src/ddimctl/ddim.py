@@ -202,8 +202,9 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float) -> torch.Ten
 def clipping_x0(eps_model: EpsModel, alphas_cumprod: torch.Tensor) -> EpsModel:
     """The noise model whose predicted x0 is clipped to [-1, 1] at every call, the noise recomputed
     from the clipped x0 (guided-diffusion's DDIM with clip_denoised; diffusers' clip_sample with
-    use_clipped_model_output), so that every sampler steps with it. Not the paper's sampler (its code never clips); it keeps the samples of an
-    under-trained model in range, where unclipped they saturate into flat colour and noise."""
+    use_clipped_model_output), so that every sampler steps with it. Not the paper's sampler (its code
+    never clips); it keeps the samples of an under-trained model in range, where unclipped they
+    saturate into flat colour and noise."""
 
     def clipped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = eps_model(x, t)

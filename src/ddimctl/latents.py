@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import samplers, timesteps
+from . import choices, samplers, timesteps
 from .errors import DdimctlError, param
 from .fields import is_whole_number
 from .files import atomic_save_safetensors
@@ -96,7 +96,7 @@ def latents_settings(path: Path) -> dict[str, str]:
     if made.get("sigma_hat", "false") not in ("true", "false"):
         raise bad("sigma_hat", "true or false")
     if made["sampler"] not in samplers.SAMPLERS:
-        raise bad("sampler", f"one of {samplers.names()}")
+        raise bad("sampler", f"one of {choices.sampler_names()}")
     if "eta" in made:
         try:
             made["eta"] = f"{float(made['eta']):g}"

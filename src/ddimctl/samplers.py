@@ -62,10 +62,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-def names() -> str:
-    return ", ".join(SAMPLERS)
-
-
 DEFAULT_STEPS = choices.DEFAULT_STEPS
 
 

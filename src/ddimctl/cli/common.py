@@ -92,7 +92,7 @@ StepsOpt = typer.Option(
 
 SamplerOpt = typer.Option(
     "ddim", "--sampler", autocompletion=complete_samplers,
-    help=f"{', '.join(choices.SAMPLER_NAMES)}: DDIM, or a faster solver of the same ODE (dpm++2m, unipc: about 5 calls "
+    help=f"{choices.sampler_names()}: DDIM, or a faster solver of the same ODE (dpm++2m, unipc: about 5 calls "
     f"reach DDIM's 50-step quality on digits).",
 )
 

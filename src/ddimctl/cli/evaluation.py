@@ -141,7 +141,7 @@ def sweep(
     steps: Optional[str] = typer.Option(
         None, "--steps", "-S", help="Comma-separated S values (network calls per image; default 10,20,50,100, or "
         "as many as --timesteps take)."),
-    sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {', '.join(choices.SAMPLER_NAMES)}."),
+    sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {choices.sampler_names()}."),
     etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values (rows of the ddim sampler)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
     num: int = typer.Option(50_000, "--num", "-n", min=1, help="Images per cell."),
