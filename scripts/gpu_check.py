@@ -131,7 +131,7 @@ def main() -> None:
 
     import torch
 
-    from ddimctl import bench, ddim, fast, samplers
+    from ddimctl import bench, ddim, fast, samplers, schedule
     from ddimctl.unet import PRESETS, UNet
 
     def ddim_settings(steps: int) -> samplers.Settings:
@@ -153,7 +153,7 @@ def main() -> None:
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
     log(f"{report['device']}, torch {report['torch']}, diffusers {'yes' if have_reference else 'no'}")
-    abar = ddim.alphas_cumprod(ddim.linear_betas())
+    abar = schedule.alphas_cumprod(schedule.linear_betas())
 
     stages = set(args.stages.split(","))
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def main() -> None:
     # 1. Correctness: GPU fp32 against CPU fp32, same weights and noise.
     if "correctness" in stages:
         x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
-        tau = ddim.timestep_sequence(10, 1000, "uniform")
+        tau = schedule.timestep_sequence(10, 1000, "uniform")
         cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
         gpu = ddim.sample(fast.prepare(unet, device, "fp32"), x_T.to(device), abar, tau).cpu()
         diff = float((gpu - cpu).abs().max())

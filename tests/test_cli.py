@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddimctl import choices, ddim, samplers, seeds, weights
+from ddimctl import choices, ddim, samplers, schedule, seeds, weights
 from ddimctl.errors import DdimctlError
 
 
@@ -80,7 +80,7 @@ def test_images_match_the_library(tiny_checkpoint, tmp_path):
             cwd=tmp_path)
     model = weights.load_model(str(tiny_checkpoint))
     x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1]), model.image_shape)
-    x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, ddim.timestep_sequence(6, 1000, "uniform"))
+    x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, schedule.timestep_sequence(6, 1000, "uniform"))
     expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for i in range(2):
         assert np.array_equal(pixels(tmp_path / "o" / f"{i:06d}.png"), expected[i])

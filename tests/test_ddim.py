@@ -6,9 +6,9 @@ import pytest
 import torch
 from gaussian import GaussianEps, MixtureEps
 
-from ddimctl import ddim
+from ddimctl import ddim, schedule
 
-ABAR = ddim.alphas_cumprod(ddim.linear_betas())
+ABAR = schedule.alphas_cumprod(schedule.linear_betas())
 MU = torch.tensor([0.5, -0.3, 0.0, 0.2], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.1, 0.5, 0.05], dtype=torch.float64)
 
@@ -31,10 +31,10 @@ def mixture_ks(mix: MixtureEps, x: torch.Tensor) -> float:
 
 
 def test_linear_schedule_matches_ddpm():
-    betas = ddim.linear_betas()
+    betas = schedule.linear_betas()
     assert betas.dtype == torch.float64 and len(betas) == 1000
     assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02)
-    abar = ddim.alphas_cumprod(betas)
+    abar = schedule.alphas_cumprod(betas)
     assert abar[0] == pytest.approx(1 - 1e-4)
     assert abar[-1] == pytest.approx(4.0358e-5, rel=1e-3)  # DDPM's abar_T
     assert (abar[1:] < abar[:-1]).all()
@@ -42,7 +42,7 @@ def test_linear_schedule_matches_ddpm():
 
 @pytest.mark.parametrize("steps", [1, 3, 7, 10, 50, 333, 999, 1000])
 def test_uniform_has_exactly_s_steps(steps):
-    tau = ddim.timestep_sequence(steps, 1000, "uniform")
+    tau = schedule.timestep_sequence(steps, 1000, "uniform")
     assert len(tau) == steps
     assert tau[0] == 0 and tau[-1] < 1000
     assert (tau[1:] > tau[:-1]).all()
@@ -58,27 +58,27 @@ def test_every_sequence_matches_an_independent_construction():
     for steps in range(1, T + 1):
         uniform = [i * T // steps for i in range(steps)]
         quad = sorted({int(s) for s in np.linspace(0, np.sqrt(0.8 * T), steps) ** 2})
-        assert ddim.timestep_sequence(steps, T, "uniform").tolist() == uniform, steps
-        assert ddim.timestep_sequence(steps, T, "quad").tolist() == quad, steps
+        assert schedule.timestep_sequence(steps, T, "uniform").tolist() == uniform, steps
+        assert schedule.timestep_sequence(steps, T, "quad").tolist() == quad, steps
     # The first S where torch.linspace's rounding would differ: the authors have 287 and 511.
-    assert {287, 511} <= set(ddim.timestep_sequence(16, T, "quad").tolist())
+    assert {287, 511} <= set(schedule.timestep_sequence(16, T, "quad").tolist())
     # S = 501 starts the walk near T, not at t = 500.
-    assert ddim.timestep_sequence(501, T, "uniform")[-1] == 998
+    assert schedule.timestep_sequence(501, T, "uniform")[-1] == 998
 
 
 def test_quad_matches_the_paper_without_duplicates():
-    tau = ddim.timestep_sequence(10, 1000, "quad")
+    tau = schedule.timestep_sequence(10, 1000, "quad")
     assert tau.tolist() == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
-    assert len(ddim.timestep_sequence(50, 1000, "quad")) == 49  # the paper's int cast repeats a step
-    assert len(ddim.timestep_sequence(100, 1000, "quad")) == 96
-    tau = ddim.timestep_sequence(100, 1000, "quad")
+    assert len(schedule.timestep_sequence(50, 1000, "quad")) == 49  # the paper's int cast repeats a step
+    assert len(schedule.timestep_sequence(100, 1000, "quad")) == 96
+    tau = schedule.timestep_sequence(100, 1000, "quad")
     assert (tau[1:] > tau[:-1]).all() and tau[0] == 0 and tau[-1] == 800
 
 
 @pytest.mark.parametrize("steps,scheme", [(0, "uniform"), (1001, "uniform"), (10, "cosine")])
 def test_bad_sequences_are_refused(steps, scheme):
     with pytest.raises(ValueError):
-        ddim.timestep_sequence(steps, 1000, scheme)
+        schedule.timestep_sequence(steps, 1000, scheme)
 
 
 # --- the update ----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_eta_one_is_the_ddpm_posterior_variance():
 
 def test_last_step_returns_x0_and_uses_each_timestep_once():
     eps_model = GaussianEps(ABAR, MU, STD)
-    tau = ddim.timestep_sequence(20, 1000, "uniform")
+    tau = schedule.timestep_sequence(20, 1000, "uniform")
     x = torch.randn(8, 4, dtype=torch.float64)
     seen = []
     out = ddim.sample(eps_model, x, ABAR, tau, callback=seen.append)
@@ -121,7 +121,7 @@ def test_last_step_returns_x0_and_uses_each_timestep_once():
 
 def test_sample_is_deterministic_at_eta_zero_and_not_above():
     eps_model = GaussianEps(ABAR, MU, STD)
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     x = torch.randn(4, 4, dtype=torch.float64)
     a = ddim.sample(eps_model, x, ABAR, tau, eta=0.0, generator=torch.Generator().manual_seed(1))
     b = ddim.sample(eps_model, x, ABAR, tau, eta=0.0, generator=torch.Generator().manual_seed(2))
@@ -133,7 +133,7 @@ def test_sample_is_deterministic_at_eta_zero_and_not_above():
 
 def test_per_row_generators_make_rows_independent_of_the_batch():
     eps_model = GaussianEps(ABAR, MU, STD)
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     x = torch.randn(4, 4, dtype=torch.float64)
     gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
     whole = ddim.sample(eps_model, x, ABAR, tau, eta=1.0, generator=gens(range(4)))
@@ -148,7 +148,7 @@ def linear_map_error(steps: int, scheme: str) -> float:
     """At eta = 0 and Gaussian data the sampler is affine per coordinate, x_0 = A x_T + b, so the
     distribution of its output, N(b, A^2), is known exactly: no Monte Carlo noise in the check."""
     eps_model = GaussianEps(ABAR, MU, STD)
-    tau = ddim.timestep_sequence(steps, 1000, scheme)
+    tau = schedule.timestep_sequence(steps, 1000, scheme)
     b = ddim.sample(eps_model, torch.zeros(1, 4, dtype=torch.float64), ABAR, tau)[0]
     a = ddim.sample(eps_model, torch.ones(1, 4, dtype=torch.float64), ABAR, tau)[0] - b
     return float(((b - MU) ** 2 + (a.abs() - STD) ** 2).sum().sqrt())
@@ -168,7 +168,7 @@ def test_error_shrinks_as_steps_grow_gaussian(scheme):
 def test_many_steps_match_the_data_distribution():
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(40000, 4, dtype=torch.float64, generator=g)
-    out = ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, ddim.timestep_sequence(1000, 1000, "uniform"))
+    out = ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, schedule.timestep_sequence(1000, 1000, "uniform"))
     torch.testing.assert_close(out.mean(0), MU, atol=0.01, rtol=0)
     torch.testing.assert_close(out.std(0), STD, atol=0.01, rtol=0.03)
 
@@ -176,7 +176,7 @@ def test_many_steps_match_the_data_distribution():
 def test_eta_zero_beats_eta_one_at_ten_steps_gaussian():
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(40000, 4, dtype=torch.float64, generator=g)
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     err = {
         eta: gaussian_error(ddim.sample(GaussianEps(ABAR, MU, STD), x_T, ABAR, tau, eta=eta, generator=torch.Generator().manual_seed(1)))
         for eta in (0.0, 0.5, 1.0)
@@ -189,7 +189,7 @@ def test_mixture_error_shrinks_and_eta_zero_wins_at_small_s():
     x_T = torch.randn(20000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     ks = {}
     for steps in (10, 20, 50, 200):
-        tau = ddim.timestep_sequence(steps, 1000, "uniform")
+        tau = schedule.timestep_sequence(steps, 1000, "uniform")
         for eta in (0.0, 1.0):
             out = ddim.sample(mix, x_T, ABAR, tau, eta=eta, generator=torch.Generator().manual_seed(3))
             ks[steps, eta] = mixture_ks(mix, out[:, 0])
@@ -202,7 +202,7 @@ def test_mixture_error_shrinks_and_eta_zero_wins_at_small_s():
 def test_sigma_hat_is_worse_than_ddim_at_ten_steps():
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(20000, 4, dtype=torch.float64, generator=g)
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     eps_model = GaussianEps(ABAR, MU, STD)
     hat = ddim.sample(eps_model, x_T, ABAR, tau, generator=torch.Generator().manual_seed(1), sigma_hat=True)
     assert gaussian_error(hat) > 2 * gaussian_error(ddim.sample(eps_model, x_T, ABAR, tau))
@@ -216,7 +216,7 @@ def test_round_trip_error_shrinks_with_steps():
     x = MU + STD * torch.randn(2000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     mse = []
     for steps in (10, 20, 50, 100, 200, 1000):
-        tau = ddim.timestep_sequence(steps, 1000, "uniform")
+        tau = schedule.timestep_sequence(steps, 1000, "uniform")
         x_T = ddim.invert(eps_model, x, ABAR, tau)
         mse.append(float((ddim.sample(eps_model, x_T, ABAR, tau) - x).pow(2).mean()))
     assert all(later < earlier / 2 for earlier, later in zip(mse, mse[1:])), mse
@@ -225,7 +225,7 @@ def test_round_trip_error_shrinks_with_steps():
 
 def test_invert_evaluates_s_times_at_current_timesteps_in_order():
     eps_model = GaussianEps(ABAR, MU, STD)
-    tau = ddim.timestep_sequence(10, 1000, "quad")
+    tau = schedule.timestep_sequence(10, 1000, "quad")
     ddim.invert(eps_model, torch.zeros(2, 4, dtype=torch.float64), ABAR, tau)
     # The clean image counts as tau_1 = 0; every call is at the point's current timestep, so the
     # calls are tau_1 (clean), tau_1, ..., tau_{S-1}: S of them, none at the target.
@@ -239,7 +239,7 @@ def test_exact_inversion_round_trips_to_float64_precision_gaussian():
     eps_model = GaussianEps(ABAR, MU, STD)
     x = MU + STD * torch.randn(500, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for steps in (5, 10, 20):
-        tau = ddim.timestep_sequence(steps, 1000, "uniform")
+        tau = schedule.timestep_sequence(steps, 1000, "uniform")
         plain = float((ddim.sample(eps_model, ddim.invert(eps_model, x, ABAR, tau), ABAR, tau) - x).abs().max())
         # G is affine here, so Anderson with a memory of the 4 coordinates' rates solves each step exactly.
         x_T, calls = ddim.invert_exact(eps_model, x, ABAR, tau, tol=1e-13, max_iters=30, memory=4)
@@ -251,7 +251,7 @@ def test_exact_inversion_round_trips_to_float64_precision_gaussian():
 def test_exact_inversion_on_a_mixture_beats_plain_within_4s_calls():
     mix = MixtureEps(ABAR, [0.3, 0.7], [-0.6, 0.5], [0.05, 0.1])
     x = mix.sample_data(400, torch.Generator().manual_seed(0)).view(100, 4)
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     plain = float((ddim.sample(mix, ddim.invert(mix, x, ABAR, tau), ABAR, tau) - x).pow(2).mean())
     errors = {}
     for iters in (3, 10):
@@ -270,7 +270,7 @@ def test_edit_without_mask_at_zero_strength_and_exact_start_returns_the_input():
     eps_model = GaussianEps(ABAR, MU, STD)
     x = MU + STD * torch.randn(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ddim.edit(eps_model, x, ABAR, []), x)
-    tau = ddim.timestep_sequence(20, 1000, "uniform")[:10]  # strength 0.5
+    tau = schedule.timestep_sequence(20, 1000, "uniform")[:10]  # strength 0.5
     x_t0, _ = ddim.invert_exact(eps_model, x, ABAR, tau, tol=1e-13, max_iters=100)
     torch.testing.assert_close(ddim.edit(eps_model, x, ABAR, tau, x_start=x_t0), x, atol=1e-10, rtol=0)
 
@@ -281,7 +281,7 @@ def test_sdedit_moves_corrupted_data_towards_the_data_distribution():
     eps_model = GaussianEps(ABAR, MU, STD)
     g = torch.Generator().manual_seed(0)
     corrupted = MU + 3 * STD * torch.randn(4000, 4, dtype=torch.float64, generator=g)
-    tau = ddim.timestep_sequence(50, 1000, "uniform")
+    tau = schedule.timestep_sequence(50, 1000, "uniform")
     full = ddim.edit(eps_model, corrupted, ABAR, tau, generator=g)
     assert gaussian_error(full) < 0.08 and gaussian_error(corrupted) > 0.5
     weak = ddim.edit(eps_model, corrupted, ABAR, tau[:5], generator=g)
@@ -293,7 +293,7 @@ def test_masked_edit_keeps_the_known_pixels_exactly_and_fills_the_rest():
     g = torch.Generator().manual_seed(0)
     x = torch.full((3000, 4), 5.0, dtype=torch.float64)  # far from the data everywhere
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)  # regenerate the first two
-    out = ddim.edit(eps_model, x, ABAR, ddim.timestep_sequence(200, 1000, "uniform"), mask=mask, generator=g)
+    out = ddim.edit(eps_model, x, ABAR, schedule.timestep_sequence(200, 1000, "uniform"), mask=mask, generator=g)
     assert torch.equal(out[:, 2:], x[:, 2:])
     torch.testing.assert_close(out[:, :2].mean(0), MU[:2], atol=0.02, rtol=0)
     torch.testing.assert_close(out[:, :2].std(0), STD[:2], atol=0.02, rtol=0)
@@ -302,7 +302,7 @@ def test_masked_edit_keeps_the_known_pixels_exactly_and_fills_the_rest():
 def test_latents_of_data_are_standard_normal():
     eps_model = GaussianEps(ABAR, MU, STD)
     x = MU + STD * torch.randn(20000, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    z = ddim.invert(eps_model, x, ABAR, ddim.timestep_sequence(1000, 1000, "uniform"))
+    z = ddim.invert(eps_model, x, ABAR, schedule.timestep_sequence(1000, 1000, "uniform"))
     torch.testing.assert_close(z.mean(0), torch.zeros(4, dtype=torch.float64), atol=0.03, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(4, dtype=torch.float64), atol=0.03, rtol=0)
 

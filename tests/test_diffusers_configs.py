@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ddimctl import fast, layouts, weights
+from ddimctl import fast, weights
 from ddimctl.errors import DdimctlError
 from ddimctl.diffusers_configs import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
 
@@ -239,10 +239,10 @@ def test_schedules_and_predictions_sample_as_diffusers_ddim_does(tmp_path, beta_
 @pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"])
 def test_every_schedule_kind_equals_diffusers_betas(kind):
     """(DDIMScheduler has no sigmoid; DDPMScheduler has them all.)"""
-    from ddimctl import ddim
+    from ddimctl import schedule
 
     reference = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=0.0002, beta_end=0.015, num_train_timesteps=500)
-    ours = ddim.Schedule(500, 0.0002, 0.015, kind).alphas_cumprod()
+    ours = schedule.Schedule(500, 0.0002, 0.015, kind).alphas_cumprod()
     torch.testing.assert_close(ours.float(), reference.alphas_cumprod, rtol=1e-5, atol=1e-6)
 
 
@@ -251,11 +251,11 @@ def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_p
     """trained_betas (diffusers then ignores beta_schedule) and DDPMScheduler's laplace schedule: the
     same alphas_cumprod, DDIM as diffusers' DDIMScheduler on them, and an export whose DDIMScheduler
     (which has no laplace) carries the betas themselves."""
-    from ddimctl import ddim
+    from ddimctl import schedule
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
-    betas = (ddim.laplace_betas(1000) if beta_schedule == "laplace" else torch.linspace(2e-4, 0.03, 1000) ** 1.1).tolist()
+    betas = (schedule.laplace_betas(1000) if beta_schedule == "laplace" else torch.linspace(2e-4, 0.03, 1000) ** 1.1).tolist()
     if beta_schedule == "laplace":
         scheduler = diffusers.DDPMScheduler(beta_schedule="laplace", clip_sample=False)
     else:

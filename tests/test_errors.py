@@ -76,9 +76,9 @@ def test_values_that_every_run_can_use_pass():
 @pytest.mark.parametrize("tol,max_iters", [(-1e-3, 4), (float("nan"), 4), (1e-3, 0)])
 def test_exact_inversion_refuses_what_it_cannot_run(tol, max_iters):
     """ddim.invert_exact's own rule, for library callers (the CLI's ExactInversion checks first)."""
-    from ddimctl import ddim
+    from ddimctl import ddim, schedule
 
-    abar = ddim.Schedule().alphas_cumprod()
+    abar = schedule.Schedule().alphas_cumprod()
     with pytest.raises(ValueError, match="max_iters >= 1 and tol >= 0"):
         ddim.invert_exact(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 2, 2), abar, [0, 500], tol, max_iters)
 

@@ -10,7 +10,7 @@ import torch
 from conftest import random_unet
 from helpers import ddimctl
 
-from ddimctl import bench, ddim, fast, metrics
+from ddimctl import bench, ddim, fast, metrics, schedule
 from ddimctl.errors import DdimctlError
 from ddimctl.unet import PRESETS, UNet
 
@@ -70,8 +70,8 @@ def test_fixed_batch_pads_and_returns_float32():
 def test_bf16_path_stays_close_to_fp32():
     unet = random_unet("tiny")
     x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    abar = ddim.alphas_cumprod(ddim.linear_betas())
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    abar = schedule.alphas_cumprod(schedule.linear_betas())
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
     low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16"), x_T, abar, tau)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()

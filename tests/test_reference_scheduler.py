@@ -5,7 +5,7 @@ import torch
 from conftest import random_unet
 from test_unet import diffusers_unet
 
-from ddimctl import ddim
+from ddimctl import ddim, schedule
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -42,9 +42,9 @@ def test_same_x0_as_diffusers_ddim(steps, eta, dtype):
     noises = [torch.randn(x_T.shape, generator=g).to(dtype) for _ in range(steps - 1)]
 
     expected, ref_timesteps = reference_ddim(ref, x_T, steps, eta, noises)
-    tau = ddim.timestep_sequence(steps, 1000, "uniform")
+    tau = schedule.timestep_sequence(steps, 1000, "uniform")
     assert ref_timesteps.tolist() == tau.flip(0).tolist()
-    got = ddim.sample(ours, x_T, ddim.alphas_cumprod(ddim.linear_betas()), tau, eta=eta, generator=torch.Generator().manual_seed(11))
+    got = ddim.sample(ours, x_T, schedule.alphas_cumprod(schedule.linear_betas()), tau, eta=eta, generator=torch.Generator().manual_seed(11))
     # A random network is no denoiser, so x_0 reaches magnitudes of ~100; in float32 the two
     # implementations then differ by float32 rounding (diffusers keeps abar in float32), so the
     # float32 bound is relative to that size. In float64 the 1e-4 bound holds as it stands.

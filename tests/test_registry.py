@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 
-from ddimctl import ddim, registry
+from ddimctl import registry, schedule
 from ddimctl.errors import DdimctlError
 from ddimctl.unet import PRESETS
 
@@ -26,8 +26,8 @@ def test_every_packaged_entry_is_complete_and_usable(fresh_registry):
     for name, entry in entries.items():
         assert entry.architecture in PRESETS, name
         assert PRESETS[entry.architecture].resolution == entry.resolution, name
-        assert entry.skip in ddim.SKIP_SCHEMES, name
-        assert ddim.Schedule.from_dict(entry.schedule).train_steps == 1000, name
+        assert entry.skip in schedule.PAPER_SKIPS, name
+        assert schedule.Schedule.from_dict(entry.schedule).train_steps == 1000, name
         assert entry.bundled or (entry.repo.startswith("google/ddpm-") and entry.file), name
         assert entry.sha256 == "" or len(entry.sha256) == 64, name
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from gaussian import GaussianEps, MixtureEps
 
-from ddimctl import ddim, samplers, solvers
+from ddimctl import samplers, schedule, solvers
 from ddimctl.bench import follow_grid
 
-ABAR = ddim.alphas_cumprod(ddim.linear_betas())
+ABAR = schedule.alphas_cumprod(schedule.linear_betas())
 MIX = MixtureEps(ABAR, [0.3, 0.7], [-0.6, 0.4], [0.1, 0.15])
 COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -85,7 +85,7 @@ def digits_noise(n=2):
 @pytest.mark.parametrize("order", [2, 3])
 def test_dpm_solver_pp_equals_diffusers_on_the_mixture(steps, order):
     x_T = torch.randn(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
-    tau = ddim.timestep_sequence(steps, 1000, "uniform")
+    tau = schedule.timestep_sequence(steps, 1000, "uniform")
     seen = []
     ours = solvers.dpmpp_multistep(MIX, x_T, ABAR, tau, order=order, callback=lambda step: seen.append(step.x))
     scheduler, x = dpm_scheduler(order, descending(tau)), x_T.clone()
@@ -108,7 +108,7 @@ def test_dpm_solver_pp_equals_diffusers_on_the_mixture(steps, order):
 @pytest.mark.parametrize("steps", [3, 10, 25])
 @pytest.mark.parametrize("order", [2, 3])
 def test_dpm_solver_pp_equals_diffusers_on_the_digits_model(digits_eps, steps, order):
-    tau = ddim.timestep_sequence(steps, 1000, "quad")  # non-uniform spacing too
+    tau = schedule.timestep_sequence(steps, 1000, "quad")  # non-uniform spacing too
     x_T = digits_noise()
     seen, states = [], []
     ours = solvers.dpmpp_multistep(digits_eps, x_T, ABAR, tau, order=order, callback=lambda step: seen.append(step.x))
@@ -123,7 +123,7 @@ def test_dpm_solver_pp_equals_diffusers_on_the_digits_model(digits_eps, steps, o
 @pytest.mark.parametrize("steps", [1, 2, 5, 7, 10, 20, 37])
 def test_unipc_equals_diffusers_on_the_mixture(steps):
     x_T = torch.randn(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
-    tau = ddim.timestep_sequence(steps, 1000, "uniform")
+    tau = schedule.timestep_sequence(steps, 1000, "uniform")
     ours = solvers.sample_unipc(MIX, x_T, ABAR, tau)
     ref = run_scheduler(unipc_scheduler("bh2", descending(tau)), MIX, x_T.clone())
     assert float((ours - ref).abs().max()) < 1e-8
@@ -133,7 +133,7 @@ def test_unipc_bh1_equals_diffusers_until_its_last_step():
     """diffusers' bh1 turns the last step into NaN (B(h) = h is infinite at sigma = 0, times a zero
     correction); up to there it agrees with ours, whose last step is the clean-image prediction."""
     x_T = torch.randn(100, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    tau = ddim.timestep_sequence(8, 1000, "uniform")
+    tau = schedule.timestep_sequence(8, 1000, "uniform")
     seen = []
     ours = solvers.sample_unipc(MIX, x_T, ABAR, tau, variant="bh1", callback=lambda step: seen.append(step.x))
     scheduler, x = unipc_scheduler("bh1", descending(tau)), x_T.clone()
@@ -146,7 +146,7 @@ def test_unipc_bh1_equals_diffusers_until_its_last_step():
 
 
 def test_unipc_equals_diffusers_on_the_digits_model(digits_eps):
-    tau = ddim.timestep_sequence(10, 1000, "uniform")
+    tau = schedule.timestep_sequence(10, 1000, "uniform")
     x_T = digits_noise()
     ours = solvers.sample_unipc(digits_eps, x_T, ABAR, tau)
     ref = run_scheduler(unipc_scheduler("bh2", descending(tau)), digits_eps, x_T.clone())
@@ -163,7 +163,7 @@ def test_plms_equals_diffusers_pndm_skip_prk(n):
         calls.append(int(t[0]))
         return MIX(x, t)
 
-    ours = solvers.sample_plms(counted, x_T, ABAR, ddim.timestep_sequence(n, 1000, "uniform"))
+    ours = solvers.sample_plms(counted, x_T, ABAR, schedule.timestep_sequence(n, 1000, "uniform"))
     ours_calls, calls[:] = list(calls), []
     ref = run_scheduler(pndm_scheduler(n), counted, x_T.clone())
     assert float((ours - ref).abs().max()) < 1e-8
@@ -172,7 +172,7 @@ def test_plms_equals_diffusers_pndm_skip_prk(n):
 
 def test_plms_on_the_digits_model_equals_diffusers(digits_eps):
     x_T = digits_noise()
-    ours = solvers.sample_plms(digits_eps, x_T, ABAR, ddim.timestep_sequence(10, 1000, "uniform"))
+    ours = solvers.sample_plms(digits_eps, x_T, ABAR, schedule.timestep_sequence(10, 1000, "uniform"))
     ref = run_scheduler(pndm_scheduler(10), digits_eps, x_T.clone())
     assert float((ours - ref).abs().max()) < 1e-8
 
@@ -208,7 +208,7 @@ def paper_multistep(eps_model, x, taus, plms: bool):
 def test_plms_and_ipndm_follow_the_papers_formulas_on_any_grid(steps, name):
     x_T = torch.randn(100, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for scheme in ("uniform", "quad"):
-        tau = ddim.timestep_sequence(steps, 1000, scheme)
+        tau = schedule.timestep_sequence(steps, 1000, scheme)
         ours = samplers.SAMPLERS[name].function(MIX, x_T, ABAR, tau)
         paper = paper_multistep(MIX, x_T, tau.tolist(), plms=name == "plms")
         assert float((ours - paper).abs().max()) < 1e-8, scheme
@@ -223,7 +223,7 @@ def test_every_sampler_ends_at_the_clean_image_and_calls_once_per_step(name):
     (the last step is to abar = 1, not abar_0); S timesteps cost S calls (PLMS S + 1)."""
     point = torch.tensor([0.3, -0.7, 0.1, 0.9], dtype=torch.float64)
     eps_model = GaussianEps(ABAR, point, torch.full((4,), 1e-9, dtype=torch.float64))
-    tau = ddim.timestep_sequence(6, 1000, "uniform")
+    tau = schedule.timestep_sequence(6, 1000, "uniform")
     steps_seen = []
     out = samplers.SAMPLERS[name].function(eps_model, torch.randn(3, 4, dtype=torch.float64), ABAR, tau,
                                            callback=steps_seen.append)

@@ -9,10 +9,10 @@ import pytest
 from gaussian import MixtureEps
 from helpers import ddimctl
 
-from ddimctl import ddim, samplers, timesteps, tuning
+from ddimctl import samplers, schedule, timesteps, tuning
 from ddimctl.errors import DdimctlError
 
-ABAR = ddim.alphas_cumprod(ddim.linear_betas())
+ABAR = schedule.alphas_cumprod(schedule.linear_betas())
 LOG_SIGMA = timesteps.log_sigmas(ABAR)
 
 

@@ -11,7 +11,7 @@ from helpers import ddimctl
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddimctl import ddim, runs, train, weights
+from ddimctl import runs, schedule, train, weights
 from ddimctl.distributed import World
 
 
@@ -53,7 +53,7 @@ def checkpoint_tensors(run_dir):
 
 
 def test_loss_is_mse_of_noise_prediction():
-    abar = ddim.alphas_cumprod(ddim.linear_betas()).float()
+    abar = schedule.alphas_cumprod(schedule.linear_betas()).float()
     x0 = torch.randn(4, 1, 8, 8)
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 10, 500, 999])
@@ -66,7 +66,7 @@ def test_loss_is_mse_of_noise_prediction():
 @pytest.mark.parametrize("prediction", ["sample", "v_prediction"])
 def test_the_loss_of_x0_and_v_prediction_is_zero_for_the_perfect_network(prediction):
     """The target the loss trains is the one the model boundary turns back into the noise."""
-    abar = ddim.Schedule(kind="squaredcos_cap_v2").alphas_cumprod().float()
+    abar = schedule.Schedule(kind="squaredcos_cap_v2").alphas_cumprod().float()
     x0, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
     noise = torch.randn_like(x0)
     a = abar[t].view(-1, 1, 1, 1)
@@ -75,7 +75,7 @@ def test_the_loss_of_x0_and_v_prediction_is_zero_for_the_perfect_network(predict
     eps_model = train.diffusion_loss(lambda x, t_: noise, x0, t, noise, abar, prediction)
     assert eps_model > 0.1  # a network predicting the noise is wrong for these targets
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    assert torch.allclose(ddim.noise_from_prediction(prediction, x_t, perfect(x_t, t), a), noise, atol=1e-4)
+    assert torch.allclose(schedule.noise_from_prediction(prediction, x_t, perfect(x_t, t), a), noise, atol=1e-4)
 
 
 def test_a_v_prediction_cosine_run_is_recorded_loaded_and_exported(data_dir, tmp_path):

@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import ddim, fast, metrics, registry, samplers, weights
+from . import fast, metrics, registry, samplers, weights
+from .schedule import Schedule
 from .diffusers_configs import diffusers_config
 from .errors import DdimctlError
 from .unet import PRESETS, UNet
 from .weights import LoadedModel
 
-SCHEDULE = ddim.Schedule()  # every benchmark times the public checkpoints' linear schedule
+SCHEDULE = Schedule()  # every benchmark times the public checkpoints' linear schedule
 
 # Dense matrix-unit peaks from the vendors' datasheets (FLOP/s); MFU is reported against these.
 PEAK_FLOPS = {

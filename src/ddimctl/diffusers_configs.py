@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from . import ddim
+from .schedule import PREDICTIONS, Schedule, SCHEDULE_KINDS, TRAINED
 from .errors import DdimctlError, param
 from .fields import Fields
 from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
@@ -267,7 +267,7 @@ CLIPPING_DEFAULT = {"DDPMScheduler": True, "DDIMScheduler": True, "DDPMParallelS
 
 def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
                             notify: Callable[[str], None] = lambda message: None) -> tuple[dict, str]:
-    """The noise schedule of a diffusers scheduler config and what the network predicts (ddim.PREDICTIONS);
+    """The noise schedule of a diffusers scheduler config and what the network predicts (PREDICTIONS);
     every key is read, left to ddimctl's own sampling options (said when the config asks for
     clipping), or refused by name."""
     fields = Fields(cfg, where)
@@ -279,9 +279,9 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
     if unknown:
         raise DdimctlError(f"{where}: {unknown[0]!r} is not a scheduler setting ddimctl knows")
     betas = fields.text("beta_schedule", "linear")
-    if betas not in ddim.SCHEDULE_KINDS:
+    if betas not in SCHEDULE_KINDS:
         raise DdimctlError(f"{where}: uses beta_schedule={betas!r}; ddimctl supports the beta schedules "
-                           f"{', '.join(ddim.SCHEDULE_KINDS)} and trained_betas")
+                           f"{', '.join(SCHEDULE_KINDS)} and trained_betas")
     steps = fields.integer("num_train_timesteps", 1000, 1, MAX_TRAIN_STEPS)
     trained = None
     if cfg.get("trained_betas") is not None:  # diffusers then ignores beta_schedule
@@ -290,8 +290,8 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
                 isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in value)):
             raise DdimctlError(f"{where}: trained_betas must be a list of {steps} numbers in (0, 1), one per "
                                f"num_train_timesteps")
-        betas, trained = ddim.TRAINED, tuple(float(b) for b in value)
-    prediction = fields.text("prediction_type", "epsilon", ddim.PREDICTIONS)
+        betas, trained = TRAINED, tuple(float(b) for b in value)
+    prediction = fields.text("prediction_type", "epsilon", PREDICTIONS)
     for key in ("rescale_betas_zero_snr", "use_flow_sigmas"):
         if fields.flag(key, False):
             raise DdimctlError(f"{where}: sets {key}, which is not a DDPM schedule; ddimctl does not support it")
@@ -301,7 +301,7 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
         notify(f"{where}: its {kind} would clip the predicted image ({' and '.join(clipping)}); ddimctl samples "
                f"unclipped, as the paper and the DDIM authors' code do ({param('clip')} clips as it would)")
     try:
-        schedule = ddim.Schedule(
+        schedule = Schedule(
             train_steps=steps,
             beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
             beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import ddim
+from .schedule import Schedule, TRAINED
 from .diffusers_configs import diffusers_config
 from .errors import DdimctlError
 from .files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, enter_in_ledger
@@ -17,14 +17,14 @@ def diffusers_scheduler_config(loaded: LoadedModel) -> dict:
     after the last step); DDIMPipeline converts any scheduler it is given to this class anyway."""
     s = loaded.schedule
     # DDIMScheduler has no laplace schedule: it goes as the betas themselves, as trained ones do
-    given = s.get("kind") in ("laplace", ddim.TRAINED)
+    given = s.get("kind") in ("laplace", TRAINED)
     return {
         "_class_name": "DDIMScheduler",
         "num_train_timesteps": s["train_steps"],
         "beta_start": s["beta_start"],
         "beta_end": s["beta_end"],
         "beta_schedule": "linear" if given else s.get("kind", "linear"),
-        "trained_betas": ddim.Schedule.from_dict(s).betas().tolist() if given else None,
+        "trained_betas": Schedule.from_dict(s).betas().tolist() if given else None,
         "prediction_type": loaded.prediction,
         "clip_sample": False,
         "set_alpha_to_one": True,

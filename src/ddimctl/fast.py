@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import choices, ddim
+from . import choices
+from .schedule import noise_from_prediction
 from .errors import DdimctlError, param
 from .files import cache_dir
 from .unet import UNet, UNetConfig
@@ -117,7 +118,7 @@ class FastEps:
         eps = (self.model(x, t_in) if classes is None else self.model(x, t_in, classes))[:n, : self.noise_channels].float()
         if self.prediction != "epsilon":
             abar = self.alphas_cumprod.to(eps.device)[t[:n].long()].float().view(-1, *[1] * (eps.dim() - 1))
-            eps = ddim.noise_from_prediction(self.prediction, x[:n].float(), eps, abar)
+            eps = noise_from_prediction(self.prediction, x[:n].float(), eps, abar)
         return eps.contiguous()  # a fresh tensor: graph outputs are reused buffers
 
 

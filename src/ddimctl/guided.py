@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ddim
+from .schedule import Schedule
 from .errors import DdimctlError
 from .fields import Fields
 from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
@@ -138,7 +138,7 @@ def read_flags(cfg: dict, where: str) -> GuidedModel:
     f.number("dropout", low=0, high=0.999)
     return GuidedModel(
         config=checked(config, where),
-        schedule=ddim.Schedule(steps, 1e-4 * scale, 0.02 * scale, kind).to_dict(),
+        schedule=Schedule(steps, 1e-4 * scale, 0.02 * scale, kind).to_dict(),
         prediction="sample" if f.flag("predict_xstart") else "epsilon",
         timestep_scale=1000 / steps if f.flag("rescale_timesteps") else 1.0,
         new_attention_order=f.flag("use_new_attention_order"),

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from . import ddim
+from .schedule import Schedule, SCHEDULE_KINDS
 from .errors import DdimctlError
 from .fields import Fields
 from .unet import UNetConfig
@@ -178,16 +178,16 @@ def checked(config: UNetConfig, where: str) -> UNetConfig:
     return config
 
 
-def schedule_from(fields: Fields) -> ddim.Schedule:
+def schedule_from(fields: Fields) -> Schedule:
     """A noise schedule from ddimctl's format ({"kind", "train_steps", "beta_start", "beta_end"})."""
     fields.only(("kind", "train_steps", "beta_start", "beta_end"))
     schedule = dict(
         train_steps=fields.integer("train_steps", 1000, 1, MAX_TRAIN_STEPS),
         beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
         beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
-        kind=fields.text("kind", "linear", ddim.SCHEDULE_KINDS),
+        kind=fields.text("kind", "linear", SCHEDULE_KINDS),
     )
     try:
-        return ddim.Schedule(**schedule)
+        return Schedule(**schedule)
     except ValueError as e:
         raise DdimctlError(f"{fields.where}: {e}") from e

@@ -10,7 +10,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from . import ddim, layouts
+from . import layouts
+from .schedule import PAPER_SKIPS, Schedule
 from .errors import DdimctlError
 from .fields import Fields
 from .unet import PRESETS
@@ -20,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_SCHEDULE = ddim.Schedule().to_dict()
+DEFAULT_SCHEDULE = Schedule().to_dict()
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def check_entry(name: str, raw) -> None:
         raise DdimctlError(f"{where} needs repo and file (a Hub download) or bundled (a packaged file)")
     check_names(name, raw)
     fields = Fields(raw, where)
-    fields.text("skip", choices=ddim.SKIP_SCHEMES)
+    fields.text("skip", choices=PAPER_SKIPS)
     fields.text("architecture", choices=tuple(PRESETS))
     resolution = fields.integer("resolution", low=1, high=layouts.MAX_RESOLUTION)
     if "unet" in raw:  # overrides of the architecture's fields

@@ -2,7 +2,7 @@
 
 Every scheme gives S increasing integer timesteps of the model's own schedule (0..T-1), which the
 samplers walk downwards before their last step to abar = 1. The paper's two (uniform, quad) are in
-ddim.py; the others are defined on the noise level sigma_t = sqrt((1 - abar_t) / abar_t) and land on
+schedule.py; the others are defined on the noise level sigma_t = sqrt((1 - abar_t) / abar_t) and land on
 the trained timestep whose log sigma is nearest:
 
 - logsnr: uniform in lambda = -log sigma (DPM-Solver's recommended "logSNR" skip);
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import choices, ddim
+from . import choices
+from .schedule import PAPER_SKIPS, timestep_sequence
 from .errors import DdimctlError, param
 from .fields import Fields, is_whole_number, read_json_object
 
@@ -68,8 +69,8 @@ def scheme_sequence(scheme: str, steps: int, alphas_cumprod: torch.Tensor) -> to
     train_steps = alphas_cumprod.shape[0]
     if not 1 <= steps <= train_steps:
         raise ValueError(f"steps must be between 1 and {train_steps}, got {steps}")
-    if scheme in ddim.SKIP_SCHEMES:
-        return ddim.timestep_sequence(steps, train_steps, scheme)
+    if scheme in PAPER_SKIPS:
+        return timestep_sequence(steps, train_steps, scheme)
     if scheme == "trailing":
         points = torch.arange(steps, dtype=torch.float64) * (train_steps / steps)
         return torch.unique(torch.round(train_steps - points).long() - 1)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import ddim, distributed, fast, images, runs, samplers, seeds
+from . import distributed, fast, images, runs, samplers, seeds
+from .schedule import prediction_target, PREDICTIONS, Schedule
 from .errors import DdimctlError, param
 from .fields import Fields
 from .layouts import unet_config_from
@@ -55,7 +56,7 @@ class TrainOptions:
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     compile: bool = False
     log_every: int = 10
-    prediction: str = "epsilon"  # what the network learns to predict (ddim.PREDICTIONS)
+    prediction: str = "epsilon"  # what the network learns to predict (PREDICTIONS)
     noise_schedule: str = "linear"  # NOISE_SCHEDULES: DDPM's linear betas, or the cosine alpha-bar
 
     def fitted(self) -> TrainOptions:
@@ -128,7 +129,7 @@ class TrainOptions:
 
     @property
     def schedule(self) -> dict:
-        """The run's noise schedule (ddim.Schedule.to_dict)."""
+        """The run's noise schedule (Schedule.to_dict)."""
         return NOISE_SCHEDULES[self.noise_schedule].to_dict()
 
     def architecture(self) -> tuple[UNetConfig, dict[str, torch.Tensor] | None]:
@@ -139,8 +140,8 @@ class TrainOptions:
             raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
         if self.noise_schedule not in NOISE_SCHEDULES:
             raise DdimctlError(f"unknown noise schedule {self.noise_schedule!r}; use {' or '.join(NOISE_SCHEDULES)}")
-        if self.prediction not in ddim.PREDICTIONS:
-            raise DdimctlError(f"unknown prediction {self.prediction!r}; use one of {', '.join(ddim.PREDICTIONS)}")
+        if self.prediction not in PREDICTIONS:
+            raise DdimctlError(f"unknown prediction {self.prediction!r}; use one of {', '.join(PREDICTIONS)}")
         preset = self.preset or DEFAULT_PRESET
         state = None
         if self.init is not None:
@@ -205,7 +206,7 @@ def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: 
     if loaded.class_count or loaded.timestep_scale != 1:
         raise DdimctlError(f"{param('init')} {spec} takes class labels or rescaled timesteps, which ddimctl's "
                            f"training does not give it")
-    if ddim.Schedule.from_dict(loaded.schedule) != ddim.Schedule.from_dict(schedule):
+    if Schedule.from_dict(loaded.schedule) != Schedule.from_dict(schedule):
         raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than this run's "
                            f"(training offers {param('noise_schedule')} {' or '.join(NOISE_SCHEDULES)})")
     return config, loaded.unet.state_dict()
@@ -218,14 +219,14 @@ def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: 
 def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor,
                    prediction: str = "epsilon") -> torch.Tensor:
     """|| target - f_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2: DDPM's L_simple, whose target
-    is the noise eps, or the clean image x0 or v (ddim.prediction_target) for those predictions."""
+    is the noise eps, or the clean image x0 or v (prediction_target) for those predictions."""
     a = abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    return F.mse_loss(model(x_t, t).float(), ddim.prediction_target(prediction, x0, noise, a))
+    return F.mse_loss(model(x_t, t).float(), prediction_target(prediction, x0, noise, a))
 
 
 LR_SCHEDULES = ("constant", "cosine")
-NOISE_SCHEDULES = {"linear": ddim.Schedule(), "cosine": ddim.Schedule(kind="squaredcos_cap_v2")}
+NOISE_SCHEDULES = {"linear": Schedule(), "cosine": Schedule(kind="squaredcos_cap_v2")}
 TRAIN_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # --prediction's names
 TRAIN_PREDICTIONS_BY_NAME = {name: short for short, name in TRAIN_PREDICTIONS.items()}
 
@@ -330,7 +331,7 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
         trained = torch.compile(trained)
-    abar = ddim.Schedule.from_dict(options.schedule).alphas_cumprod().float().to(device)
+    abar = Schedule.from_dict(options.schedule).alphas_cumprod().float().to(device)
     train_steps = abar.shape[0]
     use_bf16 = uses_bf16(options.precision, device)
     log = open(run_dir / runs.LOG, "a") if world.is_main else None

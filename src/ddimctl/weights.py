@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import ddim, guided, hub, runs
+from . import guided, hub, runs
+from .schedule import PAPER_SKIPS, PREDICTIONS, Schedule
 from .errors import DdimctlError
 from .files import atomic_save_safetensors, cache_dir
 from .diffusers_configs import config_from_diffusers, schedule_from_diffusers
@@ -85,7 +86,7 @@ class LoadedModel:
     schedule: dict
     skip: str
     weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
-    prediction: str = "epsilon"  # what the network predicts (ddim.PREDICTIONS); the samplers see the noise
+    prediction: str = "epsilon"  # what the network predicts (PREDICTIONS); the samplers see the noise
     timestep_scale: float = 1.0  # the network sees t * this (improved-diffusion's rescale_timesteps: 1000 / T)
 
     @property
@@ -118,7 +119,7 @@ class LoadedModel:
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         try:
-            return ddim.Schedule.from_dict(self.schedule).alphas_cumprod()
+            return Schedule.from_dict(self.schedule).alphas_cumprod()
         except (ValueError, KeyError) as e:
             raise DdimctlError(f"model {self.name!r}: its noise schedule cannot be used ({e})") from e
 
@@ -284,8 +285,8 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
     if "unet" in cfg:  # ddimctl's own format (written by `ddimctl train`, or a sidecar)
         config = replace(unet_config_from(fields.table("unet")), dropout=0.0)
         schedule = schedule_from(fields.table("schedule", None)).to_dict()
-        skip = fields.text("skip", skip, ddim.SKIP_SCHEMES)
-        prediction = fields.text("prediction", prediction, ddim.PREDICTIONS)
+        skip = fields.text("skip", skip, PAPER_SKIPS)
+        prediction = fields.text("prediction", prediction, PREDICTIONS)
     elif "block_out_channels" in cfg:
         config = config_from_diffusers(cfg, where)
     else:
