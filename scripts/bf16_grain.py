@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import ddim, samplers, solvers, timesteps, weights  # noqa: E402
+from ddimctl.sampling import ddim, samplers, solvers, timesteps  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 CELLS = [("plms", "uniform", s) for s in (5, 8, 10, 12, 15, 20)] + [
     ("plms", "quad", 10), ("ipndm", "uniform", 10), ("ipndm", "uniform", 20), ("ipndm", "quad", 5), ("ipndm", "quad", 10),
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=128)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     cpu = torch.device("cpu")
     nets = {p: model.noise_model(cpu, p) for p in ("fp32", "bf16")}
     abar = model.alphas_cumprod

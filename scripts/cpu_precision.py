@@ -17,13 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import fast, metrics, registry, samplers, sampling, weights  # noqa: E402
-from ddimctl.unet import PRESETS, UNet  # noqa: E402
+from ddimctl.models import boundary, registry, loading  # noqa: E402
+from ddimctl import metrics  # noqa: E402
+from ddimctl.sampling import samplers, runners  # noqa: E402
+from ddimctl.models.unet import PRESETS, UNet  # noqa: E402
 
 
 def run(model, steps: int, eta: float, precision: str, n: int, batch: int) -> tuple[torch.Tensor, float]:
-    eps = fast.prepare(model.unet, torch.device("cpu"), precision)
-    sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform", eta), torch.device("cpu"), eps_model=eps)
+    eps = boundary.prepare(model.unet, torch.device("cpu"), precision)
+    sampler = runners.Runner.create(model, samplers.Settings("ddim", steps, "uniform", eta), torch.device("cpu"), eps_model=eps)
     started = time.perf_counter()
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), 0, batch)])
     return x, time.perf_counter() - started
@@ -36,15 +38,15 @@ def main() -> None:
     parser.add_argument("--steps", default="10,50")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    print(f"processor native bf16: {fast.cpu_has_native_bf16()}, {torch.get_num_threads()} threads")
+    print(f"processor native bf16: {boundary.cpu_has_native_bf16()}, {torch.get_num_threads()} threads")
     rows = []
     for name in args.models.split(","):
         if name == "cifar10":
             torch.manual_seed(0)
-            model = weights.LoadedModel(UNet(PRESETS["cifar10"]).eval(), "cifar10-random", "random", dict(registry.DEFAULT_SCHEDULE), "uniform")
+            model = loading.LoadedModel(UNet(PRESETS["cifar10"]).eval(), "cifar10-random", "random", dict(registry.DEFAULT_SCHEDULE), "uniform")
             batch = 16
         else:
-            model, batch = weights.load_model(name), 64
+            model, batch = loading.load_model(name), 64
         for steps in [int(s) for s in args.steps.split(",")]:
             for eta in (0.0, 1.0):
                 ref, t32 = run(model, steps, eta, "fp32", args.n, batch)

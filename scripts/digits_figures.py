@@ -16,17 +16,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ddimctl import images, samplers, sampling, weights  # noqa: E402
+from ddimctl.io import images  # noqa: E402
+from ddimctl.sampling import samplers, runners  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 THREE, SEVEN = ROOT / "tests" / "data" / "digit-three.png", ROOT / "tests" / "data" / "digit-seven.png"
 
 
 def eta_figure(path: Path, steps: int = 20, count: int = 64, scale: int = 3) -> None:
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     grids = []
     for eta in (0.0, 1.0):
-        sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, eta=eta), torch.device("cpu"))
-        x0 = sampling.sample_batches(sampler, count, 0)
+        sampler = runners.Runner.create(model, samplers.Settings("ddim", steps, eta=eta), torch.device("cpu"))
+        x0 = runners.sample_batches(sampler, count, 0)
         grids.append(images.grid(images.to_uint8(x0)))
     gap = torch.zeros((grids[0].shape[0], 8, grids[0].shape[2]), dtype=torch.uint8)
     images.save_image(images.enlarge(torch.cat([grids[0], gap, grids[1]], dim=1), scale), path)
@@ -37,13 +39,13 @@ def samplers_figure(path: Path, count: int = 36, scale: int = 3) -> None:
     grid per sampler, left to right."""
     from PIL import Image, ImageDraw
 
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     panels = [("ddim, 100 calls", samplers.Settings("ddim", 100))]
     panels += [(f"{name}, 5 calls", samplers.Settings(name, 5)) for name in samplers.SAMPLERS]
     tiles = []
     for label, settings in panels:
-        sampler = sampling.Runner.create(model, settings, torch.device("cpu"))
-        grid = images.grid(images.to_uint8(sampling.sample_batches(sampler, count, 0)))
+        sampler = runners.Runner.create(model, settings, torch.device("cpu"))
+        grid = images.grid(images.to_uint8(runners.sample_batches(sampler, count, 0)))
         tile = images.to_pil(images.enlarge(grid, scale))
         band = Image.new("L", (tile.width, tile.height + 14), 255)
         band.paste(tile, (0, 14))

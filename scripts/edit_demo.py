@@ -15,7 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import data, images, samplers, sampling, seeds, weights  # noqa: E402
+from ddimctl import data, seeds  # noqa: E402
+from ddimctl.io import images  # noqa: E402
+from ddimctl.sampling import samplers, runners  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +28,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     c = model.config
     test = data.load_folder(args.digits / "test", c.resolution, c.in_channels).float() / 255
     clean = test[torch.linspace(0, len(test) - 1, args.n).long()]  # spread over the digit folders 0..9
@@ -33,7 +36,7 @@ def main() -> None:
     corrupted = (clean + 0.35 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
     mse = lambda a: float((a - clean).pow(2).mean())  # noqa: E731
     print(f"{args.n} test digits, sigma 0.35: corrupted input MSE to the clean digit {mse(corrupted):.4f}")
-    sampler = sampling.Runner.create(model, samplers.Settings("ddim", args.steps), torch.device("cpu"))
+    sampler = runners.Runner.create(model, samplers.Settings("ddim", args.steps), torch.device("cpu"))
     generators = lambda: seeds.image_generators(0, range(args.n))  # noqa: E731
     best = None
     for strength in (0.2, 0.3, 0.4, 0.5, 0.6):

@@ -22,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import data, metrics, samplers, sampling, weights  # noqa: E402
+from ddimctl import data, metrics  # noqa: E402
+from ddimctl.sampling import samplers, runners  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 STEPS = (10, 20, 50, 100)
 
@@ -38,7 +40,7 @@ def broken_tiles(pixels: torch.Tensor) -> int:
 
 
 def sample_cell(model, steps: int, eta: float, n: int, seed: int, device: torch.device) -> torch.Tensor:
-    sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform", eta), device)
+    sampler = runners.Runner.create(model, samplers.Settings("ddim", steps, "uniform", eta), device)
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
     return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
 
@@ -60,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model = weights.load_model(args.model)
+    model = loading.load_model(args.model)
     c = model.config
     train = data.load_folder(args.digits / "train", c.resolution, c.in_channels).float() / 255
     test = data.load_folder(args.digits / "test", c.resolution, c.in_channels).float() / 255
@@ -85,7 +87,7 @@ def main() -> None:
 
     x_0 = test[: args.recon] * 2 - 1
     for steps in STEPS:
-        sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, "uniform"), device)
+        sampler = runners.Runner.create(model, samplers.Settings("ddim", steps, "uniform"), device)
         back = sampler.sample(sampler.invert(x_0)[0], None).cpu()
         mse = ((back + 1) / 2).clamp(0, 1).sub((x_0 + 1) / 2).pow(2).flatten(1).mean(1)
         rows["recon"].append({"steps": steps, "mse_mean": float(mse.mean()), "mse_max": float(mse.max())})

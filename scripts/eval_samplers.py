@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import data, metrics, samplers, sampling, timesteps, weights  # noqa: E402
+from ddimctl import data, metrics  # noqa: E402
+from ddimctl.sampling import samplers, runners, timesteps  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 CALLS = (5, 10, 20, 50)
 
@@ -58,7 +60,7 @@ def labelled(folder: Path, resolution: int, channels: int) -> tuple[torch.Tensor
 
 
 def sample_cell(model, settings: samplers.Settings, n: int, seed: int) -> torch.Tensor:
-    sampler = sampling.Runner.create(model, settings, torch.device("cpu"))
+    sampler = runners.Runner.create(model, settings, torch.device("cpu"))
     x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
     return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
 
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--study-samplers", default="unipc,dpm++2m,ipndm")
     args = parser.parse_args()
 
-    model = weights.load_model(args.model)
+    model = loading.load_model(args.model)
     c = model.config
     train, train_labels = labelled(args.digits / "train", c.resolution, c.in_channels)
     test, test_labels = labelled(args.digits / "test", c.resolution, c.in_channels)

@@ -18,7 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import data, samplers, sampling, weights  # noqa: E402
+from ddimctl import data  # noqa: E402
+from ddimctl.sampling import samplers, runners  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 
 def main() -> None:
@@ -27,16 +29,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--skips", default="uniform", help="Timesteps to compare, e.g. uniform;trailing;quad")
     parser.add_argument("--steps", default="10,20")
-    parser.add_argument("--max-iters", type=int, default=sampling.ExactInversion().max_iters)
+    parser.add_argument("--max-iters", type=int, default=runners.ExactInversion().max_iters)
     args = parser.parse_args()
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     test = data.load_folder(args.digits / "test", 16, 1).float() / 127.5 - 1  # sorted file order
     sets = {"A": test[:20], "B": test[20:40]}
     rows = []
     for name, x_0 in sets.items():
         for steps, skip in [(int(s), k) for s in args.steps.split(",") for k in args.skips.split(";")]:
-            sampler = sampling.Runner.create(model, samplers.Settings("ddim", steps, skip), torch.device("cpu"))
-            for how in (None, sampling.ExactInversion(max_iters=args.max_iters)):
+            sampler = runners.Runner.create(model, samplers.Settings("ddim", steps, skip), torch.device("cpu"))
+            for how in (None, runners.ExactInversion(max_iters=args.max_iters)):
                 with torch.no_grad():
                     x_T, calls = sampler.invert(x_0, exact=how)
                     back = sampler.sample(x_T, None)

@@ -67,10 +67,10 @@ def profile_kernels(unet, device, precision: str, mode: str | None, batch: int, 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ddimctl import fast
+    from ddimctl.models import boundary
 
-    eps = fast.prepare(unet, device, precision, mode, batch)
-    fast.warm_up(eps, (batch, *shape), device)
+    eps = boundary.prepare(unet, device, precision, mode, batch)
+    boundary.warm_up(eps, (batch, *shape), device)
     x = torch.randn(batch, *shape, device=device)
     t = torch.full((batch,), 500, device=device, dtype=torch.long)
     calls = 3
@@ -131,8 +131,10 @@ def main() -> None:
 
     import torch
 
-    from ddimctl import bench, ddim, fast, samplers, schedule
-    from ddimctl.unet import PRESETS, UNet
+    from ddimctl import bench, schedule
+    from ddimctl.sampling import ddim, samplers
+    from ddimctl.models import boundary
+    from ddimctl.models.unet import PRESETS, UNet
 
     def ddim_settings(steps: int) -> samplers.Settings:
         return samplers.Settings("ddim", steps, "uniform")
@@ -165,8 +167,8 @@ def main() -> None:
     if "correctness" in stages:
         x_T = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
         tau = schedule.timestep_sequence(10, 1000, "uniform")
-        cpu = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
-        gpu = ddim.sample(fast.prepare(unet, device, "fp32"), x_T.to(device), abar, tau).cpu()
+        cpu = ddim.sample(boundary.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
+        gpu = ddim.sample(boundary.prepare(unet, device, "fp32"), x_T.to(device), abar, tau).cpu()
         diff = float((gpu - cpu).abs().max())
         report["stages"]["gpu_vs_cpu_fp32"] = {
             "max_abs_diff": diff,
@@ -179,14 +181,14 @@ def main() -> None:
         # over) with eta = 1, whose per-step noise comes from per-image CPU generators.
         import copy
 
-        from ddimctl import sampling
-        from ddimctl.registry import DEFAULT_SCHEDULE
-        from ddimctl.weights import LoadedModel
+        from ddimctl.sampling import runners
+        from ddimctl.models.registry import DEFAULT_SCHEDULE
+        from ddimctl.models.loading import LoadedModel
 
         def run_batches(dev: torch.device) -> torch.Tensor:
             loaded = LoadedModel(copy.deepcopy(unet), "check", "gpu_check", dict(DEFAULT_SCHEDULE), "uniform")
-            eps = fast.prepare(loaded.unet, dev, "fp32")
-            sampler = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, eta=1.0), dev, eps_model=eps)
+            eps = boundary.prepare(loaded.unet, dev, "fp32")
+            sampler = runners.Runner.create(loaded, samplers.Settings("ddim", 10, eta=1.0), dev, eps_model=eps)
             return torch.cat([x for _, x in sampler.sample_indices(list(range(12)), 5, 5)])
 
         diff = float((run_batches(device) - run_batches(torch.device("cpu"))).abs().max())
@@ -196,7 +198,7 @@ def main() -> None:
 
     # 2. CIFAR-10: references and the fp32 baseline once, then each compile mode.
     if "cifar10" in stages:
-        flops = fast.forward_flops(unet)
+        flops = boundary.forward_flops(unet)
         x_T = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
         base, base_out = bench.run_ours(unet, x_T, ddim_settings(steps), "fp32", None, args.baseline_runs, abar)
         base.finite = bool(torch.isfinite(base_out).all())  # the fidelity baseline itself
@@ -310,7 +312,7 @@ def main() -> None:
             del o
             torch.cuda.empty_cache()
         bench.add_ratios(results256, refs256)
-        flops256 = fast.forward_flops(unet256)
+        flops256 = boundary.forward_flops(unet256)
         for m in results256:
             bench.add_mfu(m, flops256, device)
         report["stages"]["ddpm256"] = [m.to_dict() for m in results256]

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import torch
 
-from ddimctl import images, samplers, sampling
-from ddimctl.registry import DEFAULT_SCHEDULE  # noqa: E402
-from ddimctl.unet import PRESETS, UNet
-from ddimctl.weights import LoadedModel
+from ddimctl.io import images
+from ddimctl.sampling import samplers, runners
+from ddimctl.models.registry import DEFAULT_SCHEDULE  # noqa: E402
+from ddimctl.models.unet import PRESETS, UNet
+from ddimctl.models.loading import LoadedModel
 
 with torch.device("meta"):
     unet = UNet(PRESETS["cifar10"])
 loaded = LoadedModel(unet, "free", "none", dict(DEFAULT_SCHEDULE), "quad")
 for eta in (0.0, 1.0):
     free = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    sampler = sampling.Runner.create(loaded, samplers.Settings("ddim", 50, "quad", eta), torch.device("cpu"), eps_model=free)
+    sampler = runners.Runner.create(loaded, samplers.Settings("ddim", 50, "quad", eta), torch.device("cpu"), eps_model=free)
     out = Path(tempfile.mkdtemp())
     n = 4096
     started = time.perf_counter()

@@ -30,7 +30,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import runs, samplers, sampling, weights  # noqa: E402
+from ddimctl.models import runs, loading  # noqa: E402
+from ddimctl.sampling import samplers, runners  # noqa: E402
 
 SIZE = 32
 CELLS = (("ddim", 50, 0.0, False), ("ddim", 50, 1.0, False), ("ddim", 50, 0.0, True), ("ddim", 50, 1.0, True))
@@ -96,7 +97,7 @@ def shape_share(pixels: torch.Tensor) -> float:
 
 
 def sample_pixels(model, sampler: str, steps: int, eta: float, clip: bool, n: int, seed: int) -> torch.Tensor:
-    runner = sampling.Runner.create(model, samplers.Settings(sampler, steps, "uniform", eta, clip=clip), torch.device("cpu"))
+    runner = runners.Runner.create(model, samplers.Settings(sampler, steps, "uniform", eta, clip=clip), torch.device("cpu"))
     x = torch.cat([x0 for _, x0 in runner.sample_indices(list(range(n)), seed, 64)])
     return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
 
@@ -123,7 +124,7 @@ def main() -> None:
                         "--preset", args.preset, "--steps", str(args.steps), "--save-every", str(args.save_every),
                         "--keep", str(args.steps // args.save_every), "--sample-count", "0"], check=True)
     for checkpoint in runs.checkpoint_files(args.run):
-        model = weights.load_model(str(checkpoint))
+        model = loading.load_model(str(checkpoint))
         row = {"step": runs.step_of(checkpoint)}
         for sampler, steps, eta, clip in CELLS:
             cell = f"{sampler} S={steps} eta={eta:g}{' clip' if clip else ''}"

@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl import samplers, weights  # noqa: E402
+from ddimctl.sampling import samplers  # noqa: E402
+from ddimctl.models import loading  # noqa: E402
 
 
 def median_seconds(fn, reps: int = 7) -> float:
@@ -27,7 +28,7 @@ def median_seconds(fn, reps: int = 7) -> float:
 
 
 def main() -> None:
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     x_T = torch.randn(64, *model.image_shape, generator=torch.Generator().manual_seed(0))
 
     def almost_free(x, t):

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ddimctl.unet import PRESETS, UNet  # noqa: E402
+from ddimctl.models.unet import PRESETS, UNet  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

@@ -49,7 +49,7 @@ def _in_process(args, cwd, env):
     import torch
     from huggingface_hub import constants
 
-    from ddimctl import registry
+    from ddimctl.models import registry
     from ddimctl.cli import main
 
     saved_env, saved_cwd, saved_argv, saved_offline = dict(os.environ), os.getcwd(), sys.argv, constants.HF_HUB_OFFLINE
@@ -97,7 +97,7 @@ def diffusers_unet(preset: str):
     """diffusers' UNet2DModel in the layout of one of ddimctl's presets (random weights)."""
     import diffusers
 
-    from ddimctl.unet import PRESETS
+    from ddimctl.models.unet import PRESETS
 
     c = PRESETS[preset]
     widths = [c.base_channels * m for m in c.channel_mult]

@@ -46,7 +46,7 @@ def execute(case: Case, folder: Path, args: list[str], timeout: float = 300) -> 
 
 
 def tiny_checkpoint(folder: Path, mutate: Callable[[dict], None] | None = None) -> str:
-    from ddimctl.unet import PRESETS, UNet
+    from ddimctl.models.unet import PRESETS, UNet
 
     torch.manual_seed(0)
     state = UNet(PRESETS["tiny"]).state_dict()
@@ -144,8 +144,8 @@ def sidecar(folder: Path, content: bytes | str, name: str = "tiny.json") -> str:
 
 def diffusers_folder(folder: Path, change: dict | None = None, scheduler: dict | None = None) -> str:
     """A diffusers-layout folder of the tiny UNet with `change` applied to its config.json."""
-    from ddimctl.diffusers_configs import diffusers_config
-    from ddimctl.unet import PRESETS, UNet
+    from ddimctl.models.diffusers_configs import diffusers_config
+    from ddimctl.models.unet import PRESETS, UNet
 
     model = folder / "model"
     model.mkdir()
@@ -204,10 +204,10 @@ def record(folder: Path, content: str) -> list[str]:
 
 
 FULL_DISK = (
-    "import safetensors, ddimctl.files\n"
+    "import safetensors, ddimctl.io.files\n"
     "def full(*a, **k):\n"
     "    raise safetensors.SafetensorError('No space left on device (os error 28)')\n"
-    "ddimctl.files.save_file = full\n"
+    "ddimctl.io.files.save_file = full\n"
     "import sys; sys.argv[0] = 'ddimctl'\n"
 )
 

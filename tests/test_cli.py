@@ -15,7 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ddimctl import choices, ddim, samplers, schedule, seeds, weights
+from ddimctl import choices, schedule, seeds
+from ddimctl.sampling import ddim, samplers
+from ddimctl.models import loading
 from ddimctl.errors import DdimctlError
 
 
@@ -78,7 +80,7 @@ def test_images_match_the_library(tiny_checkpoint, tmp_path):
     """The CLI's PNG is exactly the library's sample of the (seed, i) noise, quantised."""
     ddimctl("sample", "--model", tiny_checkpoint, "-n", 2, "--steps", 6, "--seed", 3, "--out", "o/", "--precision", "fp32",
             cwd=tmp_path)
-    model = weights.load_model(str(tiny_checkpoint))
+    model = loading.load_model(str(tiny_checkpoint))
     x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1]), model.image_shape)
     x0 = ddim.sample(model.unet, x_T, model.alphas_cumprod, schedule.timestep_sequence(6, 1000, "uniform"))
     expected = ((x0 + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -201,7 +203,7 @@ def test_bad_images(tiny_checkpoint, images_dir, name, fragment):
 def test_models_lists_the_registry(tmp_path):
     """Every entry, one row each, with its size and whether it is here (the tests' cache is empty:
     only the bundled digits model is)."""
-    from ddimctl import registry
+    from ddimctl.models import registry
 
     out = ddimctl("models", cwd=tmp_path).stdout
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in registry.registry()}
@@ -284,7 +286,7 @@ def test_version_and_shell_completion(tmp_path):
     # A Tab on an option or a choice imports no torch (2 s on every Tab before the commands deferred it).
     modules: list[str] = []
     assert complete("ddimctl sample --sampler d", modules) == ["ddim", "dpm++2m", "dpm++3m"]
-    assert "typer" in modules and "torch" not in modules and "ddimctl.sampling" not in modules
+    assert "typer" in modules and "torch" not in modules and "ddimctl.sampling.runners" not in modules
     assert complete("ddimctl sam") == ["sample"]
     assert complete("ddimctl sample --model ema-c") == ["ema-church-256", "ema-celebahq-256", "ema-cat-256"]
     assert complete("ddimctl sample --sampler dpm") == ["dpm++2m", "dpm++3m"]
@@ -295,10 +297,11 @@ def test_version_and_shell_completion(tmp_path):
 
 def test_the_command_lines_choices_name_what_the_library_implements():
     """choices.py lets help and completion list the choices without importing torch; these are its names."""
-    from ddimctl import fast, timesteps
+    from ddimctl.models import boundary
+    from ddimctl.sampling import timesteps
 
     assert tuple(samplers.SAMPLERS) == choices.SAMPLER_NAMES
-    assert timesteps.SCHEMES == choices.SKIP_SCHEMES and fast.PRECISIONS == choices.PRECISIONS
+    assert timesteps.SCHEMES == choices.SKIP_SCHEMES and boundary.PRECISIONS == choices.PRECISIONS
 
 
 def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):
@@ -339,7 +342,8 @@ def test_threads_follow_the_free_cores(monkeypatch):
 def test_training_keeps_its_thread_count_whatever_the_load(monkeypatch):
     """A run's bits depend on its thread count (1 and 2 threads give other weights): train never takes
     the count from the load of the moment, and a resume with another count says so."""
-    from ddimctl import runs, threads
+    from ddimctl.models import runs
+    from ddimctl import threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 2)
     monkeypatch.setattr(threads, "runnable_elsewhere", lambda: 4)
@@ -375,7 +379,7 @@ def test_every_sampler_writes_the_librarys_images(tiny_checkpoint, tmp_path, nam
                      "--out", "o/", "--precision", "fp32", cwd=tmp_path)
     settings = samplers.Settings(name, 5).for_model(1000, "uniform")
     assert f"S=5, {name}" in result.stdout and f"skip={settings.skip}" in result.stdout
-    model = weights.load_model(str(tiny_checkpoint))
+    model = loading.load_model(str(tiny_checkpoint))
     x_T = seeds.initial_noise(seeds.image_generators(3, [0, 1, 2]), model.image_shape)
     with torch.no_grad():
         x0 = settings.run(model.unet, x_T, model.alphas_cumprod, settings.timesteps(model.alphas_cumprod))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from gaussian import GaussianEps, MixtureEps
 
-from ddimctl import ddim, schedule
+from ddimctl.sampling import ddim
+from ddimctl import schedule
 
 ABAR = schedule.alphas_cumprod(schedule.linear_betas())
 MU = torch.tensor([0.5, -0.3, 0.0, 0.2], dtype=torch.float64)

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from ddimctl import fast, weights
+from ddimctl.models import boundary, loading
 from ddimctl.errors import DdimctlError
-from ddimctl.diffusers_configs import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
+from ddimctl.models.diffusers_configs import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -53,14 +53,14 @@ def test_the_table_is_unet2dmodel_signature_both_ways():
         assert (list(ours) if isinstance(ours, tuple) else ours) == (list(default) if isinstance(default, tuple) else default), name
 
 
-def diffusers_folder(tmp_path, **change) -> tuple[object, weights.LoadedModel]:
+def diffusers_folder(tmp_path, **change) -> tuple[object, loading.LoadedModel]:
     torch.manual_seed(0)
     ref = diffusers.UNet2DModel(**{**TRAIN_UNCONDITIONAL, **change}).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing here, but make every weight count
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
     ref.save_pretrained(tmp_path / "unet")
-    return ref, weights.load_model(str(tmp_path / "unet"))
+    return ref, loading.load_model(str(tmp_path / "unet"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -83,7 +83,7 @@ def test_a_learned_variance_model_hands_only_the_noise_to_the_samplers(tmp_path)
     ref, loaded = diffusers_folder(tmp_path, out_channels=6)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
     with torch.no_grad():
-        got, want = fast.prepare(loaded.unet, torch.device("cpu"), "fp32")(x, t), ref(x, t).sample[:, :3]
+        got, want = boundary.prepare(loaded.unet, torch.device("cpu"), "fp32")(x, t), ref(x, t).sample[:, :3]
     assert got.shape == x.shape and float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
 
 
@@ -92,13 +92,13 @@ def test_a_learned_variance_checkpoint_without_config_samples(tmp_path):
     from helpers import ddimctl
     from safetensors.torch import save_file
 
-    from ddimctl.unet import PRESETS, UNet, UNetConfig
+    from ddimctl.models.unet import PRESETS, UNet, UNetConfig
 
     config = UNetConfig(**{**PRESETS["tiny"].to_dict(), "out_channels": 6})
     torch.manual_seed(0)
     save_file(UNet(config).state_dict(), str(tmp_path / "lv.safetensors"))
     (tmp_path / "lv.json").write_text(json.dumps({"resolution": 16}))
-    loaded = weights.load_model(str(tmp_path / "lv.safetensors"))
+    loaded = loading.load_model(str(tmp_path / "lv.safetensors"))
     assert loaded.config.out_channels == 6 and loaded.image_shape == (3, 16, 16)
     ddimctl("sample", "--model", tmp_path / "lv.safetensors", "--steps", "3", "-n", "2", "--out", "lv/", cwd=tmp_path)
     from PIL import Image
@@ -142,7 +142,7 @@ def test_a_config_without_keys_means_diffusers_defaults():
 def test_scheduler_configs_are_read_key_by_key():
     """The DDPM family's scheduler classes load (their sampling keys are ddimctl's options to decide),
     clipping is said once, and what is not a DDPM schedule is refused by name."""
-    from ddimctl.diffusers_configs import schedule_from_diffusers
+    from ddimctl.models.diffusers_configs import schedule_from_diffusers
 
     for cls in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                 "PNDMScheduler"):
@@ -173,7 +173,7 @@ def test_a_pipeline_folder_loads_with_its_scheduler(tmp_path):
     unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
     scheduler = diffusers.DDIMScheduler(beta_end=0.012, clip_sample=False)
     diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
-    loaded = weights.load_model(str(tmp_path / "pipe"))
+    loaded = loading.load_model(str(tmp_path / "pipe"))
     assert loaded.schedule["beta_end"] == 0.012 and loaded.config.head_channels == 8
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():
@@ -183,10 +183,10 @@ def test_a_pipeline_folder_loads_with_its_scheduler(tmp_path):
 def ddim_against_diffusers(loaded, unet, scheduler, clip=False):
     """ddimctl's DDIM at S = 10 (uniform) and diffusers' DDIMScheduler loop from the same x_T: (ours,
     theirs, the runner)."""
-    from ddimctl import samplers, sampling
+    from ddimctl.sampling import samplers, runners
 
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    runner = sampling.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform", clip=clip), torch.device("cpu"))
+    runner = runners.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform", clip=clip), torch.device("cpu"))
     with torch.no_grad():
         ours = runner.sample(x_T, None)
         scheduler.set_timesteps(10)
@@ -204,7 +204,7 @@ def test_clip_samples_as_diffusers_clip_sample_does(tmp_path):
     unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
     scheduler = diffusers.DDIMScheduler(clip_sample=True, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
     diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
-    loaded = weights.load_model(str(tmp_path / "pipe"))
+    loaded = loading.load_model(str(tmp_path / "pipe"))
     ours, theirs, _ = ddim_against_diffusers(loaded, unet, scheduler, clip=True)
     unclipped, _, _ = ddim_against_diffusers(loaded, unet, scheduler)
     within = ((ours - theirs).abs() <= 1 / 255).float().mean()
@@ -227,7 +227,7 @@ def test_schedules_and_predictions_sample_as_diffusers_ddim_does(tmp_path, beta_
                                         beta_end=0.012 if beta_schedule == "scaled_linear" else 0.02,
                                         beta_start=0.00085 if beta_schedule == "scaled_linear" else 0.0001)
     diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
-    loaded = weights.load_model(str(tmp_path / "pipe"))
+    loaded = loading.load_model(str(tmp_path / "pipe"))
     assert loaded.prediction == prediction and loaded.schedule["kind"] == beta_schedule
     torch.testing.assert_close(loaded.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)
     ours, x, runner = ddim_against_diffusers(loaded, unet, scheduler)
@@ -261,7 +261,7 @@ def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_p
     else:
         scheduler = diffusers.DDPMScheduler(trained_betas=betas, clip_sample=False)
     diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
-    loaded = weights.load_model(str(tmp_path / "pipe"))
+    loaded = loading.load_model(str(tmp_path / "pipe"))
     assert loaded.schedule["kind"] == ("laplace" if beta_schedule == "laplace" else "trained")
     torch.testing.assert_close(loaded.alphas_cumprod.float(), scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)
 
@@ -270,7 +270,7 @@ def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_p
     ours, x, _ = ddim_against_diffusers(loaded, unet, reference)
     assert float(((ours - x).abs() <= 1 / 255).float().mean()) >= 0.995
 
-    from ddimctl.export import export_diffusers
+    from ddimctl.models.export import export_diffusers
 
     export_diffusers(loaded, tmp_path / "exported")
     exported = diffusers.DDIMScheduler.from_pretrained(tmp_path / "exported" / "scheduler")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddimctl import samplers, sampling
+from ddimctl.sampling import samplers, runners
 from ddimctl.cli.common import flag
 from ddimctl.errors import DdimctlError, param, spell
 from ddimctl.train import TrainOptions
@@ -13,7 +13,7 @@ from ddimctl.train import TrainOptions
 
 def test_library_names_the_parameter_and_cli_names_the_flag():
     with pytest.raises(DdimctlError) as caught:
-        sampling.check_settings(batch_size=0)
+        runners.check_settings(batch_size=0)
     assert str(caught.value) == "batch_size must be at least 1, got 0"
     assert caught.value.render(flag) == "--batch-size must be at least 1, got 0"
 
@@ -36,7 +36,7 @@ def test_a_message_keeps_its_own_text_around_the_names():
 )
 def test_each_sampling_rule(values, expected):
     with pytest.raises(DdimctlError) as caught:
-        sampling.check_settings(**values)
+        runners.check_settings(**values)
     assert str(caught.value) == expected
 
 
@@ -67,7 +67,7 @@ def test_steps_are_checked_against_the_models_schedule():
 
 
 def test_values_that_every_run_can_use_pass():
-    sampling.check_settings(batch_size=1, num=1, strength=0.0, frames=2)
+    runners.check_settings(batch_size=1, num=1, strength=0.0, frames=2)
     samplers.Settings("ddim", 1000, "quad", 0.0).for_model(1000, "uniform")
     with pytest.raises(DdimctlError, match="steps"):  # and the model's check is the one that holds S to T
         samplers.Settings("ddim", 10**9).for_model(1000, "uniform")
@@ -76,7 +76,8 @@ def test_values_that_every_run_can_use_pass():
 @pytest.mark.parametrize("tol,max_iters", [(-1e-3, 4), (float("nan"), 4), (1e-3, 0)])
 def test_exact_inversion_refuses_what_it_cannot_run(tol, max_iters):
     """ddim.invert_exact's own rule, for library callers (the CLI's ExactInversion checks first)."""
-    from ddimctl import ddim, schedule
+    from ddimctl.sampling import ddim
+    from ddimctl import schedule
 
     abar = schedule.Schedule().alphas_cumprod()
     with pytest.raises(ValueError, match="max_iters >= 1 and tol >= 0"):
@@ -84,13 +85,13 @@ def test_exact_inversion_refuses_what_it_cannot_run(tol, max_iters):
 
 
 def test_a_library_caller_gets_the_same_rule_as_the_cli(tmp_path):
-    from ddimctl import weights
+    from ddimctl.models import loading
 
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     with pytest.raises(DdimctlError, match=r"^eta must be between 0 and 1 \(0: DDIM, 1: DDPM's posterior variance\), got -1$"):
-        sampling.Runner.create(model, samplers.Settings(eta=-1), torch.device("cpu"))
+        runners.Runner.create(model, samplers.Settings(eta=-1), torch.device("cpu"))
     with pytest.raises(DdimctlError, match="^batch_size must be at least 1, got 0$"):
-        sampling.make_runner(model, samplers.Settings(steps=10), "cpu", batch_size=0)
+        runners.make_runner(model, samplers.Settings(steps=10), "cpu", batch_size=0)
 
 
 def test_training_options_name_their_values():

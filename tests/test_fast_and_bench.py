@@ -10,9 +10,11 @@ import torch
 from conftest import random_unet
 from helpers import ddimctl
 
-from ddimctl import bench, ddim, fast, metrics, schedule
+from ddimctl import bench, metrics, schedule
+from ddimctl.sampling import ddim
+from ddimctl.models import boundary
 from ddimctl.errors import DdimctlError
-from ddimctl.unet import PRESETS, UNet
+from ddimctl.models.unet import PRESETS, UNet
 
 
 def native_bf16(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
@@ -23,12 +25,12 @@ def native_bf16(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
 def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
     native_bf16(monkeypatch, False, False)
-    assert fast.resolve_precision("auto", cpu) == "fp32"
-    assert fast.resolve_precision("bf16", cpu) == "bf16"
+    assert boundary.resolve_precision("auto", cpu) == "fp32"
+    assert boundary.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(DdimctlError, match="needs a CUDA GPU"):
-        fast.resolve_precision("fp16", cpu)
+        boundary.resolve_precision("fp16", cpu)
     with pytest.raises(DdimctlError, match="^precision must be one of"):
-        fast.resolve_precision("int4", cpu)
+        boundary.resolve_precision("int4", cpu)
 
 
 @pytest.mark.parametrize("avx512_bf16,amx", [(False, False), (True, False), (False, True), (True, True)])
@@ -39,15 +41,15 @@ def test_auto_precision_samples_in_fp32_on_every_cpu(monkeypatch, avx512_bf16, a
 
     cpu = torch.device("cpu")
     native_bf16(monkeypatch, avx512_bf16, amx)
-    assert fast.resolve_precision("auto", cpu) == "fp32"
-    assert fast.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice wins
+    assert boundary.resolve_precision("auto", cpu) == "fp32"
+    assert boundary.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice wins
     assert uses_bf16("auto", cpu) == (avx512_bf16 or amx) and not uses_bf16("fp32", cpu) and uses_bf16("bf16", cpu)
 
 
 def test_older_torch_without_the_checks_means_no_native_bf16(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
-    assert not fast.cpu_has_native_bf16()
+    assert not boundary.cpu_has_native_bf16()
 
 
 def test_fixed_batch_pads_and_returns_float32():
@@ -59,7 +61,7 @@ def test_fixed_batch_pads_and_returns_float32():
         assert x.shape[0] == 4 and t.shape[0] == 4, x.shape
         return unet(x, t)
 
-    eps = fast.FastEps(only_batches_of_4, torch.float32, channels_last=False, fixed_batch=4)
+    eps = boundary.FastEps(only_batches_of_4, torch.float32, channels_last=False, fixed_batch=4)
     x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 50, 500])
     with torch.no_grad():
         out = eps(x, t)
@@ -72,8 +74,8 @@ def test_bf16_path_stays_close_to_fp32():
     x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     abar = schedule.alphas_cumprod(schedule.linear_betas())
     tau = schedule.timestep_sequence(10, 1000, "uniform")
-    ref = ddim.sample(fast.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
-    low = ddim.sample(fast.prepare(unet, torch.device("cpu"), "bf16"), x_T, abar, tau)
+    ref = ddim.sample(boundary.prepare(unet, torch.device("cpu"), "fp32"), x_T, abar, tau)
+    low = ddim.sample(boundary.prepare(unet, torch.device("cpu"), "bf16"), x_T, abar, tau)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert float(metrics.psnr_per_image(low, ref).median()) > 25  # a random network: outputs far outside [-1, 1]
 
@@ -83,14 +85,15 @@ def test_bf16_samples_of_the_trained_digits_model_match_fp32():
     activation to 8 significant bits, and how that rounding falls depends on the processor's kernels
     (median 39-50 dB on 4 images at S = 6 where bf16 is emulated or on Intel AMX, 35.9 dB on an AMD
     EPYC with AVX512-BF16); a broken bf16 path (a wrong cast, a lost scale) lands below 20 dB."""
-    from ddimctl import samplers, sampling, weights
+    from ddimctl.sampling import samplers, runners
+    from ddimctl.models import loading
 
-    model = weights.load_model("digits")
+    model = loading.load_model("digits")
     for eta in (0.0, 1.0):
         runs = {}
         for precision in ("fp32", "bf16"):
-            eps = fast.prepare(model.unet, torch.device("cpu"), precision)
-            sampler = sampling.Runner.create(model, samplers.Settings(steps=6, eta=eta), torch.device("cpu"), eps_model=eps)
+            eps = boundary.prepare(model.unet, torch.device("cpu"), precision)
+            sampler = runners.Runner.create(model, samplers.Settings(steps=6, eta=eta), torch.device("cpu"), eps_model=eps)
             runs[precision] = torch.cat([x for _, x in sampler.sample_indices(list(range(4)), 0, 4)])
         assert torch.isfinite(runs["bf16"]).all()
         psnr = metrics.psnr_per_image(runs["bf16"], runs["fp32"])
@@ -104,11 +107,11 @@ def test_compiled_model_matches_eager_and_its_kernels_are_cached(tmp_path):
     $DDIMCTL_CACHE/inductor instead of compiling again."""
     script = (
         "import os, torch; from torch._dynamo.utils import counters\n"
-        "from ddimctl import fast; from ddimctl.unet import UNet, UNetConfig\n"
+        "from ddimctl.models import boundary; from ddimctl.models.unet import UNet, UNetConfig\n"
         "torch.manual_seed(0)\n"
         "unet = UNet(UNetConfig(resolution=8, in_channels=1, out_channels=1, base_channels=32, channel_mult=(1,),\n"
         "                       num_res_blocks=1, attention_resolutions=())).eval()\n"
-        "eps = fast.prepare(unet, torch.device('cpu'), 'fp32', 'default', batch_size=2)\n"
+        "eps = boundary.prepare(unet, torch.device('cpu'), 'fp32', 'default', batch_size=2)\n"
         "x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 999])\n"
         "with torch.no_grad():\n"
         "    diff = float((eps(x, t) - unet(x, t)).abs().max())\n"
@@ -127,17 +130,17 @@ def test_compiled_model_matches_eager_and_its_kernels_are_cached(tmp_path):
 
 def test_users_inductor_cache_wins(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    fast.use_persistent_compile_cache()
+    boundary.use_persistent_compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_unknown_compile_mode_is_one_line():
     with pytest.raises(DdimctlError, match="compile_mode must be one of default, reduce-overhead"):
-        fast.prepare(random_unet("tiny"), torch.device("cpu"), "fp32", "fastest")
+        boundary.prepare(random_unet("tiny"), torch.device("cpu"), "fp32", "fastest")
 
 
 def test_flops_of_the_cifar10_unet():
-    flops = fast.forward_flops(UNet(PRESETS["cifar10"]))
+    flops = boundary.forward_flops(UNet(PRESETS["cifar10"]))
     # Attention: q k^T and softmax(.) v, 2 * 2 * tokens^2 * channels each, in the five 16x16 blocks
     # (256 tokens, 256 channels) and the 4x4 middle block.
     attention = 5 * 4 * 256**2 * 256 + 4 * 16**2 * 256
@@ -146,12 +149,12 @@ def test_flops_of_the_cifar10_unet():
 
 def test_compiling_is_left_to_runs_that_repay_it():
     cifar, church = UNet(PRESETS["cifar10"]), UNet(PRESETS["ddpm256"])
-    assert not fast.worth_compiling(cifar, 16 * 50)  # the default `sample` grid
-    assert not fast.worth_compiling(cifar, 3_000 * 50)  # 1.9 PFLOP: eager finishes first
-    assert fast.worth_compiling(cifar, 5_000 * 50)
-    assert fast.worth_compiling(cifar, 50_000 * 10)  # a sweep cell
-    assert not fast.worth_compiling(church, 16 * 50)
-    assert fast.worth_compiling(church, 100 * 100)  # 5 PFLOP
+    assert not boundary.worth_compiling(cifar, 16 * 50)  # the default `sample` grid
+    assert not boundary.worth_compiling(cifar, 3_000 * 50)  # 1.9 PFLOP: eager finishes first
+    assert boundary.worth_compiling(cifar, 5_000 * 50)
+    assert boundary.worth_compiling(cifar, 50_000 * 10)  # a sweep cell
+    assert not boundary.worth_compiling(church, 16 * 50)
+    assert boundary.worth_compiling(church, 100 * 100)  # 5 PFLOP
 
 
 def test_psnr():
@@ -182,7 +185,7 @@ def test_bench_cli_json(tmp_path):
 
 
 def test_training_benchmark_runs_the_trainers_step():
-    from ddimctl.unet import PRESETS
+    from ddimctl.models.unet import PRESETS
 
     result = bench.benchmark_training(PRESETS["tiny"], torch.device("cpu"), 2, "fp32", False, steps=1)
     assert result["name"] == "train fp32 eager" and result["images_per_s"] > 0

@@ -5,7 +5,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ddimctl.files import LEDGER, atomic_save_safetensors
+from ddimctl.io.files import LEDGER, atomic_save_safetensors
 
 
 def test_the_same_tensors_and_metadata_give_the_same_bytes(tmp_path):
@@ -34,7 +34,7 @@ def dead_pid() -> int:
 def test_only_ddimctls_own_temporaries_of_gone_processes_are_removed(tmp_path):
     import os
 
-    from ddimctl.files import atomic_path, remove_stale_temporaries
+    from ddimctl.io.files import atomic_path, remove_stale_temporaries
 
     pid = dead_pid()
     mine = tmp_path / f".latents.safetensors.ddimctl-{pid}-abcd1234.tmp"

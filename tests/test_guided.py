@@ -12,9 +12,10 @@ import torch
 from helpers import ddimctl
 from PIL import Image
 
-from ddimctl import images, weights
+from ddimctl.io import images
+from ddimctl.models import loading
 from ddimctl.errors import DdimctlError
-from ddimctl.latents import load_latents
+from ddimctl.sampling.latents import load_latents
 
 guided = pytest.importorskip("guided_diffusion.script_util")
 
@@ -61,7 +62,7 @@ def save(tmp_path, model, flags, name="model"):
 def test_every_flag_gives_their_network(tmp_path, case):
     flags = {**SMALL, **CASES[case]}
     theirs = their_model(flags)
-    loaded = weights.load_model(str(save(tmp_path, theirs, flags)))
+    loaded = loading.load_model(str(save(tmp_path, theirs, flags)))
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(3, 3, 32, 32, generator=g), torch.tensor([0, 417, 999])
     y = torch.tensor([0, 7, 999]) if flags.get("class_cond") else None
@@ -140,7 +141,7 @@ def test_a_checkpoint_without_its_flags_says_which_sidecar_to_write(tmp_path):
     flags = {**SMALL, **CASES["learned sigmas, class-conditional"]}
     torch.save(their_model(flags).state_dict(), tmp_path / "adm.pt")
     with pytest.raises(DdimctlError) as refused:
-        weights.load_model(str(tmp_path / "adm.pt"))
+        loading.load_model(str(tmp_path / "adm.pt"))
     message = str(refused.value)
     assert "adm.json" in message and "\n" not in message
     suggested = json.loads(message[message.index("{"):message.rindex("}") + 1])
@@ -169,11 +170,11 @@ def test_their_command_line_spelling_of_flags_is_read(tmp_path):
     """Flags copied from their README (strings such as "True" and "16,8") mean what they say."""
     flags = {**SMALL, "learn_sigma": "True", "num_heads": "2", "rescale_timesteps": "true", "use_fp16": "False",
              "diffusion_steps": "4000", "noise_schedule": "cosine"}
-    loaded = weights.load_model(str(save(tmp_path, their_model({**SMALL, "learn_sigma": True, "num_heads": 2}), flags)))
+    loaded = loading.load_model(str(save(tmp_path, their_model({**SMALL, "learn_sigma": True, "num_heads": 2}), flags)))
     assert (loaded.config.out_channels, loaded.train_steps, loaded.timestep_scale) == (6, 4000, 0.25)
     assert loaded.schedule["kind"] == "squaredcos_cap_v2"
     one = {**SMALL, "num_heads": 2, "attention_resolutions": 16, "channel_mult": [1, 2]}  # JSON numbers, not strings
-    assert weights.load_model(str(save(tmp_path, their_model({**SMALL, "num_heads": 2}), one, "one"))).config.attention_resolutions == (16,)
+    assert loading.load_model(str(save(tmp_path, their_model({**SMALL, "num_heads": 2}), one, "one"))).config.attention_resolutions == (16,)
 
 
 def test_class_labels_are_checked_before_any_work(tmp_path):
@@ -194,15 +195,16 @@ def test_class_labels_are_checked_before_any_work(tmp_path):
 def test_a_class_conditional_model_draws_each_images_class_from_its_seed(tmp_path):
     """Without --class, image i's class comes from (seed, i): the same images at any batch size,
     and given the same classes explicitly, the same pixels."""
-    from ddimctl import sampling, seeds
+    from ddimctl.sampling import runners
+    from ddimctl import seeds
 
     flags = {**SMALL, "class_cond": True}
-    loaded = weights.load_model(str(save(tmp_path, their_model(flags), flags)))
-    drawn = sampling.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=3)
-    in_twos = sampling.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=2)
+    loaded = loading.load_model(str(save(tmp_path, their_model(flags), flags)))
+    drawn = runners.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=3)
+    in_twos = runners.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=2)
     classes = seeds.image_classes(5, range(3), 1000).tolist()
-    given = sampling.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=3, classes=classes)
-    other = sampling.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=3, classes=[(c + 1) % 1000 for c in classes])
+    given = runners.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=3, classes=classes)
+    other = runners.generate(loaded, 3, steps=3, seed=5, device="cpu", batch_size=3, classes=[(c + 1) % 1000 for c in classes])
     assert len(set(classes)) > 1
     assert float((drawn - in_twos).abs().max()) < 1e-4 and torch.equal(drawn, given)
     assert float((drawn - other).abs().amax((1, 2, 3)).min()) > 1e-3  # the label reaches every image
@@ -249,7 +251,7 @@ def test_fp16_weights_load_as_their_float32_network(tmp_path):
     theirs = their_model(flags)  # their fp32 network (use_fp16 only sets their compute dtype)
     torch.save({k: v.half() for k, v in theirs.state_dict().items()}, tmp_path / "half.pt")
     (tmp_path / "half.json").write_text(json.dumps({**flags, "use_fp16": True}))
-    loaded = weights.load_model(str(tmp_path / "half.pt"))
+    loaded = loading.load_model(str(tmp_path / "half.pt"))
     rounded = their_model(flags)
     rounded.load_state_dict({k: v.half().float() for k, v in theirs.state_dict().items()})
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])

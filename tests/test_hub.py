@@ -10,7 +10,7 @@ from helpers import ddimctl
 from hub_server import FakeHub
 from safetensors.torch import save
 
-from ddimctl import registry, weights
+from ddimctl.models import registry, loading
 from ddimctl.errors import DdimctlError
 
 REPO = "test-org/ddpm-tiny"
@@ -56,54 +56,54 @@ def same_weights(a, b) -> bool:
 def test_first_download_then_cache_hit(hub, tmp_path):
     cache = str(tmp_path / "hf")
     e = entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"])
-    assert not weights.is_cached(e, cache)
-    loaded = weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
+    assert not loading.is_cached(e, cache)
+    loaded = loading.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
     assert same_weights(loaded.unet, hub.model)
     gets = [r for r in hub.requests if r[0] == "GET"]
     assert len(gets) == 1
-    assert weights.is_cached(e, cache)
+    assert loading.is_cached(e, cache)
     assert list((tmp_path / "hf").glob("models--test-org--ddpm-tiny/blobs/*"))
 
     # Second run: no file transfer (at most a HEAD to check for a newer revision).
-    weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
+    loading.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
     assert len([r for r in hub.requests if r[0] == "GET"]) == 1
 
 
 def test_pickle_is_verified_then_converted_once_to_safetensors(hub, tmp_path):
     cache = str(tmp_path / "hf")
     e = entry(file="diffusion_pytorch_model.bin", sha256=hub.sha["diffusion_pytorch_model.bin"])
-    loaded = weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
+    loaded = loading.load_registered(e, hub_cache=cache, endpoint=hub.endpoint)
     assert same_weights(loaded.unet, hub.model)
-    converted = weights.converted_path(e, e.sha256)
+    converted = loading.converted_path(e, e.sha256)
     assert converted.is_file() and converted.suffix == ".safetensors"
     # Later runs read the safetensors without asking the Hub at all.
     count = len(hub.requests)
-    again = weights.load_registered(e, hub_cache=cache, endpoint="http://127.0.0.1:9")
+    again = loading.load_registered(e, hub_cache=cache, endpoint="http://127.0.0.1:9")
     assert same_weights(again.unet, hub.model)
     assert len(hub.requests) == count
     # A conversion cut short (a crash, a full disk) is removed and redone from the verified download.
     converted.write_bytes(converted.read_bytes()[:100])
     heard = []
-    redone = weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint, notify=heard.append)
+    redone = loading.load_registered(e, hub_cache=cache, endpoint=hub.endpoint, notify=heard.append)
     assert same_weights(redone.unet, hub.model) and "damaged conversion" in heard[0]
-    assert weights.load_registered(e, hub_cache=cache, endpoint=hub.endpoint).weights_sha256 == e.sha256
+    assert loading.load_registered(e, hub_cache=cache, endpoint=hub.endpoint).weights_sha256 == e.sha256
 
 
 def test_sha256_mismatch_deletes_the_file_and_says_so(hub, tmp_path):
     cache = tmp_path / "hf"
     e = entry(sha256="0" * 64)
     with pytest.raises(DdimctlError, match=r"sha256 .* expected 0000.*deleted") as info:
-        weights.load_registered(e, hub_cache=str(cache), endpoint=hub.endpoint)
+        loading.load_registered(e, hub_cache=str(cache), endpoint=hub.endpoint)
     assert "tiny-hub" in str(info.value) and "\n" not in str(info.value)
     assert not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts]
-    assert not weights.is_cached(e, str(cache))
+    assert not loading.is_cached(e, str(cache))
 
 
 def test_missing_file_and_unknown_repo(hub, tmp_path):
     with pytest.raises(DdimctlError, match="has no file 'nope.safetensors'"):
-        weights.load_registered(entry(file="nope.safetensors"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
+        loading.load_registered(entry(file="nope.safetensors"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
     with pytest.raises(DdimctlError, match="repository test-org/missing was not found"):
-        weights.load_registered(entry(repo="test-org/missing"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
+        loading.load_registered(entry(repo="test-org/missing"), hub_cache=str(tmp_path), endpoint=hub.endpoint)
 
 
 def test_unreachable_endpoint_fails_after_one_attempt(tmp_path):
@@ -113,7 +113,7 @@ def test_unreachable_endpoint_fails_after_one_attempt(tmp_path):
 
     started = time.perf_counter()
     with pytest.raises(DdimctlError, match="not in the Hub cache and the Hub at 127.0.0.1:9 refused or dropped the connection"):
-        weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint="http://127.0.0.1:9")
+        loading.load_registered(entry(), hub_cache=str(tmp_path), endpoint="http://127.0.0.1:9")
     assert time.perf_counter() - started < 5
 
 
@@ -132,7 +132,7 @@ def test_a_hub_that_never_answers_is_given_up_in_bounded_time(tmp_path, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)
     started = time.perf_counter()
     with pytest.raises(DdimctlError, match=r"did not answer within 1 s \(HF_HUB_ETAG_TIMEOUT\)"):
-        weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        loading.load_registered(entry(), hub_cache=str(tmp_path), endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}")
     assert time.perf_counter() - started < 10
     listener.close()
 
@@ -141,16 +141,16 @@ def test_a_host_that_does_not_resolve_fails_at_once_or_uses_the_cache(hub, tmp_p
     """No retries against a name with no DNS answer: the error names it, and a cached file is used."""
     nowhere = "http://ddimctl-test.invalid"
     with pytest.raises(DdimctlError, match="host name does not resolve"):
-        weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=nowhere)
+        loading.load_registered(entry(), hub_cache=str(tmp_path), endpoint=nowhere)
     assert "Retrying" not in capsys.readouterr().err
     e = entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"])
-    weights.load_registered(e, hub_cache=str(tmp_path), endpoint=hub.endpoint)  # now cached
-    assert same_weights(weights.load_registered(e, hub_cache=str(tmp_path), endpoint=nowhere).unet, hub.model)
+    loading.load_registered(e, hub_cache=str(tmp_path), endpoint=hub.endpoint)  # now cached
+    assert same_weights(loading.load_registered(e, hub_cache=str(tmp_path), endpoint=nowhere).unet, hub.model)
 
 
 def test_unknown_sha_is_reported_with_the_hash(hub, tmp_path):
     heard = []
-    weights.load_registered(entry(), hub_cache=str(tmp_path), endpoint=hub.endpoint, notify=heard.append)
+    loading.load_registered(entry(), hub_cache=str(tmp_path), endpoint=hub.endpoint, notify=heard.append)
     assert len(heard) == 1 and hub.sha["diffusion_pytorch_model.safetensors"] in heard[0] and "not verified" in heard[0]
 
 
@@ -159,14 +159,14 @@ def test_a_poisoned_cache_link_to_a_users_file_never_touches_that_file(hub, tmp_
     goes, the user's file stays as it was."""
     cache = tmp_path / "hf"
     e = entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"])
-    weights.load_registered(e, hub_cache=str(cache), endpoint=hub.endpoint)
+    loading.load_registered(e, hub_cache=str(cache), endpoint=hub.endpoint)
     snapshot = next(cache.glob("models--test-org--ddpm-tiny/snapshots/*/diffusion_pytorch_model.safetensors"))
     precious = tmp_path / "thesis.txt"
     precious.write_text("years of work")
     snapshot.unlink()
     snapshot.symlink_to(precious)
     with pytest.raises(DdimctlError, match="sha256 .* deleted"):
-        weights.load_registered(e, hub_cache=str(cache), endpoint="http://127.0.0.1:9")
+        loading.load_registered(e, hub_cache=str(cache), endpoint="http://127.0.0.1:9")
     assert precious.read_text() == "years of work"
     assert not snapshot.exists() and not snapshot.is_symlink()
 
@@ -177,9 +177,9 @@ def test_a_corrupt_download_without_a_recorded_hash_is_removed(hub, tmp_path):
     cache = tmp_path / "hf"
     hub.add(REPO, "broken.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with pytest.raises(DdimctlError, match="cannot be read .* deleted from the cache, run the command again"):
-        weights.load_registered(entry(file="broken.safetensors"), hub_cache=str(cache), endpoint=hub.endpoint)
+        loading.load_registered(entry(file="broken.safetensors"), hub_cache=str(cache), endpoint=hub.endpoint)
     assert not [p for p in cache.rglob("*") if p.is_file() and "blobs" in p.parts]
-    assert not weights.is_cached(entry(file="broken.safetensors"), str(cache))
+    assert not loading.is_cached(entry(file="broken.safetensors"), str(cache))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -206,7 +206,7 @@ def test_a_registry_name_with_a_path_never_reaches_the_cache(tmp_path, monkeypat
     """Even an entry built past the registry's checks gets no cache path outside the cache."""
     monkeypatch.setenv("DDIMCTL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DdimctlError, match="no safe cache path"):
-        weights.converted_path(entry(name="../../outside"), "a" * 64)
+        loading.converted_path(entry(name="../../outside"), "a" * 64)
 
 
 def run_cli(args, env_extra, cwd):
@@ -263,7 +263,7 @@ def test_a_misbehaving_hub_is_one_line_and_leaves_no_file(hub, tmp_path, monkeyp
     cache = tmp_path / "hf"
     started = time.perf_counter()
     with pytest.raises(DdimctlError, match=message) as info:
-        weights.load_registered(entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"]), hub_cache=str(cache),
+        loading.load_registered(entry(sha256=hub.sha["diffusion_pytorch_model.safetensors"]), hub_cache=str(cache),
                                 endpoint=hub.endpoint)
     assert "\n" not in str(info.value) and "tiny-hub" in str(info.value)
     assert time.perf_counter() - started < 40
@@ -292,7 +292,7 @@ def test_any_hub_repo_in_diffusers_format(hub, tmp_path):
     cache = str(tmp_path / "hf")
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([321])
     for spec, beta_end in (("someone/butterflies", 0.012), ("someone/bare-unet@main", 0.02)):
-        loaded = weights.load_model(spec, hub_cache=cache, endpoint=hub.endpoint)
+        loaded = loading.load_model(spec, hub_cache=cache, endpoint=hub.endpoint)
         assert loaded.schedule["beta_end"] == beta_end and loaded.config.head_channels == 8
         with torch.no_grad():
             assert torch.allclose(loaded.unet(x, t), unet(x, t).sample, atol=1e-5)
@@ -303,12 +303,12 @@ def test_any_hub_repo_in_diffusers_format(hub, tmp_path):
 
     old, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
     try:  # offline, from the cache: no request at all
-        assert weights.load_model("someone/butterflies", hub_cache=cache, endpoint=hub.endpoint).schedule["beta_end"] == 0.012
+        assert loading.load_model("someone/butterflies", hub_cache=cache, endpoint=hub.endpoint).schedule["beta_end"] == 0.012
     finally:
         constants.HF_HUB_OFFLINE = old
     assert len(hub.requests) == asked
     # `ddimctl models` lists them from the cache alone
-    assert weights.cached_hub_repos(cache) == [("someone/bare-unet", "main", "UNet"), ("someone/butterflies", "main", "pipeline")]
+    assert loading.cached_hub_repos(cache) == [("someone/bare-unet", "main", "UNet"), ("someone/butterflies", "main", "pipeline")]
     listed = ddimctl("models", env={"HF_HUB_CACHE": cache})
     assert "someone/butterflies" in listed.stdout and "someone/bare-unet" in listed.stdout
     assert len(hub.requests) == asked
@@ -322,7 +322,7 @@ def test_a_hub_repo_whose_weights_do_not_match_the_reported_sha256_is_refused(hu
     serve_pipeline(hub, "someone/tampered", tmp_path / "unet")
     hub.faults[("someone/tampered", "diffusion_pytorch_model.safetensors")] = "wrong-etag"
     with pytest.raises(DdimctlError, match="the Hub reported .*; the corrupt download was deleted"):
-        weights.load_model("someone/tampered", hub_cache=str(tmp_path / "hf"), endpoint=hub.endpoint)
+        loading.load_model("someone/tampered", hub_cache=str(tmp_path / "hf"), endpoint=hub.endpoint)
     assert not list((tmp_path / "hf").rglob("diffusion_pytorch_model.safetensors"))
     with pytest.raises(DdimctlError, match="repository nobody/nothing was not found on the Hub; check --model"):
-        weights.load_model("nobody/nothing", hub_cache=str(tmp_path / "hf"), endpoint=hub.endpoint)
+        loading.load_model("nobody/nothing", hub_cache=str(tmp_path / "hf"), endpoint=hub.endpoint)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddimctl import images
+from ddimctl.io import images
 from ddimctl.errors import DdimctlError
 
 
@@ -45,7 +45,7 @@ def test_a_png_whose_pixel_data_ends_early_is_refused(tmp_path):
     import struct
     import zlib
 
-    from ddimctl.images import png_rows_complete, read_pixels
+    from ddimctl.io.images import png_rows_complete, read_pixels
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -71,7 +71,7 @@ def test_a_png_whose_pixel_data_ends_early_is_refused(tmp_path):
 
 def test_exif_orientation_is_applied(tmp_path):
     """A phone photo stores its pixels sideways with an orientation tag: it is read upright."""
-    from ddimctl.images import read_pixels
+    from ddimctl.io.images import read_pixels
 
     pixels = np.zeros((16, 16), dtype="uint8")
     pixels[:, :8] = 255  # left half white as stored

@@ -5,9 +5,9 @@ import torch
 
 from safetensors.torch import save_file
 
-from ddimctl import latents, samplers
+from ddimctl.sampling import latents, samplers
 from ddimctl.errors import DdimctlError
-from ddimctl.sampling import ExactInversion
+from ddimctl.sampling.runners import ExactInversion
 
 
 def test_a_latents_file_keeps_its_values_and_settings(tmp_path):

@@ -1,4 +1,4 @@
-"""layouts.py and weights.py: every accepted checkpoint layout, renamed and loaded; bad files refused."""
+"""layouts.py and loading.py: every accepted checkpoint layout, renamed and loaded; bad files refused."""
 
 import json
 import re
@@ -9,15 +9,15 @@ from conftest import DATA, random_unet
 from helpers import diffusers_unet
 from safetensors.torch import save_file
 
-from ddimctl import layouts, weights
-from ddimctl.unet import PRESETS, UNet
+from ddimctl.models import layouts, loading
+from ddimctl.models.unet import PRESETS, UNet
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def original_layout(state: dict, levels: int = 4) -> dict:
     """Rename a diffusers-layout state dict to the original DDPM layout (the inverse of what
-    ddimctl.weights does, written independently here with regular expressions)."""
+    ddimctl's loading does, written independently here with regular expressions)."""
     rules = [
         (r"^time_embedding\.linear_1\.", "temb.dense.0."),
         (r"^time_embedding\.linear_2\.", "temb.dense.1."),
@@ -109,7 +109,7 @@ def test_every_accepted_layout_loads_to_identical_outputs(tmp_path):
     files["diffusers folder"] = folder
 
     for what, path in files.items():
-        loaded = weights.load_model(str(path))
+        loaded = loading.load_model(str(path))
         assert loaded.config.resolution == 32, what
         with torch.no_grad():
             got = loaded.unet(x, t)
@@ -121,8 +121,8 @@ def test_wrong_weights_give_a_clear_error(tmp_path):
     del state["conv_out.bias"]
     save_file(state, str(tmp_path / "broken.safetensors"))
     (tmp_path / "broken.json").write_text(json.dumps({"unet": PRESETS["tiny"].to_dict()}))
-    with pytest.raises(weights.DdimctlError, match="do not fit"):
-        weights.load_model(str(tmp_path / "broken.safetensors"))
+    with pytest.raises(loading.DdimctlError, match="do not fit"):
+        loading.load_model(str(tmp_path / "broken.safetensors"))
 
 
 def test_pickles_with_code_are_refused(tmp_path):
@@ -131,5 +131,5 @@ def test_pickles_with_code_are_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"conv_in.weight": Evil()}, tmp_path / "evil.bin")
-    with pytest.raises(weights.DdimctlError, match="not a loadable checkpoint"):
-        weights.load_model(str(tmp_path / "evil.bin"))
+    with pytest.raises(loading.DdimctlError, match="not a loadable checkpoint"):
+        loading.load_model(str(tmp_path / "evil.bin"))

@@ -24,7 +24,7 @@ def test_the_readme_library_example_runs():
     assert tuple(scope["images"].shape) == (16, 1, 16, 16)
     assert scope["x_0"].shape == scope["x_T"].shape and len(scope["steps"]) == 50
     # invert_exact's latents decode back to x_0 (the example's comment)
-    from ddimctl import ddim
+    from ddimctl.sampling import ddim
 
     back = ddim.sample(scope["eps"], scope["x_T_exact"], scope["abar"], scope["tau"])
     assert float((back - scope["x_0"]).abs().max()) < 0.05

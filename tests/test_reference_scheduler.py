@@ -5,7 +5,8 @@ import torch
 from conftest import random_unet
 from test_unet import diffusers_unet
 
-from ddimctl import ddim, schedule
+from ddimctl.sampling import ddim
+from ddimctl import schedule
 
 diffusers = pytest.importorskip("diffusers")
 

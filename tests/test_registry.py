@@ -6,9 +6,10 @@ from importlib import resources
 
 import pytest
 
-from ddimctl import registry, schedule
+from ddimctl.models import registry
+from ddimctl import schedule
 from ddimctl.errors import DdimctlError
-from ddimctl.unet import PRESETS
+from ddimctl.models.unet import PRESETS
 
 
 @pytest.fixture()

@@ -74,7 +74,7 @@ def test_sixteen_bit_images_read_at_full_depth(tmp_path):
     from PIL import Image
     from reliability_cases import THREE
 
-    from ddimctl import images
+    from ddimctl.io import images
 
     eight = images.read_pixels(THREE, 16, 1)
     wide = np.asarray(Image.open(THREE), dtype=np.uint32) * 257
@@ -97,7 +97,7 @@ def test_sixteen_bit_rgb_png_keeps_its_colours(tmp_path):
     import numpy as np
     import torch
 
-    from ddimctl import images
+    from ddimctl.io import images
 
     rgb8 = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint16)
     rgb16 = (rgb8 * 257).astype(">u2")  # 8 -> 16 bits exactly
@@ -115,7 +115,7 @@ def test_sixteen_bit_rgb_png_keeps_its_colours(tmp_path):
 
 
 def test_interrupted_training_names_its_newest_checkpoint(tmp_path):
-    from ddimctl import runs
+    from ddimctl.models import runs
 
     assert "no checkpoint was written" in runs.interrupted_at(tmp_path / "nothing")
     (tmp_path / "checkpoints").mkdir()

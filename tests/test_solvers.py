@@ -10,7 +10,8 @@ import pytest
 import torch
 from gaussian import GaussianEps, MixtureEps
 
-from ddimctl import samplers, schedule, solvers
+from ddimctl.sampling import samplers, solvers
+from ddimctl import schedule
 from ddimctl.bench import follow_grid
 
 ABAR = schedule.alphas_cumprod(schedule.linear_betas())
@@ -63,7 +64,7 @@ def descending(tau) -> list[int]:
 def digits_eps():
     """The trained digits model in float64: a real denoiser, without float32's rounding noise,
     which a 25-step trajectory amplifies to about 1e-5."""
-    from ddimctl.weights import load_model
+    from ddimctl.models.loading import load_model
 
     unet = load_model("digits").unet.double()
 
@@ -266,7 +267,7 @@ def test_every_sampler_has_the_one_signature():
     """samplers.SamplerFunction: the same positional tensors and keyword-only hooks for every row."""
     import inspect
 
-    from ddimctl import samplers
+    from ddimctl.sampling import samplers
 
     for name, spec in samplers.SAMPLERS.items():
         params = inspect.signature(spec.function).parameters

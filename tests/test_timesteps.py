@@ -9,7 +9,8 @@ import pytest
 from gaussian import MixtureEps
 from helpers import ddimctl
 
-from ddimctl import samplers, schedule, timesteps, tuning
+from ddimctl.sampling import samplers, timesteps, tuning
+from ddimctl import schedule
 from ddimctl.errors import DdimctlError
 
 ABAR = schedule.alphas_cumprod(schedule.linear_betas())
@@ -95,9 +96,9 @@ def test_tuning_never_ends_worse_than_its_start_and_repeats_for_a_seed():
 
 
 def test_a_tuned_file_is_used_for_its_model_and_sampler_only(tmp_path):
-    from ddimctl import weights
+    from ddimctl.models import loading
 
-    digits = weights.load_model("digits")
+    digits = loading.load_model("digits")
     tuned = {"format": "ddimctl-timesteps", "model": "digits", "weights_sha256": digits.weights_sha256,
              "sampler": "unipc", "steps": 3, "timesteps": [80, 400, 999]}
     (tmp_path / "t.json").write_text(json.dumps(tuned))
@@ -121,7 +122,7 @@ def test_a_tuned_file_is_used_for_its_model_and_sampler_only(tmp_path):
 def test_skip_tuned_takes_the_timesteps_ddimctl_ships(tmp_path):
     """The bundled digits model ships fitted 5-call timesteps; --skip tuned finds them by model,
     sampler and S, and says what to do where there are none."""
-    shipped = json.loads((Path(timesteps.__file__).parent / "bundled" / "tuned" / "digits-unipc-5.json").read_text())
+    shipped = json.loads((Path(timesteps.__file__).parents[1] / "bundled" / "tuned" / "digits-unipc-5.json").read_text())
     ddimctl("sample", "--model", "digits", "--sampler", "unipc", "--skip", "tuned", "-n", "2", "--out", "s/", cwd=tmp_path)
     record = json.loads((tmp_path / "s" / ".ddimctl-sample.json").read_text())
     assert record["skip"] == timesteps.canonical(shipped["timesteps"]) and record["steps"] == 5
@@ -145,10 +146,10 @@ def test_explicit_timesteps_set_each_sweep_cells_calls():
 
 def test_a_model_folder_keeps_its_own_tuned_timesteps(tmp_path):
     """--skip tuned with a model or run folder: the folder's tuned/SAMPLER-S.json, held to its weights."""
-    from ddimctl import weights
+    from ddimctl.models import loading
 
     ddimctl("export", "digits", tmp_path / "mine", cwd=tmp_path)
-    mine = weights.load_model(str(tmp_path / "mine"))
+    mine = loading.load_model(str(tmp_path / "mine"))
     (tmp_path / "mine" / "tuned").mkdir()
     (tmp_path / "mine" / "tuned" / "unipc-3.json").write_text(json.dumps({
         "format": "ddimctl-timesteps", "model": mine.name, "weights_sha256": mine.weights_sha256, "sampler": "unipc",

@@ -11,7 +11,8 @@ from helpers import ddimctl
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddimctl import runs, schedule, train, weights
+from ddimctl.models import runs, loading
+from ddimctl import schedule, train
 from ddimctl.distributed import World
 
 
@@ -22,7 +23,7 @@ def run(*args, cwd, env=None, check=True, torchrun=0, prelude=None):
 # A real SIGKILL straight after a checkpoint is written: the moment a resume must survive.
 KILL_AFTER_STEP_3 = """
 import os, signal
-from ddimctl import runs
+from ddimctl.models import runs
 _save = runs.save_checkpoint
 def _save_then_die(run_dir, step, *args):
     path = _save(run_dir, step, *args)
@@ -85,7 +86,7 @@ def test_a_v_prediction_cosine_run_is_recorded_loaded_and_exported(data_dir, tmp
         "cosine", cwd=tmp_path)
     record = json.loads((tmp_path / "v" / "config.json").read_text())
     assert record["prediction"] == "v_prediction" and record["schedule"]["kind"] == "squaredcos_cap_v2"
-    loaded = weights.load_model(str(tmp_path / "v"))
+    loaded = loading.load_model(str(tmp_path / "v"))
     assert loaded.prediction == "v_prediction" and loaded.schedule["kind"] == "squaredcos_cap_v2"
     run("export", tmp_path / "v", tmp_path / "exported", cwd=tmp_path)
     scheduler = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
@@ -145,7 +146,7 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
 
 def test_run_dir_is_a_model_and_exports_to_diffusers(data_dir, tmp_path):
     run("train", data_dir, "--out", "r", "--steps", 2, "--save-every", 2, *TINY, cwd=tmp_path)
-    loaded = weights.load_model(str(tmp_path / "r"))
+    loaded = loading.load_model(str(tmp_path / "r"))
     ema = {k[4:]: v for k, v in checkpoint_tensors(tmp_path / "r").items() if k.startswith("ema.")}
     assert all(torch.equal(loaded.unet.state_dict()[k], v) for k, v in ema.items())
     run("sample", "--model", "r", "-n", 2, "--steps", 3, "--out", "s.png", cwd=tmp_path)
@@ -163,7 +164,7 @@ def test_run_dir_is_a_model_and_exports_to_diffusers(data_dir, tmp_path):
     assert scheduler.config.num_train_timesteps == 1000 and scheduler.config.beta_end == 0.02
     assert not scheduler.config.clip_sample
     # And ddimctl reads its own export back.
-    back = weights.load_model(str(tmp_path / "exported"))
+    back = loading.load_model(str(tmp_path / "exported"))
     assert all(torch.equal(back.unet.state_dict()[k], v) for k, v in loaded.unet.state_dict().items())
 
 
@@ -252,8 +253,8 @@ def test_existing_run_is_never_overwritten(data_dir, tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """A full disk in the middle of a save: the old checkpoint survives and no temporary file stays."""
-    from ddimctl import files as files_module
-    from ddimctl.unet import PRESETS, UNet
+    from ddimctl.io import files as files_module
+    from ddimctl.models.unet import PRESETS, UNet
 
     model = UNet(PRESETS["tiny"])
     ema = UNet(PRESETS["tiny"])
@@ -301,7 +302,7 @@ def test_fine_tuning_starts_from_the_given_weights(data_dir, tmp_path, tiny_chec
     run("train", data_dir, "--out", "ft", "--init", tiny_checkpoint, "--steps", 1, "--save-every", 1, "--batch-size", 4,
         "--lr", "1e-9", "--warmup", 0, "--sample-count", 0, "--seed", 5, cwd=tmp_path)
     start = load_file(tiny_checkpoint)
-    tuned = weights.load_model(str(tmp_path / "ft"))
+    tuned = loading.load_model(str(tmp_path / "ft"))
     assert tuned.config.in_channels == 3
     assert max(float((tuned.unet.state_dict()[k] - v).abs().max()) for k, v in start.items()) < 1e-6
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["train"]["init"] == str(tiny_checkpoint)
@@ -310,8 +311,8 @@ def test_fine_tuning_starts_from_the_given_weights(data_dir, tmp_path, tiny_chec
 def test_fine_tuning_reads_the_initial_weights_once(data_dir, tmp_path, tiny_checkpoint, monkeypatch):
     """--init's checkpoint is read for the checks before any work, and that reading is what trains."""
     calls = []
-    real = weights.load_model
-    monkeypatch.setattr(weights, "load_model", lambda spec, **kw: calls.append(spec) or real(spec, **kw))
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda spec, **kw: calls.append(spec) or real(spec, **kw))
     run("train", data_dir, "--out", "ft", "--init", tiny_checkpoint, "--steps", 1, "--batch-size", 4, "--sample-count", 0,
         cwd=tmp_path)
     assert calls == [str(tiny_checkpoint)]

@@ -6,7 +6,7 @@ import torch
 from conftest import random_unet
 from helpers import diffusers_unet
 
-from ddimctl.unet import PRESETS, UNet, count_parameters
+from ddimctl.models.unet import PRESETS, UNet, count_parameters
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import fast, metrics, registry, samplers, weights
+from .models import boundary, registry, loading
+from . import metrics
+from .sampling import samplers
 from .schedule import Schedule
-from .diffusers_configs import diffusers_config
+from .models.diffusers_configs import diffusers_config
 from .errors import DdimctlError
-from .unet import PRESETS, UNet
-from .weights import LoadedModel
+from .models.unet import PRESETS, UNet
+from .models.loading import LoadedModel
 
 SCHEDULE = Schedule()  # every benchmark times the public checkpoints' linear schedule
 
@@ -91,13 +93,13 @@ def run_ours(
     timesteps = settings.timesteps(alphas_cumprod)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    eps = fast.prepare(unet, device, precision, compile_mode, batch)
-    compile_s = fast.warm_up(eps, tuple(x_T.shape), device) if compile_mode else 0.0
+    eps = boundary.prepare(unet, device, precision, compile_mode, batch)
+    compile_s = boundary.warm_up(eps, tuple(x_T.shape), device) if compile_mode else 0.0
     classes = eps.config.example_classes(batch, device)
     run = lambda: settings.run(lambda x, t: eps(x, t, classes), x_T, alphas_cumprod, timesteps)  # noqa: E731
     run()  # warm-up of the whole loop
     seconds, out = time_runs(run, device, runs)
-    resolved = fast.resolve_precision(precision, device)
+    resolved = boundary.resolve_precision(precision, device)
     label = f"ddimctl{sampler_label(settings)} {resolved}" + (f" compile={compile_mode}" if compile_mode else " eager")
     m = Measurement(label, resolved, batch, settings.steps, seconds, batch / seconds, settings.sampler, compile_s)
     if device.type == "cuda":
@@ -240,7 +242,7 @@ def benchmark_training(
     x0, _, _ = unet_config.example_inputs(batch, device)
     use_bf16 = precision == "bf16"
     if device.type == "cuda":
-        fast.set_matmul_precision("fp32")
+        boundary.set_matmul_precision("fp32")
 
     def step():
         t = torch.randint(0, SCHEDULE.train_steps, (batch,), device=device)
@@ -269,7 +271,7 @@ def unet_to_time(spec: str, load: Callable[[str], LoadedModel]) -> tuple[UNet, s
     or a local checkpoint is load()ed; one not downloaded yet, or a preset, runs with random weights
     in its architecture (speed does not depend on the values)."""
     entries = registry.registry()
-    if spec in entries and weights.is_cached(entries[spec]):
+    if spec in entries and loading.is_cached(entries[spec]):
         return load(spec).unet, f"{spec} ({entries[spec].source})"
     if spec in PRESETS or spec in entries:
         torch.manual_seed(0)
@@ -295,7 +297,7 @@ def estimate_seconds(unet: UNet, device: torch.device, settings: samplers.Settin
 def check_settings(settings: samplers.Settings, compile_mode: str | None) -> samplers.Settings:
     """What a benchmark can run: S within the schedule's T, and a known compile mode. Returns the
     settings on the uniform grid the reference walks too."""
-    fast.check_compile_mode(compile_mode)
+    boundary.check_compile_mode(compile_mode)
     return settings.for_model(SCHEDULE.train_steps, "uniform")
 
 
@@ -316,15 +318,15 @@ def run_benchmark(
     settings = check_settings(settings, compile_mode)
     x_T, _, _ = unet.config.example_inputs(batch, device, torch.Generator().manual_seed(0))
     abar = SCHEDULE.alphas_cumprod()
-    flops = fast.forward_flops(unet)
+    flops = boundary.forward_flops(unet)
     results = []
 
     log(f"ddimctl {settings.sampler} fp32 eager (the fidelity baseline)")
     base, base_out = run_ours(unet, x_T, settings, "fp32", None, runs, abar)
     results.append(base)
     mine, mine_out = base, base_out
-    if fast.resolve_precision(precision, device) != "fp32" or compile_mode is not None:
-        log(f"ddimctl {fast.resolve_precision(precision, device)} compile={compile_mode or 'none'}")
+    if boundary.resolve_precision(precision, device) != "fp32" or compile_mode is not None:
+        log(f"ddimctl {boundary.resolve_precision(precision, device)} compile={compile_mode or 'none'}")
         mine, mine_out = run_ours(unet, x_T, settings, precision, compile_mode, runs, abar)
         results.append(mine)
     if reference and no_reference(settings.sampler, unet):

@@ -1,6 +1,6 @@
 """The choices the command line offers, in a module that imports nothing: `ddimctl --help` and shell
 completion list them without importing torch (seconds on every Tab). The modules that implement them
-use these names (timesteps.SCHEMES, fast.PRECISIONS, samplers.DEFAULT_STEPS); samplers.SAMPLERS is a
+use these names (timesteps.SCHEMES, boundary.PRECISIONS, samplers.DEFAULT_STEPS); samplers.SAMPLERS is a
 table of functions, held to SAMPLER_NAMES by tests/test_cli.py."""
 
 SAMPLER_NAMES = ("ddim", "dpm++2m", "dpm++3m", "unipc", "plms", "ipndm")

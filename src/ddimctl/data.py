@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DdimctlError, param
-from .images import GRAYSCALE_MODES, READ_SUFFIXES, describe_changes, read_pixels
+from .io.images import GRAYSCALE_MODES, READ_SUFFIXES, describe_changes, read_pixels
 
 MAX_IN_MEMORY_BYTES = 8 << 30
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import samplers
+from .sampling import samplers
 from .errors import DdimctlError, param
-from .files import atomic_path
-from .images import READ_SUFFIXES
+from .io.files import atomic_path
+from .io.images import READ_SUFFIXES
 
 FID_KEY = "frechet_inception_distance"
 # The paper's Table 1 (CIFAR-10, quad skip, 50k samples against the training set).

@@ -19,15 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, fast, images, runs, samplers, seeds
+from . import distributed, seeds
+from .models import boundary, runs
+from .io import images
+from .sampling import samplers
 from .schedule import prediction_target, PREDICTIONS, Schedule
 from .errors import DdimctlError, param
-from .fields import Fields
-from .layouts import unet_config_from
-from .files import atomic_path, remove_stale_temporaries
-from .sampling import Runner
-from .unet import PRESETS, UNet, UNetConfig, count_parameters
-from .weights import LoadedModel
+from .io.fields import Fields
+from .models.layouts import unet_config_from
+from .io.files import atomic_path, remove_stale_temporaries
+from .sampling.runners import Runner
+from .models.unet import PRESETS, UNet, UNetConfig, count_parameters
+from .models.loading import LoadedModel
 
 
 DEFAULT_PRESET = "small"  # the architecture when neither a preset nor --init is given
@@ -186,7 +189,7 @@ def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: 
                     schedule: dict) -> tuple[UNetConfig, dict[str, torch.Tensor]]:
     """The architecture and weights a fine-tuning run starts from. The weights fix the architecture
     (only dropout may change) and must predict what the run trains, under its noise schedule."""
-    from .weights import load_model
+    from .models.loading import load_model
 
     loaded = load_model(spec)
     config = UNetConfig(**{**loaded.config.to_dict(), **overrides})
@@ -258,7 +261,7 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast (fp32 master weights and optimizer): asked for, or auto on GPUs and on CPUs
     with native bf16 (1.5x the fp32 images/s on the digits model, docs/benchmarks.md)."""
     if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and fast.cpu_has_native_bf16())
+        return device.type == "cuda" or (device.type == "cpu" and boundary.cpu_has_native_bf16())
     return precision == "bf16"
 
 

@@ -16,8 +16,8 @@ from .deferred import Deferred, library
 from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, say, stderr, stdout  # noqa: F401 (the commands' imports)
 
 torch = Deferred("torch")
-data, images, registry, samplers, sampling, timesteps, weights = map(
-    library, ("data", "images", "registry", "samplers", "sampling", "timesteps", "weights"))
+data, images, registry, samplers, runners, timesteps, loading = map(
+    library, ("data", "io.images", "models.registry", "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.loading"))
 
 app = typer.Typer(
     name="ddimctl",
@@ -143,7 +143,7 @@ def steps_for(steps: int | None, skip: str | None, sampler: str) -> int:
     return samplers.steps_from(skip, sampler) or DEFAULT_STEPS
 
 
-def check_tuned(tuned: timesteps.Tuned | None, loaded: weights.LoadedModel, sampler: str) -> None:
+def check_tuned(tuned: timesteps.Tuned | None, loaded: loading.LoadedModel, sampler: str) -> None:
     if tuned is not None:
         tuned.check(loaded.name, loaded.weights_sha256, sampler)
 
@@ -224,21 +224,21 @@ def remove_made_folders() -> None:
 OFFLINE_MODEL = "digits"  # bundled: works with no network
 
 
-def load(model: str | None) -> weights.LoadedModel:
+def load(model: str | None) -> loading.LoadedModel:
     spec = model or registry.default_model()
     try:
         with stderr.status(f"loading {spec}"):
-            return weights.load_model(spec, notify=note)
+            return loading.load_model(spec, notify=note)
     except DdimctlError as e:
-        if model is None and not weights.is_cached(registry.registry()[spec]):  # the default model, not downloaded
+        if model is None and not loading.is_cached(registry.registry()[spec]):  # the default model, not downloaded
             raise DdimctlError(f"{e.args[0]}; to try ddimctl with no network, add --model {OFFLINE_MODEL} (the bundled "
                                f"model)") from e
         raise
 
 
-def make_runner(model: weights.LoadedModel, settings: samplers.Settings, device: str, **options) -> sampling.Runner:
-    """sampling.make_runner, with its decisions shown as notes."""
-    runner = sampling.make_runner(model, settings, device, notify=note, **options)
+def make_runner(model: loading.LoadedModel, settings: samplers.Settings, device: str, **options) -> runners.Runner:
+    """runners.make_runner, with its decisions shown as notes."""
+    runner = runners.make_runner(model, settings, device, notify=note, **options)
     note_cpu_threads(runner.device)
     return runner
 
@@ -277,7 +277,7 @@ def check_inputs(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def read_images(paths: list[Path], model: weights.LoadedModel) -> torch.Tensor:
+def read_images(paths: list[Path], model: loading.LoadedModel) -> torch.Tensor:
     channels, resolution, _ = model.image_shape
     return images.load_images(paths, resolution, channels, notice=note)
 
@@ -309,5 +309,5 @@ def parse_names(text: str, option: str) -> list[str]:
     return names
 
 
-def exact_settings(exact: bool, tol: float, max_iters: int) -> sampling.ExactInversion | None:
-    return sampling.ExactInversion(tol, max_iters) if exact else None
+def exact_settings(exact: bool, tol: float, max_iters: int) -> runners.ExactInversion | None:
+    return runners.ExactInversion(tol, max_iters) if exact else None

@@ -40,9 +40,8 @@ from .progress import plan_and_fill
 from .deferred import Deferred, library
 
 torch = Deferred("torch")
-devices, distributed, fast, folders, registry, samplers, sampling, timesteps, unet, weights = map(
-    library, ("devices", "distributed", "fast", "folders", "registry", "samplers", "sampling", "timesteps", "unet",
-              "weights"))
+devices, distributed, boundary, sample_folders, registry, samplers, runners, timesteps, unet, loading = map(
+    library, ("devices", "distributed", "models.boundary", "sampling.sample_folders", "models.registry", "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.unet", "models.loading"))
 
 
 @app.command()
@@ -66,14 +65,14 @@ def models() -> None:
     table.add_column("source", overflow="fold")
     for entry in entries:
         name = entry.name + (" *" if entry.name == default else "")
-        cached = "yes" if weights.is_cached(entry) else "no"
+        cached = "yes" if loading.is_cached(entry) else "no"
         params = f"{entry.params / 1e6:.1f}M" if entry.params else "?"
-        gray = entry.architecture in unet.PRESETS and weights.registered_config(entry).in_channels == 1
+        gray = entry.architecture in unet.PRESETS and loading.registered_config(entry).in_channels == 1
         size = f"{entry.resolution}" + (", gray" if gray else "")
         table.add_row(name, size, params, entry.skip, cached, entry.source.removeprefix("hf://"))
     stdout.print(table)
     registered = {entry.repo.lower() for entry in entries if entry.repo}
-    cached_repos = [row for row in weights.cached_hub_repos() if row[0].lower() not in registered]
+    cached_repos = [row for row in loading.cached_hub_repos() if row[0].lower() not in registered]
     if cached_repos:
         hub_table = Table(title="Hub repositories in the cache (--model OWNER/NAME)", box=box.SIMPLE_HEAD,
                           pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
@@ -128,7 +127,7 @@ def fid(
             loaded = load(model)
             check_tuned(tuned, loaded, settings.sampler)
             runner = make_runner(loaded, settings, device, count=num,
-                                 classes=sampling.image_classes(loaded, num, None, seed))  # class-conditional: from (seed, i)
+                                 classes=runners.image_classes(loaded, num, None, seed))  # class-conditional: from (seed, i)
             samples = Path(tmp)
             plan_and_fill(runner, seed, num, samples, distributed.World())
         value = evaluate.compute_fid(samples, ref, dev, batch_size, feature_extractor)
@@ -179,7 +178,7 @@ def sweep(
     abar = loaded.alphas_cumprod
     for cell in cells:  # every cell against the model (S <= T, its timesteps) before the first is sampled
         cell.for_model(loaded.train_steps, loaded.skip).timesteps(abar)
-    classes = sampling.image_classes(loaded, num, None, seed)  # a class-conditional model: image i's from (seed, i)
+    classes = runners.image_classes(loaded, num, None, seed)  # a class-conditional model: image i's from (seed, i)
     make_output_folder(out)
     world = distributed.init(devices.pick_device(device))
 
@@ -189,7 +188,7 @@ def sweep(
 
     def fill(runner, folder: Path) -> None:
         if world.is_main:  # a cell's images are its run's only: another sweep's are refused, not scored
-            folders.claim_folder(folder, folders.run_record(loaded, runner.settings, seed, None, runner.precision, 1), num)
+            sample_folders.claim_folder(folder, sample_folders.run_record(loaded, runner.settings, seed, None, runner.precision, 1), num)
         world.barrier()
         plan_and_fill(runner, seed, num, folder, world)
 
@@ -222,7 +221,7 @@ def bench(
     from .. import bench as benchmarks
 
     dev = devices.pick_device(device)
-    mode = compile_mode if compile_mode is not None else (fast.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
+    mode = compile_mode if compile_mode is not None else (boundary.DEFAULT_COMPILE_MODE if dev.type == "cuda" else "none")
     skip, _ = timestep_choice(skip, timesteps_given, model, sampler, steps)  # speed does not depend on which model they were tuned for
     steps = steps_for(steps, skip, sampler)
     settings = benchmarks.check_settings(samplers.Settings(sampler, steps, skip), None if mode == "none" else mode)
@@ -232,7 +231,7 @@ def bench(
         say(f"bench: {source}; {dev}; batch {batch}; {settings.sampler}, S={steps}; {runs} timed runs each")
         if dev.type == "cpu":
             paths = 1 + (reference and benchmarks.no_reference(settings.sampler, unet) is None) + (
-                fast.resolve_precision(precision, dev) != "fp32" or mode != "none")
+                boundary.resolve_precision(precision, dev) != "fp32" or mode != "none")
             seconds = benchmarks.estimate_seconds(unet, dev, settings, batch, runs, paths)
             took = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
             note(f"about {took} on this CPU ({paths} setups x {runs + 1} runs x {steps} calls at batch {batch})"

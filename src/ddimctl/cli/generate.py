@@ -43,8 +43,8 @@ from .output import finish
 from .progress import plan_and_fill
 from .deferred import library
 
-devices, distributed, files, folders, images, samplers, sampling, timesteps, latents_file = map(
-    library, ("devices", "distributed", "files", "folders", "images", "samplers", "sampling", "timesteps", "latents"))
+devices, distributed, files, sample_folders, images, samplers, runners, timesteps, latents_file = map(
+    library, ("devices", "distributed", "io.files", "sampling.sample_folders", "io.images", "sampling.samplers", "sampling.runners", "sampling.timesteps", "sampling.latents"))
 
 
 @app.command()
@@ -75,7 +75,7 @@ def sample(
     class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
-    sampling.check_settings(batch_size=batch_size, num=None if latents else num)
+    runners.check_settings(batch_size=batch_size, num=None if latents else num)
     given_classes = class_list(class_text)
     made = latents_file.latents_settings(latents) if latents is not None else {}
     if given_classes is None and "classes" in made:  # latents decode with the classes they were inverted with
@@ -105,14 +105,14 @@ def sample(
         for line in latents_file.decoding_notes(latents.name, made, loaded.name, settings):
             note(line)
     count = x_T.shape[0] if x_T is not None else num
-    classes = sampling.image_classes(loaded, count, given_classes, seed)
+    classes = runners.image_classes(loaded, count, given_classes, seed)
     if not to_folder:
         images.check_grid_size(count, loaded.image_shape, scale)
     if to_folder and world.is_main:
         files.remove_stale_temporaries(out_path)
-        folders.claim_folder(out_path, folders.run_record(
+        sample_folders.claim_folder(out_path, sample_folders.run_record(
             loaded, settings, seed, latents,
-            sampling.run_precision(precision, devices.pick_device(device), settings), scale or 1, given_classes), count)
+            runners.run_precision(precision, devices.pick_device(device), settings), scale or 1, given_classes), count)
     world.barrier()
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
                           batch_size=batch_size, count=count, classes=classes)
@@ -123,7 +123,7 @@ def sample(
         done, stalled = plan_and_fill(runner, seed, count, out_path, world, x_T, scale or 1)
     else:
         with progress_bar("sampling", count, runner.evaluations) as advance:
-            x0 = sampling.sample_batches(runner, count, seed, x_T, advance)
+            x0 = runners.sample_batches(runner, count, seed, x_T, advance)
         images.save_picture(images.grid(images.to_uint8(x0)), out_path, scale)
         done = count
     distributed.shutdown()
@@ -170,7 +170,7 @@ def edit(
     given_classes = class_list(class_text)
     skip, tuned = timestep_choice(skip, timesteps_given, model, sampler, steps)
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
-    sampling.check_settings(batch_size=batch_size, strength=strength)
+    runners.check_settings(batch_size=batch_size, strength=strength)
     out_path = Path(out).expanduser()
     image_paths = check_inputs(image_paths)
     to_folder = is_directory_target(out_path, out)
@@ -190,7 +190,7 @@ def edit(
     files.refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model)
     check_tuned(tuned, loaded, settings.sampler)
-    classes = sampling.image_classes(loaded, len(image_paths), given_classes, seed)
+    classes = runners.image_classes(loaded, len(image_paths), given_classes, seed)
     x0 = read_images(image_paths, loaded)
     channels, resolution, _ = loaded.image_shape
     regenerate = None  # the mask: 1 where the edit draws new pixels
@@ -198,9 +198,9 @@ def edit(
         regenerate = images.load_mask(mask, resolution, notice=note)
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
                           batch_size=batch_size, count=len(image_paths), classes=classes)
-    walked = sampling.edit_steps(strength, len(runner.timesteps))
+    walked = runners.edit_steps(strength, len(runner.timesteps))
     with progress_bar("editing", len(image_paths), max(runner.settings.network_calls(walked), 1)) as advance:
-        edited = sampling.edit_batches(runner, x0, strength, seed, regenerate, how, advance)
+        edited = runners.edit_batches(runner, x0, strength, seed, regenerate, how, advance)
     pixels, inputs = images.to_uint8(edited), images.to_uint8(x0)
     for i, (target, before, after) in enumerate(zip(targets, inputs, pixels)):
         # one image: enlarged like every picture (--scale 1 for the model's size); folders stay native

@@ -50,8 +50,8 @@ from .output import finish
 from .progress import run_decoding, run_inversion
 from .deferred import library
 
-files, folders, images, metrics, samplers, sampling, latents_file = map(
-    library, ("files", "folders", "images", "metrics", "samplers", "sampling", "latents"))
+files, sample_folders, images, metrics, samplers, runners, latents_file = map(
+    library, ("io.files", "sampling.sample_folders", "io.images", "metrics", "sampling.samplers", "sampling.runners", "sampling.latents"))
 
 
 def finite_or_null(value):
@@ -89,7 +89,7 @@ def invert(
     check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
-    classes = sampling.image_classes(loaded, len(image_paths), given_classes)
+    classes = runners.image_classes(loaded, len(image_paths), given_classes)
     x0 = read_images(image_paths, loaded)
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
                           batch_size=batch_size, count=len(image_paths), classes=classes)
@@ -138,7 +138,7 @@ def reconstruct(
         check_output(out, images.PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
     loaded = load(model)
-    classes = sampling.image_classes(loaded, len(image_paths), given_classes)
+    classes = runners.image_classes(loaded, len(image_paths), given_classes)
     x0 = read_images(image_paths, loaded)
     columns = [images.to_uint8(x0)]
     results = []
@@ -222,13 +222,13 @@ def interpolate(
         fail(f"interpolate takes two images A B, or --seeds S1,S2; got {len(paths)} image(s)")
     if seeds is not None and paths:
         fail("give either two images or --seeds, not both")
-    sampling.check_settings(batch_size=batch_size, frames=frames)
+    runners.check_settings(batch_size=batch_size, frames=frames)
     to_folder = is_directory_target(Path(out), out)
     out = Path(out).expanduser()
     if to_folder:
         make_output_folder(out)
         images.check_writable(out / "x.png")
-        files.refuse_foreign(folders.image_names(out, frames)(i) for i in range(frames))
+        files.refuse_foreign(sample_folders.image_names(out, frames)(i) for i in range(frames))
     else:
         check_output(out, images.PICTURE_SUFFIXES, "--out")
     if (gif or not to_folder) and frames > MAX_STRIP_FRAMES:
@@ -238,12 +238,12 @@ def interpolate(
         check_output(gif, (".gif",), "--gif")
     loaded = load(model)
     check_tuned(tuned, loaded, decoding.sampler)
-    classes = sampling.image_classes(loaded, frames, given_classes)
+    classes = runners.image_classes(loaded, frames, given_classes)
     x0 = read_images(paths, loaded) if seeds is None else None
     options = dict(precision=precision, compile_model=False, batch_size=batch_size, count=frames, classes=classes)
     runner = make_runner(loaded, decoding, device, **options)
     if seeds is not None:
-        ends = sampling.seed_latents(seeds, loaded.image_shape)
+        ends = runners.seed_latents(seeds, loaded.image_shape)
     else:
         inverter = runner if sampler == "ddim" else make_runner(loaded, inverting, device, **options)
         ends, _ = run_inversion(inverter, x0, how)
@@ -252,11 +252,11 @@ def interpolate(
                  f"is exact for the ddim decoder)")
     if to_folder:
         with progress_bar("decoding", frames, runner.evaluations) as advance:
-            folders.interpolate_to_folder(runner, ends, frames, out, scale or 1, advance)
+            sample_folders.interpolate_to_folder(runner, ends, frames, out, scale or 1, advance)
         finish(f"wrote {frames} frames to {out}/ (one PNG each)")
         return
-    alphas = sampling.interpolation_alphas(frames)
-    z = sampling.interpolation_latents(ends, alphas)
+    alphas = runners.interpolation_alphas(frames)
+    z = runners.interpolation_latents(ends, alphas)
     pixels = images.to_uint8(run_decoding(runner, z))
     labels = [f"{a:.2f}" for a in alphas]
     parts = [pixels]

@@ -32,8 +32,8 @@ from .output import finish
 from .deferred import Deferred, library
 
 torch = Deferred("torch")
-devices, distributed, runs, weights, image_data = map(
-    library, ("devices", "distributed", "runs", "weights", "data"))
+devices, distributed, runs, loading, image_data = map(
+    library, ("devices", "distributed", "models.runs", "models.loading", "data"))
 
 
 HOPELESS_ON_CPU_S = 6 * 3600  # beyond this a CPU run is worth a warning before it starts
@@ -195,9 +195,9 @@ def export(
     out: Path = typer.Argument(..., help="Folder to write: a diffusers DDIMPipeline (UNet2DModel + DDIMScheduler)."),
 ) -> None:
     """Write a model as a diffusers pipeline folder (DDIMPipeline.from_pretrained loads it)."""
-    from ..export import check_target, export_diffusers
+    from ..models.export import check_target, export_diffusers
 
     check_target(out)  # before the model loads
-    loaded = weights.load_model(str(run_dir))
+    loaded = loading.load_model(str(run_dir))
     export_diffusers(loaded, out)
     finish(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")

@@ -15,7 +15,7 @@ from .deferred import Deferred, library
 
 torch = Deferred("torch")
 devices, files, samplers, timesteps, tuning = map(
-    library, ("devices", "files", "samplers", "timesteps", "tuning"))
+    library, ("devices", "io.files", "sampling.samplers", "sampling.timesteps", "sampling.tuning"))
 
 
 @app.command("tune-steps")

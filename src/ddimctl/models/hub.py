@@ -21,8 +21,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import DdimctlError, param
-from .files import sha256_of
+from ..errors import DdimctlError, param
+from ..io.files import sha256_of
 
 
 def host_resolves(endpoint: str | None = None) -> bool:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from .schedule import timestep_sequence  # noqa: F401 (the paper's tau, where ddim.sample's callers look)
+from ..schedule import timestep_sequence  # noqa: F401 (the paper's tau, where ddim.sample's callers look)
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -145,7 +145,7 @@ def sample(
     eta = 0 is deterministic; eta = 1 uses the DDPM posterior variance. sigma_hat replaces sigma by
     the paper's larger DDPM variance sqrt(1 - abar_t / abar_s) (Table 1's last row).
     keep_known(s, x_s), for inpainting, puts the known pixels back after each step to timestep s.
-    callback(Step) runs after every step. Every sampler of ddimctl.samplers has this signature.
+    callback(Step) runs after every step. Every sampler of samplers.SAMPLERS has this signature.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")

@@ -28,7 +28,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .ddim import EpsModel, Generator, KeepKnown, StepCallback, batch_timesteps, end_step, half_log_snr, predict_x0, walk
+from .ddim import (
+    EpsModel,
+    Generator,
+    KeepKnown,
+    StepCallback,
+    batch_timesteps,
+    end_step,
+    half_log_snr,
+    predict_x0,
+    walk,
+)
 
 
 @dataclass(frozen=True)

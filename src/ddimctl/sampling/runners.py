@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ddim, samplers, seeds
-from .devices import pick_device, start_host_copy, to_device
-from .errors import DdimctlError, at_least, between, param
-from .weights import LoadedModel
+from . import ddim, samplers
+from .. import seeds
+from ..devices import pick_device, start_host_copy, to_device
+from ..errors import DdimctlError, at_least, between, param
+from ..models.loading import LoadedModel
 
 ProgressFn = Callable[[int], None]  # called with the number of images that just had one model call
 
@@ -69,7 +70,7 @@ class Runner:
     model: LoadedModel
     settings: samplers.Settings
     device: torch.device
-    eps_model: Callable[..., torch.Tensor] | None = None  # eps(x, t[, classes]): fast.FastEps
+    eps_model: Callable[..., torch.Tensor] | None = None  # eps(x, t[, classes]): boundary.FastEps
     batch: int | None = None  # the batch size the eps model was prepared for, if any
     precision: str = "fp32"
     classes: torch.Tensor | None = None  # class-conditional models: image i's class label (image_classes)
@@ -272,12 +273,12 @@ def image_classes(model: LoadedModel, count: int, given: Sequence[int] | None = 
 
 
 def run_precision(precision: str, device: torch.device, settings: samplers.Settings) -> str:
-    """The precision a run of `settings` (resolved) takes: fast.resolve_precision's, except fp32 where
+    """The precision a run of `settings` (resolved) takes: boundary.resolve_precision's, except fp32 where
     half precision would show in the images (Settings.half_precision_ok): every sampler keeps its
     quality whatever precision is asked for."""
-    from . import fast
+    from ..models import boundary
 
-    resolved = fast.resolve_precision(precision, device)
+    resolved = boundary.resolve_precision(precision, device)
     return "fp32" if resolved in ("bf16", "fp16") and not settings.half_precision_ok else resolved
 
 
@@ -300,33 +301,34 @@ def make_runner(
     shares another runner's prepared (compiled) network, so a sweep compiles once; `classes` are the
     run's class labels (image_classes). The model itself is never changed. notify() hears what was
     decided."""
-    from . import distributed, fast
+    from .. import distributed
+    from ..models import boundary
 
     check_settings(batch_size=batch_size)
     world = distributed.from_env()
     dev = distributed.local_device(pick_device(device), world)
     settings = settings.for_model(model.train_steps, model.skip)  # resolved here, once: Runner takes it as it is
     asked, precision = precision, run_precision(precision, dev, settings)
-    if fast.resolve_precision(asked, dev) != precision:
+    if boundary.resolve_precision(asked, dev) != precision:
         notify(f"{settings.sampler} at {settings.steps} calls on the uniform grid runs its network in fp32: half precision's "
                f"rounding grows into visible grain there (not from {settings.spec.half_precision_uniform_from} calls, "
                f"nor with another {param('skip')})")
     if reuse is not None:
         return Runner(model, settings, dev, eps_model=reuse.eps_model, batch=reuse.batch, precision=reuse.precision,
                       classes=classes)
-    batch = batch_size or fast.auto_batch_size(model.unet, dev, precision)
+    batch = batch_size or boundary.auto_batch_size(model.unet, dev, precision)
     if count:
         batch = min(batch, count)
     use_compile = compile_model
     share = math.ceil(count / world.size) if count else None
     if compile_model is None:
-        use_compile = dev.type == "cuda" and (share is None or fast.worth_compiling(model.unet, share * settings.steps))
+        use_compile = dev.type == "cuda" and (share is None or boundary.worth_compiling(model.unet, share * settings.steps))
         if dev.type == "cuda" and not use_compile:
             notify(f"{share} images x {settings.steps} steps: too little work to repay compiling the UNet ({param('compile')} forces it)")
-    eps = model.noise_model(dev, precision, fast.DEFAULT_COMPILE_MODE if use_compile else None, batch)
+    eps = model.noise_model(dev, precision, boundary.DEFAULT_COMPILE_MODE if use_compile else None, batch)
     if use_compile:
         notify(f"compiling the UNet for {precision} batches of {batch} (once per run)")
-        notify(f"compiled in {fast.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
+        notify(f"compiled in {boundary.warm_up(eps, (batch, *model.image_shape), dev):.1f}s")
     runner = Runner(model, settings, dev, eps_model=eps, batch=batch, precision=precision, classes=classes)
     walked = len(runner.timesteps) + settings.spec.extra_calls
     if walked != settings.steps:
@@ -415,7 +417,7 @@ def generate(
     CPU: image i depends only on (seed, i). Precision as `--precision` (auto: bf16 on GPUs, fp32 on
     CPUs). A class-conditional model takes `classes` (one, or one per image; default: each image's
     own draw); clip clips the predicted x0 at every step (ddim.clipping_x0). ddimctl.sample is this function."""
-    from .weights import load_model
+    from ..models.loading import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     check_settings(num=num)

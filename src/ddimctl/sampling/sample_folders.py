@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 
-from . import images, samplers
-from .errors import DdimctlError, param
-from .files import Ledger, atomic_path, sha256_of
-from .sampling import ProgressFn, Runner, aligned_batches, check_finite, interpolation_alphas, interpolation_latents
-from .weights import LoadedModel
+from ..io import images
+from . import samplers
+from ..errors import DdimctlError, param
+from ..io.files import Ledger, atomic_path, sha256_of
+from .runners import ProgressFn, Runner, aligned_batches, check_finite, interpolation_alphas, interpolation_latents
+from ..models.loading import LoadedModel
 
 
 def image_names(folder: Path, count: int) -> Callable[[int], Path]:

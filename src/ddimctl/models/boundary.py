@@ -1,7 +1,7 @@
-"""The fast path on CUDA: reduced precision, channels_last, torch.compile with CUDA graphs.
-
-`prepare` turns a UNet into the eps_model callable that ddimctl.ddim.sample takes. The sampler math
-stays the same; only the network call changes. On the CPU it keeps fp32 eager unless asked.
+"""The model boundary: any loaded network as the noise predictor eps(x, t) that every sampler takes
+(`prepare`, `FastEps`), whatever it predicts, on its device and precision: reduced precision,
+channels_last and torch.compile on CUDA, fp32 eager on the CPU unless asked. The sampler maths
+stays the same; only the network call changes.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import choices
-from .schedule import noise_from_prediction
-from .errors import DdimctlError, param
-from .files import cache_dir
+from .. import choices
+from ..schedule import noise_from_prediction
+from ..errors import DdimctlError, param
+from ..io.files import cache_dir
 from .unet import UNet, UNetConfig
 
 PRECISIONS = choices.PRECISIONS

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from . import choices
-from .schedule import PAPER_SKIPS, timestep_sequence
-from .errors import DdimctlError, param
-from .fields import Fields, is_whole_number, read_json_object
+from .. import choices
+from ..schedule import PAPER_SKIPS, timestep_sequence
+from ..errors import DdimctlError, param
+from ..io.fields import Fields, is_whole_number, read_json_object
 
 SCHEMES = choices.SKIP_SCHEMES
 KARRAS_RHO = 7.0
@@ -159,7 +159,7 @@ def tuned_file(model: str, sampler: str, steps: int | None) -> Path:
     names the weights it was fitted to, and is refused for others (Tuned.check)."""
     from importlib import resources
 
-    from .registry import NAME
+    from ..models.registry import NAME
 
     if not NAME.match(sampler.replace("+", "p")):
         raise DdimctlError(f"{param('skip')} tuned: {sampler!r} is not a sampler name")

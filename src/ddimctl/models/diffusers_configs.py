@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .schedule import PREDICTIONS, Schedule, SCHEDULE_KINDS, TRAINED
-from .errors import DdimctlError, param
-from .fields import Fields
+from ..schedule import PREDICTIONS, Schedule, SCHEDULE_KINDS, TRAINED
+from ..errors import DdimctlError, param
+from ..io.fields import Fields
 from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
 from .unet import UNetConfig
 

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import DdimctlError
+from ..errors import DdimctlError
 
 _MISSING = object()
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import DdimctlError
+from ..errors import DdimctlError
 
 
 def _umask() -> int:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import samplers, seeds, timesteps
+from . import samplers, timesteps
+from .. import seeds
 
 TEACHER_CALLS = 100
 TEACHER = samplers.Settings("unipc", TEACHER_CALLS, "logsnr")

@@ -18,8 +18,9 @@ from typing import Protocol
 
 import torch
 
-from . import choices, ddim, solvers, timesteps
-from .errors import DdimctlError, between, one_of, param
+from .. import choices
+from . import ddim, solvers, timesteps
+from ..errors import DdimctlError, between, one_of, param
 
 
 class SamplerFunction(Protocol):

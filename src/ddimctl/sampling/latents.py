@@ -13,13 +13,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import choices, samplers, timesteps
-from .errors import DdimctlError, param
-from .fields import is_whole_number
-from .files import atomic_save_safetensors
+from .. import choices
+from . import samplers, timesteps
+from ..errors import DdimctlError, param
+from ..io.fields import is_whole_number
+from ..io.files import atomic_save_safetensors
 
 if TYPE_CHECKING:
-    from .sampling import ExactInversion
+    from .runners import ExactInversion
 
 
 def _as_text(values: dict) -> dict[str, str]:

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from . import guided, hub, runs
-from .schedule import PAPER_SKIPS, PREDICTIONS, Schedule
-from .errors import DdimctlError
-from .files import atomic_save_safetensors, cache_dir
+from ..schedule import PAPER_SKIPS, PREDICTIONS, Schedule
+from ..errors import DdimctlError
+from ..io.files import atomic_save_safetensors, cache_dir
 from .diffusers_configs import config_from_diffusers, schedule_from_diffusers
-from .fields import Fields, is_whole_number, read_json_object
+from ..io.fields import Fields, is_whole_number, read_json_object
 from .layouts import MAX_RESOLUTION, infer_config, schedule_from, to_diffusers_names, unet_config_from
 from .registry import DEFAULT_SCHEDULE, HEX64, REVISION, ModelEntry, registry
 from .unet import PRESETS, UNet, UNetConfig
@@ -105,10 +105,10 @@ class LoadedModel:
     def noise_model(self, device: torch.device, precision: str = "fp32", compile_mode: str | None = None,
                     batch_size: int | None = None):
         """The network as the samplers take it: eps_theta(x, t), the noise whatever it predicts (the
-        model boundary: fast.prepare)."""
-        from . import fast
+        model boundary: boundary.prepare)."""
+        from . import boundary
 
-        return fast.prepare(self.unet, device, precision, compile_mode, batch_size, self.prediction,
+        return boundary.prepare(self.unet, device, precision, compile_mode, batch_size, self.prediction,
                             self.alphas_cumprod if self.prediction != "epsilon" else None, self.timestep_scale)
 
     @property

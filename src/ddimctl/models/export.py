@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .schedule import Schedule, TRAINED
+from ..schedule import Schedule, TRAINED
 from .diffusers_configs import diffusers_config
-from .errors import DdimctlError
-from .files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, enter_in_ledger
-from .weights import LoadedModel
+from ..errors import DdimctlError
+from ..io.files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, enter_in_ledger
+from .loading import LoadedModel
 
 
 def diffusers_scheduler_config(loaded: LoadedModel) -> dict:

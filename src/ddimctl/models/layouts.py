@@ -13,9 +13,9 @@ import re
 
 import torch
 
-from .schedule import Schedule, SCHEDULE_KINDS
-from .errors import DdimctlError
-from .fields import Fields
+from ..schedule import Schedule, SCHEDULE_KINDS
+from ..errors import DdimctlError
+from ..io.fields import Fields
 from .unet import UNetConfig
 
 _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedule import Schedule
-from .errors import DdimctlError
-from .fields import Fields
+from ..schedule import Schedule
+from ..errors import DdimctlError
+from ..io.fields import Fields
 from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
 from .unet import UNetConfig
 

@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .errors import DdimctlError, param
-from .fields import Fields, is_whole_number, read_json_object
-from .files import Ledger, atomic_save_safetensors
+from ..errors import DdimctlError, param
+from ..io.fields import Fields, is_whole_number, read_json_object
+from ..io.files import Ledger, atomic_save_safetensors
 from .layouts import unet_config_from
 from .unet import UNetConfig
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DdimctlError, param
+from ..errors import DdimctlError, param
 from .files import atomic_path, refuse_foreign
 
 # Formats Pillow reads that people keep images in; those ddimctl writes pictures in.

@@ -1,7 +1,7 @@
 """The DDPM UNet of Ho et al. (2020), with diffusers' UNet2DModel parameter names.
 
 The names match the Hub checkpoints (google/ddpm-*) so their state dicts load as they are;
-other layouts are renamed into this one by ddimctl.weights. The options beyond the DDPM UNet
+other layouts are renamed into this one by their family's module. The options beyond the DDPM UNet
 (multi-head attention, the time embedding's order and shift, scale-shift norm, symmetric
 downsampling padding, resnet resampling, class labels, the mid block's form) are the ones
 diffusers' UNet2DModel and openai's ADM UNet (guided-/improved-diffusion) offer for the same blocks,

@@ -11,9 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from . import layouts
-from .schedule import PAPER_SKIPS, Schedule
-from .errors import DdimctlError
-from .fields import Fields
+from ..schedule import PAPER_SKIPS, Schedule
+from ..errors import DdimctlError
+from ..io.fields import Fields
 from .unet import PRESETS
 
 if sys.version_info >= (3, 11):
@@ -51,7 +51,7 @@ def registry_path() -> Path:
     packaged = resources.files("ddimctl").joinpath("weights.toml")
     if packaged.is_file():
         return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "weights.toml"
+    return Path(__file__).resolve().parents[3] / "weights.toml"
 
 
 @cache

@@ -1,0 +1,1 @@
+"""The models wing: the UNet, every checkpoint family, the Hub, the registry, run folders, export and the model boundary."""

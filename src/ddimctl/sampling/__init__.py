@@ -1,0 +1,1 @@
+"""The sampling wing: DDIM and the solvers, the table of samplers, timesteps, runners, latents and sample folders."""
