@@ -95,7 +95,7 @@ def test_a_v_prediction_cosine_run_is_recorded_loaded_and_exported(data_dir, tmp
                   cwd=tmp_path, check=False)
     assert changed.returncode == 1 and "--prediction" in changed.stderr and "Traceback" not in changed.stderr
     refused = run("train", data_dir, "--out", "w", "--steps", 2, *TINY, "--prediction", "score", cwd=tmp_path, check=False)
-    assert refused.returncode != 0 and "eps, v or x0" in refused.stderr and not (tmp_path / "w").exists()
+    assert refused.returncode != 0 and "--prediction score: choose eps, v, x0" in refused.stderr and not (tmp_path / "w").exists()
 
 
 def test_schedules_and_data_order():

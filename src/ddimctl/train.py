@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed, seeds
+from . import choices, distributed, seeds
 from .models import boundary, runs
 from .io import images
 from .sampling import samplers
@@ -47,20 +47,20 @@ class TrainOptions:
     batch_size: int = 64  # images per optimizer step, over all processes
     lr: float = 2e-4
     warmup: int | None = None  # None: fitted to the run (fitted_defaults)
-    lr_schedule: str = "constant"  # or "cosine": decays to zero at the last step
+    lr_schedule: str = "constant"  # choices.LR_SCHEDULES
     grad_clip: float = 1.0
     ema_decay: float | None = None  # None: fitted to the run
     flip: bool = True
     save_every: int = 1000
     keep: int = 3
     sample_count: int = 16
-    sample_steps: int = samplers.DEFAULT_STEPS  # DDIM steps of the sample grids
+    sample_steps: int = choices.DEFAULT_STEPS  # DDIM steps of the sample grids
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     compile: bool = False
     log_every: int = 10
     prediction: str = "epsilon"  # what the network learns to predict (PREDICTIONS)
-    noise_schedule: str = "linear"  # NOISE_SCHEDULES: DDPM's linear betas, or the cosine alpha-bar
+    noise_schedule: str = "linear"  # choices.NOISE_SCHEDULES
 
     def fitted(self) -> TrainOptions:
         """These options with warm-up and EMA decay fitted to the run's length where not given: a
@@ -133,16 +133,16 @@ class TrainOptions:
     @property
     def schedule(self) -> dict:
         """The run's noise schedule (Schedule.to_dict)."""
-        return NOISE_SCHEDULES[self.noise_schedule].to_dict()
+        return Schedule(kind=choices.NOISE_SCHEDULES[self.noise_schedule]).to_dict()
 
     def architecture(self) -> tuple[UNetConfig, dict[str, torch.Tensor] | None]:
         """The run's UNet config, every value checked, and with --init the weights it starts from
         (loaded once here: callers that need both ask for both)."""
         self.check()
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(LR_SCHEDULES)}")
-        if self.noise_schedule not in NOISE_SCHEDULES:
-            raise DdimctlError(f"unknown noise schedule {self.noise_schedule!r}; use {' or '.join(NOISE_SCHEDULES)}")
+        if self.lr_schedule not in choices.LR_SCHEDULES:
+            raise DdimctlError(f"unknown learning-rate schedule {self.lr_schedule!r}; use {' or '.join(choices.LR_SCHEDULES)}")
+        if self.noise_schedule not in choices.NOISE_SCHEDULES:
+            raise DdimctlError(f"unknown noise schedule {self.noise_schedule!r}; use {' or '.join(choices.NOISE_SCHEDULES)}")
         if self.prediction not in PREDICTIONS:
             raise DdimctlError(f"unknown prediction {self.prediction!r}; use one of {', '.join(PREDICTIONS)}")
         preset = self.preset or DEFAULT_PRESET
@@ -202,7 +202,7 @@ def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: 
         )
     if loaded.prediction != prediction:
         raise DdimctlError(f"{param('init')} {spec} predicts {loaded.prediction!r} and this run trains {prediction!r}; "
-                           f"give {param('prediction')} {TRAIN_PREDICTIONS_BY_NAME[loaded.prediction]}")
+                           f"give {param('prediction')} {prediction_option(loaded.prediction)}")
     if loaded.config.learned_variance:
         raise DdimctlError(f"{param('init')} {spec} also predicts variances, which ddimctl's loss does not train; "
                            f"start from a model without them")
@@ -211,7 +211,7 @@ def initial_weights(spec: str, preset: str | None, overrides: dict, prediction: 
                            f"training does not give it")
     if Schedule.from_dict(loaded.schedule) != Schedule.from_dict(schedule):
         raise DdimctlError(f"{param('init')} {spec} was trained with another noise schedule than this run's "
-                           f"(training offers {param('noise_schedule')} {' or '.join(NOISE_SCHEDULES)})")
+                           f"(training offers {param('noise_schedule')} {' or '.join(choices.NOISE_SCHEDULES)})")
     return config, loaded.unet.state_dict()
 
 
@@ -228,10 +228,9 @@ def diffusion_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     return F.mse_loss(model(x_t, t).float(), prediction_target(prediction, x0, noise, a))
 
 
-LR_SCHEDULES = ("constant", "cosine")
-NOISE_SCHEDULES = {"linear": Schedule(), "cosine": Schedule(kind="squaredcos_cap_v2")}
-TRAIN_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # --prediction's names
-TRAIN_PREDICTIONS_BY_NAME = {name: short for short, name in TRAIN_PREDICTIONS.items()}
+def prediction_option(prediction: str) -> str:
+    """--prediction's name (eps, v, x0) of a prediction by its schedule.PREDICTIONS name."""
+    return next(short for short, name in choices.PREDICTIONS.items() if name == prediction)
 
 
 def optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16: bool, grad_clip: float,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -31,9 +32,7 @@ app = typer.Typer(
 
 def show_version(value: bool) -> None:
     if value:
-        from .. import __version__
-
-        print(f"ddimctl {__version__} (torch {torch.__version__})")
+        print(f"ddimctl {metadata.version('ddimctl')} (torch {torch.__version__})")
         raise typer.Exit()
 
 
@@ -86,8 +85,14 @@ ModelOpt = typer.Option(
 
 
 StepsOpt = typer.Option(
-    None, "--steps", "-S", min=1, help="Network calls per image S, for every sampler (default 50, or what --timesteps give)."
+    None, "--steps", "-S", min=1, help=f"Network calls per image S, for every sampler (default {choices.DEFAULT_STEPS}; "
+    "explicit --timesteps, or the --latents decoded, give their own).",
 )
+
+
+def steps_list_option(default: str) -> typer.models.OptionInfo:
+    """--steps of the commands that run several S (reconstruct, sweep): a comma-separated list."""
+    return typer.Option(None, "--steps", "-S", help=f"Comma-separated S values, network calls per image (default {default}).")
 
 
 SamplerOpt = typer.Option(
@@ -108,9 +113,6 @@ TimestepsOpt = typer.Option(
     None, "--timesteps", help="Explicit timesteps such as 999,700,450,200,50 (either order), or a tune-steps file F.json; "
     "--steps follows from them.",
 )
-
-
-DEFAULT_STEPS = choices.DEFAULT_STEPS
 
 
 def timestep_choice(skip: str | None, given: str | None, model: str | None = None, sampler: str = "ddim",
@@ -140,7 +142,7 @@ def steps_for(steps: int | None, skip: str | None, sampler: str) -> int:
     """--steps as given, else as many network calls as explicit timesteps take, else the default."""
     if steps is not None:
         return steps
-    return samplers.steps_from(skip, sampler) or DEFAULT_STEPS
+    return samplers.steps_from(skip, sampler) or choices.DEFAULT_STEPS
 
 
 def check_tuned(tuned: timesteps.Tuned | None, loaded: loading.LoadedModel, sampler: str) -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .. import choices
 from .common import (
+    steps_list_option,
     BatchOpt,
     CompileOpt,
     DeviceOpt,
@@ -42,6 +43,8 @@ from .deferred import Deferred, library
 torch = Deferred("torch")
 devices, distributed, boundary, sample_folders, registry, samplers, runners, timesteps, unet, loading = map(
     library, ("devices", "distributed", "models.boundary", "sampling.sample_folders", "models.registry", "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.unet", "models.loading"))
+
+SWEEP_STEPS = (10, 20, 50, 100)  # the paper's Table 1 columns, but for S = 1000
 
 
 @app.command()
@@ -137,9 +140,7 @@ def fid(
 @app.command()
 def sweep(
     model: Optional[str] = ModelOpt,
-    steps: Optional[str] = typer.Option(
-        None, "--steps", "-S", help="Comma-separated S values (network calls per image; default 10,20,50,100, or "
-        "as many as --timesteps take)."),
+    steps: Optional[str] = steps_list_option(",".join(map(str, SWEEP_STEPS))),
     sampler: str = typer.Option("ddim", "--sampler", help=f"Comma-separated samplers: {choices.sampler_names()}."),
     etas: str = typer.Option("0,0.2,0.5,1", "--eta", help="Comma-separated eta values (rows of the ddim sampler)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="Add Table 1's last row (DDPM, larger variance)."),
@@ -164,7 +165,7 @@ def sweep(
     sampler_list = parse_names(sampler, "--sampler")
     skip, tuned = timestep_choice(skip, timesteps_given, model, sampler_list[0])
     explicit = skip is not None and timesteps.is_list(skip)
-    steps_list = parse_list(steps, "--steps") if steps is not None else (None if explicit else [10, 20, 50, 100])
+    steps_list = parse_list(steps, "--steps") if steps is not None else (None if explicit else list(SWEEP_STEPS))
     for values, option in ((steps_list or [], "--steps"), (eta_list, "--eta"), (sampler_list, "--sampler")):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:

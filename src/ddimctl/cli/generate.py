@@ -50,10 +50,7 @@ devices, distributed, files, sample_folders, images, samplers, runners, timestep
 @app.command()
 def sample(
     model: Optional[str] = ModelOpt,
-    steps: Optional[int] = typer.Option(
-        None, "--steps", "-S", min=1,
-        help="Network calls per image S, for every sampler (default 50, or the S that --latents were made with).",
-    ),
+    steps: Optional[int] = StepsOpt,
     sampler: str = SamplerOpt,
     eta: float = typer.Option(0.0, "--eta", help="ddim only: 0 = deterministic, 1 = DDPM posterior variance."),
     skip: Optional[str] = SkipOpt,

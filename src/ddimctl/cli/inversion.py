@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .. import choices
 from .common import (
+    steps_list_option,
     ClassOpt,
     MAX_STRIP_FRAMES,
     BatchOpt,
@@ -97,7 +98,7 @@ def invert(
     latents_file.save_latents(out, latents, loaded.name, runner.settings, sources=[p.name for p in image_paths],
                               **latents_file.inversion_metadata(how),
                               **({"classes": classes.tolist()} if classes is not None else {}))
-    table = Table(title=f"latents x_T ({loaded.name}, S={steps})")
+    table = Table(title=f"latents x_T ({loaded.name}, S={runner.settings.steps})")
     for column in ("image", "mean", "std"):
         table.add_column(column, justify="right" if column != "image" else "left")
     for p, (mean, std) in zip(image_paths, latents_file.moments(latents)):
@@ -110,7 +111,7 @@ def invert(
 def reconstruct(
     image_paths: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Images (or folders of images) to encode and decode."),
     model: Optional[str] = ModelOpt,
-    steps: str = typer.Option(str(choices.DEFAULT_STEPS), "--steps", "-S", help="S, or a list such as 10,20,50,100."),
+    steps: Optional[str] = steps_list_option(str(choices.DEFAULT_STEPS)),
     skip: Optional[str] = SkipOpt,
     device: str = DeviceOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -130,7 +131,7 @@ def reconstruct(
     A folder counts as all the images in it."""
     how = exact_settings(exact, tol, max_iters)
     given_classes = class_list(class_text)
-    steps_list = parse_list(steps, "--steps")
+    steps_list = parse_list(steps, "--steps") if steps is not None else [choices.DEFAULT_STEPS]
     all_settings = [samplers.Settings("ddim", s, skip) for s in steps_list]
     if out is None and not as_json:
         out = Path("recon.png")

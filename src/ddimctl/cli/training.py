@@ -16,10 +16,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .. import choices
 from .common import (
     DeviceOpt,
     PlainProgress,
     app,
+    completing,
     fail,
     parse_list,
     note,
@@ -75,12 +77,17 @@ def train(
     warmup: Optional[int] = typer.Option(
         None, "--warmup", min=0, help="Steps of linear learning-rate warm-up (default: a tenth of --steps, at most 1000)."
     ),
-    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (default), or cosine (decays to 0 at --steps)."),
+    lr_schedule: Optional[str] = typer.Option(
+        None, "--lr-schedule", autocompletion=completing(choices.LR_SCHEDULES),
+        help="constant (default), or cosine (decays to 0 at --steps).",
+    ),
     prediction: Optional[str] = typer.Option(
-        None, "--prediction", help="What the network learns to predict: eps (the noise, default), v or x0."
+        None, "--prediction", autocompletion=completing(choices.PREDICTIONS),
+        help="What the network learns to predict: eps (the noise, default), v or x0.",
     ),
     noise_schedule: Optional[str] = typer.Option(
-        None, "--schedule", "--noise-schedule", help="Noise schedule: linear (DDPM's betas, default) or cosine (Nichol & Dhariwal)."
+        None, "--schedule", "--noise-schedule", autocompletion=completing(choices.NOISE_SCHEDULES),
+        help="Noise schedule: linear (DDPM's betas, default) or cosine (Nichol & Dhariwal).",
     ),
     ema_decay: Optional[float] = typer.Option(
         None, "--ema-decay",
@@ -111,6 +118,11 @@ def train(
     device: str = DeviceOpt,
 ) -> None:
     """Train a DDPM denoiser on a folder of images (torchrun for several processes)."""
+    for option, value, offered in (("--prediction", prediction, choices.PREDICTIONS),
+                                   ("--schedule", noise_schedule, choices.NOISE_SCHEDULES),
+                                   ("--lr-schedule", lr_schedule, choices.LR_SCHEDULES)):
+        if value is not None and value not in offered:
+            fail(f"{option} {value}: choose {', '.join(offered)}")
     from .. import train as training
 
     data_files = image_data.find_images(data, exclude=out)  # a missing or empty folder fails here, before any progress bar
@@ -127,10 +139,8 @@ def train(
         overrides["channel_mult"] = tuple(parse_list(channel_mult, "--channel-mult"))
     if attention is not None:
         overrides["attention_resolutions"] = tuple(parse_list(attention, "--attention", allow_empty=True))
-    if prediction is not None and prediction not in training.TRAIN_PREDICTIONS:
-        fail(f"--prediction {prediction}: choose eps, v or x0")
     given = dict(preset=preset, init=init, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-                 prediction=training.TRAIN_PREDICTIONS.get(prediction), noise_schedule=noise_schedule,
+                 prediction=choices.PREDICTIONS.get(prediction), noise_schedule=noise_schedule,
                  lr_schedule=lr_schedule, ema_decay=ema_decay, flip=flip, save_every=save_every, keep=keep,
                  sample_steps=sample_steps, sample_count=sample_count, seed=seed, precision=precision, compile=compile_model)
     given = {"data": str(data.resolve()), "out": str(out), "unet": overrides, **{k: v for k, v in given.items() if v is not None}}

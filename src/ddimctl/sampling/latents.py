@@ -122,7 +122,7 @@ def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str
 def decoding_settings(made: dict[str, str], sampler: str, steps: int | None, skip: str | None, eta: float,
                       sigma_hat: bool, clip: bool = False) -> samplers.Settings:
     """How latents decode: with the S and skip they were inverted with, unless told otherwise."""
-    return samplers.Settings(sampler, steps if steps is not None else int(made.get("steps", samplers.DEFAULT_STEPS)), skip or made.get("skip"),
+    return samplers.Settings(sampler, steps if steps is not None else int(made.get("steps", choices.DEFAULT_STEPS)), skip or made.get("skip"),
                              eta, sigma_hat, clip)
 
 

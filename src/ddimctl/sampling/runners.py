@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ddim, samplers
-from .. import seeds
+from .. import choices, seeds
 from ..devices import pick_device, start_host_copy, to_device
 from ..errors import DdimctlError, at_least, between, param
 from ..models.loading import LoadedModel
@@ -403,7 +403,7 @@ def generate(
     num: int = 16,
     *,
     sampler: str = "ddim",
-    steps: int = samplers.DEFAULT_STEPS,
+    steps: int = choices.DEFAULT_STEPS,
     eta: float = 0.0,
     skip: str | None = None,
     seed: int = 0,

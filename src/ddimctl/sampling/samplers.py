@@ -63,9 +63,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-DEFAULT_STEPS = choices.DEFAULT_STEPS
-
-
 @dataclass(frozen=True)
 class Settings:
     """How to sample: which sampler, S network calls per image, the timesteps (a scheme of
@@ -73,7 +70,7 @@ class Settings:
     DDIM's eta and sigma-hat, and whether the predicted x0 is clipped (ddim.clipping_x0)."""
 
     sampler: str = "ddim"
-    steps: int = DEFAULT_STEPS
+    steps: int = choices.DEFAULT_STEPS
     skip: str | None = None
     eta: float = 0.0
     sigma_hat: bool = False
