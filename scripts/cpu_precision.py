@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ddimctl.models import boundary, registry, loading  # noqa: E402
+from ddimctl.models import boundary, families, loading  # noqa: E402
 from ddimctl import metrics  # noqa: E402
 from ddimctl.sampling import samplers, runners  # noqa: E402
 from ddimctl.models.unet import PRESETS, UNet  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> None:
     for name in args.models.split(","):
         if name == "cifar10":
             torch.manual_seed(0)
-            model = loading.LoadedModel(UNet(PRESETS["cifar10"]).eval(), "cifar10-random", "random", dict(registry.DEFAULT_SCHEDULE), "uniform")
+            model = loading.LoadedModel(UNet(PRESETS["cifar10"]).eval(), "cifar10-random", "random", dict(families.DEFAULT_SCHEDULE), "uniform")
             batch = 16
         else:
             model, batch = loading.load_model(name), 64

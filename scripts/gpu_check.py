@@ -182,7 +182,7 @@ def main() -> None:
         import copy
 
         from ddimctl.sampling import runners
-        from ddimctl.models.registry import DEFAULT_SCHEDULE
+        from ddimctl.models.families import DEFAULT_SCHEDULE
         from ddimctl.models.loading import LoadedModel
 
         def run_batches(dev: torch.device) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from ddimctl.io import images
 from ddimctl.sampling import samplers, runners
-from ddimctl.models.registry import DEFAULT_SCHEDULE  # noqa: E402
+from ddimctl.models.families import DEFAULT_SCHEDULE  # noqa: E402
 from ddimctl.models.unet import PRESETS, UNet
 from ddimctl.models.loading import LoadedModel
 

@@ -144,7 +144,7 @@ def sidecar(folder: Path, content: bytes | str, name: str = "tiny.json") -> str:
 
 def diffusers_folder(folder: Path, change: dict | None = None, scheduler: dict | None = None) -> str:
     """A diffusers-layout folder of the tiny UNet with `change` applied to its config.json."""
-    from ddimctl.models.diffusers_configs import diffusers_config
+    from ddimctl.models.diffusers_format import diffusers_config
     from ddimctl.models.unet import PRESETS, UNet
 
     model = folder / "model"

@@ -10,7 +10,7 @@ from helpers import ddimctl
 from hub_server import FakeHub
 from safetensors.torch import save
 
-from ddimctl.models import registry, loading
+from ddimctl.models import families, loading, registry
 from ddimctl.errors import DdimctlError
 
 REPO = "test-org/ddpm-tiny"
@@ -22,7 +22,7 @@ def entry(file="diffusion_pytorch_model.safetensors", sha256="", repo=REPO, name
         description="test",
         architecture="tiny",
         resolution=16,
-        schedule=dict(registry.DEFAULT_SCHEDULE),
+        schedule=dict(families.DEFAULT_SCHEDULE),
         skip="uniform",
         license="MIT",
         repo=repo,

@@ -17,7 +17,7 @@ from .models import boundary, registry, loading
 from . import metrics
 from .sampling import samplers
 from .schedule import Schedule
-from .models.diffusers_configs import diffusers_config
+from .models.diffusers_format import diffusers_config
 from .errors import DdimctlError
 from .models.unet import PRESETS, UNet
 from .models.loading import LoadedModel

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..schedule import Schedule, TRAINED
-from .diffusers_configs import diffusers_config
+from .diffusers_format import PIPELINE_INDEX, PIPELINE_SCHEDULER_CONFIG, UNET_CONFIG, UNET_FOLDER, UNET_WEIGHTS, diffusers_config
 from ..errors import DdimctlError
 from ..io.files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, enter_in_ledger
 from .loading import LoadedModel
@@ -42,8 +42,8 @@ def model_index() -> dict:
     }
 
 
-EXPORTED_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                  "scheduler/scheduler_config.json"}
+EXPORTED_WEIGHTS = UNET_FOLDER + UNET_WEIGHTS[0]
+EXPORTED_FILES = {PIPELINE_INDEX, UNET_FOLDER + UNET_CONFIG, EXPORTED_WEIGHTS, PIPELINE_SCHEDULER_CONFIG}
 
 
 def is_earlier_export(folder: Path) -> bool:
@@ -51,7 +51,7 @@ def is_earlier_export(folder: Path) -> bool:
     ledgers say so), and nothing else: replacing it loses nothing of anyone's."""
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir() and p.name != LEDGER}
     folders = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_dir()}
-    return (files == EXPORTED_FILES and folders == {"unet", "scheduler"}
+    return (files == EXPORTED_FILES and folders == {str(Path(name).parent) for name in EXPORTED_FILES} - {"."}
             and all(Ledger((folder / name).parent).owns(folder / name) for name in EXPORTED_FILES))
 
 
@@ -85,14 +85,13 @@ def export_diffusers(loaded: LoadedModel, out: Path) -> None:
     unet_config = exported_unet_config(loaded)
     check_target(out)
     with atomic_folder(out) as tmp:
-        (tmp / "unet").mkdir()
-        (tmp / "scheduler").mkdir()
-        atomic_save_safetensors(loaded.unet.state_dict(), tmp / "unet" / "diffusion_pytorch_model.safetensors",
-                                {"format": "pt"})
+        (tmp / UNET_FOLDER).mkdir()
+        (tmp / PIPELINE_SCHEDULER_CONFIG).parent.mkdir()
+        atomic_save_safetensors(loaded.unet.state_dict(), tmp / EXPORTED_WEIGHTS, {"format": "pt"})
         for name, content in (
-            ("unet/config.json", unet_config),
-            ("scheduler/scheduler_config.json", diffusers_scheduler_config(loaded)),
-            ("model_index.json", model_index()),
+            (UNET_FOLDER + UNET_CONFIG, unet_config),
+            (PIPELINE_SCHEDULER_CONFIG, diffusers_scheduler_config(loaded)),
+            (PIPELINE_INDEX, model_index()),
         ):
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
             enter_in_ledger(tmp / name)

@@ -1,6 +1,6 @@
 """Checkpoint layouts: renaming every accepted layout to diffusers' UNet2DModel names, and reading
 architectures and schedules from state dicts and ddimctl's own configs (diffusers' configs:
-diffusers_configs.py).
+diffusers_format.py).
 
 - diffusers (the google/ddpm-* Hub files), with current (to_q...) or 2022 (query...) attention names;
 - the original DDPM layout of the DDIM authors' code (temb.dense, down.l.block.b, 1x1-conv attention,

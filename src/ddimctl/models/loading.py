@@ -1,33 +1,43 @@
-"""Weight loading: `--model` resolution to a UNet with its schedule, from the registry (registry.py),
-the Hub (hub.py), or local files in any layout layouts.py renames (including the DDIM authors' list
-checkpoint [model, optimizer, epoch, step, ema] saved from DataParallel).
-Pickles are only ever read with weights_only=True; Hub pickles are converted once to safetensors.
+"""Weight loading: `--model` to a UNet with its schedule. The sources are here (the registry, a local
+file or folder, a Hub repository); each hands what it found, a families.Checkpoint, to the family
+that recognises it (families.FAMILIES). Pickles are only ever read with weights_only=True, including
+the DDIM authors' list checkpoints [model, optimizer, epoch, step, ema]; Hub pickles are converted
+once to safetensors.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from . import guided, hub, runs
-from ..schedule import PAPER_SKIPS, PREDICTIONS, Schedule
 from ..errors import DdimctlError
+from ..io.fields import is_whole_number, read_json_object
 from ..io.files import atomic_save_safetensors, cache_dir
-from .diffusers_configs import config_from_diffusers, schedule_from_diffusers
-from ..io.fields import Fields, is_whole_number, read_json_object
-from .layouts import MAX_RESOLUTION, infer_config, schedule_from, to_diffusers_names, unet_config_from
-from .registry import DEFAULT_SCHEDULE, HEX64, REVISION, ModelEntry, registry
+from ..schedule import Schedule
+from . import hub, runs
+from .diffusers_format import (
+    PIPELINE_INDEX,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    UNET_FOLDER,
+    UNET_WEIGHTS,
+    config_from_diffusers,
+    scheduler_config_name,
+    unet_prefix,
+)
+from .families import Checkpoint, family_of
+from .layouts import to_diffusers_names
+from .registry import HEX64, REVISION, ModelEntry, registry
 from .unet import PRESETS, UNet, UNetConfig
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
 WEIGHT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +185,8 @@ def registered_config(entry: ModelEntry) -> UNetConfig:
 
 def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint: str | None = None,
                     notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
+    """A registry model: its weights (bundled, or the Hub file pinned by its sha256) read as ddimctl's
+    own family, with the entry as their config."""
     if entry.bundled:
         path = Path(str(resources.files("ddimctl").joinpath("bundled", entry.bundled)))
         if entry.sha256 and hub.sha256_of(path) != entry.sha256:
@@ -183,9 +195,10 @@ def load_registered(entry: ModelEntry, *, hub_cache: str | None = None, endpoint
         digest = entry.sha256 or hub.sha256_of(path)
     else:
         state, digest = _hub_state_dict(entry, hub_cache, endpoint, notify)
-    state = to_diffusers_names(state)
-    unet = build_unet(registered_config(entry), state, f"model {entry.name!r}")
-    return LoadedModel(unet, entry.name, entry.source, entry.schedule, entry.skip, digest)
+    config = {"unet": registered_config(entry).to_dict(), "schedule": entry.schedule, "skip": entry.skip,
+              "prediction": entry.prediction}
+    where = f"model {entry.name!r}"
+    return from_checkpoint(Checkpoint(state, where, config, where), entry.name, entry.source, digest, notify)
 
 
 def _hub_state_dict(entry: ModelEntry, hub_cache: str | None, endpoint: str | None,
@@ -244,75 +257,57 @@ def is_cached(entry: ModelEntry, hub_cache: str | None = None) -> bool:
     return hub.cached_file(entry.repo, entry.file, entry.revision, hub_cache) is not None
 
 
+def from_checkpoint(checkpoint: Checkpoint, name: str, source: str, sha256: str,
+                    notify: Callable[[str], None]) -> LoadedModel:
+    """The model of a checkpoint, read by the family that recognises it (families.FAMILIES)."""
+    family = family_of(checkpoint)
+    config = family.config(checkpoint)
+    timing = family.timing(checkpoint, notify)  # every file read and checked before the weights are touched
+    try:
+        unet = build_unet(config, family.rename(checkpoint, config), checkpoint.weights)
+    except DdimctlError as e:
+        raise DdimctlError(f"{e}; {family.misfit(checkpoint)}" if family.misfit else str(e)) from e
+    return LoadedModel(unet, name, source, timing.schedule, timing.skip, sha256, timing.prediction, timing.timestep_scale)
+
+
 def load_local(path: Path, notify: Callable[[str], None] = lambda message: None) -> LoadedModel:
-    """A diffusers folder, a ddimctl run folder (its newest checkpoint), a checkpoint inside a run
-    folder (with that run's config), or a single checkpoint file with an optional sidecar config."""
+    """A diffusers folder (a pipeline or a UNet), a ddimctl run folder (its newest checkpoint), a
+    checkpoint inside a run folder (with that run's config), or a single checkpoint file with an
+    optional sidecar config (NAME.json or config.json beside it)."""
     if not path.exists():
         raise DdimctlError(f"{path}: no such file or folder")
-    folder = path if path.is_dir() else path.parent
-    config_file = None
+    root = path if path.is_dir() else path.parent
+    if root.name + "/" == UNET_FOLDER and (root.parent / PIPELINE_INDEX).is_file():
+        root, prefix = root.parent, UNET_FOLDER  # a pipeline's unet/ folder, or a file in it: its pipeline
+    else:
+        prefix = unet_prefix(lambda name: (root / name).is_file())
+    folder = root / prefix
     if path.is_dir():
-        if (path / "unet").is_dir() and not (path / "config.json").is_file():
-            folder = path / "unet"  # a diffusers pipeline folder
-        config_file = folder / "config.json" if (folder / "config.json").is_file() else None
+        config_file = folder / UNET_CONFIG if (folder / UNET_CONFIG).is_file() else None
         cfg = read_json_object(config_file) if config_file else {}
         if runs.is_run_config(cfg):  # a `ddimctl train` folder: its newest checkpoint
             weights = runs.newest_checkpoint(path)
         else:
-            name = next((n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+            name = next((n for n in UNET_WEIGHTS if (folder / n).is_file()), None)
             if name is None:
-                raise DdimctlError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+                raise DdimctlError(f"{path}: no weights found (looked for {', '.join(UNET_WEIGHTS)})")
             weights = folder / name
     else:
         weights = path
-        run_config = folder.parent / runs.CONFIG if folder.name == runs.CHECKPOINTS else None
-        sidecars = [path.with_suffix(".json"), folder / "config.json", run_config]
+        run_config = path.parent.parent / runs.CONFIG if path.parent.name == runs.CHECKPOINTS else None
+        sidecars = [path.with_suffix(".json"), path.parent / UNET_CONFIG, run_config]
         config_file = next((p for p in sidecars if p is not None and p.is_file()), None)
         cfg = read_json_object(config_file) if config_file else {}
-    where = str(config_file) if config_file else str(path)
     state = read_checkpoint(weights)
     if any(k.startswith("ema.") for k in state):  # a training checkpoint: use the EMA weights
         state = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
-    if guided.is_guided_state(state):
-        return _load_guided(path, weights, state, cfg, where if config_file else str(path.with_suffix(".json")))
-    try:
-        state = to_diffusers_names(state)
-    except DdimctlError as e:
-        raise DdimctlError(f"{weights}: {e}") from e
-
-    fields = Fields(cfg, where)
-    schedule, skip, prediction = dict(DEFAULT_SCHEDULE), "uniform", "epsilon"
-    if "unet" in cfg:  # ddimctl's own format (written by `ddimctl train`, or a sidecar)
-        config = replace(unet_config_from(fields.table("unet")), dropout=0.0)
-        schedule = schedule_from(fields.table("schedule", None)).to_dict()
-        skip = fields.text("skip", skip, PAPER_SKIPS)
-        prediction = fields.text("prediction", prediction, PREDICTIONS)
-    elif "block_out_channels" in cfg:
-        config = config_from_diffusers(cfg, where)
-    else:
-        config = infer_config(state, fields.integer("resolution", None, 1, MAX_RESOLUTION), where)
-    for scheduler_file in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
-        if scheduler_file.is_file():
-            schedule, prediction = schedule_from_diffusers(read_json_object(scheduler_file), str(scheduler_file), notify)
-            break
-    unet = build_unet(config, state, str(path))
-    return LoadedModel(unet, path.name, str(path), schedule, skip, hub.sha256_of(weights), prediction)
-
-
-def _load_guided(path: Path, weights: Path, state: dict[str, torch.Tensor], flags: dict, where: str) -> LoadedModel:
-    """An openai guided-/improved-diffusion checkpoint with its flags (guided.py) from the sidecar."""
-    if not flags:
-        raise DdimctlError(f"{path}: an openai guided-/improved-diffusion checkpoint needs its flags (its README's "
-                           f"MODEL_FLAGS and DIFFUSION_FLAGS) in {where}, improved-diffusion's with rescale_timesteps "
-                           f"true; from the weights and guided-diffusion's defaults: {guided.suggested_flags(state)}")
-    model = guided.read_flags(flags, where)
-    try:
-        unet = build_unet(model.config, guided.to_ddimctl_names(state, model, where), str(path))
-    except DdimctlError as e:
-        raise DdimctlError(f"{e}; the flags in {where} do not match these weights, which suggest "
-                           f"{guided.suggested_flags(state)}") from e
-    return LoadedModel(unet, path.name, str(path), model.schedule, "uniform", hub.sha256_of(weights), model.prediction,
-                       model.timestep_scale)
+    scheduler_file = root / scheduler_config_name(prefix)
+    if not scheduler_file.is_file() and prefix:  # a bare UNet folder inside the pipeline keeps its own too
+        scheduler_file = folder / SCHEDULER_CONFIG
+    scheduler = read_json_object(scheduler_file) if scheduler_file.is_file() else None
+    where = str(config_file) if config_file else str(path)
+    checkpoint = Checkpoint(state, str(weights), cfg, where, scheduler, str(scheduler_file))
+    return from_checkpoint(checkpoint, path.name, str(path), hub.sha256_of(weights), notify)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,20 +341,17 @@ def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, end
         return hub.download(name, repo, filename, revision, cache_dir=hub_cache, endpoint=endpoint,
                             missing_ok=missing_ok, fix="--model")
 
-    prefix = "unet/" if fetch("model_index.json") is not None else ""
-    config_file = fetch(f"{prefix}config.json", missing_ok=False)
+    prefix = unet_prefix(lambda filename: fetch(filename) is not None)
+    config_file = fetch(prefix + UNET_CONFIG, missing_ok=False)
     cfg = read_json_object(config_file)
-    where = f"{name}: {prefix}config.json"
+    where = f"{name}: {prefix}{UNET_CONFIG}"
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise DdimctlError(f"{where} is a {cfg.get('_class_name')}; ddimctl samples pixel-space UNet2DModel repositories")
-    config = config_from_diffusers(cfg, where)
-    scheduler = fetch("scheduler/scheduler_config.json" if prefix else "scheduler_config.json")
-    schedule, prediction = (schedule_from_diffusers(read_json_object(scheduler), f"{name}: {scheduler.name}", notify)
-                            if scheduler is not None else (dict(DEFAULT_SCHEDULE), "epsilon"))
-    weights = next((p for f in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-                    if (p := fetch(prefix + f)) is not None), None)
+    config_from_diffusers(cfg, where)  # a config ddimctl cannot build is refused before the weights are fetched
+    scheduler = fetch(scheduler_config_name(prefix))
+    weights = next((p for f in UNET_WEIGHTS if (p := fetch(prefix + f)) is not None), None)
     if weights is None:
-        raise DdimctlError(f"{name}: no diffusion_pytorch_model.safetensors or .bin in {prefix or 'the repository'}")
+        raise DdimctlError(f"{name}: no {' or '.join(UNET_WEIGHTS)} in {prefix or 'the repository'}")
     expected = hub.reported_sha256(weights)
     if expected is None:
         raise DdimctlError(f"{name}: {weights.name} is not stored in LFS, so the Hub reports no sha256 to check it "
@@ -369,9 +361,10 @@ def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, end
         hub.remove_download(weights, hub_cache)
         raise DdimctlError(f"{name}: {weights.name} has sha256 {actual[:16]}..., the Hub reported {expected[:16]}...; "
                            f"the corrupt download was deleted, run the command again to fetch it afresh")
-    state = to_diffusers_names(read_checkpoint(weights))
-    unet = build_unet(config, state, name)
-    return LoadedModel(unet, name, f"hf://{repo}@{revision}", schedule, "uniform", actual, prediction)
+    checkpoint = Checkpoint(read_checkpoint(weights), name, cfg, where,
+                            read_json_object(scheduler) if scheduler is not None else None,
+                            f"{name}: {scheduler.name}" if scheduler is not None else "")
+    return from_checkpoint(checkpoint, name, f"hf://{repo}@{revision}", actual, notify)
 
 
 def cached_hub_repos(hub_cache: str | None = None) -> list[tuple[str, str, str]]:
@@ -381,16 +374,14 @@ def cached_hub_repos(hub_cache: str | None = None) -> list[tuple[str, str, str]]
     found = []
     for repo, refs, snapshots in hub.cached_repositories(hub_cache):
         for snapshot in snapshots:
-            kind = "pipeline" if (snapshot / "model_index.json").is_file() else "UNet"
-            folder = snapshot / "unet" if kind == "pipeline" else snapshot
+            prefix = unet_prefix(lambda name: (snapshot / name).is_file())
             try:
-                config = read_json_object(folder / "config.json") if (folder / "config.json").is_file() else {}
+                config = read_json_object(snapshot / prefix / UNET_CONFIG) if (snapshot / prefix / UNET_CONFIG).is_file() else {}
             except DdimctlError:
                 continue
-            has_weights = any((folder / f).is_file() for f in ("diffusion_pytorch_model.safetensors",
-                                                               "diffusion_pytorch_model.bin"))
+            has_weights = any((snapshot / prefix / f).is_file() for f in UNET_WEIGHTS)
             if config.get("_class_name", "UNet2DModel") == "UNet2DModel" and "block_out_channels" in config and has_weights:
-                found.append((repo, ", ".join(refs), kind))
+                found.append((repo, ", ".join(refs), "pipeline" if prefix else "UNet"))
                 break
     return found
 

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import layouts
-from ..schedule import PAPER_SKIPS, Schedule
+from ..schedule import PAPER_SKIPS, PREDICTIONS
 from ..errors import DdimctlError
 from ..io.fields import Fields
 from .unet import PRESETS
@@ -21,7 +21,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_SCHEDULE = Schedule().to_dict()
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ class ModelEntry:
     sha256: str = ""
     params: int = 0
     bundled: str = ""  # a file inside the package instead of a Hub download
+    prediction: str = "epsilon"  # what the network predicts (schedule.PREDICTIONS)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -98,7 +98,8 @@ def registry() -> dict[str, ModelEntry]:
 # Fields every registry entry needs, and the type each field must have.
 REQUIRED_FIELDS = ("description", "architecture", "resolution", "skip", "license")
 FIELD_TYPES = {"resolution": int, "params": int, "description": str, "architecture": str, "skip": str,
-               "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str}
+               "license": str, "repo": str, "revision": str, "file": str, "sha256": str, "bundled": str, "schedule": str,
+               "prediction": str}
 TYPE_NAMES = {int: "an integer", str: "a string"}
 
 
@@ -154,6 +155,7 @@ def check_entry(name: str, raw) -> None:
     check_names(name, raw)
     fields = Fields(raw, where)
     fields.text("skip", choices=PAPER_SKIPS)
+    fields.text("prediction", "epsilon", PREDICTIONS)
     fields.text("architecture", choices=tuple(PRESETS))
     resolution = fields.integer("resolution", low=1, high=layouts.MAX_RESOLUTION)
     if "unet" in raw:  # overrides of the architecture's fields

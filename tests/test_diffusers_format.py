@@ -9,7 +9,7 @@ import torch
 
 from ddimctl.models import boundary, loading
 from ddimctl.errors import DdimctlError
-from ddimctl.models.diffusers_configs import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
+from ddimctl.models.diffusers_format import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -142,7 +142,7 @@ def test_a_config_without_keys_means_diffusers_defaults():
 def test_scheduler_configs_are_read_key_by_key():
     """The DDPM family's scheduler classes load (their sampling keys are ddimctl's options to decide),
     clipping is said once, and what is not a DDPM schedule is refused by name."""
-    from ddimctl.models.diffusers_configs import schedule_from_diffusers
+    from ddimctl.models.diffusers_format import schedule_from_diffusers
 
     for cls in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
                 "PNDMScheduler"):

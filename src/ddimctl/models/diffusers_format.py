@@ -1,6 +1,8 @@
-"""diffusers' on-disk configs, read key by key: UNet2DModel's config.json both ways (the table export
-writes from too) and the scheduler configs of the DDPM family (noise schedule and prediction type).
-Every key is read as diffusers reads it, left to ddimctl's own options, or refused by name."""
+"""diffusers' on-disk format: its folders (a pipeline or a bare UNet), UNet2DModel's config.json both
+ways (the table export writes from too) and the scheduler configs of the DDPM family (noise schedule
+and prediction type). Every key is read as diffusers reads it, left to ddimctl's own options, or
+refused by name; each folder rule is written once, for local folders, Hub repositories, the Hub
+cache's listing and export."""
 
 from __future__ import annotations
 
@@ -12,6 +14,36 @@ from ..errors import DdimctlError, param
 from ..io.fields import Fields
 from .layouts import MAX_RESOLUTION, MAX_TRAIN_STEPS, checked
 from .unet import UNetConfig
+
+# --------------------------------------------------------------------------------------------
+# diffusers' folders: a pipeline (model_index.json, unet/, scheduler/), as save_pretrained writes it,
+# or a bare UNet folder (config.json and its weights, a scheduler_config.json beside them if saved so).
+
+PIPELINE_INDEX = "model_index.json"
+UNET_FOLDER = "unet/"
+UNET_CONFIG = "config.json"
+# A UNet's weights file, by preference: safetensors first; a pickle is only read with weights_only=True.
+UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULER_CONFIG = "scheduler_config.json"
+PIPELINE_SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+
+
+def unet_prefix(has: Callable[[str], bool]) -> str:
+    """Where a diffusers folder keeps its UNet, given `has(name)`, whether a file of the folder exists:
+    "unet/" in a pipeline (model_index.json; or, copied without it, no config.json at the top but
+    unet/config.json), "" in a bare UNet folder."""
+    if has(PIPELINE_INDEX):
+        return UNET_FOLDER
+    if not has(UNET_CONFIG) and has(UNET_FOLDER + UNET_CONFIG):
+        return UNET_FOLDER
+    return ""
+
+
+def scheduler_config_name(prefix: str) -> str:
+    """The scheduler config of a diffusers folder whose UNet is at `prefix`: a pipeline's scheduler/,
+    or beside a bare UNet."""
+    return PIPELINE_SCHEDULER_CONFIG if prefix else SCHEDULER_CONFIG
+
 
 # --------------------------------------------------------------------------------------------
 # diffusers' UNet2DModel config, both ways: every parameter of UNet2DModel.__init__ is a key here,
