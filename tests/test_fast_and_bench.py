@@ -69,6 +69,24 @@ def test_fixed_batch_pads_and_returns_float32():
     assert out.shape == x.shape and out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_the_noise_of_a_bf16_v_or_x0_network_is_made_from_the_float32_x_t(prediction):
+    """The boundary runs the network in bf16 but turns its output into the noise with the sampler's own
+    float32 x_t: a network whose output bf16 holds exactly (zeros) gives the same noise in bf16 as in
+    fp32, bit for bit; x_t rounded to bf16 (0.4%) would move it by about 1e-3."""
+    abar = schedule.alphas_cumprod(schedule.linear_betas())
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 300, 700, 999])
+    zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    noise = {dtype: boundary.FastEps(zeros, dtype, False, prediction=prediction, alphas_cumprod=abar)(x, t)
+             for dtype in (torch.float32, torch.bfloat16)}
+    assert noise[torch.float32].dtype == noise[torch.bfloat16].dtype == torch.float32
+    assert torch.equal(noise[torch.float32], noise[torch.bfloat16])
+    a = abar[t].float().view(-1, 1, 1, 1)
+    expected = (1 - a).sqrt() * x if prediction == "v_prediction" else x / (1 - a).sqrt()  # the formulas, output 0
+    torch.testing.assert_close(noise[torch.float32], expected, rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_path_stays_close_to_fp32():
     unet = random_unet("tiny")
     x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))

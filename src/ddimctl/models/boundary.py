@@ -103,7 +103,7 @@ class FastEps:
     compile_seconds: float = 0.0
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        n = x.shape[0]
+        n, x_t = x.shape[0], x.float()  # the point as the sampler holds it: the noise is made from this one
         if self.fixed_batch and n < self.fixed_batch:
             pad = self.fixed_batch - n
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
@@ -115,11 +115,12 @@ class FastEps:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous output has been consumed
         t_in = t * self.timestep_scale if self.timestep_scale != 1 else t
-        eps = (self.model(x, t_in) if classes is None else self.model(x, t_in, classes))[:n, : self.noise_channels].float()
+        out = (self.model(x, t_in) if classes is None else self.model(x, t_in, classes))[:n, : self.noise_channels].float()
         if self.prediction != "epsilon":
-            abar = self.alphas_cumprod.to(eps.device)[t[:n].long()].float().view(-1, *[1] * (eps.dim() - 1))
-            eps = noise_from_prediction(self.prediction, x[:n].float(), eps, abar)
-        return eps.contiguous()  # a fresh tensor: graph outputs are reused buffers
+            abar = self.alphas_cumprod.to(out.device)[t[:n].long()].float().view(-1, *[1] * (out.dim() - 1))
+            # with x_t in float32: in bf16 its rounding (0.4%) would enter the noise directly
+            out = noise_from_prediction(self.prediction, x_t, out, abar)
+        return out.contiguous()  # a fresh tensor: graph outputs are reused buffers
 
 
 def check_compile_mode(compile_mode: str | None) -> None:
