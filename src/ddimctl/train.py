@@ -302,9 +302,28 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
           architecture: tuple[UNetConfig, dict[str, torch.Tensor] | None] | None = None) -> Path:
     """Train a UNet; returns the newest checkpoint. Only rank 0 logs, samples and writes checkpoints.
     `architecture`: options.architecture() when the caller has it already (with --init it reads weights)."""
-    from .data import load_folder
+    session, data = open_training(options, device, resume, progress or TrainCallbacks(), architecture)
+    abar = Schedule.from_dict(options.schedule).alphas_cumprod().float().to(session.device)
+    use_bf16 = uses_bf16(options.precision, session.device)
+    try:
+        while session.step < options.steps:
+            x0, t, noise = (v.to(session.device) for v in draw_batch(data, session.step, options, session.world, len(abar)))
+            lr = session.set_learning_rate(learning_rate(session.step, options.lr, options.warmup, options.steps,
+                                                         options.lr_schedule))
+            loss = optimizer_step(session.model, session.trained, session.optimizer, x0, t, noise, abar, use_bf16,
+                                  options.grad_clip, options.prediction)
+            session.end_step(loss, lr, options.batch_size)
+    except KeyboardInterrupt:
+        session.interrupted()
+        raise
+    return session.close()
 
-    progress = progress or TrainCallbacks()
+
+def open_training(options: TrainOptions, device: torch.device, resume: bool, progress: TrainCallbacks,
+                  architecture: tuple[UNetConfig, dict[str, torch.Tensor] | None] | None) -> tuple[Session, torch.Tensor]:
+    """Everything before the first step, every refusal first: the options against the run folder, the
+    data read (before anything is written: unreadable data must not leave a run folder behind), the
+    run recorded, the model built or resumed. Returns the open session and the training images."""
     say = progress.on_message or (lambda m: None)
     world = distributed.init(device)
     device = distributed.local_device(device, world)
@@ -317,77 +336,92 @@ def train(options: TrainOptions, device: torch.device, resume: bool = False, pro
     resume_from = runs.prepare_run_dir(run_dir, config, resume)
     if resume_from is not None:
         resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
-    # The data before anything is written: unreadable data must not leave a run folder behind.
-    data = load_folder(
-        Path(options.data), config.resolution, config.in_channels,
-        progress.on_data if world.is_main else None, say if world.is_main else None, exclude=run_dir,
-    )
+    from .data import load_folder
+
+    data = load_folder(Path(options.data), config.resolution, config.in_channels, progress.on_data if world.is_main else None,
+                       say if world.is_main else None, exclude=run_dir)
     if world.is_main:
         say(f"{data.shape[0]} training images at {config.resolution}x{config.resolution}, {config.in_channels} channel(s)")
-
-    if world.is_main:
-        record_run(run_dir, options, config, resume_from, changes, device, say)
+        record_run(run_dir, runs.run_config(asdict(options), config, options.schedule, options.prediction),
+                   resume_from, changes, device, say)
     world.barrier()
     model, ema, optimizer, step = build_model(options, config, initial_state, resume_from, device, world.is_main, say)
-
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
         trained = torch.compile(trained)
-    abar = Schedule.from_dict(options.schedule).alphas_cumprod().float().to(device)
-    train_steps = abar.shape[0]
-    use_bf16 = uses_bf16(options.precision, device)
-    log = open(run_dir / runs.LOG, "a") if world.is_main else None
-    if log and resume_from is not None:  # later lines may repeat steps the lost run had logged
-        change = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items())
-        log.write(f"resumed from {resume_from.name} (step {step}){change}\n")
-    newest = resume_from
-
-    model.train()
-    started, images_seen = time.perf_counter(), 0
-    try:
-        while step < options.steps:
-            x0, t, noise = (v.to(device) for v in draw_batch(data, step, options, world, train_steps))
-            lr = learning_rate(step, options.lr, options.warmup, options.steps, options.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = optimizer_step(model, trained, optimizer, x0, t, noise, abar, use_bf16, options.grad_clip,
-                                  options.prediction)
-            update_ema(ema, model, ema_decay(step, options.ema_decay))
-            step += 1
-            images_seen += options.batch_size
-
-            # Reading the loss waits for the device: only every log_every steps, and before each save.
-            saving = step % options.save_every == 0 or step == options.steps
-            if saving or step % options.log_every == 0:
-                check_loss(loss.item(), step, lr, newest)
-            if world.is_main and (step % options.log_every == 0 or step == options.steps):
-                speed = images_seen / (time.perf_counter() - started)
-                value = loss.item()
-                if progress.on_step:
-                    progress.on_step(step, value, speed)
-                log.write(f"step={step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}\n")
-                log.flush()
-            if saving:
-                if world.is_main:
-                    newest = runs.save_checkpoint(run_dir, step, model, ema, optimizer, options.keep)
-                    write_samples(run_dir, step, ema, options, device)
-                world.barrier()
-    except KeyboardInterrupt:
-        if log:  # where the run stopped: the newest checkpoint is where --resume starts
-            kept = runs.checkpoint_files(run_dir)
-            log.write(f"interrupted at step {step}; newest checkpoint {kept[-1].name if kept else 'none'}\n")
-            log.close()
-        raise
-    if log:
-        log.close()
-    world.barrier()
-    distributed.shutdown()
-    return newest or runs.checkpoint_files(run_dir)[-1]
+    grids = lambda at, weights: write_samples(run_dir, at, weights, options, device)  # noqa: E731
+    session = Session(run_dir, world, device, model, trained, ema, optimizer, step, options, progress, grids, resume_from)
+    session.resumed(resume_from, changes)
+    return session, data
 
 
-def record_run(run_dir: Path, options: TrainOptions, config: UNetConfig, resume_from: Path | None, changes: dict,
-               device: torch.device, say: Callable[[str], None]) -> None:
-    """The run folder made ready and its config.json written (rank 0): the options, the UNet, the
+class Session:
+    """A run being trained in its folder: what every loop of ddimctl's does after an optimizer step
+    (the EMA, the loss checked and logged, a checkpoint and a picture at each save) and when it stops.
+    Only rank 0 logs, samples and writes; every rank steps. `options` gives ema_decay, steps,
+    log_every, save_every and keep; `samples(step, ema)` writes the run's picture."""
+
+    def __init__(self, run_dir: Path, world: distributed.World, device: torch.device, model: torch.nn.Module,
+                 trained, ema: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, options,
+                 progress: TrainCallbacks, samples: Callable[[int, torch.nn.Module], None], newest: Path | None):
+        self.run_dir, self.world, self.device, self.options, self.progress = run_dir, world, device, options, progress
+        self.model, self.trained, self.ema, self.optimizer, self.step = model, trained, ema, optimizer, step
+        self.samples, self.newest = samples, newest
+        self.log = open(run_dir / runs.LOG, "a") if world.is_main else None
+        self.started, self.images_seen = time.perf_counter(), 0
+        model.train()
+
+    def resumed(self, resume_from: Path | None, changes: dict) -> None:
+        if self.log and resume_from is not None:  # later lines may repeat steps the lost run had logged
+            change = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items())
+            self.log.write(f"resumed from {resume_from.name} (step {self.step}){change}\n")
+
+    def set_learning_rate(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def end_step(self, loss: torch.Tensor, lr: float, images: int) -> None:
+        """After the optimizer's step: the EMA follows, and every log_every steps (reading the loss waits
+        for the device) the loss is checked and logged; at each save a checkpoint and a picture."""
+        o = self.options
+        update_ema(self.ema, self.model, ema_decay(self.step, o.ema_decay))
+        self.step += 1
+        self.images_seen += images
+        saving = self.step % o.save_every == 0 or self.step == o.steps
+        if saving or self.step % o.log_every == 0:
+            check_loss(loss.item(), self.step, lr, self.newest)
+        if self.world.is_main and (self.step % o.log_every == 0 or self.step == o.steps):
+            speed, value = self.images_seen / (time.perf_counter() - self.started), loss.item()
+            if self.progress.on_step:
+                self.progress.on_step(self.step, value, speed)
+            self.log.write(f"step={self.step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}\n")
+            self.log.flush()
+        if saving:
+            if self.world.is_main:
+                self.newest = runs.save_checkpoint(self.run_dir, self.step, self.model, self.ema, self.optimizer, o.keep)
+                self.samples(self.step, self.ema)
+            self.world.barrier()
+
+    def interrupted(self) -> None:
+        """Ctrl-C: the log says where the run stopped (the newest checkpoint is where --resume starts)."""
+        if self.log:
+            kept = runs.checkpoint_files(self.run_dir)
+            self.log.write(f"interrupted at step {self.step}; newest checkpoint {kept[-1].name if kept else 'none'}\n")
+            self.log.close()
+
+    def close(self) -> Path:
+        """The finished run: the log closed, the processes parted; returns the newest checkpoint."""
+        if self.log:
+            self.log.close()
+        self.world.barrier()
+        distributed.shutdown()
+        return self.newest or runs.checkpoint_files(self.run_dir)[-1]
+
+
+def record_run(run_dir: Path, record: dict, resume_from: Path | None, changes: dict, device: torch.device,
+               say: Callable[[str], None]) -> None:
+    """The run folder made ready and its config.json written (rank 0): `record` (runs.run_config), the
     thread count on a CPU, and on a resume its history of what each resume changed."""
     for folder in (run_dir, run_dir / runs.CHECKPOINTS, run_dir / runs.SAMPLES):
         if folder.is_dir():
@@ -395,7 +429,7 @@ def record_run(run_dir: Path, options: TrainOptions, config: UNetConfig, resume_
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
     threads = torch.get_num_threads() if device.type == "cpu" else None
-    record = runs.run_config(asdict(options), config, options.schedule, options.prediction, threads)
+    record = {**record, **({"cpu_threads": threads} if threads else {})}
     before = runs.saved_run(run_dir) if resume_from is not None else None
     if threads and (change := runs.thread_change(before, threads)):
         say(f"notice: {change}")

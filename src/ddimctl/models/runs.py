@@ -56,18 +56,12 @@ def sample_grid_path(run_dir: Path, step: int) -> Path:
 # The run folder: its config, and what a resume may change
 
 
-def run_config(options: dict, config: UNetConfig, schedule: dict, prediction: str, cpu_threads: int | None = None) -> dict:
+def run_config(options: dict, config: UNetConfig, schedule: dict, prediction: str) -> dict:
     """config.json of a run folder: enough for `--model RUN_DIR` (the UNet, its noise schedule, what
-    it predicts) and for checking a resume (on a CPU the thread count too: the weights' bits depend on it)."""
-    return {
-        "format": RUN_FORMAT,
-        "unet": config.to_dict(),
-        "schedule": schedule,
-        "prediction": prediction,
-        "skip": "uniform",
-        "train": options,
-        **({"cpu_threads": cpu_threads} if cpu_threads else {}),
-    }
+    it predicts) and for checking a resume (train.record_run adds the CPU thread count: the weights'
+    bits depend on it)."""
+    return {"format": RUN_FORMAT, "unet": config.to_dict(), "schedule": schedule, "prediction": prediction,
+            "skip": "uniform", "train": options}
 
 
 def thread_change(saved: dict | None, threads: int) -> str | None:
