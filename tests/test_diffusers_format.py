@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ddimctl.models import boundary, loading
+from ddimctl.sampling import runners, samplers
 from ddimctl.errors import DdimctlError
 from ddimctl.models.diffusers_format import DIFFUSERS_UNET_KEYS, config_from_diffusers, diffusers_config
 
@@ -275,3 +276,35 @@ def test_trained_and_laplace_betas_sample_as_diffusers_and_export_as_betas(tmp_p
     export_diffusers(loaded, tmp_path / "exported")
     exported = diffusers.DDIMScheduler.from_pretrained(tmp_path / "exported" / "scheduler")
     torch.testing.assert_close(exported.alphas_cumprod, scheduler.alphas_cumprod, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["digits", "v_prediction", "sample"])
+def test_an_export_samples_in_diffusers_ddim_pipeline_as_ddimctl_does(tmp_path, model):
+    """The exported folder in diffusers' own hands: DDIMPipeline.from_pretrained, its loop with the
+    pipeline's defaults (eta 0, no clipping arguments), from the same x_T as ddimctl's DDIM at S = 10:
+    the same timesteps and the same images to float rounding (the scheduler's schedule, prediction,
+    final step to abar = 1, spacing and offset are all in the export's hands)."""
+    from ddimctl.models.export import export_diffusers
+
+    if model == "digits":
+        loaded = loading.load_model("digits")
+    else:
+        torch.manual_seed(0)
+        unet = diffusers.UNet2DModel(**{**TRAIN_UNCONDITIONAL, "in_channels": 1, "out_channels": 1}).eval()
+        schedule = (dict(beta_schedule="squaredcos_cap_v2") if model == "v_prediction"
+                    else dict(beta_schedule="linear", beta_start=2e-4, beta_end=0.015))
+        scheduler = diffusers.DDIMScheduler(prediction_type=model, clip_sample=False, **schedule)
+        diffusers.DDIMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe")
+        loaded = loading.load_model(str(tmp_path / "pipe"))
+    export_diffusers(loaded, tmp_path / "exported")
+    pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path / "exported")
+    x_T = torch.randn(4, *loaded.image_shape, generator=torch.Generator().manual_seed(1))
+    runner = runners.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform"), torch.device("cpu"))
+    with torch.no_grad():
+        ours = runner.sample(x_T, None)
+        pipeline.scheduler.set_timesteps(10)
+        theirs = x_T.clone()
+        for t in pipeline.scheduler.timesteps:
+            theirs = pipeline.scheduler.step(pipeline.unet(theirs, t).sample, t, theirs, eta=0.0).prev_sample
+    assert sorted(pipeline.scheduler.timesteps.tolist()) == runner.timesteps.tolist()
+    assert float((ours - theirs).abs().max()) < 2e-4, float((ours - theirs).abs().max())
