@@ -117,3 +117,19 @@ def diffusers_unet(preset: str):
         flip_sin_to_cos=False,
         freq_shift=1,
     ).eval()
+
+
+def killed_after_checkpoint(step: int) -> str:
+    """A prelude for ddimctl(): a real SIGKILL straight after the checkpoint of `step` is written,
+    the moment a resume must survive (train and distill save through runs.save_checkpoint)."""
+    return f"""
+import os, signal
+from ddimctl.models import runs
+_save = runs.save_checkpoint
+def _save_then_die(run_dir, step, *args):
+    path = _save(run_dir, step, *args)
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+runs.save_checkpoint = _save_then_die
+"""

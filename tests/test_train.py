@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ddimctl
+from helpers import ddimctl, killed_after_checkpoint
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,20 +18,6 @@ from ddimctl.distributed import World
 
 def run(*args, cwd, env=None, check=True, torchrun=0, prelude=None):
     return ddimctl(*args, cwd=cwd, env=env, check=check, torchrun=torchrun, prelude=prelude)
-
-
-# A real SIGKILL straight after a checkpoint is written: the moment a resume must survive.
-KILL_AFTER_STEP_3 = """
-import os, signal
-from ddimctl.models import runs
-_save = runs.save_checkpoint
-def _save_then_die(run_dir, step, *args):
-    path = _save(run_dir, step, *args)
-    if step == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return path
-runs.save_checkpoint = _save_then_die
-"""
 
 
 @pytest.fixture()
@@ -114,7 +100,7 @@ def test_resume_after_kill_is_bit_identical(data_dir, tmp_path):
     result = run("train", data_dir, "--out", "straight", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path)
     assert "skipped 1 unreadable file(s): nested/broken.png" in result.stderr
     killed = run("train", data_dir, "--out", "resumed", "--steps", 6, "--save-every", 3, *TINY, cwd=tmp_path,
-                 prelude=KILL_AFTER_STEP_3, check=False)
+                 prelude=killed_after_checkpoint(3), check=False)
     assert killed.returncode == -9  # a real SIGKILL straight after the step-3 checkpoint
     assert [p.name for p in runs.checkpoint_files(tmp_path / "resumed")] == ["step-00000003.safetensors"]
     # What a kill between writing the next checkpoint and renaming it leaves: a full-size temporary

@@ -29,6 +29,10 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    def share(self, indices: range) -> range:
+        """This process's share of a step's items: every size-th from its rank."""
+        return indices[self.rank :: self.size]
+
 
 # What torchrun sets for each process; TORCHELASTIC_RUN_ID tells its launch from variables a plain run
 # inherited or was given by hand (which would wait for peers that never come).

@@ -294,7 +294,7 @@ class TrainCallbacks:
     """Callbacks a front end can supply; all optional."""
 
     on_data: Callable[[int, int], None] | None = None  # (files done, files total)
-    on_step: Callable[[int, float, float], None] | None = None  # (step, loss, images/s)
+    on_step: Callable[[int, float, float, str], None] | None = None  # (step, loss, images/s, more rates)
     on_message: Callable[[str], None] | None = None
 
 
@@ -350,7 +350,8 @@ def open_training(options: TrainOptions, device: torch.device, resume: bool, pro
     if options.compile:
         trained = torch.compile(trained)
     grids = lambda at, weights: write_samples(run_dir, at, weights, options, device)  # noqa: E731
-    session = Session(run_dir, world, device, model, trained, ema, optimizer, step, options, progress, grids, resume_from)
+    session = Session(run_dir, world, device, model, trained, ema, optimizer, step, options, options.steps, progress, grids,
+                      resume_from)
     session.resumed(resume_from, changes)
     return session, data
 
@@ -358,13 +359,14 @@ def open_training(options: TrainOptions, device: torch.device, resume: bool, pro
 class Session:
     """A run being trained in its folder: what every loop of ddimctl's does after an optimizer step
     (the EMA, the loss checked and logged, a checkpoint and a picture at each save) and when it stops.
-    Only rank 0 logs, samples and writes; every rank steps. `options` gives ema_decay, steps,
-    log_every, save_every and keep; `samples(step, ema)` writes the run's picture."""
+    Only rank 0 logs, samples and writes; every rank steps. `options` gives ema_decay, log_every,
+    save_every and keep; `total` is the run's last step; `samples(step, ema)` writes the run's picture."""
 
     def __init__(self, run_dir: Path, world: distributed.World, device: torch.device, model: torch.nn.Module,
-                 trained, ema: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, options,
+                 trained, ema: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, options, total: int,
                  progress: TrainCallbacks, samples: Callable[[int, torch.nn.Module], None], newest: Path | None):
         self.run_dir, self.world, self.device, self.options, self.progress = run_dir, world, device, options, progress
+        self.total = total
         self.model, self.trained, self.ema, self.optimizer, self.step = model, trained, ema, optimizer, step
         self.samples, self.newest = samples, newest
         self.log = open(run_dir / runs.LOG, "a") if world.is_main else None
@@ -381,21 +383,21 @@ class Session:
             group["lr"] = lr
         return lr
 
-    def end_step(self, loss: torch.Tensor, lr: float, images: int) -> None:
+    def end_step(self, loss: torch.Tensor, lr: float, images: int, rates: Callable[[], str] = lambda: "") -> None:
         """After the optimizer's step: the EMA follows, and every log_every steps (reading the loss waits
-        for the device) the loss is checked and logged; at each save a checkpoint and a picture."""
+        for the device) the loss is checked and logged with `rates()`; at each save a checkpoint and a picture."""
         o = self.options
         update_ema(self.ema, self.model, ema_decay(self.step, o.ema_decay))
         self.step += 1
         self.images_seen += images
-        saving = self.step % o.save_every == 0 or self.step == o.steps
+        saving = self.step % o.save_every == 0 or self.step == self.total
         if saving or self.step % o.log_every == 0:
             check_loss(loss.item(), self.step, lr, self.newest)
-        if self.world.is_main and (self.step % o.log_every == 0 or self.step == o.steps):
-            speed, value = self.images_seen / (time.perf_counter() - self.started), loss.item()
+        if self.world.is_main and (self.step % o.log_every == 0 or self.step == self.total):
+            speed, value, more = self.images_seen / (time.perf_counter() - self.started), loss.item(), rates()
             if self.progress.on_step:
-                self.progress.on_step(self.step, value, speed)
-            self.log.write(f"step={self.step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}\n")
+                self.progress.on_step(self.step, value, speed, more)
+            self.log.write(f"step={self.step} loss={value:.5f} lr={lr:.3g} images_per_s={speed:.1f}{more and ' ' + more}\n")
             self.log.flush()
         if saving:
             if self.world.is_main:
@@ -511,10 +513,15 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
                         labels=labels, tile=panels[0].shape[1])
 
 
-def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: torch.device, probe: int = 2) -> float:
-    """About how long `steps` optimizer steps of `batch_size` images take on `device`: one timed
-    forward pass of `probe` images, times 3 for the backward pass, scaled to the batch and the steps
-    (random weights: the time does not depend on their values)."""
+def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: torch.device) -> float:
+    """About how long `steps` optimizer steps of `batch_size` images take on `device`: a forward pass,
+    times 3 for the backward pass, scaled to the batch and the steps."""
+    return 3 * forward_seconds(config, device) * batch_size * steps
+
+
+def forward_seconds(config: UNetConfig, device: torch.device, probe: int = 2) -> float:
+    """Seconds of one image's forward pass on `device`, timed on `probe` images (random weights: the
+    time does not depend on their values)."""
     model = UNet(config).to(device).eval()
     inputs = config.example_inputs(probe, device)
     with torch.no_grad():
@@ -522,7 +529,7 @@ def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: to
         started = time.perf_counter()
         model(*inputs)
         seconds = time.perf_counter() - started
-    return 3 * seconds * batch_size / probe * steps
+    return seconds / probe
 
 
 def params_for(config: UNetConfig) -> int:

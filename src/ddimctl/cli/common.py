@@ -18,7 +18,8 @@ from .output import PlainProgress, flag, note, progress_bar, progress_on_interru
 
 torch = Deferred("torch")
 data, images, registry, samplers, runners, timesteps, loading = map(
-    library, ("data", "io.images", "models.registry", "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.loading"))
+    library, ("data", "io.images", "models.registry", "sampling.samplers", "sampling.runners",
+             "sampling.timesteps", "models.loading"))
 
 app = typer.Typer(
     name="ddimctl",
@@ -226,16 +227,21 @@ def remove_made_folders() -> None:
 OFFLINE_MODEL = "digits"  # bundled: works with no network
 
 
-def load(model: str | None) -> loading.LoadedModel:
+def load(model: str | None, along_ode: bool = False) -> loading.LoadedModel:
+    """The model --model names (the registry's default if none); along_ode: for a command that follows
+    its ODE (invert, reconstruct, interpolate, edit, tune-steps), which a distilled student has not."""
     spec = model or registry.default_model()
     try:
         with stderr.status(f"loading {spec}"):
-            return loading.load_model(spec, notify=note)
+            loaded = loading.load_model(spec, notify=note)
     except DdimctlError as e:
         if model is None and not loading.is_cached(registry.registry()[spec]):  # the default model, not downloaded
             raise DdimctlError(f"{e.args[0]}; to try ddimctl with no network, add --model {OFFLINE_MODEL} (the bundled "
                                f"model)") from e
         raise
+    if along_ode:
+        runners.check_invertible(loaded)
+    return loaded
 
 
 def make_runner(model: loading.LoadedModel, settings: samplers.Settings, device: str, **options) -> runners.Runner:

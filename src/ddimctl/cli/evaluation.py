@@ -42,7 +42,8 @@ from .deferred import Deferred, library
 
 torch = Deferred("torch")
 devices, distributed, boundary, sample_folders, registry, samplers, runners, timesteps, unet, loading = map(
-    library, ("devices", "distributed", "models.boundary", "sampling.sample_folders", "models.registry", "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.unet", "models.loading"))
+    library, ("devices", "distributed", "models.boundary", "sampling.sample_folders", "models.registry",
+             "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.unet", "models.loading"))
 
 SWEEP_STEPS = (10, 20, 50, 100)  # the paper's Table 1 columns, but for S = 1000
 
@@ -129,6 +130,7 @@ def fid(
             evaluate.check_sample_count(num)
             loaded = load(model)
             check_tuned(tuned, loaded, settings.sampler)
+            settings = runners.settings_for(loaded, settings, steps_given=steps is not None)
             runner = make_runner(loaded, settings, device, count=num,
                                  classes=runners.image_classes(loaded, num, None, seed))  # class-conditional: from (seed, i)
             samples = Path(tmp)
@@ -174,6 +176,12 @@ def sweep(
     evaluate.check_sample_count(num)
     evaluate.check_reference(ref, feature_extractor)
     loaded = load(model)
+    if loaded.student is not None:  # one cell: the student's own calls and timesteps
+        if (steps is not None and steps_list != [loaded.student.steps]) or sampler_list != [loaded.student.sampler] or (
+                eta_list not in ([0.0], [0.0, 0.2, 0.5, 1.0])) or sigma_hat or skip is not None:
+            fail(f"{loaded.name} is a student: its one cell is its own {loaded.student.steps} call(s); leave out "
+                 f"--steps, --sampler, --eta, --sigma-hat and --skip")
+        cells = [runners.settings_for(loaded, samplers.Settings(), steps_given=False)]
     for name in sampler_list:  # a tune-steps file is for one model and sampler
         check_tuned(tuned, loaded, name)
     abar = loaded.alphas_cumprod

@@ -44,7 +44,8 @@ from .progress import plan_and_fill
 from .deferred import library
 
 devices, distributed, files, sample_folders, images, samplers, runners, timesteps, latents_file = map(
-    library, ("devices", "distributed", "io.files", "sampling.sample_folders", "io.images", "sampling.samplers", "sampling.runners", "sampling.timesteps", "sampling.latents"))
+    library, ("devices", "distributed", "io.files", "sampling.sample_folders", "io.images", "sampling.samplers",
+             "sampling.runners", "sampling.timesteps", "sampling.latents"))
 
 
 @app.command()
@@ -72,6 +73,7 @@ def sample(
     class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
+    steps_given = steps is not None
     runners.check_settings(batch_size=batch_size, num=None if latents else num)
     given_classes = class_list(class_text)
     made = latents_file.latents_settings(latents) if latents is not None else {}
@@ -95,8 +97,11 @@ def sample(
         fail("under torchrun, sample writes one PNG per image: pass a folder such as --out samples/")
     # Latents decode with the model, S and skip they were made with, unless told otherwise.
     loaded = load(model or made.get("model"))
+    if latents is not None and loaded.student is not None:
+        fail(f"{loaded.name} is a student: latents were inverted along its teacher's ODE; decode them with "
+             f"--model {loaded.student.teacher}")
     check_tuned(tuned, loaded, settings.sampler)
-    settings = settings.for_model(loaded.train_steps, loaded.skip)
+    settings = runners.settings_for(loaded, settings, steps_given)
     x_T = latents_file.load_latents(latents, loaded.image_shape) if latents is not None else None
     if latents is not None and world.is_main:
         for line in latents_file.decoding_notes(latents.name, made, loaded.name, settings):
@@ -185,7 +190,7 @@ def edit(
         make_output_folder(out_path)
     images.check_writable(targets[0])
     files.refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
-    loaded = load(model)
+    loaded = load(model, along_ode=True)
     check_tuned(tuned, loaded, settings.sampler)
     classes = runners.image_classes(loaded, len(image_paths), given_classes, seed)
     x0 = read_images(image_paths, loaded)

@@ -52,7 +52,8 @@ from .progress import run_decoding, run_inversion
 from .deferred import library
 
 files, sample_folders, images, metrics, samplers, runners, latents_file = map(
-    library, ("io.files", "sampling.sample_folders", "io.images", "metrics", "sampling.samplers", "sampling.runners", "sampling.latents"))
+    library, ("io.files", "sampling.sample_folders", "io.images", "metrics", "sampling.samplers",
+             "sampling.runners", "sampling.latents"))
 
 
 def finite_or_null(value):
@@ -89,7 +90,7 @@ def invert(
     settings = samplers.Settings("ddim", steps_for(steps, skip, "ddim"), skip)
     check_output(out, (".safetensors",), "--out")
     image_paths = check_inputs(image_paths)
-    loaded = load(model)
+    loaded = load(model, along_ode=True)
     classes = runners.image_classes(loaded, len(image_paths), given_classes)
     x0 = read_images(image_paths, loaded)
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=False,
@@ -138,7 +139,7 @@ def reconstruct(
     if out is not None:
         check_output(out, images.PICTURE_SUFFIXES, "--out")
     image_paths = check_inputs(image_paths)
-    loaded = load(model)
+    loaded = load(model, along_ode=True)
     classes = runners.image_classes(loaded, len(image_paths), given_classes)
     x0 = read_images(image_paths, loaded)
     columns = [images.to_uint8(x0)]
@@ -237,7 +238,7 @@ def interpolate(
              f"with --out FOLDER/ (and no --gif)")
     if gif:
         check_output(gif, (".gif",), "--gif")
-    loaded = load(model)
+    loaded = load(model, along_ode=True)
     check_tuned(tuned, loaded, decoding.sampler)
     classes = runners.image_classes(loaded, frames, given_classes)
     x0 = read_images(paths, loaded) if seeds is None else None

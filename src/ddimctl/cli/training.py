@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +20,12 @@ from rich.progress import (
 from .. import choices
 from .common import (
     DeviceOpt,
+    ModelOpt,
     PlainProgress,
     app,
     completing,
     fail,
+    load,
     parse_list,
     note,
     note_cpu_threads,
@@ -39,6 +42,37 @@ devices, distributed, runs, loading, image_data = map(
 
 
 HOPELESS_ON_CPU_S = 6 * 3600  # beyond this a CPU run is worth a warning before it starts
+
+
+@contextmanager
+def training_progress(what: str, total: int, out: Path, main_process: bool, reading: bool = False, unit: str = "steps"):
+    """The progress of a training run (train, distill): a bar on a terminal, plain lines in a log; the
+    loss, images/s and the run's own rates; Ctrl-C's line names where the run stopped. Yields the
+    callbacks to hand the loop."""
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(), console=stderr, disable=not main_process or not stderr.is_terminal,  # logs: PlainProgress
+    ) as bar:
+        data = bar.add_task("reading data", total=None, status="", visible=reading)
+        task = bar.add_task(what, total=total, status="", visible=False)
+
+        def on_data(done: int, total: int) -> None:
+            bar.update(data, completed=done, total=total)
+
+        plain = PlainProgress(what, total, unit=unit) if not stderr.is_terminal and main_process else None
+
+        def on_step(step: int, loss: float, speed: float, rates: str) -> None:
+            status = f"loss {loss:.4f}, {speed:.1f} img/s{rates and ', ' + rates}"
+            bar.update(task, completed=step, status=status, visible=True)
+            if plain is not None:
+                plain.update(step, f", {status}")
+
+        progress_on_interrupt.append(lambda: runs.interrupted_at(out))
+        yield library("train").TrainCallbacks(on_data=on_data, on_step=on_step,
+                                              on_message=lambda m: bar.console.print(m, markup=False))
 
 
 def describe_duration(seconds: float) -> str:
@@ -168,35 +202,80 @@ def train(
                 note(f"warning: about {describe_duration(seconds)} on this CPU (one timed forward pass, x3 for the "
                      f"backward); a CUDA GPU, a smaller --preset (small, tiny), a lower --resolution or fewer --steps "
                      f"is quicker")
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(), console=stderr, disable=not main_process or not stderr.is_terminal,  # logs: PlainProgress
-    ) as bar:
-        reading = bar.add_task("reading data", total=None, status="")
-        task = bar.add_task("training", total=options.steps, status="", visible=False)
-
-        def on_data(done: int, total: int) -> None:
-            bar.update(reading, completed=done, total=total)
-
-        plain = PlainProgress("training", options.steps, unit="steps") if not stderr.is_terminal and main_process else None
-
-        def on_step(step: int, loss: float, speed: float) -> None:
-            bar.update(task, completed=step, status=f"loss {loss:.4f}  {speed:.1f} img/s", visible=True)
-            if plain is not None:
-                plain.update(step, f", loss {loss:.4f}, {speed:.1f} img/s")
-
-        started = time.perf_counter()
-        progress_on_interrupt.append(lambda: runs.interrupted_at(out))
-        newest = training.train(
-            options, train_device, resume,
-            training.TrainCallbacks(on_data=on_data, on_step=on_step, on_message=lambda m: bar.console.print(m, markup=False)),
-            architecture,
-        )
+    started = time.perf_counter()
+    with training_progress("training", options.steps, out, main_process, reading=True) as callbacks:
+        newest = training.train(options, train_device, resume, callbacks, architecture)
     if main_process:
         finish(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; use it with --model {out}")
+
+
+@app.command()
+def distill(
+    model: Optional[str] = ModelOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder of the student: config, checkpoints, pictures, log."),
+    steps: Optional[int] = typer.Option(None, "--steps", "-S", min=1, max=4,
+                                        help="Network calls of the student per image, 1 to 4 (default 2)."),
+    timesteps_given: Optional[str] = typer.Option(
+        None, "--timesteps", help="The student's timesteps, one per call, such as 350,700 (default: evenly spaced up to "
+        "0.7 T)."),
+    updates: Optional[int] = typer.Option(None, "--updates", min=1, help="Optimizer steps of the student (default 2000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
+                                             help="Teacher trajectories per update, over all processes (default 64)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 1e-4)."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Warm-up updates (default: a tenth of --updates)."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Decay of the student's moving average, which is "
+                                              "sampled (default: averaging over a tenth of --updates)."),
+    teacher_steps: Optional[int] = typer.Option(
+        None, "--teacher-steps", min=1, help="The teacher's calls per trajectory on diffusers' trailing grid, beside the "
+        "student's timesteps (default 10)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=1,
+                                             help="Checkpoint and picture every N updates (default 500)."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Checkpoints kept (default 3)."),
+    sample_count: Optional[int] = typer.Option(None, "--sample-count", min=0, max=1024,
+                                               help="Images in each panel of the pictures (default 16; 0: none)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every trajectory (default 0)."),
+    precision: Optional[str] = typer.Option(None, "--precision", autocompletion=completing(("auto", "fp32", "bf16")),
+                                            help="auto (default: bf16 on GPUs, fp32 on CPUs), fp32 or bf16."),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the student (default off)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out with its own settings: only --updates, "
+                                "--save-every, --keep, --sample-count and --compile may change."),
+    device: str = DeviceOpt,
+) -> None:
+    """Distil a student that samples in --steps network calls from a model, without data (trajectory
+    distillation, SFD's manner); `ddimctl sample --model OUT` then uses its calls and timesteps."""
+    if precision is not None and precision not in ("auto", "fp32", "bf16"):
+        fail(f"--precision {precision}: choose auto, fp32 or bf16")
+    student_timesteps = None
+    if timesteps_given is not None:
+        student_timesteps = tuple(sorted(parse_list(timesteps_given, "--timesteps", any_integer=True)))
+    from .. import distill as distillation
+
+    given = dict(model=model, steps=steps, timesteps=student_timesteps, updates=updates, batch_size=batch_size, lr=lr,
+                 warmup=warmup, ema_decay=ema_decay, teacher_steps=teacher_steps, save_every=save_every, keep=keep,
+                 sample_count=sample_count, seed=seed, precision=precision, compile=compile_model)
+    options = distillation.options_for_run({"out": str(out), **{k: v for k, v in given.items() if v is not None}}, resume)
+    runs.check_run_dir(out)
+    main_process = distributed.from_env().is_main
+    run_device = devices.pick_device(device)
+    teacher = load(options.model)
+    student = distillation.student_of(options, teacher)
+    if main_process:
+        grid = distillation.teacher_grid(student.timesteps, options.teacher_steps, teacher.alphas_cumprod)
+        say(f"distilling a {student.steps}-call student of {teacher.name} into {out} (timesteps "
+            f"{','.join(map(str, student.timesteps))}; teacher {distillation.TEACHER} at {len(grid)} calls; {run_device}; "
+            f"{options.updates} updates of {options.batch_size} trajectories, lr {options.lr:g}, EMA decay {options.ema_decay:g})")
+        note_cpu_threads(run_device)
+        if run_device.type == "cpu":
+            seconds = distillation.estimate_seconds(teacher, options, run_device)
+            if seconds > HOPELESS_ON_CPU_S:
+                note(f"warning: about {describe_duration(seconds)} on this CPU; a CUDA GPU, fewer --updates or a smaller "
+                     f"--batch-size is quicker")
+    started = time.perf_counter()
+    with training_progress("distilling", options.updates, out, main_process, unit="updates") as callbacks:
+        newest = distillation.distill(options, run_device, resume, callbacks, teacher)
+    if main_process:
+        finish(f"done in {time.perf_counter() - started:.0f}s; newest checkpoint {newest}; sample it with "
+               f"`ddimctl sample --model {out}` ({student.steps} call{'s' * (student.steps > 1)})")
 
 
 @app.command()

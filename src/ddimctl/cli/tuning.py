@@ -37,7 +37,7 @@ def tune_steps(
     settings = samplers.Settings(sampler, steps)
     if settings.stochastic:
         fail("tune-steps fits the deterministic samplers")
-    loaded = load(model)
+    loaded = load(model, along_ode=True)
     if loaded.class_count:
         fail(f"tune-steps fits unconditional models; {loaded.name} is class-conditional, which it does not fit yet")
     settings = settings.for_model(loaded.train_steps, loaded.skip)

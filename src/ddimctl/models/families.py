@@ -20,6 +20,7 @@ from ..schedule import PAPER_SKIPS, PREDICTIONS, Schedule
 from . import guided
 from .diffusers_format import config_from_diffusers, schedule_from_diffusers
 from .layouts import MAX_RESOLUTION, infer_config, schedule_from, to_diffusers_names, unet_config_from
+from .runs import Student
 from .unet import UNetConfig
 
 Notify = Callable[[str], None]
@@ -48,6 +49,7 @@ class Timing:
     prediction: str = "epsilon"
     skip: str = "uniform"
     timestep_scale: float = 1.0
+    student: Student | None = None  # a distilled student's own calls and timesteps (runs.Student)
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,10 @@ def _own_config(c: Checkpoint) -> UNetConfig:
 
 def _own_timing(c: Checkpoint, notify: Notify) -> Timing:
     fields = Fields(c.config, c.where)
-    schedule = schedule_from(fields.table("schedule", None)).to_dict()
-    own = Timing(schedule, fields.text("prediction", "epsilon", PREDICTIONS), fields.text("skip", "uniform", PAPER_SKIPS))
+    schedule = schedule_from(fields.table("schedule", None))
+    student = Student.read(fields.table("student"), schedule.train_steps) if "student" in c.config else None
+    own = Timing(schedule.to_dict(), fields.text("prediction", "epsilon", PREDICTIONS),
+                 fields.text("skip", "uniform", PAPER_SKIPS), fields.number("timestep_scale", 1.0, 1e-6, 1e6), student)
     if c.scheduler is None:
         return own
     beside = _scheduler_timing(c, notify)  # a diffusers scheduler config beside the weights has the last word

@@ -34,6 +34,7 @@ from .diffusers_format import (
 from .families import Checkpoint, family_of
 from .layouts import to_diffusers_names
 from .registry import HEX64, REVISION, ModelEntry, registry
+from .runs import Student
 from .unet import PRESETS, UNet, UNetConfig
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt"}
@@ -98,6 +99,7 @@ class LoadedModel:
     weights_sha256: str = ""  # the checkpoint file's content: what a record of this model's outputs names
     prediction: str = "epsilon"  # what the network predicts (PREDICTIONS); the samplers see the noise
     timestep_scale: float = 1.0  # the network sees t * this (improved-diffusion's rescale_timesteps: 1000 / T)
+    student: Student | None = None  # a distilled student samples with its own calls and timesteps only
 
     @property
     def config(self) -> UNetConfig:
@@ -267,7 +269,8 @@ def from_checkpoint(checkpoint: Checkpoint, name: str, source: str, sha256: str,
         unet = build_unet(config, family.rename(checkpoint, config), checkpoint.weights)
     except DdimctlError as e:
         raise DdimctlError(f"{e}; {family.misfit(checkpoint)}" if family.misfit else str(e)) from e
-    return LoadedModel(unet, name, source, timing.schedule, timing.skip, sha256, timing.prediction, timing.timestep_scale)
+    return LoadedModel(unet, name, source, timing.schedule, timing.skip, sha256, timing.prediction, timing.timestep_scale,
+                       timing.student)
 
 
 def load_local(path: Path, notify: Callable[[str], None] = lambda message: None) -> LoadedModel:

@@ -1,6 +1,7 @@
-"""The run folder of `ddimctl train`, one format for the trainer and the loader:
+"""The run folder of `ddimctl train` and `ddimctl distill`, one format for the trainers and the loader:
 
     RUN/config.json                  format "ddimctl-run", the UNet, schedule, skip and training options
+                                     (a student's also its teacher, calls, timesteps and sampler)
     RUN/checkpoints/step-N.safetensors   model, EMA and optimizer state (step in the metadata)
     RUN/samples/step-N.png           a grid of DDIM samples from the EMA weights
     RUN/train.log                    step, loss, learning rate, images/s
@@ -12,12 +13,14 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..choices import SAMPLER_NAMES
 from ..errors import DdimctlError, param
 from ..io.fields import Fields, is_whole_number, read_json_object
 from ..io.files import Ledger, atomic_save_safetensors
@@ -29,6 +32,39 @@ CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 LOG = "train.log"
+
+
+@dataclass(frozen=True)
+class Student:
+    """What a distilled student samples with (`ddimctl distill`): its network calls, timesteps and
+    sampler, and the teacher it learnt from (name and weights' sha256)."""
+
+    teacher: str
+    teacher_sha256: str
+    steps: int
+    timesteps: tuple[int, ...]
+    sampler: str
+
+    def record(self) -> dict:
+        return {"teacher": self.teacher, "teacher_sha256": self.teacher_sha256, "steps": self.steps,
+                "timesteps": list(self.timesteps), "sampler": self.sampler}
+
+    @classmethod
+    def read(cls, fields: Fields, train_steps: int) -> Student:
+        """A run's "student" record, every field checked (a file anyone may have edited)."""
+        fields.only(("teacher", "teacher_sha256", "steps", "timesteps", "sampler"))
+        steps = fields.integer("steps", low=1, high=MAX_STUDENT_STEPS)
+        timesteps = fields.integers("timesteps", low=0, high=train_steps - 1)
+        if len(timesteps) != steps or list(timesteps) != sorted(set(timesteps)):
+            raise DdimctlError(f"{fields.where}: 'timesteps' must be {steps} increasing timesteps, one per call")
+        digest = fields.text("teacher_sha256")
+        if not HEX64.match(digest):
+            raise DdimctlError(f"{fields.where}: 'teacher_sha256' is not a sha256 in hexadecimal")
+        return cls(fields.text("teacher"), digest, steps, tuple(timesteps), fields.text("sampler", choices=SAMPLER_NAMES))
+
+
+MAX_STUDENT_STEPS = 8  # a student is for few calls: beyond these the solvers do as well
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def is_run_config(cfg: dict) -> bool:
@@ -101,20 +137,23 @@ def saved_run(run_dir: Path) -> dict | None:
     return saved
 
 
-def resume_changes(run_dir: Path, options: dict) -> dict[str, list]:
-    """What resuming the run in `run_dir` with `options` (train.TrainOptions as a dict) changes:
-    {option: [the run's value, the new one]}. Only RESUME_MAY_CHANGE may differ (and steps only with
-    a constant learning rate: the cosine schedule depends on it); anything else is refused."""
-    saved = {**RECORDED_SINCE, **(saved_run(run_dir) or {}).get("train", {})}
+def resume_changes(run_dir: Path, options: dict, may_change: tuple[str, ...] = RESUME_MAY_CHANGE,
+                   recorded_since: dict = RECORDED_SINCE) -> dict[str, list]:
+    """What resuming the run in `run_dir` with `options` (train.TrainOptions, or distill's, as a dict)
+    changes: {option: [the run's value, the new one]}. Only `may_change` may differ (and train's steps
+    only with a constant learning rate: the cosine schedule depends on it); anything else is refused.
+    `recorded_since`: options earlier runs did not record, at the value they were trained with."""
+    saved = {**recorded_since, **(saved_run(run_dir) or {}).get("train", {})}
     changed = {k: [saved[k], v] for k, v in options.items()
                if k in saved and k not in ARCHITECTURE_OPTIONS and _comparable(k, saved[k]) != _comparable(k, v)}
-    fixed = [k for k in changed if k not in RESUME_MAY_CHANGE or (k == "steps" and options.get("lr_schedule") == "cosine")]
+    fixed = [k for k in changed if k not in may_change or (k == "steps" and options.get("lr_schedule") == "cosine")]
     if fixed:
         k = fixed[0]
+        before, after = (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for v in changed[k])
         raise DdimctlError(
-            f"{run_dir} was trained with {param(k)} {changed[k][0]}; resuming with {changed[k][1]} would not continue "
+            f"{run_dir} was trained with {param(k)} {before}; resuming with {after} would not continue "
             f"it (leave {param(k)} out, or start a new {param('out')}); a resume may change "
-            f"{', '.join(param(n) for n in RESUME_MAY_CHANGE[:-1])}"
+            f"{', '.join(param(n) for n in may_change if n != 'out')}"
         )
     return changed
 

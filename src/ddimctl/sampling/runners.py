@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ddim, samplers
+from . import ddim, samplers, timesteps
 from .. import choices, seeds
 from ..devices import pick_device, start_host_copy, to_device
 from ..errors import DdimctlError, at_least, between, param
@@ -78,9 +78,11 @@ class Runner:
     @classmethod
     def create(cls, model: LoadedModel, settings: samplers.Settings, device: torch.device, **kwargs) -> "Runner":
         """A runner over the model's network as it is (on `device` already); make_runner() makes a fast one."""
-        return cls(model, settings.for_model(model.train_steps, model.skip), device, **kwargs)
+        return cls(model, settings_for(model, settings), device, **kwargs)
 
     def __post_init__(self):
+        if self.model.student is not None:
+            settings_for(self.model, self.settings)  # a student samples only as it was distilled to
         if (self.classes is None) != (self.model.class_count is None):
             raise DdimctlError(f"model {self.model.name!r} is {'not ' * (self.model.class_count is None)}class-conditional; "
                                f"class labels go with class-conditional models only (image_classes)")
@@ -124,6 +126,7 @@ class Runner:
         rows: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """x_T of x_0 along the DDIM ODE and the network calls per image it took: plain (S calls), or exact."""
+        check_invertible(self.model)
         if self.settings.sampler != "ddim":
             raise ValueError(f"inversion follows the DDIM ODE; this sampler is set up for {self.settings.sampler}")
         x = x_0.to(self.device, torch.float32)
@@ -148,6 +151,7 @@ class Runner:
         """SDEdit / inpainting of x_0 from t0 at fraction `strength` of this sampler's timesteps,
         decoded with its sampler: noise from the generators (image i's own), or the exact DDIM
         inversion to t0 when `exact` is given."""
+        check_invertible(self.model)
         timesteps = self.timesteps[: edit_steps(strength, len(self.timesteps))]
         x = x_0.to(self.device, torch.float32)
         start = None
@@ -206,6 +210,33 @@ class Runner:
                 yield picked, check_finite(picked, x_0[rows] if len(rows) < len(members) else x_0)
         if waiting is not None:
             yield waiting[0], check_finite(waiting[0], waiting[1]())
+
+
+def settings_for(model: LoadedModel, settings: samplers.Settings, steps_given: bool = True) -> samplers.Settings:
+    """The settings a run of `model` samples with, resolved for it (Settings.for_model). A distilled
+    student samples with its own calls, timesteps and sampler only, the ones it learnt (steps_given
+    False: settings.steps is a default, not asked for); asking for others is refused."""
+    student = model.student
+    if student is None:
+        return settings.for_model(model.train_steps, model.skip)
+    own = samplers.Settings(student.sampler, student.steps, timesteps.canonical(student.timesteps), clip=settings.clip)
+    asked = [(param("steps"), steps_given and settings.steps != own.steps),
+             (param("skip"), settings.skip not in (None, own.skip)), (param("sampler"), settings.sampler != own.sampler),
+             (param("eta"), settings.eta != 0), (param("sigma_hat"), settings.sigma_hat)]
+    if any(wrong for _, wrong in asked):
+        raise DdimctlError(f"{model.name} is a student distilled for {student.steps} call(s) of {student.sampler} at timesteps "
+                           f"{own.skip}, and samples with those only: leave out {next(n for n, wrong in asked if wrong)} "
+                           f"(or sample its teacher, {student.teacher})")
+    return own
+
+
+def check_invertible(model: LoadedModel) -> None:
+    """Inversion, reconstruction, interpolation, editing and tuned timesteps follow the model's ODE; a
+    distilled student has none."""
+    if model.student is not None:
+        raise DdimctlError(f"{model.name} is a {model.student.steps}-call student: it maps noise to images in those calls, "
+                           f"with no ODE to invert, edit or tune along; use its teacher, {param('model')} "
+                           f"{model.student.teacher}")
 
 
 def aligned_batches(indices: Sequence[int], batch_size: int, count: int) -> list[list[int]]:
@@ -307,7 +338,7 @@ def make_runner(
     check_settings(batch_size=batch_size)
     world = distributed.from_env()
     dev = distributed.local_device(pick_device(device), world)
-    settings = settings.for_model(model.train_steps, model.skip)  # resolved here, once: Runner takes it as it is
+    settings = settings_for(model, settings)  # resolved here, once: Runner takes it as it is
     asked, precision = precision, run_precision(precision, dev, settings)
     if boundary.resolve_precision(asked, dev) != precision:
         notify(f"{settings.sampler} at {settings.steps} calls on the uniform grid runs its network in fp32: half precision's "
@@ -403,7 +434,7 @@ def generate(
     num: int = 16,
     *,
     sampler: str = "ddim",
-    steps: int = choices.DEFAULT_STEPS,
+    steps: int | None = None,
     eta: float = 0.0,
     skip: str | None = None,
     seed: int = 0,
@@ -415,13 +446,15 @@ def generate(
 ) -> torch.Tensor:
     """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) on the
     CPU: image i depends only on (seed, i). Precision as `--precision` (auto: bf16 on GPUs, fp32 on
-    CPUs). A class-conditional model takes `classes` (one, or one per image; default: each image's
-    own draw); clip clips the predicted x0 at every step (ddim.clipping_x0). ddimctl.sample is this function."""
+    CPUs). steps None: choices.DEFAULT_STEPS network calls, or a student's own. A class-conditional
+    model takes `classes` (one, or one per image; default: each image's own draw); clip clips the
+    predicted x0 at every step (ddim.clipping_x0). ddimctl.sample is this function."""
     from ..models.loading import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     check_settings(num=num)
     labels = image_classes(loaded, num, classes, seed)
-    runner = make_runner(loaded, samplers.Settings(sampler, steps, skip, eta, clip=clip), device, precision=precision,
+    asked = samplers.Settings(sampler, steps or choices.DEFAULT_STEPS, skip, eta, clip=clip)
+    runner = make_runner(loaded, settings_for(loaded, asked, steps_given=steps is not None), device, precision=precision,
                          compile_model=False, batch_size=batch_size, count=num, classes=labels)
     return sample_batches(runner, num, seed)
