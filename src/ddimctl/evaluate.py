@@ -219,6 +219,9 @@ def paper_row(settings: samplers.Settings) -> str | None:
     return "sigma-hat" if settings.sigma_hat else settings.eta_text
 
 
+TABLES = ("table.md", "results.json", "fid.png")  # what a sweep writes beside its cells' folders
+
+
 def write_tables(out: Path, model: str, cells: list[dict]) -> dict[str, Path]:
     """Table-1-style markdown and JSON (and a PNG plot when matplotlib is installed): one row per
     sampler (per eta for ddim), one column per S (network calls per image)."""

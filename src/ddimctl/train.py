@@ -27,7 +27,7 @@ from .schedule import prediction_target, PREDICTIONS, Schedule
 from .errors import DdimctlError, param
 from .io.fields import Fields
 from .models.layouts import unet_config_from
-from .io.files import atomic_path, remove_stale_temporaries
+from .io.files import atomic_path, hold_folder, remove_stale_temporaries
 from .sampling.runners import Runner
 from .models.unet import PRESETS, UNet, UNetConfig, count_parameters
 from .models.loading import LoadedModel
@@ -429,6 +429,7 @@ def record_run(run_dir: Path, record: dict, resume_from: Path | None, changes: d
         if folder.is_dir():
             remove_stale_temporaries(folder)  # left by a process killed while saving
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold_folder(run_dir)  # one run in a folder at a time: a second is refused before it writes anything
     (run_dir / runs.SAMPLES).mkdir(exist_ok=True)
     threads = torch.get_num_threads() if device.type == "cpu" else None
     record = {**record, **({"cpu_threads": threads} if threads else {})}

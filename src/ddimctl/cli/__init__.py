@@ -26,6 +26,16 @@ for _group in ("generate", "inversion", "tuning", "training", "evaluation"):
 
 
 def main() -> None:
+    remove_made_folders()  # (a list of this command's own: runs in one process start empty)
+    try:
+        run_command()
+    finally:  # the folders this command held (a longer-lived process goes on); none if files was never imported
+        files = sys.modules.get("ddimctl.io.files")
+        if files is not None:
+            files.release_folders()
+
+
+def run_command() -> None:
     try:
         from typer._click.exceptions import ClickException  # typer >= 0.2x carries its own click
     except ImportError:
@@ -37,7 +47,6 @@ def main() -> None:
         print(f"interrupted{'; ' + done if done else ''}", file=sys.stderr)
         sys.exit(130)
 
-    remove_made_folders()  # (a list of this command's own: runs in one process start empty)
     try:
         # click's standalone mode would turn Ctrl-C into a silent exit 130 (typer) or "Aborted!".
         code = app(standalone_mode=False)

@@ -41,8 +41,8 @@ from .progress import plan_and_fill
 from .deferred import Deferred, library
 
 torch = Deferred("torch")
-devices, distributed, boundary, sample_folders, registry, samplers, runners, timesteps, unet, loading = map(
-    library, ("devices", "distributed", "models.boundary", "sampling.sample_folders", "models.registry",
+devices, distributed, files, boundary, sample_folders, registry, samplers, runners, timesteps, unet, loading = map(
+    library, ("devices", "distributed", "io.files", "models.boundary", "sampling.sample_folders", "models.registry",
              "sampling.samplers", "sampling.runners", "sampling.timesteps", "models.unet", "models.loading"))
 
 SWEEP_STEPS = (10, 20, 50, 100)  # the paper's Table 1 columns, but for S = 1000
@@ -188,8 +188,17 @@ def sweep(
     for cell in cells:  # every cell against the model (S <= T, its timesteps) before the first is sampled
         cell.for_model(loaded.train_steps, loaded.skip).timesteps(abar)
     classes = runners.image_classes(loaded, num, None, seed)  # a class-conditional model: image i's from (seed, i)
+    files.refuse_foreign([out / name for name in evaluate.TABLES])  # every output checked before the first call
+    dev = devices.pick_device(device)
+    for cell in cells:  # a cell folder of another run, or with someone's files, is refused before any cell is sampled
+        resolved = runners.settings_for(loaded, cell)
+        record = sample_folders.run_record(loaded, resolved, seed, None, runners.run_precision(precision, dev, resolved), 1)
+        if (out / evaluate.cell_name(cell)).is_dir():
+            sample_folders.check_folder(out / evaluate.cell_name(cell), record, num)
     make_output_folder(out)
     world = distributed.init(devices.pick_device(device))
+    if world.is_main:
+        files.hold_folder(out)  # one sweep in a folder at a time
 
     def prepare_cell(settings, reuse):
         return make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,

@@ -111,6 +111,7 @@ def sample(
     if not to_folder:
         images.check_grid_size(count, loaded.image_shape, scale)
     if to_folder and world.is_main:
+        files.hold_folder(out_path)  # one run in a folder at a time
         files.remove_stale_temporaries(out_path)
         sample_folders.claim_folder(out_path, sample_folders.run_record(
             loaded, settings, seed, latents,
@@ -188,6 +189,7 @@ def edit(
     strips = [t.with_name(t.stem + "-strip.png") for t in targets] if strip else []
     if to_folder:
         make_output_folder(out_path)
+        files.hold_folder(out_path)
     images.check_writable(targets[0])
     files.refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model, along_ode=True)

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from ..errors import DdimctlError
+from .files import read_regular
 
 _MISSING = object()
 
@@ -19,19 +20,44 @@ def is_whole_number(text: str) -> bool:
     return bool(text) and text.isascii() and text.isdigit()
 
 
+MAX_JSON_DEPTH = 64  # nesting of arrays and objects: a config has 3 or 4
+
+
 def read_json_object(path: Path) -> dict:
-    """A JSON file holding an object; unreadable, not UTF-8, not JSON or not an object: one line."""
+    """The one reader of every JSON file ddimctl reads: a regular file (files.read_regular) holding a
+    JSON object; unreadable, too large, not UTF-8, not JSON, nested beyond MAX_JSON_DEPTH or not an
+    object: one line."""
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise DdimctlError(f"{path}: cannot be read ({e.strerror or e})") from e
+        text = read_regular(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise DdimctlError(f"{path}: not a UTF-8 text file, so not a JSON config") from e
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and json_depth(text) > MAX_JSON_DEPTH:
+        raise DdimctlError(f"{path}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not a config ddimctl reads")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DdimctlError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(data, dict):
         raise DdimctlError(f"{path}: expected a JSON object {{...}}, found a {type(data).__name__}")
     return data
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON text (brackets inside strings do not count),
+    found without parsing: the parser itself would recurse once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 class Fields:

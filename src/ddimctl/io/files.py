@@ -1,5 +1,6 @@
-"""Files written atomically (a temporary file beside the target, renamed into place on success),
-and where ddimctl keeps its cache."""
+"""Files: read only when regular (and text only up to a size), written atomically (a temporary
+file beside the target, renamed into place on success) and entered in their folder's ledger, one
+writer per folder, and where ddimctl keeps its cache."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..errors import DdimctlError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (Windows)
+    fcntl = None
 
 
 def _umask() -> int:
@@ -56,6 +63,55 @@ def _naming(path: Path, tmp: Path):
         raise
 
 
+# --------------------------------------------------------------------------------------------
+# Reading: every file ddimctl reads is untrusted, its own too. Only regular files are opened (a FIFO
+# would block forever, a device never end), and text files only up to a size.
+
+TEXT_LIMIT = 64 << 20  # bytes of a config, sidecar, record, ledger or registry: far beyond any real one
+
+
+def _kind(mode: int) -> str:
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def regular_file(path: str | os.PathLike) -> Path:
+    """`path` itself, once it is known to be a regular file (links followed); a FIFO, device, socket
+    or folder is a one-line error, before anything opens it (opening a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DdimctlError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if not stat.S_ISREG(mode):
+        raise DdimctlError(f"{path} is {_kind(mode)}, not a file ddimctl can read; give a regular file")
+    return Path(path)
+
+
+def read_regular(path: str | os.PathLike, limit: int = TEXT_LIMIT) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking and checked on
+    the open descriptor itself, so that nothing swapped in between is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise DdimctlError(f"{path}: cannot be read ({e.strerror or e})") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DdimctlError(f"{path} is {_kind(info.st_mode)}, not a file ddimctl can read; give a regular file")
+        if info.st_size > limit:
+            raise DdimctlError(f"{path} holds {info.st_size:,} bytes, more than a file of this kind ever needs "
+                               f"({limit:,}); give the right file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise DdimctlError(f"{path}: cannot be read ({e.strerror or e})") from e
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise DdimctlError(f"{path} grew beyond {limit:,} bytes while being read; give the right file")
+    return data
+
+
 def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -71,23 +127,37 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 # nothing, so a user's file of the same name is never overwritten, adopted or deleted.
 
 LEDGER = ".ddimctl-files"
+# A ledger is told by its content: this first line (a comment to sha256sum), or, as versions before it
+# wrote them, entries only. A file of the name that is neither is someone else's, never written into.
+LEDGER_HEADER = "# ddimctl's ledger: the files it wrote in this folder and their sha256 (sha256sum -c checks them)\n"
 _LEDGER_LINE = re.compile(r"^(?P<sha256>[0-9a-f]{64})  (?P<name>[^/\\\n]+)$")
 
 
 class Ledger:
     """What ddimctl wrote into one folder: name -> sha256 of the bytes it wrote last (read once; the
-    file is untrusted input like any other: lines that are not entries are passed over)."""
+    file is untrusted input like any other: lines that are not entries are passed over, and a file of
+    the ledger's name that is not one (`foreign`) counts for nothing)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.entries: dict[str, str] = {}
-        try:
-            text = (self.folder / LEDGER).read_bytes().decode("utf-8", errors="replace")
-        except OSError:
+        self.foreign_ledger = False
+        if not os.path.lexists(self.folder / LEDGER):
             return
-        for line in text.splitlines():
+        text = read_regular(self.folder / LEDGER).decode("utf-8", errors="replace")
+        lines = text.splitlines()
+        if not (text.startswith(LEDGER_HEADER) or (lines and all(_LEDGER_LINE.match(line) for line in lines))):
+            self.foreign_ledger = True
+            return
+        for line in lines:
             if match := _LEDGER_LINE.match(line):
                 self.entries[match.group("name")] = match.group("sha256")
+
+    def check(self) -> None:
+        """Refuse a folder whose ledger's name holds someone else's file: ddimctl could not keep its own."""
+        if self.foreign_ledger:
+            raise DdimctlError(f"{self.folder / LEDGER} is not ddimctl's (it keeps its ledger of the files it writes under "
+                               f"that name); move that file, or choose another output folder")
 
     def owns(self, path: str | os.PathLike) -> bool:
         """Whether `path` (in this folder) is a regular file holding exactly what ddimctl wrote there."""
@@ -106,10 +176,25 @@ class Ledger:
 
 def enter_in_ledger(path: str | os.PathLike) -> None:
     """Enter the file ddimctl has just written at `path` in its folder's ledger. One append of one
-    short line (atomic for O_APPEND writes), so writer threads and processes never interleave."""
+    short line (atomic for O_APPEND writes), so writer threads and processes never interleave; a new
+    ledger appears whole, its header in it (linked into place, which never replaces a file)."""
     path = Path(path)
     line = f"{sha256_of(path)}  {path.name}\n".encode()
-    fd = os.open(path.parent / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    ledger = path.parent / LEDGER
+    if not os.path.lexists(ledger):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(LEDGER), suffix=".tmp")
+        try:
+            os.write(fd, LEDGER_HEADER.encode())
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                os.link(tmp, ledger)
+            except FileExistsError:  # another writer's, a moment earlier
+                pass
+        finally:
+            os.unlink(tmp)
+    Ledger(path.parent).check()
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND, 0o666)
     try:
         os.write(fd, line)
     finally:
@@ -118,7 +203,10 @@ def enter_in_ledger(path: str | os.PathLike) -> None:
 
 def refuse_foreign(paths) -> None:
     """Before any work: refuse when a file this command would write exists and is not ddimctl's."""
-    paths = [Path(p) for p in paths if os.path.lexists(p)]  # the ledger is read only where a file stands
+    paths = [Path(p) for p in paths]
+    for folder in {p.parent for p in paths if p.parent.is_dir()}:
+        Ledger(folder).check()
+    paths = [p for p in paths if os.path.lexists(p)]  # entries are read only where a file stands
     by_folder: dict[Path, list[Path]] = {}
     for p in paths:
         by_folder.setdefault(p.parent, []).append(p)
@@ -179,6 +267,36 @@ def atomic_folder(path: str | os.PathLike):
     finally:
         if tmp.exists() and not tmp.is_symlink():
             shutil.rmtree(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per folder: a run folder, a folder of samples, a sweep's, an edit's.
+
+_held: dict[str, int] = {}  # folder (real path) -> the descriptor its lock is held on, for this process
+
+
+def hold_folder(folder: str | os.PathLike) -> None:
+    """From now until this process ends (or release_folders), this process alone writes into the
+    existing `folder`; another ddimctl process asking for it is refused at once. The hold is an
+    flock on the folder itself: nothing is written into it, and a killed process lets go with it."""
+    key = os.path.realpath(folder)
+    if key in _held or fcntl is None:  # (no flock on this system: one writer is the user's to keep)
+        return
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DdimctlError(f"{folder} is being written by another ddimctl process right now; wait for it to end, or "
+                           f"choose another output folder") from None
+    _held[key] = fd
+
+
+def release_folders() -> None:
+    """Let go of every folder this process holds (a command run in a longer-lived process ends)."""
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
 
 
 def remove_stale_temporaries(folder: str | os.PathLike, target: str | None = None) -> int:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DdimctlError, param
-from .files import atomic_path, refuse_foreign
+from .files import atomic_path, refuse_foreign, regular_file
 
 # Formats Pillow reads that people keep images in; those ddimctl writes pictures in.
 READ_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -170,8 +170,9 @@ def read_pixels(path: Path, resolution: int, channels: int, changes: dict[str, l
     centre cropped; RGBA, palette and grayscale images converted to `channels`. What was changed is
     recorded in `changes` ("resized": [(name, (w, h))], "to grayscale" / "to RGB": [name])."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DdimctlError(f"{path}: no such image file")
+    regular_file(path)
     try:
         with Image.open(path) as img:
             img.load()

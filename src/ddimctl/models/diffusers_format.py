@@ -39,6 +39,29 @@ def unet_prefix(has: Callable[[str], bool]) -> str:
     return ""
 
 
+# The pixel-space DDPM family's classes, allowed by name: a pipeline of another class (a latent one's
+# UNet samples latents, not images), or a UNet of another class, is refused by name wherever it comes from.
+PIXEL_PIPELINES = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline")
+UNET_CLASS = "UNet2DModel"
+
+
+def check_pipeline(index: dict, where: str) -> None:
+    """A pipeline's model_index.json: one of PIXEL_PIPELINES, whose unet is a UNet2DModel and which
+    has no other network (a VAE, a text encoder) beside its scheduler."""
+    fields = Fields(index, where)
+    kind = fields.text("_class_name", "")
+    if kind not in PIXEL_PIPELINES:
+        raise DdimctlError(f"{where}: a {kind or 'pipeline of no class'} is not a pixel-space DDPM pipeline; ddimctl loads "
+                           f"{', '.join(PIXEL_PIPELINES)} folders")
+    unet = index.get("unet")
+    if not (isinstance(unet, list) and len(unet) == 2 and unet[1] == UNET_CLASS):
+        raise DdimctlError(f"{where}: its unet is {unet!r}, not a diffusers {UNET_CLASS}")
+    others = sorted(k for k, v in index.items() if not k.startswith("_") and k not in ("unet", "scheduler") and v)
+    if others:
+        raise DdimctlError(f"{where}: the pipeline holds {others[0]} beside its UNet (a latent or conditioned model); "
+                           f"ddimctl samples pixel-space DDPM pipelines")
+
+
 def scheduler_config_name(prefix: str) -> str:
     """The scheduler config of a diffusers folder whose UNet is at `prefix`: a pipeline's scheduler/,
     or beside a bare UNet."""
@@ -244,6 +267,9 @@ DIFFUSERS_UNET_KEYS: dict[str, DiffusersKey] = {name: make(name) for name, make 
 def config_from_diffusers(cfg: dict, where: str = "config.json") -> UNetConfig:
     """UNetConfig from a diffusers UNet2DModel config.json: every key read as diffusers reads it (a
     missing key means diffusers' default), and one ddimctl does not build refused by name."""
+    if cfg.get("_class_name", UNET_CLASS) != UNET_CLASS:
+        raise DdimctlError(f"{where}: a {cfg['_class_name']} is not a pixel-space {UNET_CLASS}; ddimctl loads {UNET_CLASS} "
+                           f"weights only")
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in DIFFUSERS_UNET_KEYS)
     if unknown:
         raise DdimctlError(f"{where}: {unknown[0]!r} is not a UNet2DModel setting ddimctl knows; a UNet2DModel "

@@ -213,6 +213,25 @@ def _split_qkv(fused: torch.Tensor, heads: int, new_order: bool) -> tuple[torch.
     return tuple(part.reshape(channels, -1).squeeze(1).contiguous() for part in (q, k, v))
 
 
+def _qkv_channels(key: str, value: torch.Tensor, config: UNetConfig, where: str) -> int:
+    """The channels C of a fused qkv tensor, checked before it is split: a (3C, C, 1) or (3C, C)
+    weight or a (3C,) bias, whose C the flags' heads divide."""
+    shape = tuple(value.shape)
+    is_weight = key.endswith(".weight")
+    fused = (len(shape) in (2, 3) and shape[0] == 3 * shape[1] and shape[2:] in ((), (1,))) if is_weight else (
+        len(shape) == 1 and shape[0] % 3 == 0)
+    if not fused or not shape[0]:
+        raise DdimctlError(f"{where}: {key} has shape {shape}, which is no fused q, k, v (3C x C); the weights are not "
+                           f"guided-diffusion's")
+    channels = shape[0] // 3
+    heads = config.attention_heads(channels)
+    if heads < 1 or channels % heads:
+        flag = f"num_head_channels {config.head_channels}" if config.head_channels else f"num_heads {config.heads}"
+        raise DdimctlError(f"{where}: {flag} does not divide the {channels} channels of {key.rsplit('.', 2)[0]} into "
+                           f"heads; fix num_heads or num_head_channels")
+    return channels
+
+
 def to_ddimctl_names(state: dict[str, torch.Tensor], model: GuidedModel, where: str) -> dict[str, torch.Tensor]:
     """Their state dict under ddimctl's UNet names; a key their UNetModel with these flags would not
     have is an error naming it (the flags do not match the weights)."""
@@ -230,7 +249,7 @@ def to_ddimctl_names(state: dict[str, torch.Tensor], model: GuidedModel, where: 
         elif kind == "resampler" and inner in _RESAMPLER:
             out[f"{target}.{_RESAMPLER[inner]}.{param}"] = value
         elif kind == "attention" and inner == "qkv":
-            channels = value.shape[0] // 3
+            channels = _qkv_channels(key, value, model.config, where)
             q, k, v = _split_qkv(value, model.config.attention_heads(channels), model.new_attention_order)
             out.update({f"{target}.to_q.{param}": q, f"{target}.to_k.{param}": k, f"{target}.to_v.{param}": v})
         elif kind == "attention" and inner in ("norm", "proj_out"):

@@ -54,6 +54,9 @@ def _from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             raise DdimctlError(f"unexpected key {key!r} in an original-layout checkpoint (its mid block has "
                                f"{', '.join(_ORIGINAL_MID)}; its levels down.N and up.N)")
         if ".attentions." in new and value.dim() == 4:  # 1x1 convolutions become linear layers
+            if tuple(value.shape[2:]) != (1, 1):
+                raise DdimctlError(f"{key} has shape {tuple(value.shape)}: an attention layer of the original layout is "
+                                   f"a 1x1 convolution")
             value = value[:, :, 0, 0]
         out[new] = value
     return out

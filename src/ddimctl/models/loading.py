@@ -8,6 +8,7 @@ once to safetensors.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..errors import DdimctlError
 from ..io.fields import is_whole_number, read_json_object
-from ..io.files import atomic_save_safetensors, cache_dir
+from ..io.files import atomic_save_safetensors, cache_dir, regular_file
 from ..schedule import Schedule
 from . import hub, runs
 from .diffusers_format import (
@@ -27,6 +28,7 @@ from .diffusers_format import (
     UNET_CONFIG,
     UNET_FOLDER,
     UNET_WEIGHTS,
+    check_pipeline,
     config_from_diffusers,
     scheduler_config_name,
     unet_prefix,
@@ -47,7 +49,8 @@ WEIGHT_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A flat state dict from a safetensors file or a pickle (weights_only=True, never plain)."""
-    if path.suffix == ".safetensors":
+    regular_file(path)
+    if path.suffix.lower() == ".safetensors":
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
@@ -280,18 +283,22 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
     if not path.exists():
         raise DdimctlError(f"{path}: no such file or folder")
     root = path if path.is_dir() else path.parent
-    if root.name + "/" == UNET_FOLDER and (root.parent / PIPELINE_INDEX).is_file():
+    # Present means present: a config that is a FIFO, a folder or unreadable is an error, never "absent".
+    present = os.path.lexists
+    if root.name + "/" == UNET_FOLDER and present(root.parent / PIPELINE_INDEX):
         root, prefix = root.parent, UNET_FOLDER  # a pipeline's unet/ folder, or a file in it: its pipeline
     else:
-        prefix = unet_prefix(lambda name: (root / name).is_file())
+        prefix = unet_prefix(lambda name: present(root / name))
+    if present(root / PIPELINE_INDEX):
+        check_pipeline(read_json_object(root / PIPELINE_INDEX), str(root / PIPELINE_INDEX))
     folder = root / prefix
     if path.is_dir():
-        config_file = folder / UNET_CONFIG if (folder / UNET_CONFIG).is_file() else None
+        config_file = folder / UNET_CONFIG if present(folder / UNET_CONFIG) else None
         cfg = read_json_object(config_file) if config_file else {}
         if runs.is_run_config(cfg):  # a `ddimctl train` folder: its newest checkpoint
             weights = runs.newest_checkpoint(path)
         else:
-            name = next((n for n in UNET_WEIGHTS if (folder / n).is_file()), None)
+            name = next((n for n in UNET_WEIGHTS if present(folder / n)), None)
             if name is None:
                 raise DdimctlError(f"{path}: no weights found (looked for {', '.join(UNET_WEIGHTS)})")
             weights = folder / name
@@ -299,15 +306,15 @@ def load_local(path: Path, notify: Callable[[str], None] = lambda message: None)
         weights = path
         run_config = path.parent.parent / runs.CONFIG if path.parent.name == runs.CHECKPOINTS else None
         sidecars = [path.with_suffix(".json"), path.parent / UNET_CONFIG, run_config]
-        config_file = next((p for p in sidecars if p is not None and p.is_file()), None)
+        config_file = next((p for p in sidecars if p is not None and present(p)), None)
         cfg = read_json_object(config_file) if config_file else {}
     state = read_checkpoint(weights)
     if any(k.startswith("ema.") for k in state):  # a training checkpoint: use the EMA weights
         state = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
     scheduler_file = root / scheduler_config_name(prefix)
-    if not scheduler_file.is_file() and prefix:  # a bare UNet folder inside the pipeline keeps its own too
+    if not present(scheduler_file) and prefix:  # a bare UNet folder inside the pipeline keeps its own too
         scheduler_file = folder / SCHEDULER_CONFIG
-    scheduler = read_json_object(scheduler_file) if scheduler_file.is_file() else None
+    scheduler = read_json_object(scheduler_file) if present(scheduler_file) else None
     where = str(config_file) if config_file else str(path)
     checkpoint = Checkpoint(state, str(weights), cfg, where, scheduler, str(scheduler_file))
     return from_checkpoint(checkpoint, path.name, str(path), hub.sha256_of(weights), notify)
@@ -345,11 +352,11 @@ def load_hub_repo(repo: str, revision: str, *, hub_cache: str | None = None, end
                             missing_ok=missing_ok, fix="--model")
 
     prefix = unet_prefix(lambda filename: fetch(filename) is not None)
+    if prefix and (index := fetch(PIPELINE_INDEX)) is not None:
+        check_pipeline(read_json_object(index), f"{name}: {PIPELINE_INDEX}")
     config_file = fetch(prefix + UNET_CONFIG, missing_ok=False)
     cfg = read_json_object(config_file)
     where = f"{name}: {prefix}{UNET_CONFIG}"
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise DdimctlError(f"{where} is a {cfg.get('_class_name')}; ddimctl samples pixel-space UNet2DModel repositories")
     config_from_diffusers(cfg, where)  # a config ddimctl cannot build is refused before the weights are fetched
     scheduler = fetch(scheduler_config_name(prefix))
     weights = next((p for f in UNET_WEIGHTS if (p := fetch(prefix + f)) is not None), None)
@@ -378,12 +385,13 @@ def cached_hub_repos(hub_cache: str | None = None) -> list[tuple[str, str, str]]
     for repo, refs, snapshots in hub.cached_repositories(hub_cache):
         for snapshot in snapshots:
             prefix = unet_prefix(lambda name: (snapshot / name).is_file())
-            try:
-                config = read_json_object(snapshot / prefix / UNET_CONFIG) if (snapshot / prefix / UNET_CONFIG).is_file() else {}
+            try:  # the rules a load applies, but for the weights: a repository that would be refused is not listed
+                if (snapshot / PIPELINE_INDEX).is_file():
+                    check_pipeline(read_json_object(snapshot / PIPELINE_INDEX), PIPELINE_INDEX)
+                config_from_diffusers(read_json_object(snapshot / prefix / UNET_CONFIG), UNET_CONFIG)
             except DdimctlError:
                 continue
-            has_weights = any((snapshot / prefix / f).is_file() for f in UNET_WEIGHTS)
-            if config.get("_class_name", "UNet2DModel") == "UNet2DModel" and "block_out_channels" in config and has_weights:
+            if any((snapshot / prefix / f).is_file() for f in UNET_WEIGHTS):
                 found.append((repo, ", ".join(refs), "pipeline" if prefix else "UNet"))
                 break
     return found

@@ -14,6 +14,7 @@ from . import layouts
 from ..schedule import PAPER_SKIPS, PREDICTIONS
 from ..errors import DdimctlError
 from ..io.fields import Fields
+from ..io.files import read_regular
 from .unet import PRESETS
 
 if sys.version_info >= (3, 11):
@@ -66,8 +67,10 @@ def registry() -> dict[str, ModelEntry]:
     extra_file = os.environ.get("DDIMCTL_REGISTRY")
     if extra_file:
         try:
-            extra = tomllib.loads(Path(extra_file).read_bytes().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            extra = tomllib.loads(read_regular(extra_file).decode("utf-8"))
+        except DdimctlError as e:
+            raise DdimctlError(f"DDIMCTL_REGISTRY={extra_file}: {e}") from e
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
             raise DdimctlError(f"DDIMCTL_REGISTRY={extra_file}: not a readable TOML file ({e})") from e
         for table in ("schedule", "models"):
             if not isinstance(extra.get(table, {}), dict):

@@ -184,7 +184,10 @@ def prepare_run_dir(run_dir: Path, config: UNetConfig, resume: bool) -> Path | N
 
 
 def check_owned(run_dir: Path) -> None:
-    if not run_dir.is_dir() or Ledger(run_dir).owns(run_dir / CONFIG):
+    if not run_dir.is_dir():
+        return
+    Ledger(run_dir).check()
+    if Ledger(run_dir).owns(run_dir / CONFIG):
         return
     theirs = [p for p in (run_dir / CONFIG, run_dir / LOG) if os.path.lexists(p)]
     theirs += [p for sub in (CHECKPOINTS, SAMPLES) if (run_dir / sub).is_dir() for p in sorted((run_dir / sub).iterdir())]

@@ -5,6 +5,7 @@ tolerance)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from .. import choices
 from . import samplers, timesteps
 from ..errors import DdimctlError, param
 from ..io.fields import is_whole_number
-from ..io.files import atomic_save_safetensors
+from ..io.files import atomic_save_safetensors, regular_file
 
 if TYPE_CHECKING:
     from .runners import ExactInversion
@@ -44,8 +45,9 @@ def inversion_metadata(exact: ExactInversion | None) -> dict[str, str]:
 
 def _read(path: Path, read):
     """read(path) on a latents file, with one-line errors for a missing or unreadable one."""
-    if not Path(path).is_file():
+    if not os.path.lexists(path):
         raise DdimctlError(f"{param('latents')} {path}: no such file")
+    regular_file(path)
     try:
         return read(str(path))
     except (SafetensorError, OSError, ValueError) as e:

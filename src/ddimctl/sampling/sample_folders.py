@@ -4,6 +4,7 @@ after an interruption, and never mixing the images of two runs with different se
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 from ..io import images
 from . import samplers
 from ..errors import DdimctlError, param
-from ..io.files import Ledger, atomic_path, sha256_of
+from ..io.fields import read_json_object
+from ..io.files import Ledger, atomic_path, hold_folder, sha256_of
 from .runners import ProgressFn, Runner, aligned_batches, check_finite, interpolation_alphas, interpolation_latents
 from ..models.loading import LoadedModel
 
@@ -114,18 +116,30 @@ def run_record(model: LoadedModel, settings: samplers.Settings, seed: int, laten
 
 
 def claim_folder(folder: Path, settings: dict, count: int) -> None:
-    """Record the settings of the run writing into `folder`, or refuse: when the folder holds images
-    of a run with other settings (they would mix), or files of the names this run would write that
-    ddimctl did not write (someone else's: never overwritten, never counted as this run's). A PNG of
+    """Record the settings of the run writing into `folder`, or refuse (check_folder). A PNG of
     ddimctl's that was cut short or emptied since is removed here, and redone."""
+    hold_folder(folder)  # one run in a folder at a time: another is refused before it writes anything
+    for path in check_folder(folder, settings, count):
+        path.unlink()
+    record = Path(folder) / FOLDER_RECORD
+    if not record.exists():
+        with atomic_path(record) as tmp:
+            tmp.write_text(json.dumps(settings, indent=2))
+
+
+def check_folder(folder: Path, settings: dict, count: int) -> list[Path]:
+    """Refuse, writing nothing, when `folder` holds images of a run with other settings (they would
+    mix), or files of the names this run would write that ddimctl did not write (someone else's:
+    never overwritten, never counted as this run's); returns ddimctl's own damaged PNGs, to redo."""
     record = Path(folder) / FOLDER_RECORD
     ledger = Ledger(folder)
-    if record.exists():
+    ledger.check()
+    if os.path.lexists(record):
         before = None
         if ledger.owns(record):
             try:
-                before = json.loads(record.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                before = read_json_object(record)
+            except DdimctlError:
                 pass
         if not isinstance(before, dict):
             raise DdimctlError(f"{record} is not a record ddimctl wrote (or it changed since); name a fresh "
@@ -150,11 +164,7 @@ def claim_folder(folder: Path, settings: dict, count: int) -> None:
             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); name a fresh {param('out')} folder, "
             f"or move those files"
         )
-    for path in damaged:
-        path.unlink()
-    if not record.exists():
-        with atomic_path(record) as tmp:
-            tmp.write_text(json.dumps(settings, indent=2))
+    return damaged
 
 
 def _short(value) -> str:
