@@ -26,6 +26,32 @@ def pick_device(device: str) -> torch.device:
     return picked
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on `device` (the system's available memory for the CPU), or None when
+    it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_batch_fits(per_image: int, batch: int, device: torch.device, option: str = "batch_size") -> None:
+    """Refuse, before anything is allocated, a batch whose images need more memory than `device` has
+    free (per_image: UNetConfig.activation_bytes): allocating it would fail with a traceback, or
+    swap for hours."""
+    free = free_memory(device)
+    if free is not None and per_image * batch > free:
+        fits = max(1, free // per_image)
+        raise DdimctlError(f"{param(option)} {batch} needs about {per_image * batch / 2**30:.1f} GiB on {device}, more than "
+                           f"the {free / 2**30:.1f} GiB free; use {param(option)} {fits} or less")
+
+
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host to device without stalling the host: CUDA copies from pinned memory run asynchronously."""
     if device.type == "cuda" and x.device.type == "cpu":

@@ -29,6 +29,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, seeds
+from .devices import check_batch_fits
 from .errors import DdimctlError, param
 from .io import images
 from .io.fields import Fields
@@ -303,12 +304,13 @@ def open_distillation(options: DistillOptions, device: torch.device, resume: boo
     teacher = teacher or load_model(options.model)
     student = student_of(options, teacher)
     options = replace(options, timesteps=student.timesteps)  # recorded as used
+    check_batch_fits(teacher.config.activation_bytes(training=True), options.batch_size // world.size, device)
     changes = runs.resume_changes(run_dir, asdict(options), RESUME_MAY_CHANGE, {}) if resume else {}
     config = replace(teacher.config, dropout=0.0)
     resume_from = runs.prepare_run_dir(run_dir, config, resume)
     if resume_from is not None:
         check_same_student(run_dir, student, teacher.train_steps)
-        resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
+        resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None), config)
     if world.is_main:
         record_run(run_dir, run_record(options, teacher, student), resume_from, changes, device, say)
     world.barrier()
@@ -322,6 +324,7 @@ def open_distillation(options: DistillOptions, device: torch.device, resume: boo
         say(f"resuming from {resume_from.name} (update {step})")
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
+        boundary.use_persistent_compile_cache()
         trained = torch.compile(trained)
     precision = boundary.resolve_precision("bf16" if options.precision == "bf16" else "auto" if options.precision == "auto"
                                            else "fp32", device)

@@ -94,11 +94,21 @@ def _run(fn, *args, **kwargs):
         raise DdimctlError(f"FID: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
 
+def check_image_count(folder: Path) -> None:
+    """A folder's features need two images at least for their covariance (one gives NaN)."""
+    found = sum(1 for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES)
+    if found < 2:
+        raise DdimctlError(f"{folder} holds {found} image(s); FID compares the statistics of many images (thousands "
+                           f"for a meaningful value, two at the least)")
+
+
 def statistics(source: str, device: torch.device, batch_size: int = 64, feature_extractor: str | None = None,
                cache_root: str | None = None) -> dict:
     """mu and sigma of the FID features of a folder or a named data set (through torch-fidelity's own
     feature extraction; cached by it for folders and named data sets)."""
     fidelity()
+    if Path(source).is_dir():
+        check_image_count(Path(source))
     from torch_fidelity.metric_fid import fid_input_id_to_statistics_cached
     from torch_fidelity.utils import (
         create_feature_extractor,
@@ -173,6 +183,7 @@ def compute_fid(
     samples = Path(samples)
     if not samples.is_dir():
         raise DdimctlError(f"{samples}: no such folder of images")
+    check_image_count(samples)
     if reference.endswith(".npz"):
         ref = load_statistics(Path(reference))
         if feature_extractor and feature_extractor != ref["feature_extractor"]:

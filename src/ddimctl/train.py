@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import choices, distributed, seeds
+from .devices import check_batch_fits
 from .models import boundary, runs
 from .io import images
 from .sampling import samplers
@@ -333,9 +334,10 @@ def open_training(options: TrainOptions, device: torch.device, resume: bool, pro
     config, initial_state = architecture or options.architecture()
     if options.batch_size % world.size:
         raise DdimctlError(f"{param('batch_size')} {options.batch_size} is not divisible by the {world.size} processes")
+    check_batch_fits(config.activation_bytes(training=True), options.batch_size // world.size, device)
     resume_from = runs.prepare_run_dir(run_dir, config, resume)
     if resume_from is not None:
-        resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None))
+        resume_from = runs.resumable_checkpoint(run_dir, say if world.is_main else (lambda m: None), config)
     from .data import load_folder
 
     data = load_folder(Path(options.data), config.resolution, config.in_channels, progress.on_data if world.is_main else None,
@@ -348,6 +350,7 @@ def open_training(options: TrainOptions, device: torch.device, resume: bool, pro
     model, ema, optimizer, step = build_model(options, config, initial_state, resume_from, device, world.is_main, say)
     trained = DistributedDataParallel(model) if world.distributed else model
     if options.compile:
+        boundary.use_persistent_compile_cache()
         trained = torch.compile(trained)
     grids = lambda at, weights: write_samples(run_dir, at, weights, options, device)  # noqa: E731
     session = Session(run_dir, world, device, model, trained, ema, optimizer, step, options, options.steps, progress, grids,

@@ -14,7 +14,7 @@ import typer
 from .. import choices
 from ..errors import DdimctlError
 from .deferred import Deferred, library
-from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, say, stderr, stdout  # noqa: F401 (the commands' imports)
+from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, progress_seconds, say, stderr, stdout  # noqa: F401 (the commands' imports)
 
 torch = Deferred("torch")
 data, images, registry, samplers, runners, timesteps, loading = map(
@@ -48,6 +48,7 @@ def main_options(
     ),
 ) -> None:
     """Sample, invert and train DDPM/DDIM image diffusion models (Song et al., ICLR 2021)."""
+    progress_seconds()  # a wrong setting is refused before any command starts
     if threads is not None:
         torch.set_num_threads(threads)
         cpu_threads_note.clear()

@@ -119,6 +119,9 @@ def fid(
     if save_stats is not None:
         if samples is None:
             fail("--save-stats writes the statistics of a folder: give SAMPLES")
+        if not save_stats.parent.is_dir():
+            fail(f"--save-stats {save_stats}: folder {save_stats.parent} does not exist; create it first")
+        files.refuse_foreign([save_stats])
         evaluate.save_statistics(evaluate.statistics(str(samples), dev, batch_size, feature_extractor), save_stats)
         finish(f"wrote the FID statistics of {samples} to {save_stats}")
         return

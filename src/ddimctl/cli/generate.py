@@ -107,7 +107,12 @@ def sample(
         for line in latents_file.decoding_notes(latents.name, made, loaded.name, settings):
             note(line)
     count = x_T.shape[0] if x_T is not None else num
+    if class_text is None and "classes" in made and loaded.class_count is None:
+        fail(f"{latents} were inverted with class labels ({','.join(map(str, made['classes'][:5]))}"
+             f"{',...' if len(made['classes']) > 5 else ''}) by a class-conditional model; {loaded.name} is not one: "
+             f"decode them with the model they name ({made.get('model')})")
     classes = runners.image_classes(loaded, count, given_classes, seed)
+    runners.check_batch(loaded, batch_size, count, devices.pick_device(device))
     if not to_folder:
         images.check_grid_size(count, loaded.image_shape, scale)
     if to_folder and world.is_main:

@@ -22,7 +22,7 @@ from rich.progress import (
 from rich.text import Text
 
 from .. import threads
-from ..errors import spell
+from ..errors import DdimctlError, spell
 
 # Outside a terminal rich would wrap at 80 columns; tables piped to a file should keep their rows.
 stderr = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
@@ -66,13 +66,18 @@ class ImagesPerSecond(ProgressColumn):
 
 
 def progress_seconds(default: float = 5.0) -> float:
-    """$DDIMCTL_PROGRESS_SECONDS, the seconds between plain progress lines; a value that is not a
-    number >= 0 is passed over (a progress setting never stops a run)."""
-    try:
-        value = float(os.environ.get("DDIMCTL_PROGRESS_SECONDS", default))
-    except ValueError:
+    """$DDIMCTL_PROGRESS_SECONDS, the seconds between plain progress lines: a number >= 0, or a
+    one-line error naming the variable (a setting that is silently passed over is a surprise later)."""
+    text = os.environ.get("DDIMCTL_PROGRESS_SECONDS")
+    if text is None:
         return default
-    return value if math.isfinite(value) and value >= 0 else default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise DdimctlError(f"DDIMCTL_PROGRESS_SECONDS={text!r} is not a number of seconds >= 0; fix it or unset it")
+    return value
 
 
 class PlainProgress:

@@ -161,7 +161,8 @@ def train(
 
     data_files = image_data.find_images(data, exclude=out)  # a missing or empty folder fails here, before any progress bar
     channels_note = None
-    if channels is None and init is None and not resume:  # a fine-tuning or resumed run keeps its channels
+    continuing = resume and runs.saved_run(out) is not None  # --resume on a folder with no run starts one
+    if channels is None and init is None and not continuing:  # a fine-tuning or continued run keeps its channels
         channels = image_data.infer_channels(data_files)
         channels_note = "1 channel: every image is grayscale" if channels == 1 else "3 channels: RGB images found"
     overrides = {}

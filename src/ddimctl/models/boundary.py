@@ -182,6 +182,9 @@ def use_persistent_compile_cache() -> None:
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, inductor_default):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
     folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    if folder.exists() and not folder.is_dir():
+        raise DdimctlError(f"TORCHINDUCTOR_CACHE_DIR={folder} is a file, not a folder; point it at a folder, or leave out "
+                           f"{param('compile')}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

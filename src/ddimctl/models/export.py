@@ -57,6 +57,9 @@ def is_earlier_export(folder: Path) -> bool:
 
 def check_target(out: Path) -> None:
     """Before any work: `out` must be new, an empty folder, or an earlier export (replaced whole)."""
+    if out.is_symlink():
+        raise DdimctlError(f"{out} is a link; an export replaces only a folder it wrote itself: give the folder's own path "
+                           f"or a new one")
     if out.exists() and not out.is_dir():
         raise DdimctlError(f"{out} exists and is not a folder; choose another output folder")
     if out.is_dir() and any(out.iterdir()) and not is_earlier_export(out):

@@ -182,10 +182,13 @@ def checked(config: UNetConfig, where: str) -> UNetConfig:
 
 
 def schedule_from(fields: Fields) -> Schedule:
-    """A noise schedule from ddimctl's format ({"kind", "train_steps", "beta_start", "beta_end"})."""
+    """A noise schedule from ddimctl's format ({"kind", "train_steps", "beta_start", "beta_end"}); no
+    table at all is DDPM's schedule, but a table must say its T (a default would be a silent guess)."""
     fields.only(("kind", "train_steps", "beta_start", "beta_end"))
+    if not fields.data:
+        return Schedule()
     schedule = dict(
-        train_steps=fields.integer("train_steps", 1000, 1, MAX_TRAIN_STEPS),
+        train_steps=fields.integer("train_steps", low=1, high=MAX_TRAIN_STEPS),
         beta_start=fields.number("beta_start", 1e-4, 1e-12, 0.999),
         beta_end=fields.number("beta_end", 0.02, 1e-12, 0.999),
         kind=fields.text("kind", "linear", SCHEDULE_KINDS),

@@ -328,13 +328,15 @@ def hub_repo_id(spec: str) -> tuple[str, str] | None:
     """OWNER/NAME[@REVISION] as (repo, revision), or None when spec is not a Hub repository id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    repo, _, revision = spec.partition("@")
+    repo, at, revision = spec.partition("@")
     if repo.count("/") != 1 or spec.startswith((".", "/", "~")):
         return None
     try:
         validate_repo_id(repo)
     except HFValidationError:
         return None
+    if at and not revision:
+        raise DdimctlError(f"{spec!r}: nothing follows '@'; name a branch, tag or commit, or leave out '@' for main")
     if revision and not REVISION.match(revision):
         raise DdimctlError(f"{spec!r}: {revision!r} is not a branch, tag or commit name")
     return repo, revision or "main"

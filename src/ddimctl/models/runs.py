@@ -25,7 +25,7 @@ from ..errors import DdimctlError, param
 from ..io.fields import Fields, is_whole_number, read_json_object
 from ..io.files import Ledger, atomic_save_safetensors
 from .layouts import unet_config_from
-from .unet import UNetConfig
+from .unet import UNet, UNetConfig
 
 RUN_FORMAT = "ddimctl-run"
 CONFIG = "config.json"
@@ -143,7 +143,10 @@ def resume_changes(run_dir: Path, options: dict, may_change: tuple[str, ...] = R
     changes: {option: [the run's value, the new one]}. Only `may_change` may differ (and train's steps
     only with a constant learning rate: the cosine schedule depends on it); anything else is refused.
     `recorded_since`: options earlier runs did not record, at the value they were trained with."""
-    saved = {**recorded_since, **(saved_run(run_dir) or {}).get("train", {})}
+    run = saved_run(run_dir)
+    if run is None:  # no run yet: a resume starts it with these options, and there is nothing to compare
+        return {}
+    saved = {**recorded_since, **run.get("train", {})}
     changed = {k: [saved[k], v] for k, v in options.items()
                if k in saved and k not in ARCHITECTURE_OPTIONS and _comparable(k, saved[k]) != _comparable(k, v)}
     fixed = [k for k in changed if k not in may_change or (k == "steps" and options.get("lr_schedule") == "cosine")]
@@ -263,13 +266,17 @@ def _are_param_groups(text: str) -> bool:
             and all(number(b) for b in groups[0]["betas"]))
 
 
-def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
-    """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped."""
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None], config: UNetConfig | None = None) -> Path:
+    """The newest checkpoint that can be resumed from; damaged newer ones are named and skipped. With
+    the run's `config`, one whose tensors do not fit it is refused (another architecture's weights:
+    not damage, never deleted)."""
     files = checkpoint_files(run_dir)
     ledger = Ledger(Path(run_dir) / CHECKPOINTS)
     for path in reversed(files):
         problem = checkpoint_problem(path)
         if problem is None:
+            if config is not None:
+                check_fits(path, config)
             return path
         if ledger.names(path):  # ddimctl's own, damaged since: its step is trained again and saved afresh
             path.unlink()
@@ -280,6 +287,22 @@ def resumable_checkpoint(run_dir: Path, say: Callable[[str], None]) -> Path:
         f"{run_dir} holds no checkpoint that can be resumed from ({len(files)} damaged); "
         f"start afresh with another {param('out')}"
     )
+
+
+def check_fits(path: Path, config: UNetConfig) -> None:
+    """A checkpoint's model and EMA tensors against the shapes of the run's UNet (read from the file's
+    header, built on the meta device: nothing is loaded or allocated)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    with safe_open(str(path), "pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(("model.", "ema."))}
+    for prefix in ("model.", "ema."):
+        mine = {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
+        wrong = sorted(set(mine) ^ set(expected)) or sorted(k for k in mine if mine[k] != expected[k])
+        if wrong:
+            raise DdimctlError(f"{path} holds weights of another architecture than {path.parent.parent / CONFIG} "
+                               f"describes ({prefix}{wrong[0]}); resume it with its own config, or start afresh with "
+                               f"another {param('out')}")
 
 
 # --------------------------------------------------------------------------------------------

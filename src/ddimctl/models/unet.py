@@ -95,6 +95,15 @@ class UNetConfig:
     def widths(self) -> list[int]:
         return [int(self.base_channels * m) for m in self.channel_mult]
 
+    def activation_bytes(self, training: bool = False) -> int:
+        """A floor of the memory one image takes in a forward pass (training: and its backward pass):
+        10 (40) float32 copies of every level's feature maps, and attention's score matrices. Measured
+        on CPU: 15-46 copies in inference, 78-116 in training (digits, cifar10)."""
+        maps = sum(w * r * r for w, r in zip(self.widths, self.level_resolutions))
+        scores = sum(self.attention_heads(w) * r**4 for w, r in zip(self.widths, self.level_resolutions)
+                     if r in self.attention_resolutions)
+        return 4 * (maps * (40 if training else 10) + scores * (3 if training else 1))
+
     def attention_heads(self, width: int) -> int:
         """Heads of an attention layer `width` channels wide: of head_channels each, else `heads`."""
         return width // self.head_channels if self.head_channels else self.heads

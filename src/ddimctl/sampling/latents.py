@@ -66,16 +66,16 @@ def load_latents(path: Path, image_shape: Sequence[int]) -> torch.Tensor:
     if "latents" not in tensors:
         raise DdimctlError(f"{param('latents')} {path}: no tensor named 'latents' in it")
     latents = tensors["latents"]
-    if latents.dim() == 4 and latents.shape[0] == 0:
-        raise DdimctlError(f"{param('latents')} {path}: holds no latents (0 rows); write some with `ddimctl invert`")
-    if latents.is_floating_point() and not torch.isfinite(latents).all():
-        bad = (~torch.isfinite(latents.flatten(1))).any(1).nonzero().flatten().tolist()
-        raise DdimctlError(f"{param('latents')} {path}: latent(s) {', '.join(map(str, bad[:5]))} hold NaN or infinite values")
-    if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(image_shape):
+    if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(image_shape):  # the shape first: the checks below index it
         raise DdimctlError(
             f"{param('latents')} {path}: shape {tuple(latents.shape)} does not fit this model, which needs "
             f"(N, {', '.join(map(str, image_shape))})"
         )
+    if latents.shape[0] == 0:
+        raise DdimctlError(f"{param('latents')} {path}: holds no latents (0 rows); write some with `ddimctl invert`")
+    if latents.is_floating_point() and not torch.isfinite(latents).all():
+        bad = (~torch.isfinite(latents.flatten(1))).any(1).nonzero().flatten().tolist()
+        raise DdimctlError(f"{param('latents')} {path}: latent(s) {', '.join(map(str, bad[:5]))} hold NaN or infinite values")
     return latents.float()
 
 

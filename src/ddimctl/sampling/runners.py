@@ -16,7 +16,7 @@ import torch
 
 from . import ddim, samplers, timesteps
 from .. import choices, seeds
-from ..devices import pick_device, start_host_copy, to_device
+from ..devices import check_batch_fits, pick_device, start_host_copy, to_device
 from ..errors import DdimctlError, at_least, between, param
 from ..models.loading import LoadedModel
 
@@ -350,6 +350,7 @@ def make_runner(
     batch = batch_size or boundary.auto_batch_size(model.unet, dev, precision)
     if count:
         batch = min(batch, count)
+    check_batch(model, batch, None, dev)
     use_compile = compile_model
     share = math.ceil(count / world.size) if count else None
     if compile_model is None:
@@ -365,6 +366,13 @@ def make_runner(
     if walked != settings.steps:
         notify(f"{settings.skip} skip with S={settings.steps} has {len(runner.timesteps)} distinct timesteps")
     return runner
+
+
+def check_batch(model: LoadedModel, batch_size: int | None, count: int | None, device: torch.device) -> None:
+    """Refuse a batch of `model`'s images (at most `count`) that does not fit in `device`'s free memory,
+    before anything is written or allocated (None: chosen later, to fit)."""
+    if batch_size:
+        check_batch_fits(model.config.activation_bytes(), min(batch_size, count or batch_size), device)
 
 
 def invert_batches(
