@@ -23,16 +23,20 @@ GAUSSIAN = GaussianEps(ABAR, torch.tensor(0.3), torch.tensor(0.5))
 QUICK = ["--batch-size", "4", "--teacher-steps", "3", "--sample-count", "2", "--warmup", "0"]
 
 
-def test_the_loss_is_the_error_of_the_noise_whatever_the_steps_scale():
-    """Targets made by the student's own DDIM steps give 0; a noise off by 0.01 everywhere gives
-    0.01^2 on every step, although the steps move the point by very different factors."""
+def test_the_loss_is_the_squared_error_of_the_landing_points():
+    """Targets made by the student's own DDIM steps give 0; a noise off by 0.01 everywhere moves each
+    landing point by 0.01 times the step's noise coefficient, sqrt(1 - abar_s) - sqrt(abar_s (1 -
+    abar_t) / abar_t) (written out here), and the loss is the mean of their squares."""
     x_T = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     student = (300, 700)
     x_300 = ddim.ddim_step(x_T, GAUSSIAN(x_T, torch.full((3,), 700)), float(ABAR[700]), float(ABAR[300]))
     clean = ddim.ddim_step(x_300, GAUSSIAN(x_300, torch.full((3,), 300)), float(ABAR[300]), 1.0)
     assert float(distill.student_loss(GAUSSIAN, x_T, [x_300, clean], ABAR, student)) < 1e-20
     off = lambda x, t: GAUSSIAN(x, t) + 0.01  # noqa: E731
-    assert float(distill.student_loss(off, x_T, [x_300, clean], ABAR, student)) == pytest.approx(1e-4, rel=1e-9)
+    a700, a300 = float(ABAR[700]), float(ABAR[300])
+    coefficients = [(1 - a300) ** 0.5 - (a300 * (1 - a700) / a700) ** 0.5, -((1 - a300) / a300) ** 0.5]
+    expected = sum((0.01 * c) ** 2 for c in coefficients) / 2
+    assert float(distill.student_loss(off, x_T, [x_300, clean], ABAR, student)) == pytest.approx(expected, rel=1e-9)
 
 
 def test_the_students_timesteps_and_the_teachers_grid():

@@ -148,6 +148,26 @@ def test_a_checkpoint_without_its_flags_says_which_sidecar_to_write(tmp_path):
     assert (suggested["num_channels"], suggested["learn_sigma"], suggested["class_cond"]) == (32, True, True)
 
 
+def test_the_suggested_sidecar_comes_from_the_weights_and_loads_as_printed(tmp_path):
+    """A layout their defaults do not describe (three levels 1,2,2, one block each, attention at 16,
+    resnet resampling): the suggestion reads every flag the weights show, pasted as printed it loads,
+    and the network is theirs; the message names what the weights cannot show."""
+    flags = dict(image_size=32, num_channels=32, channel_mult="1,2,2", num_res_blocks=1, attention_resolutions="16",
+                 resblock_updown=True, learn_sigma=True)
+    theirs = their_model(flags)
+    torch.save(theirs.state_dict(), tmp_path / "adm.pt")
+    result = ddimctl("sample", "--model", "adm.pt", "-n", "1", "--steps", "2", cwd=tmp_path, check=False)
+    message = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "cannot show image_size" in message and "num_heads" in message
+    suggested = json.loads(message[message.index("{"):message.index("}") + 1])
+    assert {k: suggested[k] for k in flags} == {**flags, "channel_mult": "1,2,2"}
+    (tmp_path / "adm.json").write_text(message[message.index("{"):message.index("}") + 1])  # pasted as printed
+    loaded = loading.load_model(str(tmp_path / "adm.pt"))
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.allclose(loaded.unet(x, t), theirs(x, t), atol=1e-4)
+
+
 @pytest.mark.parametrize("change,named", [
     ({"num_res_blocks": 2}, "num_res_blocks"),  # the weights have one per level: the flags do not fit
     ({"classifier_scale": 1.0}, "classifier_scale"),

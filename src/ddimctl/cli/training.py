@@ -222,7 +222,7 @@ def distill(
     updates: Optional[int] = typer.Option(None, "--updates", min=1, help="Optimizer steps of the student (default 2000)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help="Teacher trajectories per update, over all processes (default 64)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 1e-4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (AdamW; default 5e-5)."),
     warmup: Optional[int] = typer.Option(None, "--warmup", min=0, help="Warm-up updates (default: a tenth of --updates)."),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Decay of the student's moving average, which is "
                                               "sampled (default: averaging over a tenth of --updates)."),

@@ -120,7 +120,7 @@ def _guided_config(c: Checkpoint) -> UNetConfig:
     if not c.config:
         raise DdimctlError(f"{c.weights}: an openai guided-/improved-diffusion checkpoint needs its flags (its README's "
                            f"MODEL_FLAGS and DIFFUSION_FLAGS) in {_sidecar(c)}, improved-diffusion's with rescale_timesteps "
-                           f"true; from the weights and guided-diffusion's defaults: {guided.suggested_flags(c.state)}")
+                           f"true; from the weights: {guided.suggested_flags(c.state)}")
     return guided.read_flags(c.config, c.where).config
 
 

@@ -146,18 +146,40 @@ def read_flags(cfg: dict, where: str) -> GuidedModel:
 
 
 def suggested_flags(state: dict[str, torch.Tensor]) -> str:
-    """A sidecar for these weights: what the weights show, guided-diffusion's defaults for the rest."""
-    flags = dict(DEFAULTS)
+    """A sidecar for these weights, and what they cannot show. The state dict shows the levels and
+    their widths (num_channels, channel_mult), the blocks per level, where attention sits, how it
+    resamples, classes, learned sigmas and scale-shift norm; not image_size (guessed from the levels:
+    attention_resolutions follow it), the heads (their qkv is fused), the qkv order, the schedule or T.
+    Pasted as printed it loads; the flags it cannot show are said, with the choice to make."""
+    flags = {key: DEFAULTS[key] for key in ("image_size", "num_channels", "channel_mult", "num_res_blocks",
+                                            "attention_resolutions", "num_heads", "num_head_channels")}
     try:
-        flags["num_channels"] = state["time_embed.0.weight"].shape[1]
-        out = state["out.2.weight"].shape[0]
-        flags["learn_sigma"] = out == 2 * state["input_blocks.0.0.weight"].shape[1]
-        flags["class_cond"] = "label_emb.weight" in state
-        first = state["input_blocks.0.0.weight"].shape[0]
-        flags["use_scale_shift_norm"] = state["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * first
-    except (KeyError, IndexError):
-        pass
-    return json.dumps(flags)
+        base = state["time_embed.0.weight"].shape[1]
+        blocks = {int(k.split(".")[1]) for k in state if k.startswith("output_blocks.")}
+        upsamplers = sum(any(k.startswith(f"output_blocks.{b}.{j}.") and (".conv." in k or ".in_layers." in k)
+                             for k in state for j in (1, 2)) for b in blocks)
+        levels = upsamplers + 1
+        per_level = len(blocks) // levels - 1
+        widths = [state[f"input_blocks.{1 + level * (per_level + 1)}.0.out_layers.3.weight"].shape[0]
+                  for level in range(levels)]
+        attends = [f"input_blocks.{1 + level * (per_level + 1)}.1.qkv.weight" in state for level in range(levels)]
+        mult = tuple(w / base for w in widths)
+        size = next((s for s, m in CHANNEL_MULT.items() if tuple(float(v) for v in m) == mult), 2 ** (levels + 2))
+        flags.update(
+            image_size=size, num_channels=base, num_res_blocks=per_level,
+            channel_mult=",".join(f"{m:g}" for m in mult),
+            attention_resolutions=",".join(str(size >> level) for level, a in enumerate(attends) if a),
+            num_heads=4, num_head_channels=-1,  # their defaults
+            resblock_updown=f"input_blocks.{per_level + 1}.0.in_layers.0.weight" in state,
+            use_scale_shift_norm=state["input_blocks.1.0.emb_layers.1.weight"].shape[0] == 2 * widths[0],
+            learn_sigma=state["out.2.weight"].shape[0] == 2 * state["input_blocks.0.0.weight"].shape[1],
+            class_cond="label_emb.weight" in state,
+        )
+    except (KeyError, IndexError, ValueError, ZeroDivisionError):
+        pass  # not their layout after all: their defaults, and the flags' own errors say the rest
+    return (f"{json.dumps(flags)} (the weights cannot show image_size, {flags['image_size']} assumed: the model's "
+            f"README says it, and attention_resolutions scale with it; nor num_heads against num_head_channels, "
+            f"use_new_attention_order, noise_schedule or diffusion_steps: set what the README's flags say)")
 
 
 # --------------------------------------------------------------------------------------------
