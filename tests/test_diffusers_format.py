@@ -213,6 +213,35 @@ def test_clip_samples_as_diffusers_clip_sample_does(tmp_path):
     assert float((unclipped - theirs).abs().max()) > 0.5  # without clipping the same loop lands elsewhere
 
 
+def test_clip_sample_gives_ddim_pipelines_own_output_of_a_folder_saved_with_clip_sample(tmp_path):
+    """DDPMPipeline.save_pretrained writes clip_sample: true, and DDIMPipeline then clips x0 but steps
+    with the network's own noise (use_clipped_model_output off, its default): --clip-sample is that
+    loop, the plain sampler and --clip (which recomputes the noise) are not."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**TRAIN_UNCONDITIONAL).eval()
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path / "pipe")  # as its users load it
+    assert pipeline.scheduler.config.clip_sample
+    heard = []
+    loaded = loading.load_model(str(tmp_path / "pipe"), notify=heard.append)
+    assert any("clip_sample\x00 gives diffusers' own DDIMPipeline output" in h for h in heard)  # (--clip-sample)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pipeline.scheduler.set_timesteps(10)
+        theirs = x_T.clone()
+        for t in pipeline.scheduler.timesteps:  # DDIMPipeline.__call__'s loop with its defaults
+            theirs = pipeline.scheduler.step(pipeline.unet(theirs, t).sample, t, theirs, eta=0.0,
+                                             use_clipped_model_output=None).prev_sample
+    ours = {name: runners.Runner.create(loaded, samplers.Settings("ddim", 10, "uniform", **options),
+                                        torch.device("cpu")).sample(x_T, None)
+            for name, options in [("clip_sample", {"clip_sample": True}), ("plain", {}), ("clip", {"clip": True})]}
+    to_pixels = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round()  # noqa: E731
+    within = ((to_pixels(ours["clip_sample"]) - to_pixels(theirs)).abs() <= 1).float().mean()
+    assert within >= 0.995, float(within)
+    for other in ("plain", "clip"):
+        assert float((to_pixels(ours[other]) - to_pixels(theirs)).abs().mean()) > 5, other
+
+
 @pytest.mark.parametrize("beta_schedule,prediction", [
     ("linear", "epsilon"), ("squaredcos_cap_v2", "epsilon"), ("linear", "v_prediction"), ("linear", "sample"),
     ("scaled_linear", "v_prediction"), ("scaled_linear", "sample"), ("squaredcos_cap_v2", "v_prediction"),

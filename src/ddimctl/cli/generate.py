@@ -67,6 +67,10 @@ def sample(
         False, "--clip", help="Clip the predicted x0 to [-1, 1] at every step and go on with the noise it implies "
         "(guided-diffusion's clip_denoised; not the paper's sampler): an under-trained model's images stay in range.",
     ),
+    clip_sample: bool = typer.Option(
+        False, "--clip-sample", help="ddim only: clip the predicted x0 in each update and keep the network's noise "
+        "(diffusers' clip_sample: DDIMPipeline's output for a folder saved with clip_sample true).",
+    ),
     precision: str = PrecisionOpt,
     compile_model: Optional[bool] = CompileOpt,
     scale: Optional[int] = ScaleOpt,
@@ -82,8 +86,9 @@ def sample(
     skip, tuned = timestep_choice(skip, timesteps_given, model or made.get("model"), sampler, steps)
     if skip is not None and timesteps.is_list(skip):
         steps = steps_for(steps, skip, sampler)
-    settings = (latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat, clip) if latents is not None
-                else samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta, sigma_hat, clip))  # checked here
+    settings = (latents_file.decoding_settings(made, sampler, steps, skip, eta, sigma_hat, clip, clip_sample)
+                if latents is not None else
+                samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta, sigma_hat, clip, clip_sample))
     out_path = Path(out).expanduser()
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in images.PICTURE_SUFFIXES:

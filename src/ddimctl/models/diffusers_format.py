@@ -357,7 +357,8 @@ def schedule_from_diffusers(cfg: dict, where: str = "scheduler_config.json",
                 if fields.flag(key, default)]
     if clipping:
         notify(f"{where}: its {kind} would clip the predicted image ({' and '.join(clipping)}); ddimctl samples "
-               f"unclipped, as the paper and the DDIM authors' code do ({param('clip')} clips as it would)")
+               f"unclipped, as the paper and the DDIM authors' code do: {param('clip_sample')} gives diffusers' own "
+               f"DDIMPipeline output")
     try:
         schedule = Schedule(
             train_steps=steps,

@@ -78,13 +78,19 @@ def ddim_step(
     abar_s: float,
     sigma: float = 0.0,
     noise: torch.Tensor | None = None,
+    clip_sample: bool = False,
 ) -> torch.Tensor:
     """The DDIM update (paper eq. 12) from x_t to x_s given the predicted noise eps.
 
         x0  = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
         x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z
+
+    clip_sample clips x0 to [-1, 1] and keeps eps: diffusers' DDIMScheduler with clip_sample (its
+    default for DDPM and DDIM pipelines), not the paper's update.
     """
     x0 = predict_x0(x_t, eps, abar_t)
+    if clip_sample:
+        x0 = x0.clamp(-1, 1)
     x_s = math.sqrt(abar_s) * x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * eps
     if sigma > 0:
         x_s = x_s + sigma * noise
@@ -139,11 +145,13 @@ def sample(
     keep_known: KeepKnown = None,
     eta: float = 0.0,
     sigma_hat: bool = False,
+    clip_sample: bool = False,
 ) -> torch.Tensor:
     """Generate x_0 from x_T by walking `timesteps` (increasing) downwards with the DDIM update.
 
     eta = 0 is deterministic; eta = 1 uses the DDPM posterior variance. sigma_hat replaces sigma by
-    the paper's larger DDPM variance sqrt(1 - abar_t / abar_s) (Table 1's last row).
+    the paper's larger DDPM variance sqrt(1 - abar_t / abar_s) (Table 1's last row). clip_sample:
+    diffusers' clipped x0 with the network's own noise (ddim_step).
     keep_known(s, x_s), for inpainting, puts the known pixels back after each step to timestep s.
     callback(Step) runs after every step. Every sampler of samplers.SAMPLERS has this signature.
     """
@@ -158,7 +166,7 @@ def sample(
             sigma = ddim_sigma(abar_t, abar_s, eta)
         noise = standard_normal(x, generator) if sigma > 0 else None
         x0 = predict_x0(x, eps, abar_t) if callback is not None else None
-        x = end_step(i, t, s, ddim_step(x, eps, abar_t, abar_s, sigma, noise), x0, keep_known, callback)
+        x = end_step(i, t, s, ddim_step(x, eps, abar_t, abar_s, sigma, noise, clip_sample), x0, keep_known, callback)
     return x
 
 

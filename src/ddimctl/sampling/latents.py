@@ -122,16 +122,17 @@ def latents_differences(made: dict[str, str], asked: dict[str, str]) -> list[str
 
 
 def decoding_settings(made: dict[str, str], sampler: str, steps: int | None, skip: str | None, eta: float,
-                      sigma_hat: bool, clip: bool = False) -> samplers.Settings:
+                      sigma_hat: bool, clip: bool = False, clip_sample: bool = False) -> samplers.Settings:
     """How latents decode: with the S and skip they were inverted with, unless told otherwise."""
-    return samplers.Settings(sampler, steps if steps is not None else int(made.get("steps", choices.DEFAULT_STEPS)), skip or made.get("skip"),
-                             eta, sigma_hat, clip)
+    return samplers.Settings(sampler, steps if steps is not None else int(made.get("steps", choices.DEFAULT_STEPS)),
+                             skip or made.get("skip"), eta, sigma_hat, clip, clip_sample)
 
 
 def decoding_notes(name: str, made: dict[str, str], model: str, settings: samplers.Settings) -> list[str]:
     """What a user decoding latents `name` with (resolved) `settings` should know."""
     asked = _as_text({"model": model, **settings.record()})
-    differ = latents_differences(made, asked) + (["x0 unclipped (now --clip)"] if settings.clip else [])
+    clipped = "--clip" if settings.clip else "--clip-sample" if settings.clip_sample else None
+    differ = latents_differences(made, asked) + ([f"x0 unclipped (now {clipped})"] if clipped else [])
     if differ:
         return [f"{name} was inverted with {', '.join(differ)}: decoding will not return the images exactly"]
     if made.get("inversion", "plain") == "plain":

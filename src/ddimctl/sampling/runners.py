@@ -219,7 +219,8 @@ def settings_for(model: LoadedModel, settings: samplers.Settings, steps_given: b
     student = model.student
     if student is None:
         return settings.for_model(model.train_steps, model.skip)
-    own = samplers.Settings(student.sampler, student.steps, timesteps.canonical(student.timesteps), clip=settings.clip)
+    own = samplers.Settings(student.sampler, student.steps, timesteps.canonical(student.timesteps), clip=settings.clip,
+                            clip_sample=settings.clip_sample)
     asked = [(param("steps"), steps_given and settings.steps != own.steps),
              (param("skip"), settings.skip not in (None, own.skip)), (param("sampler"), settings.sampler != own.sampler),
              (param("eta"), settings.eta != 0), (param("sigma_hat"), settings.sigma_hat)]
@@ -451,18 +452,20 @@ def generate(
     batch_size: int | None = None,
     classes: Sequence[int] | None = None,
     clip: bool = False,
+    clip_sample: bool = False,
 ) -> torch.Tensor:
     """`num` images from a model (a LoadedModel, or anything `--model` takes) as (N, C, H, W) on the
     CPU: image i depends only on (seed, i). Precision as `--precision` (auto: bf16 on GPUs, fp32 on
     CPUs). steps None: choices.DEFAULT_STEPS network calls, or a student's own. A class-conditional
     model takes `classes` (one, or one per image; default: each image's own draw); clip clips the
-    predicted x0 at every step (ddim.clipping_x0). ddimctl.sample is this function."""
+    predicted x0 at every step (ddim.clipping_x0), clip_sample in DDIM's update only (diffusers' way).
+    ddimctl.sample is this function."""
     from ..models.loading import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     check_settings(num=num)
     labels = image_classes(loaded, num, classes, seed)
-    asked = samplers.Settings(sampler, steps or choices.DEFAULT_STEPS, skip, eta, clip=clip)
+    asked = samplers.Settings(sampler, steps or choices.DEFAULT_STEPS, skip, eta, clip=clip, clip_sample=clip_sample)
     runner = make_runner(loaded, settings_for(loaded, asked, steps_given=steps is not None), device, precision=precision,
                          compile_model=False, batch_size=batch_size, count=num, classes=labels)
     return sample_batches(runner, num, seed)

@@ -67,7 +67,9 @@ SAMPLERS: dict[str, SamplerSpec] = {
 class Settings:
     """How to sample: which sampler, S network calls per image, the timesteps (a scheme of
     timesteps.SCHEMES or an explicit list as text; None: the sampler's default for the model),
-    DDIM's eta and sigma-hat, and whether the predicted x0 is clipped (ddim.clipping_x0)."""
+    DDIM's eta and sigma-hat, and whether the predicted x0 is clipped: with the noise it implies (clip:
+    ddim.clipping_x0, any sampler), or in DDIM's update only, the network's noise kept (clip_sample:
+    diffusers' DDIMScheduler's default)."""
 
     sampler: str = "ddim"
     steps: int = choices.DEFAULT_STEPS
@@ -75,6 +77,7 @@ class Settings:
     eta: float = 0.0
     sigma_hat: bool = False
     clip: bool = False
+    clip_sample: bool = False
 
     def __post_init__(self):
         one_of("sampler", self.sampler, tuple(SAMPLERS))
@@ -97,9 +100,12 @@ class Settings:
         if self.sigma_hat and self.eta != 0:
             raise DdimctlError(f"{param('eta')} is not used with {param('sigma_hat')} (DDPM's larger variance replaces "
                                f"eta's); leave one of them out")
-        if not spec.takes_eta and (self.eta != 0 or self.sigma_hat):
-            what = param("eta") if self.eta != 0 else param("sigma_hat")
-            raise DdimctlError(f"{what} is a setting of the ddim sampler; {self.sampler} is deterministic (leave it out)")
+        if not spec.takes_eta and (self.eta != 0 or self.sigma_hat or self.clip_sample):
+            what = param("eta") if self.eta != 0 else param("sigma_hat") if self.sigma_hat else param("clip_sample")
+            raise DdimctlError(f"{what} is a setting of the ddim sampler, not of {self.sampler} (leave it out)")
+        if self.clip and self.clip_sample:
+            raise DdimctlError(f"{param('clip')} and {param('clip_sample')} clip two ways: {param('clip')} steps with the "
+                               f"noise of the clipped x0, {param('clip_sample')} keeps the network's; give one")
 
     @property
     def spec(self) -> SamplerSpec:
@@ -135,7 +141,7 @@ class Settings:
 
     def options(self) -> dict:
         """The keyword options the sampler's function takes beyond the common ones."""
-        return {"eta": self.eta, "sigma_hat": self.sigma_hat} if self.spec.takes_eta else {}
+        return {"eta": self.eta, "sigma_hat": self.sigma_hat, "clip_sample": self.clip_sample} if self.spec.takes_eta else {}
 
     def run(self, eps_model, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps, *, generator=None,
             callback=None, keep_known=None) -> torch.Tensor:
@@ -153,7 +159,8 @@ class Settings:
         """The settings as a folder record or latents file writes them (strings and bools; clip only
         when on, so records written before it existed still match)."""
         return {"sampler": self.sampler, "steps": self.steps, "skip": self.skip, "eta": self.eta_text,
-                "sigma_hat": self.sigma_hat, **({"clip": True} if self.clip else {})}
+                "sigma_hat": self.sigma_hat, **({"clip": True} if self.clip else {}),
+                **({"clip_sample": True} if self.clip_sample else {})}
 
     def label(self) -> str:
         """A row name: the sampler, and for DDIM its eta (or sigma-hat)."""
@@ -165,7 +172,8 @@ class Settings:
         """For summary lines: S=20, ddim, eta=0, skip=uniform."""
         extra = f", eta={self.eta_text}" if self.spec.takes_eta else ""
         extra += ", sigma-hat" if self.sigma_hat else ""
-        return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}" + (", x0 clipped" if self.clip else "")
+        clipped = ", x0 clipped" if self.clip else ", x0 clipped in the update" if self.clip_sample else ""
+        return f"S={self.steps}, {self.sampler}{extra}, skip={self.skip}{clipped}"
 
 
 def steps_from(skip: str | None, sampler: str) -> int | None:
