@@ -302,6 +302,24 @@ def test_the_command_lines_choices_name_what_the_library_implements():
 
     assert tuple(samplers.SAMPLERS) == choices.SAMPLER_NAMES
     assert timesteps.SCHEMES == choices.SKIP_SCHEMES and boundary.PRECISIONS == choices.PRECISIONS
+    assert choices.ETA_SAMPLERS == tuple(name for name, spec in samplers.SAMPLERS.items() if spec.takes_eta)
+    assert {schedule.Schedule(kind=kind).kind for kind in choices.NOISE_SCHEDULES.values()} <= set(schedule.SCHEDULE_KINDS)
+    assert set(choices.PREDICTIONS.values()) == set(schedule.PREDICTIONS)
+
+
+@pytest.mark.parametrize("args,named", [
+    (["sample", "--sampler", "dpm++"], "'dpm++' is not a sampler"),
+    (["sample", "--sampler", "unipc", "--eta", "0.5"], "--eta is a setting of the ddim sampler"),
+    (["edit", "x.png", "--strength", "0.5", "--sampler", "unipc", "--eta", "1"], "--eta is a setting of the ddim sampler"),
+    (["sample", "--device", "tpu"], "'tpu' is not a device"),
+])
+def test_wrong_choices_are_the_parsers_before_torch_starts(tmp_path, args, named):
+    """Exit 2 with click's usage error, and torch never imported (seconds saved on a typo)."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "ddimctl", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and named in result.stderr, result.stderr
+    imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "typer" in imported and "torch" not in imported
 
 
 def test_piped_progress_prints_plain_lines(tiny_checkpoint, tmp_path):

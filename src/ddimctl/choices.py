@@ -6,6 +6,7 @@ tests/test_cli.py."""
 
 SAMPLER_NAMES = ("ddim", "dpm++2m", "dpm++3m", "unipc", "plms", "ipndm")
 SKIP_SCHEMES = ("uniform", "quad", "logsnr", "karras", "ays", "trailing")  # the paper's two, then the later ones
+ETA_SAMPLERS = ("ddim",)  # the samplers that take --eta and --sigma-hat (the others are deterministic ODE solvers)
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
 DEFAULT_STEPS = 50  # S when none is given (the one place this default is written)
 

@@ -4,6 +4,7 @@ progress (output.py prints)."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -80,15 +81,14 @@ def completing(choices) -> Callable[[str], list[str]]:
 # Options shared by every command that runs the sampler.
 ModelOpt = typer.Option(
     None, "--model", "-m", autocompletion=complete_models,
-    help="Registry name (`ddimctl models`), Hub repository OWNER/NAME[@REV], local checkpoint or folder (diffusers, "
-    "openai .pt with its flags .json), run folder or RUN@STEP (default: cifar10, downloaded from the Hub on first "
-    "use; digits is bundled and needs no network).",
+    help="Registry name (`ddimctl models`; digits is bundled), Hub OWNER/NAME[@REV], checkpoint, model or run folder, "
+    "RUN@STEP (default: cifar10, from the Hub).",
 )
 
 
 StepsOpt = typer.Option(
-    None, "--steps", "-S", min=1, help=f"Network calls per image S, for every sampler (default {choices.DEFAULT_STEPS}; "
-    "explicit --timesteps, or the --latents decoded, give their own).",
+    None, "--steps", "-S", min=1, help=f"Network calls per image, any sampler (default {choices.DEFAULT_STEPS}, or "
+    "what --timesteps or --latents give).",
 )
 
 
@@ -97,17 +97,42 @@ def steps_list_option(default: str) -> typer.models.OptionInfo:
     return typer.Option(None, "--steps", "-S", help=f"Comma-separated S values, network calls per image (default {default}).")
 
 
+def a_sampler(value: str) -> str:
+    """--sampler checked by the parser (exit 2, before torch starts)."""
+    if value not in choices.SAMPLER_NAMES:
+        raise typer.BadParameter(f"{value!r} is not a sampler; choose {choices.sampler_names()}")
+    return value
+
+
+def a_device(value: str) -> str:
+    """--device checked by the parser: its form, and cuda only where the system shows an NVIDIA driver
+    (torch would take seconds to say there is no GPU)."""
+    kind, _, index = value.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu or cuda (cuda:N for one GPU)")
+    if kind == "cuda" and os.name == "posix" and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/proc/driver/nvidia")):
+        raise typer.BadParameter(f"{value} was asked for but this machine shows no NVIDIA GPU driver; use --device cpu")
+    return value
+
+
+def check_eta(sampler: str, eta: float = 0.0, sigma_hat: bool = False) -> None:
+    """--eta and --sigma-hat are DDIM's: refused by the parser for another sampler (exit 2)."""
+    if sampler not in choices.ETA_SAMPLERS and (eta or sigma_hat):
+        option = "--eta" if eta else "--sigma-hat"
+        raise typer.BadParameter(f"{option} is a setting of the ddim sampler; {sampler} is deterministic (leave it out)",
+                                 param_hint=option)
+
+
 SamplerOpt = typer.Option(
-    "ddim", "--sampler", autocompletion=complete_samplers,
-    help=f"{choices.sampler_names()}: DDIM, or a faster solver of the same ODE (dpm++2m, unipc: about 5 calls "
-    f"reach DDIM's 50-step quality on digits).",
+    "ddim", "--sampler", autocompletion=complete_samplers, callback=a_sampler,
+    help=f"{choices.sampler_names()}: DDIM, or a faster solver of its ODE.",
 )
 
 
 SkipOpt = typer.Option(
     None, "--skip", autocompletion=completing((*choices.SKIP_SCHEMES, "tuned")),
-    help=f"Timestep scheme: {', '.join(choices.SKIP_SCHEMES)}; explicit timesteps; a tune-steps file F.json; or tuned "
-    f"(the timesteps ddimctl ships for the model and sampler). Default: the sampler's, for ddim the model's.",
+    help=f"Timesteps: {', '.join(choices.SKIP_SCHEMES)}, a list, a tune-steps F.json, or tuned (shipped) "
+    f"(default: the sampler's).",
 )
 
 
@@ -152,11 +177,11 @@ def check_tuned(tuned: timesteps.Tuned | None, loaded: loading.LoadedModel, samp
         tuned.check(loaded.name, loaded.weights_sha256, sampler)
 
 
-DeviceOpt = typer.Option("auto", "--device", autocompletion=completing(("auto", "cpu", "cuda")), help="auto, cpu or cuda.")
+DeviceOpt = typer.Option("auto", "--device", autocompletion=completing(("auto", "cpu", "cuda")), callback=a_device,
+                         help="auto, cpu or cuda.")
 
 ClassOpt = typer.Option(
-    None, "--class", help="Class-conditional models: one class for every image, or one per image (such as 1,7); "
-    "sample and edit otherwise draw each image's class from its seed."
+    None, "--class", help="Class-conditional models: one class, or one per image (default: from each image's seed)."
 )
 
 
@@ -171,8 +196,7 @@ PrecisionOpt = typer.Option(
 
 ScaleOpt = typer.Option(
     None, "--scale", min=1, max=64,  # 64x already makes a 256-pixel image 16,384 pixels wide
-    help="Enlarge pictures N times (nearest neighbour; 1: the model's size). Default: grids, strips, GIFs and "
-    "single images at least 256 px on the short side; one-PNG-per-image folders at the model's resolution.",
+    help="Enlarge pictures N times (default: pictures to 256 px at least, folders of PNGs at the model's size).",
 )
 
 
@@ -225,21 +249,12 @@ def remove_made_folders() -> None:
     made_folders.clear()
 
 
-OFFLINE_MODEL = "digits"  # bundled: works with no network
-
-
 def load(model: str | None, along_ode: bool = False) -> loading.LoadedModel:
     """The model --model names (the registry's default if none); along_ode: for a command that follows
     its ODE (invert, reconstruct, interpolate, edit, tune-steps), which a distilled student has not."""
     spec = model or registry.default_model()
-    try:
-        with stderr.status(f"loading {spec}"):
-            loaded = loading.load_model(spec, notify=note)
-    except DdimctlError as e:
-        if model is None and not loading.is_cached(registry.registry()[spec]):  # the default model, not downloaded
-            raise DdimctlError(f"{e.args[0]}; to try ddimctl with no network, add --model {OFFLINE_MODEL} (the bundled "
-                               f"model)") from e
-        raise
+    with stderr.status(f"loading {spec}"):
+        loaded = loading.load_model(spec, notify=note)  # (a model the network would bring says what works without it)
     if along_ode:
         runners.check_invertible(loaded)
     return loaded

@@ -89,7 +89,7 @@ def models() -> None:
 
 @app.command()
 def fid(
-    samples: Optional[Path] = typer.Argument(None, help="Folder of generated images (or use --model to sample now)."),
+    samples: Optional[Path] = typer.Argument(None, metavar="SAMPLES", help="Folder of generated images (or use --model to sample now)."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Folder, .npz statistics, or a name torch-fidelity knows (cifar10-train)."),
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the FID statistics of SAMPLES to this .npz."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Sample from this model instead of reading SAMPLES."),

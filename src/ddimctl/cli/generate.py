@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .common import (
+    check_eta,
     ClassOpt,
     BatchOpt,
     CompileOpt,
@@ -64,12 +65,12 @@ def sample(
     latents: Optional[Path] = typer.Option(None, "--latents", help="Decode these x_T (from `ddimctl invert`)."),
     sigma_hat: bool = typer.Option(False, "--sigma-hat", help="ddim only: DDPM with the larger variance (Table 1's last row)."),
     clip: bool = typer.Option(
-        False, "--clip", help="Clip the predicted x0 to [-1, 1] at every step and go on with the noise it implies "
-        "(guided-diffusion's clip_denoised; not the paper's sampler): an under-trained model's images stay in range.",
+        False, "--clip", help="Clip the predicted x0 to [-1, 1] at every step, with the noise it implies "
+        "(guided-diffusion's clip_denoised): a young model's images stay in range.",
     ),
     clip_sample: bool = typer.Option(
-        False, "--clip-sample", help="ddim only: clip the predicted x0 in each update and keep the network's noise "
-        "(diffusers' clip_sample: DDIMPipeline's output for a folder saved with clip_sample true).",
+        False, "--clip-sample", help="ddim only: clip x0 in each update, keep the network's noise (diffusers' "
+        "clip_sample).",
     ),
     precision: str = PrecisionOpt,
     compile_model: Optional[bool] = CompileOpt,
@@ -77,6 +78,7 @@ def sample(
     class_text: Optional[str] = ClassOpt,
 ) -> None:
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
+    check_eta(sampler, eta, sigma_hat)
     steps_given = steps is not None
     runners.check_settings(batch_size=batch_size, num=None if latents else num)
     given_classes = class_list(class_text)
@@ -179,6 +181,7 @@ def edit(
     class_text: Optional[str] = ClassOpt,
 ) -> None:
     """SDEdit: noise the images to t0 and denoise them back (with --sampler), or inpaint the masked part."""
+    check_eta(sampler, eta)
     how = exact_settings(exact, tol, max_iters)
     given_classes = class_list(class_text)
     skip, tuned = timestep_choice(skip, timesteps_given, model, sampler, steps)

@@ -85,7 +85,7 @@ def describe_duration(seconds: float) -> str:
 
 @app.command()
 def train(
-    data: Path = typer.Argument(..., help="Folder of training images (searched recursively)."),
+    data: Path = typer.Argument(..., metavar="DATA", help="Folder of training images (searched recursively)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config, checkpoints, samples, log."),
     preset: Optional[str] = typer.Option(
         None, "--preset", help="Architecture: cifar10, celeba64, ddpm256, digits, small, tiny (default: small)."
@@ -281,8 +281,8 @@ def distill(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A training run folder, or any checkpoint --model accepts."),
-    out: Path = typer.Argument(..., help="Folder to write: a diffusers DDIMPipeline (UNet2DModel + DDIMScheduler)."),
+    run_dir: Path = typer.Argument(..., metavar="MODEL", help="A training run folder, or any checkpoint --model accepts."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Folder to write: a diffusers DDIMPipeline (UNet2DModel + DDIMScheduler)."),
 ) -> None:
     """Write a model as a diffusers pipeline folder (DDIMPipeline.from_pretrained loads it)."""
     from ..models.export import check_target, export_diffusers

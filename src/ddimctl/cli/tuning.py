@@ -9,13 +9,26 @@ from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, ModelOpt, SamplerOpt, app, check_output, fail, load, note, note_cpu_threads, say, stderr
+from .common import (
+    DeviceOpt,
+    ModelOpt,
+    SamplerOpt,
+    app,
+    check_output,
+    fail,
+    load,
+    make_output_folder,
+    note,
+    note_cpu_threads,
+    say,
+    stderr,
+)
 from .output import finish
 from .deferred import Deferred, library
 
 torch = Deferred("torch")
-devices, files, samplers, timesteps, tuning = map(
-    library, ("devices", "io.files", "sampling.samplers", "sampling.timesteps", "sampling.tuning"))
+devices, files, runs, samplers, timesteps, tuning = map(
+    library, ("devices", "io.files", "models.runs", "sampling.samplers", "sampling.timesteps", "sampling.tuning"))
 
 
 @app.command("tune-steps")
@@ -33,6 +46,9 @@ def tune_steps(
     """Fit the S timesteps of a sampler to a model: the timesteps whose images come closest to a much
     finer solve of the same ODE (UniPC, 100 calls) from the same x_T, searched from the best built-in
     scheme one timestep at a time. Minutes on a CPU for the digits model."""
+    folder = Path(out).expanduser().parent
+    if folder.name == timesteps.TUNED_FOLDER and not folder.exists() and runs.saved_run(folder.parent) is not None:
+        make_output_folder(folder)  # a run's own tuned/ folder, where --skip tuned finds the file
     check_output(out, (".json",), "--out")
     settings = samplers.Settings(sampler, steps)
     if settings.stochastic:

@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from ..errors import DdimctlError, param
+from ..errors import DdimctlError
 from ..io.files import sha256_of
 
 
@@ -96,6 +96,10 @@ def cached_repositories(cache_dir: str | None = None) -> list[tuple[str, list[st
     )
 
 
+# What works with no network, as a command to paste.
+OFFLINE = "the bundled model, which needs no network: ddimctl sample --model digits --steps 50 --eta 0"
+
+
 def download(
     name: str,
     repo: str,
@@ -122,8 +126,7 @@ def download(
         if problem is not None:
             raise DdimctlError(
                 f"model {name!r}: {where} is not in the Hub cache and the Hub at {_host(endpoint)} {problem}; check the "
-                f"network or proxy (or point HF_ENDPOINT at a mirror), or use the bundled {param('model')} digits "
-                f"or a local checkpoint"
+                f"network or proxy (or point HF_ENDPOINT at a mirror), or use a local checkpoint or {OFFLINE}"
             )
     try:
         path = Path(
@@ -140,7 +143,7 @@ def download(
         )
         raise DdimctlError(
             f"model {name!r}: {where} is not in the Hub cache and {reason}; connect to the network "
-            f"(or point HF_ENDPOINT at a mirror), or use the bundled {param('model')} digits or a local checkpoint"
+            f"(or point HF_ENDPOINT at a mirror), or use a local checkpoint or {OFFLINE}"
         ) from e
     except RepositoryNotFoundError as e:
         raise DdimctlError(
