@@ -23,7 +23,6 @@ EXAMPLES = [
     "ddimctl sample --model digits -n 64 --steps 20 --seed 3 --out grid.png",
     "ddimctl sample --model digits -n 64 --sampler dpm++2m --steps 5 --seed 3 --out fast.png",
     "ddimctl invert three.png seven.png --model digits --steps 100",
-    "ddimctl reconstruct three.png seven.png --model digits --steps 10,20,50,100,200",
     "ddimctl reconstruct three.png seven.png --model digits --steps 10,20,50 --exact",
     "ddimctl interpolate three.png seven.png --model digits --steps 20 --frames 8 --gif interp.gif",
 ]

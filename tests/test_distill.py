@@ -154,3 +154,32 @@ def test_teachers_that_predict_v_or_take_classes_distil_from_an_exact_copy(tmp_p
             cwd=tmp_path)
     ours, theirs = (torch.tensor(list(Image.open(tmp_path / f"{n}.png").getdata())) for n in ("student", "teacher"))
     assert (ours - theirs).abs().max() <= 1
+
+
+def test_a_student_exports_to_diffusers_when_ddim_scheduler_can_walk_its_timesteps(tmp_path, teacher):
+    """Timesteps in a spacing of DDIMScheduler (499,999: trailing's for 2 calls) export, and
+    DDIMPipeline's own loop at num_inference_steps = 2 gives the student's images; the default
+    timesteps (350,700) are no spacing of its, and are refused by name."""
+    diffusers = pytest.importorskip("diffusers")
+    from ddimctl.models.loading import load_model
+    from ddimctl.sampling import runners, samplers
+
+    for name, extra in (("trailing", ["--timesteps", "499,999"]), ("default", [])):
+        ddimctl("distill", "--model", teacher, "--updates", "1", "--out", name, *QUICK, *extra, cwd=tmp_path)
+    done = ddimctl("export", "trailing", "exported", cwd=tmp_path)
+    assert "num_inference_steps=2" in done.stdout
+    refused = ddimctl("export", "default", "refused", cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "not 350,700" in refused.stderr and not (tmp_path / "refused").exists()
+    student = load_model(str(tmp_path / "trailing"))
+    pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path / "exported")
+    x_T = torch.randn(2, *student.image_shape, generator=torch.Generator().manual_seed(2))
+    own = runners.settings_for(student, samplers.Settings(), steps_given=False)
+    runner = runners.Runner.create(student, own, torch.device("cpu"))
+    with torch.no_grad():
+        ours = runner.sample(x_T, None)
+        pipeline.scheduler.set_timesteps(2)
+        theirs = x_T.clone()
+        for t in pipeline.scheduler.timesteps:
+            theirs = pipeline.scheduler.step(pipeline.unet(theirs, t).sample, t, theirs, eta=0.0).prev_sample
+    assert sorted(pipeline.scheduler.timesteps.tolist()) == [499, 999]
+    assert float((ours - theirs).abs().max()) < 1e-3

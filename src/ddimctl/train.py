@@ -517,23 +517,28 @@ def write_samples(run_dir: Path, step: int, ema: UNet, options: TrainOptions, de
                         labels=labels, tile=panels[0].shape[1])
 
 
-def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: torch.device) -> float:
-    """About how long `steps` optimizer steps of `batch_size` images take on `device`: a forward pass,
-    times 3 for the backward pass, scaled to the batch and the steps."""
-    return 3 * forward_seconds(config, device) * batch_size * steps
-
-
-def forward_seconds(config: UNetConfig, device: torch.device, probe: int = 2) -> float:
-    """Seconds of one image's forward pass on `device`, timed on `probe` images (random weights: the
-    time does not depend on their values)."""
-    model = UNet(config).to(device).eval()
-    inputs = config.example_inputs(probe, device)
-    with torch.no_grad():
-        model(*inputs)  # the first call pays for allocations
+def estimate_seconds(config: UNetConfig, batch_size: int, steps: int, device: torch.device, probe: int = 16) -> float:
+    """About how long `steps` optimizer steps of `batch_size` images take on `device`, with the threads
+    this run has: one forward and backward pass of up to `probe` images timed (after one of the same
+    shape, which pays for allocations), scaled to the batch and the steps. (A 2-image forward pass
+    scaled up overestimated a tiny run 70-fold: its cost is mostly per call, not per image.)"""
+    images = min(batch_size, probe)
+    model = UNet(config).to(device).train()
+    x, t, classes = config.example_inputs(images, device)
+    seconds = 0.0
+    for _ in range(2):
         started = time.perf_counter()
-        model(*inputs)
+        (model(x, t) if classes is None else model(x, t, classes)).float().pow(2).mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
-    return seconds / probe
+    return seconds * batch_size / images * steps
+
+
+def smaller_presets(config: UNetConfig) -> list[str]:
+    """The presets with fewer parameters than `config` (what a warning may suggest instead)."""
+    own = params_for(config)
+    return [name for name, preset in PRESETS.items() if params_for(preset) < own]
 
 
 def params_for(config: UNetConfig) -> int:

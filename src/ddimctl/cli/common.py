@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from .. import choices
+from .. import threads as library_threads
 from ..errors import DdimctlError
 from .deferred import Deferred, library
 from .output import PlainProgress, flag, note, progress_bar, progress_on_interrupt, progress_seconds, say, stderr, stdout  # noqa: F401 (the commands' imports)
@@ -53,6 +54,7 @@ def main_options(
     if threads is not None:
         torch.set_num_threads(threads)
         cpu_threads_note.clear()
+        library_threads.user_set = True
 
 
 # What the command line decided about CPU threads (ddimctl.threads), said once a CPU run starts.

@@ -18,11 +18,13 @@ from rich.progress import (
 )
 
 from .. import choices
+from .. import threads as library_threads
 from .common import (
     DeviceOpt,
     ModelOpt,
     PlainProgress,
     app,
+    cpu_threads_note,
     completing,
     fail,
     load,
@@ -42,6 +44,16 @@ devices, distributed, runs, loading, image_data = map(
 
 
 HOPELESS_ON_CPU_S = 6 * 3600  # beyond this a CPU run is worth a warning before it starts
+
+
+def keep_recorded_threads(run: Path | None, device) -> None:
+    """A CPU resume takes the thread count its run recorded (the weights' bits depend on it), unless
+    the user chose one; a new run takes the free cores, like every command."""
+    count = runs.recorded_threads(runs.saved_run(run)) if run is not None and device.type == "cpu" else None
+    if count and not library_threads.user_set and torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+        cpu_threads_note.clear()
+        note(f"resuming with the run's {count} CPU thread(s), as it was trained (its weights' bits depend on the count)")
 
 
 @contextmanager
@@ -185,6 +197,7 @@ def train(
     runs.check_run_dir(out)
     main_process = distributed.from_env().is_main
     train_device = devices.pick_device(device)
+    keep_recorded_threads(out if continuing else None, train_device)
     if main_process:
         how = "bf16 autocast" if training.uses_bf16(options.precision, train_device) else "fp32"
         start = f"weights of {options.init}" if options.init else f"{options.preset or training.DEFAULT_PRESET} preset"
@@ -200,9 +213,10 @@ def train(
             remaining = options.steps - (runs.step_of(runs.checkpoint_files(out)[-1]) if resume and runs.checkpoint_files(out) else 0)
             seconds = training.estimate_seconds(config, options.batch_size, max(remaining, 0), train_device)
             if seconds > HOPELESS_ON_CPU_S:
-                note(f"warning: about {describe_duration(seconds)} on this CPU (one timed forward pass, x3 for the "
-                     f"backward); a CUDA GPU, a smaller --preset (small, tiny), a lower --resolution or fewer --steps "
-                     f"is quicker")
+                smaller = training.smaller_presets(config)
+                note(f"warning: about {describe_duration(seconds)} on this CPU (a timed training step, scaled); a CUDA "
+                     f"GPU{f', a smaller --preset ({chr(44).join(smaller)})' if smaller else ''}, a lower --resolution or "
+                     f"fewer --steps is quicker")
     started = time.perf_counter()
     with training_progress("training", options.steps, out, main_process, reading=True) as callbacks:
         newest = training.train(options, train_device, resume, callbacks, architecture)
@@ -290,4 +304,5 @@ def export(
     check_target(out)  # before the model loads
     loaded = loading.load_model(str(run_dir))
     export_diffusers(loaded, out)
-    finish(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r})")
+    calls = f", then num_inference_steps={loaded.student.steps}" if loaded.student else ""
+    finish(f"wrote {out}/ (model_index.json, unet/, scheduler/): diffusers.DDIMPipeline.from_pretrained({str(out)!r}){calls}")

@@ -12,9 +12,28 @@ from ..io.files import LEDGER, Ledger, atomic_folder, atomic_save_safetensors, e
 from .loading import LoadedModel
 
 
+def diffusers_spacing(timesteps: tuple[int, ...], train_steps: int) -> tuple[str, int] | None:
+    """(timestep_spacing, steps_offset) with which DDIMScheduler.set_timesteps(K) walks exactly these
+    K timesteps, or None: its spacings as diffusers computes them, written out here."""
+    k = len(timesteps)
+    spacings = {
+        "leading": lambda: [i * (train_steps // k) for i in range(k)],
+        "trailing": lambda: sorted(round(train_steps - i * train_steps / k) - 1 for i in range(k)),
+        "linspace": lambda: sorted(round(v) for v in (i * (train_steps - 1) / max(k - 1, 1) for i in range(k))),
+    }
+    for name, grid in spacings.items():
+        offset = timesteps[0] - grid()[0]
+        if 0 <= offset < train_steps and [t + offset for t in grid()] == list(timesteps):
+            return name, offset
+    return None
+
+
 def diffusers_scheduler_config(loaded: LoadedModel) -> dict:
     """DDIMScheduler settings that walk the model's schedule as ddimctl does (no clipping, abar = 1
-    after the last step); DDIMPipeline converts any scheduler it is given to this class anyway."""
+    after the last step); DDIMPipeline converts any scheduler it is given to this class anyway. A
+    student's: the spacing and offset that give its own timesteps at num_inference_steps = K."""
+    spacing, offset = ("leading", 0) if loaded.student is None else diffusers_spacing(loaded.student.timesteps,
+                                                                                    loaded.train_steps)
     s = loaded.schedule
     # DDIMScheduler has no laplace schedule: it goes as the betas themselves, as trained ones do
     given = s.get("kind") in ("laplace", TRAINED)
@@ -28,8 +47,8 @@ def diffusers_scheduler_config(loaded: LoadedModel) -> dict:
         "prediction_type": loaded.prediction,
         "clip_sample": False,
         "set_alpha_to_one": True,
-        "steps_offset": 0,
-        "timestep_spacing": "leading",
+        "steps_offset": offset,
+        "timestep_spacing": spacing,
     }
 
 
@@ -74,6 +93,13 @@ def exported_unet_config(loaded: LoadedModel) -> dict:
     if loaded.timestep_scale != 1:
         raise DdimctlError(f"model {loaded.name!r} cannot be exported to diffusers: its network takes rescaled "
                            f"timesteps (t x {loaded.timestep_scale:g}), which diffusers' schedulers do not give it")
+    student = loaded.student
+    if student is not None and (student.sampler != "ddim" or diffusers_spacing(student.timesteps, loaded.train_steps) is None):
+        raise DdimctlError(f"student {loaded.name!r} cannot be exported to diffusers: DDIMScheduler walks K timesteps "
+                           f"spaced leading, trailing or linspace (with an offset), not {','.join(map(str, student.timesteps))}; "
+                           f"distil with --timesteps in one of those spacings (such as trailing's "
+                           f"{','.join(map(str, sorted(round(loaded.train_steps - i * loaded.train_steps / student.steps) - 1 for i in range(student.steps))))}) "
+                           f"to export it")
     try:
         return diffusers_config(loaded.config)
     except DdimctlError as e:

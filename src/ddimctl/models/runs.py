@@ -100,9 +100,14 @@ def run_config(options: dict, config: UNetConfig, schedule: dict, prediction: st
             "skip": "uniform", "train": options}
 
 
+def recorded_threads(saved: dict | None) -> int | None:
+    """The CPU thread count a run recorded (its weights' bits depend on it), or None."""
+    return Fields(saved or {}, CONFIG).integer("cpu_threads", None, 1, 1_000_000)
+
+
 def thread_change(saved: dict | None, threads: int) -> str | None:
     """What a CPU resume with `threads` threads should know when the run used another count."""
-    before = Fields(saved or {}, CONFIG).integer("cpu_threads", None, 1, 1_000_000)
+    before = recorded_threads(saved)
     if before is None or before == threads:
         return None
     return (f"this run was trained with {before} CPU thread(s) and resumes with {threads}: the weights will not be "
