@@ -193,6 +193,70 @@ def test_sharded_and_resumed_sampling_write_the_bytes_of_a_straight_run(tiny_che
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
+def two_nodes(args, cwd):
+    """`ddimctl ARGS` as two machines run it: two torchrun launchers of one process each, meeting at a
+    c10d rendezvous on loopback (what two Slurm nodes do with --rdzv-endpoint=HEAD:PORT)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ddimctl-test", "-m", "ddimctl", *map(str, args)]
+    nodes = [subprocess.Popen(launcher, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err for _, err in outputs]
+    return outputs
+
+
+def test_two_nodes_sample_and_train_as_one_machine_does(tiny_checkpoint, data_dir, tmp_path):
+    """Across machines: sample writes a straight run's bytes, and train the weights two processes on
+    one machine give."""
+    args = ["sample", "--model", tiny_checkpoint, "-n", 5, "--steps", 3, "--eta", "1", "--batch-size", 2]
+    run(*args, "--out", "one/", cwd=tmp_path)
+    two_nodes([*args, "--out", "nodes/"], tmp_path)
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert sorted(p.name for p in (tmp_path / "nodes").glob("*.png")) == names and len(names) == 5
+    assert all((tmp_path / "one" / n).read_bytes() == (tmp_path / "nodes" / n).read_bytes() for n in names)
+    common = ["train", data_dir, "--save-every", 2, "--steps", 2, *TINY, "--sample-count", 0]
+    run(*common, "--out", "local", cwd=tmp_path, torchrun=2)
+    two_nodes([*common, "--out", "nodes-run"], tmp_path)
+    a, b = checkpoint_tensors(tmp_path / "local"), checkpoint_tensors(tmp_path / "nodes-run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shards_hold_a_straight_runs_images_and_fid_takes_them_together(tiny_checkpoint, tmp_path):
+    """sample --shard I/N for batch schedulers without a rendezvous: each shard its own folder, the
+    run's batches k with k % N == I; their union is the straight run's bytes, a shard resumes as
+    itself, and fid's union of the folders refuses a name twice."""
+    from ddimctl import evaluate
+    from ddimctl.errors import DdimctlError
+
+    args = ["sample", "--model", tiny_checkpoint, "-n", 7, "--steps", 3, "--eta", "1", "--batch-size", 2]
+    run(*args, "--out", "one/", cwd=tmp_path)
+    for i in range(3):
+        run(*args, "--shard", f"{i}/3", "--out", f"shard{i}/", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "shard1").glob("*.png")) == ["000002.png", "000003.png"]  # batch 1
+    (tmp_path / "shard0" / "000006.png").unlink()  # as a kill leaves it
+    again = run(*args, "--shard", "0/3", "--out", "shard0/", cwd=tmp_path)
+    assert "wrote 1 image" in again.stdout
+    union = evaluate.union_folder([tmp_path / f"shard{i}" for i in range(3)], tmp_path)
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.png"))
+    assert sorted(p.name for p in union.iterdir()) == names and len(names) == 7
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (union / name).read_bytes(), name
+    with pytest.raises(DdimctlError, match="is in both"):
+        (tmp_path / "again").mkdir()
+        evaluate.union_folder([tmp_path / "one", tmp_path / "shard1"], tmp_path / "again")
+    other = run(*args, "--shard", "1/3", "--out", "shard0/", cwd=tmp_path, check=False)
+    assert other.returncode == 1 and "shard 0/3 (now 1/3)" in other.stderr
+    unsized = run("sample", "--model", tiny_checkpoint, "--shard", "0/2", "--out", "x/", cwd=tmp_path, check=False)
+    assert unsized.returncode == 1 and "needs --batch-size" in unsized.stderr
+
+
 def test_another_batch_size_changes_at_most_a_rounding(tiny_checkpoint, tmp_path):
     """Across batch sizes the network's kernels may round differently (oneDNN on AVX2 CPUs does, by
     about 1e-5): the README promises pixels within 1/255, nearly all identical."""

@@ -94,6 +94,23 @@ def _run(fn, *args, **kwargs):
         raise DdimctlError(f"FID: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
 
 
+def union_folder(folders: list[Path], into: Path) -> Path:
+    """A folder of links to the images of `folders` (the shards of one run, `sample --shard`): one
+    image per name, so two folders holding the same name (the same run twice, or two runs) are refused."""
+    union, seen = into / "union", {}
+    union.mkdir()
+    for folder in folders:
+        if not folder.is_dir():
+            raise DdimctlError(f"{folder}: no such folder of images")
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in READ_SUFFIXES):
+            if path.name in seen:
+                raise DdimctlError(f"{path.name} is in both {seen[path.name]} and {folder}: the folders are not shards "
+                                   f"of one run; give each image once")
+            seen[path.name] = folder
+            (union / path.name).symlink_to(path.resolve())
+    return union
+
+
 def check_image_count(folder: Path) -> None:
     """A folder's features need two images at least for their covariance (one gives NaN)."""
     found = sum(1 for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES)

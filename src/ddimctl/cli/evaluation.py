@@ -89,7 +89,9 @@ def models() -> None:
 
 @app.command()
 def fid(
-    samples: Optional[Path] = typer.Argument(None, metavar="SAMPLES", help="Folder of generated images (or use --model to sample now)."),
+    samples_given: Optional[list[Path]] = typer.Argument(
+        None, metavar="[SAMPLES]...", help="Folder(s) of generated images, taken together (the shards of a run; or "
+        "use --model to sample now)."),
     ref: Optional[str] = typer.Option(None, "--ref", help="Folder, .npz statistics, or a name torch-fidelity knows (cifar10-train)."),
     save_stats: Optional[Path] = typer.Option(None, "--save-stats", help="Write the FID statistics of SAMPLES to this .npz."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Sample from this model instead of reading SAMPLES."),
@@ -111,6 +113,7 @@ def fid(
     from .. import evaluate
 
     evaluate.fidelity()
+    samples = samples_given[0] if samples_given else None
     dev = devices.pick_device(device)
     skip, tuned = timestep_choice(skip, None, model, sampler, steps)
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
@@ -129,6 +132,8 @@ def fid(
         fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
     evaluate.check_reference(ref, feature_extractor)
     with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:
+        if samples_given and len(samples_given) > 1:  # the shards of one run: their images together
+            samples = evaluate.union_folder(samples_given, Path(tmp))
         if model is not None:
             evaluate.check_sample_count(num)
             loaded = load(model)

@@ -76,6 +76,9 @@ def sample(
     compile_model: Optional[bool] = CompileOpt,
     scale: Optional[int] = ScaleOpt,
     class_text: Optional[str] = ClassOpt,
+    shard_text: Optional[str] = typer.Option(
+        None, "--shard", metavar="I/N", help="Folders only, with --batch-size: the run's batches k with k % N == I "
+        "(N shards' folders hold a straight run's images; fid takes them together)."),
 ) -> None:
     """Generate images: DDIM with S steps and any eta, or a fast solver (--sampler)."""
     check_eta(sampler, eta, sigma_hat)
@@ -95,6 +98,7 @@ def sample(
     to_folder = is_directory_target(out_path, out)
     if not to_folder and out_path.suffix.lower() not in images.PICTURE_SUFFIXES:
         fail(f"--out {out}: give an image file such as samples.png, or a folder ending in /")
+    shard = parse_shard(shard_text, to_folder, batch_size)
     if to_folder:
         make_output_folder(out_path)
     images.check_writable(out_path if not to_folder else out_path / "x")
@@ -127,7 +131,8 @@ def sample(
         files.remove_stale_temporaries(out_path)
         sample_folders.claim_folder(out_path, sample_folders.run_record(
             loaded, settings, seed, latents,
-            runners.run_precision(precision, devices.pick_device(device), settings), scale or 1, given_classes), count)
+            runners.run_precision(precision, devices.pick_device(device), settings), scale or 1, given_classes, shard,
+            batch_size), count)
     world.barrier()
     runner = make_runner(loaded, settings, device, precision=precision, compile_model=compile_model,
                           batch_size=batch_size, count=count, classes=classes)
@@ -135,7 +140,7 @@ def sample(
     started = time.perf_counter()
     stalled = None
     if to_folder:
-        done, stalled = plan_and_fill(runner, seed, count, out_path, world, x_T, scale or 1)
+        done, stalled = plan_and_fill(runner, seed, count, out_path, world, x_T, scale or 1, shard)
     else:
         with progress_bar("sampling", count, runner.evaluations) as advance:
             x0 = runners.sample_batches(runner, count, seed, x_T, advance)
@@ -145,7 +150,8 @@ def sample(
     elapsed = time.perf_counter() - started
     if world.is_main:
         where = f"{out_path}/ (one PNG each)" if to_folder else f"{out_path} (grid)"
-        what = f"{done} image{'s' * (done != 1)}" + (f" ({world.size} processes)" if world.size > 1 else "")
+        what = f"{done} image{'s' * (done != 1)}" + (f" ({world.size} processes)" if world.size > 1 else "") + (
+            f" (shard {shard[0]} of {shard[1]})" if shard[1] > 1 else "")
         done_before = f"{out_path}/ already held all {count} images; nothing written " if to_folder and done == 0 else ""
         finish(
             (done_before or f"wrote {what} to {where} in {elapsed:.1f}s ") +
@@ -153,6 +159,19 @@ def sample(
         )
         if stalled is not None and stalled >= 0.05:  # only worth saying when the writers held sampling up
             note(f"sampling waited {stalled:.2f}s for the PNG writers")
+
+
+def parse_shard(text: str | None, to_folder: bool, batch_size: int | None) -> tuple[int, int]:
+    """--shard I/N as (I, N); (0, 1) when not given."""
+    if text is None:
+        return 0, 1
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        fail(f"--shard {text}: give I/N with 0 <= I < N, such as 0/4")
+    if not to_folder or batch_size is None:
+        fail("--shard writes a folder of PNGs (--out DIR/) and needs --batch-size: the shards split the run's batches, "
+             "which must be the same in every shard")
+    return int(index), int(count)
 
 
 @app.command()

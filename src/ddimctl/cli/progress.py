@@ -25,14 +25,15 @@ def fill_with_progress(runner: runners.Runner, plan: sample_folders.FolderPlan, 
         return sample_folders.fill_folder(runner, plan, seed, world, x_T, scale, advance)
 
 
-def plan_and_fill(runner: runners.Runner, seed: int, count: int, folder: Path, world, x_T=None, scale: int = 1) -> tuple[int, float]:
+def plan_and_fill(runner: runners.Runner, seed: int, count: int, folder: Path, world, x_T=None, scale: int = 1,
+                  shard: tuple[int, int] = (0, 1)) -> tuple[int, float]:
     """Plan the folder (noting images already there), fill it; (images all processes wrote, stall)."""
-    plan = sample_folders.plan_folder(folder, count, runner.batch, world)
-    if plan.already == count and world.is_main:
-        note(f"all {count} images are already in {folder}; nothing to do")
+    plan = sample_folders.plan_folder(folder, count, runner.batch, world, shard)
+    if plan.already == plan.share and world.is_main:
+        note(f"all {plan.share} images are already in {folder}; nothing to do")
     elif plan.already and world.is_main:
-        note(f"{plan.already} of {count} images already in {folder}; generating the rest")
-    return count - plan.already, fill_with_progress(runner, plan, seed, world, x_T, scale)
+        note(f"{plan.already} of {plan.share} images already in {folder}; generating the rest")
+    return plan.share - plan.already, fill_with_progress(runner, plan, seed, world, x_T, scale)
 
 
 def run_inversion(runner: runners.Runner, x0: torch.Tensor, exact=None) -> tuple[torch.Tensor, int]:

@@ -36,10 +36,11 @@ class FolderPlan:
     computed exactly as in a straight run), and the images of them still missing."""
 
     folder: Path
-    count: int
+    count: int  # images of the run (their names are numbered by it)
     batches: list[list[int]]
     todo: list[int]
     already: int  # complete images found in the folder
+    share: int  # images this folder is to hold: the run's, or its shard's
 
     @property
     def computed(self) -> int:
@@ -47,16 +48,21 @@ class FolderPlan:
         return sum(len(b) for b in self.batches)
 
 
-def plan_folder(folder: Path, count: int, batch: int, world) -> FolderPlan:
+def plan_folder(folder: Path, count: int, batch: int, world, shard: tuple[int, int] = (0, 1)) -> FolderPlan:
     """Images 0..count-1 of a run as zero-padded PNGs in `folder`: which are missing (only a PNG that
     holds exactly what ddimctl wrote counts as done), and this process's share of the batches that
-    hold them."""
+    hold them. With shard (I, N) the folder holds the run's batches k with k % N == I only, a split
+    fixed by the run itself (not by what is done), so a shard resumes as itself and the union of the
+    N shards' folders is a straight run's images."""
     name_of = image_names(folder, count)
     ledger = Ledger(folder)
-    todo = [i for i in range(count) if not ledger.owns(name_of(i))]
+    index, shards = shard
+    ours = [b for k, b in enumerate(aligned_batches(range(count), batch, count)) if k % shards == index]
+    todo = [i for b in ours for i in b if not ledger.owns(name_of(i))]
     mine = aligned_batches(todo, batch, count)[world.rank :: world.size]
     members = {i for b in mine for i in b}
-    return FolderPlan(Path(folder), count, mine, [i for i in todo if i in members], count - len(todo))
+    share = sum(map(len, ours))
+    return FolderPlan(Path(folder), count, mine, [i for i in todo if i in members], share - len(todo), share)
 
 
 def fill_folder(
@@ -106,13 +112,14 @@ FOLDER_RECORD = ".ddimctl-sample.json"
 
 
 def run_record(model: LoadedModel, settings: samplers.Settings, seed: int, latents: Path | None, precision: str,
-               scale: int, classes: list[int] | None = None) -> dict:
+               scale: int, classes: list[int] | None = None, shard: tuple[int, int] = (0, 1), batch: int | None = None) -> dict:
     """What a folder's record holds: everything that decides the images' pixels, the model and the
     latents by their content (a newer checkpoint in a run folder, or other latents at the same path,
-    are another run)."""
+    are another run); a shard's folder its shard and the batch size that defines the split."""
+    sharded = {"shard": f"{shard[0]}/{shard[1]}", "batch_size": batch} if shard[1] > 1 else {}
     return {"model": model.name, "source": model.source, "weights_sha256": model.weights_sha256, **settings.record(), "seed": seed,
             "latents": str(latents) if latents else None, "latents_sha256": sha256_of(latents) if latents else None,
-            "precision": precision, "scale": scale, "classes": classes}
+            "precision": precision, "scale": scale, "classes": classes, **sharded}
 
 
 def claim_folder(folder: Path, settings: dict, count: int) -> None:
