@@ -213,8 +213,8 @@ FULL_DISK = (
 
 CASES = [
     # Devices and options
-    Case("unsupported device", lambda f: ["sample", *DIGITS, "--device", "meta"], "--device meta is not supported"),
-    Case("CUDA asked for, none there", lambda f: ["sample", *DIGITS, "--device", "cuda"], "no CUDA GPU is visible"),
+    Case("unsupported device", lambda f: ["sample", *DIGITS, "--device", "meta"], "'meta' is not a device", code=2),
+    Case("CUDA asked for, none there", lambda f: ["sample", *DIGITS, "--device", "cuda"], "shows no NVIDIA GPU driver", code=2),
     Case("eta NaN", lambda f: ["sample", *DIGITS, "--eta", "nan"], "--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"),
     Case("eta infinite", lambda f: ["sample", *DIGITS, "--eta", "inf"], "--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"),
     Case("eta negative", lambda f: ["sample", *DIGITS, "--eta", "-1"], "--eta must be between 0 and 1 (0: DDIM, 1: DDPM's posterior variance)"),
@@ -517,3 +517,137 @@ CASES += [
                                                                      ["train", "data", "--out", "run", *TRAIN])[-1],
          "could be read as an image", leaves=lambda f: ["run"] if (f / "run").exists() else []),
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Round 5: one case per rule.
+
+def fifo(folder: Path, name: str) -> str:
+    import os
+
+    os.mkfifo(folder / name)
+    return name
+
+
+def deep_json(folder: Path, name: str, depth: int = 200_000) -> str:
+    (folder / name).write_text("[" * depth + "]" * depth)
+    return name
+
+
+def pipeline_folder(folder: Path, scheduler_link: str | None = None, index: str | None = None,
+                     unet_class: str = "UNet2DModel") -> str:
+    """The tiny UNet as a diffusers pipeline folder (model_index.json, unet/, scheduler/), with its
+    scheduler config a link to `scheduler_link`, its model_index.json's text `index`, its UNet class."""
+    from ddimctl.models.diffusers_format import diffusers_config
+    from ddimctl.models.unet import PRESETS, UNet
+
+    torch.manual_seed(0)
+    (folder / "pipe" / "unet").mkdir(parents=True)
+    (folder / "pipe" / "scheduler").mkdir()
+    save_file(UNet(PRESETS["tiny"]).state_dict(), str(folder / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
+    config = {**diffusers_config(PRESETS["tiny"]), "_class_name": unet_class}
+    (folder / "pipe" / "unet" / "config.json").write_text(json.dumps(config))
+    (folder / "pipe" / "model_index.json").write_text(index if index is not None else json.dumps(
+        {"_class_name": "DDIMPipeline", "unet": ["diffusers", "UNet2DModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    scheduler = folder / "pipe" / "scheduler" / "scheduler_config.json"
+    if scheduler_link:
+        scheduler.symlink_to(scheduler_link)
+    else:
+        scheduler.write_text(json.dumps({"_class_name": "DDIMScheduler"}))
+    return "pipe"
+
+
+def held_by_another_process(path: str) -> str:
+    """A prelude: another ddimctl process (as it holds a folder: an flock on it) writing into `path`."""
+    return (f"import fcntl, os\nos.makedirs({path!r}, exist_ok=True)\n_held = os.open({path!r}, os.O_RDONLY)\n"
+            f"fcntl.flock(_held, fcntl.LOCK_EX)\nimport sys; sys.argv[0] = 'ddimctl'\n")
+
+
+def users_ledger(folder: Path) -> list[str]:
+    (folder / "s").mkdir()
+    (folder / "s" / ".ddimctl-files").write_bytes(USERS_BYTES)
+    return ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/"]
+
+
+def other_architecture_checkpoint(folder: Path) -> list[str]:
+    """A run whose newest checkpoint holds another UNet's tensors (as a hand copy might leave it)."""
+    from ddimctl.models.unet import PRESETS, UNet
+
+    trained_run(folder, steps=2)
+    newest = sorted((folder / "run" / "checkpoints").glob("*.safetensors"))[-1]
+    from safetensors import safe_open
+
+    with safe_open(str(newest), "pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k.startswith("optim.")}
+    other = UNet(PRESETS["tiny"]).state_dict()  # 3 channels: the run's UNet has 1
+    kept.update({f"{p}.{k}": v.clone() for p in ("model", "ema") for k, v in other.items()})
+    save_file(kept, str(newest), metadata=meta)
+    return ["train", "data", "--out", "run", *TRAIN, "--steps", "4", "--resume"]
+
+
+def exported_then_linked(folder: Path) -> list[str]:
+    ddimctl("export", "digits", "first", cwd=folder)
+    (folder / "link").symlink_to(folder / "first")
+    return ["export", "digits", "link"]
+
+
+def upper_case_safetensors(folder: Path) -> list[str]:
+    (folder / "TINY.SAFETENSORS").write_bytes(Path(tiny_checkpoint(folder)).read_bytes())
+    (folder / "TINY.json").write_bytes((folder / "tiny.json").read_bytes())
+    return ["sample", "--model", "TINY.SAFETENSORS", "-n", "2", "--steps", "2", "--out", "g.png"]
+
+
+CASES += [
+    # 1. every file through one reader: regular files only, up to a size and a depth
+    Case("--timesteps given a FIFO", lambda f: ["sample", *DIGITS, "--sampler", "unipc", "--timesteps", fifo(f, "t.json")],
+         "is a FIFO, not a file ddimctl can read"),
+    Case("--skip given a tuned file nested 200,000 levels deep",
+         lambda f: ["sample", *DIGITS, "--sampler", "unipc", "--skip", deep_json(f, "t.json")], "nested more than 64 levels"),
+    Case("a sidecar nested 200,000 levels deep", lambda f: ["sample", "--model", sidecar(f, "[" * 200_000 + "]" * 200_000)],
+         "nested more than 64 levels"),
+    Case("a scheduler config linked to /dev/zero", lambda f: ["sample", "--model", pipeline_folder(f, "/dev/zero"), "-n", "1"],
+         "is a device, not a file ddimctl can read"),
+    # 2. a folder recognised one way: pipeline and UNet classes by name
+    Case("a local LDMPipeline folder", lambda f: ["sample", "--model", pipeline_folder(f, index=json.dumps(
+        {"_class_name": "LDMPipeline", "unet": ["diffusers", "UNet2DModel"], "vqvae": ["diffusers", "VQModel"],
+         "scheduler": ["diffusers", "DDIMScheduler"]})), "-n", "1"], "a LDMPipeline is not a pixel-space DDPM pipeline"),
+    Case("a model_index.json that is not JSON", lambda f: ["sample", "--model", pipeline_folder(f, index="{oops"), "-n", "1"],
+         "not valid JSON"),
+    Case("a UNet2DConditionModel in unet/", lambda f: ["sample", "--model", pipeline_folder(f, unet_class="UNet2DConditionModel"),
+                                                        "-n", "1"], "a UNet2DConditionModel is not a pixel-space UNet2DModel"),
+    # 4. one writer per folder, every refusal before the work
+    Case("a sample folder another process is writing", lambda f: ["sample", *DIGITS, "-n", "2", "--steps", "2", "--out", "s/"],
+         "is being written by another ddimctl process", python=held_by_another_process("s"),
+         leaves=lambda f: [p.name for p in (f / "s").iterdir()]),
+    Case("a user's .ddimctl-files in a fresh output folder", users_ledger, ".ddimctl-files is not ddimctl's",
+         leaves=lambda f: users_files_untouched(["s/.ddimctl-files"])(f) + [p.name for p in (f / "s").glob("*.png")]),
+    # 5. messages that name the right thing
+    Case("train --resume --prediction v into a folder with no run", lambda f: (gray_pngs(f), [
+        "train", "data", "--out", "new", *TRAIN, "--steps", "1", "--prediction", "v", "--resume"])[-1], "done in", code=0),
+    Case("latents inverted with classes decoded by an unconditional model", lambda f: (save_file(
+        {"latents": torch.zeros(1, 1, 16, 16)}, str(f / "z.safetensors"),
+        metadata={"model": "digits", "steps": "2", "classes": "[5]"}), ["sample", "--latents", "z.safetensors", *DIGITS])[-1],
+         "were inverted with class labels (5)"),
+    Case("--model with an empty @revision", lambda f: ["sample", "--model", "acme/pipe@"], "nothing follows '@'"),
+    # 6. what the earlier rounds still found
+    Case("resuming from a checkpoint of another architecture", other_architecture_checkpoint,
+         "holds weights of another architecture"),
+    Case("1-D latents holding NaN", lambda f: ["sample", "--latents", latents(f, torch.tensor([float("nan"), 1.0])), *DIGITS],
+         "does not fit this model"),
+    Case("sample --batch-size 200000", lambda f: ["sample", *DIGITS, "-n", "200000", "--batch-size", "200000", "--out", "s/"],
+         "needs about", leaves=lambda f: ["s"] if (f / "s").exists() else []),
+    Case("train --batch-size 1000000", lambda f: (gray_pngs(f), ["train", "data", "--out", "run", *TRAIN,
+                                                                "--batch-size", "1000000"])[-1], "needs about",
+         leaves=no_run_folder("run")),
+    Case("a sidecar schedule without train_steps", lambda f: ["sample", "--model", sidecar(
+        f, '{"unet": {}, "schedule": {"kind": "linear"}}')], "field 'train_steps'"),
+    Case("export to a link to an earlier export", exported_then_linked, "is a link",
+         leaves=lambda f: temporaries(f) + [p.name for p in f.glob(".link*")]),
+    Case("a safetensors file named .SAFETENSORS", upper_case_safetensors, "wrote 2 images", code=0),
+    Case("TORCHINDUCTOR_CACHE_DIR is a file", lambda f: ((f / "cache-file").write_text("x"), [
+        "sample", *DIGITS, "-n", "1", "--steps", "1", "--compile", "--out", "g.png"])[-1], "is a file, not a folder",
+         env=None),
+]
+for case in CASES:
+    if case.name == "TORCHINDUCTOR_CACHE_DIR is a file":
+        case.env = {"TORCHINDUCTOR_CACHE_DIR": "cache-file"}

@@ -357,9 +357,9 @@ def test_threads_follow_the_free_cores(monkeypatch):
     assert threads.choose(env) is None and env == {"OMP_NUM_THREADS": "2"}  # the user's setting wins
 
 
-def test_training_keeps_its_thread_count_whatever_the_load(monkeypatch):
-    """A run's bits depend on its thread count (1 and 2 threads give other weights): train never takes
-    the count from the load of the moment, and a resume with another count says so."""
+def test_training_takes_the_free_cores_and_a_resume_its_runs_count(monkeypatch, tmp_path):
+    """train takes the free cores like every command (tune-steps keeps every core: its search compares
+    errors); a run records its count, and a resume takes it again, its weights' bits depending on it."""
     from ddimctl.models import runs
     from ddimctl import threads
 
@@ -369,12 +369,28 @@ def test_training_keeps_its_thread_count_whatever_the_load(monkeypatch):
                           (["sample", "--model", "digits"], "sample"), (["--version"], None)):
         assert threads.command_of(argv) == command
     env = {}
-    assert threads.choose(env, "train") is None and env == {}
-    assert threads.choose(env, "sample") is not None
+    assert threads.choose(env, "tune-steps") is None and env == {}
+    assert threads.choose(env, "train") is not None and env["OMP_NUM_THREADS"] == "1"
     assert runs.thread_change({"cpu_threads": 2}, 2) is None and runs.thread_change({}, 1) is None
     assert "--threads 2 keeps them" in runs.thread_change({"cpu_threads": 2}, 1)
     with pytest.raises(DdimctlError, match="cpu_threads"):
         runs.thread_change({"cpu_threads": "two"}, 1)
+    # A run trained on one thread resumes on one, wherever the machine's default is (no OMP_NUM_THREADS set).
+    from PIL import Image
+
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16), 60 * i, dtype=np.uint8), "L").save(tmp_path / "data" / f"{i}.png")
+    plain_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    train = [sys.executable, "-m", "ddimctl", "train", "data", "--out", "run", "--preset", "tiny", "--batch-size", "2",
+             "--sample-count", "0", "--warmup", "0"]
+    subprocess.run([*train[:3], "--threads", "1", *train[3:], "--steps", "1"], cwd=tmp_path, env=plain_env, check=True,
+                   capture_output=True)
+    resumed = subprocess.run([*train, "--steps", "2", "--resume"], cwd=tmp_path, env=plain_env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    # (on a busy machine the free cores may be one already; either way the resume ran on the run's count)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cpu_threads"] == 1
+    assert "will not be bit-identical" not in resumed.stderr
 
 
 def test_no_network_default_model_answers_in_one_line(tmp_path):

@@ -56,3 +56,29 @@ def test_only_ddimctls_own_temporaries_of_gone_processes_are_removed(tmp_path):
     assert not mine.exists() and live.exists() and all(p.exists() for p in users)
     assert remove_stale_temporaries(tmp_path) == 0 and link.is_symlink() and outside.read_text() == "a user's file"
     assert (tmp_path / "latents.safetensors").read_bytes() == b"new"
+
+
+def test_a_file_written_alone_carries_its_own_mark_and_leaves_no_ledger(tmp_path):
+    """A grid, a single edited image and a latents file hold the digest of their content (a PNG text
+    chunk, safetensors metadata): a rerun replaces ddimctl's own file, a user's file of the name is
+    refused, and so is ddimctl's once changed; no ledger is left beside them. A folder of samples keeps
+    its ledger."""
+    from helpers import ddimctl
+    from PIL import Image
+
+    grid = ["sample", "--model", "digits", "-n", "4", "--steps", "2", "--out", "grid.png"]
+    ddimctl(*grid, cwd=tmp_path)
+    ddimctl("invert", str(tmp_path / "grid.png"), "--model", "digits", "--steps", "2", "--out", "z.safetensors",
+            cwd=tmp_path)
+    assert not (tmp_path / LEDGER).exists()
+    ddimctl(*grid, "--seed", "1", cwd=tmp_path)  # its own file: replaced
+    Image.open(tmp_path / "grid.png").convert("L").point(lambda v: 255 - v).save(tmp_path / "grid.png")  # changed since
+    changed = ddimctl(*grid, cwd=tmp_path, check=False)
+    assert changed.returncode == 1 and "did not write" in changed.stderr
+    (tmp_path / "z.safetensors").write_bytes(b"a user's notes")
+    refused = ddimctl("invert", str(tmp_path / "grid.png"), "--model", "digits", "--steps", "2", "--out", "z.safetensors",
+                      cwd=tmp_path, check=False)
+    assert refused.returncode == 1 and "did not write" in refused.stderr
+    assert (tmp_path / "z.safetensors").read_bytes() == b"a user's notes"
+    ddimctl("sample", "--model", "digits", "-n", "2", "--steps", "2", "--out", "s/", cwd=tmp_path)
+    assert (tmp_path / "s" / LEDGER).is_file()

@@ -168,6 +168,24 @@ def test_the_suggested_sidecar_comes_from_the_weights_and_loads_as_printed(tmp_p
         assert torch.allclose(loaded.unet(x, t), theirs(x, t), atol=1e-4)
 
 
+def test_heads_and_a_qkv_that_do_not_fit_are_refused_before_the_split(tmp_path):
+    """A head count that does not divide the attention's channels, or weights whose fused qkv is not
+    (3C, C), are one line naming the flag or the tensor: no reshape runs before the check."""
+    theirs = their_model({**SMALL, "num_heads": 2})
+    result = ddimctl("sample", "--model", save(tmp_path, theirs, {**SMALL, "num_heads": 3}), "-n", "1", "--steps", "2",
+                     check=False, cwd=tmp_path)
+    assert result.returncode == 1 and "is not divisible by 3 attention heads" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    state = theirs.state_dict()
+    key = next(k for k in state if k.endswith("qkv.weight"))
+    state[key] = state[key].transpose(0, 1).contiguous()
+    torch.save(state, tmp_path / "transposed.pt")
+    (tmp_path / "transposed.json").write_text(json.dumps({**SMALL, "num_heads": 2}))
+    result = ddimctl("sample", "--model", tmp_path / "transposed.pt", "-n", "1", "--steps", "2", check=False, cwd=tmp_path)
+    assert result.returncode == 1 and f"{key} has shape" in result.stderr and "no fused q, k, v" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("change,named", [
     ({"num_res_blocks": 2}, "num_res_blocks"),  # the weights have one per level: the flags do not fit
     ({"classifier_scale": 1.0}, "classifier_scale"),

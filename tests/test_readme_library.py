@@ -20,11 +20,16 @@ def test_the_readme_library_example_runs():
     code = library_example()
     assert "ddimctl.sample(" in code and "noise_model" in code
     scope: dict = {}
+    import torch
+
+    torch.manual_seed(0)  # the example's x_T: the same every run
     exec(compile(code, "README.md (Library)", "exec"), scope)
     assert tuple(scope["images"].shape) == (16, 1, 16, 16)
-    assert scope["x_0"].shape == scope["x_T"].shape and len(scope["steps"]) == 50
+    assert scope["x_0"].shape == scope["x_T"].shape and len(scope["steps"]) == 20
     # invert_exact's latents decode back to x_0 (the example's comment)
     from ddimctl.sampling import ddim
 
     back = ddim.sample(scope["eps"], scope["x_T_exact"], scope["abar"], scope["tau"])
-    assert float((back - scope["x_0"]).abs().max()) < 0.05
+    error = (back - scope["x_0"]).abs()
+    assert float(error.mean()) < 5e-3 and float(error.max()) < 0.2, (float(error.mean()), float(error.max()))
+    assert scope["calls"] <= 4 * len(scope["tau"]) + 1

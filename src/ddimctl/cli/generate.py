@@ -223,7 +223,7 @@ def edit(
         make_output_folder(out_path)
         files.hold_folder(out_path)
     images.check_writable(targets[0])
-    files.refuse_foreign(targets + strips)  # e.g. `edit pics/ --out pics/` would replace the inputs themselves
+    files.refuse_foreign(targets + strips, ledger=to_folder)  # `edit pics/ --out pics/` would replace the inputs themselves
     loaded = load(model, along_ode=True)
     check_tuned(tuned, loaded, settings.sampler)
     classes = runners.image_classes(loaded, len(image_paths), given_classes, seed)
@@ -240,7 +240,8 @@ def edit(
     pixels, inputs = images.to_uint8(edited), images.to_uint8(x0)
     for i, (target, before, after) in enumerate(zip(targets, inputs, pixels)):
         # one image: enlarged like every picture (--scale 1 for the model's size); folders stay native
-        images.save_image(images.enlarge(after, scale or (1 if to_folder else images.display_scale(resolution))), target)
+        images.save_image(images.enlarge(after, scale or (1 if to_folder else images.display_scale(resolution))), target,
+                          alone=not to_folder)
         if strip:
             images.save_picture(images.strip(before[None], after[None]), strips[i], scale, ["input", "edited"],
                                 tile=resolution)

@@ -160,10 +160,13 @@ class Ledger:
                                f"that name); move that file, or choose another output folder")
 
     def owns(self, path: str | os.PathLike) -> bool:
-        """Whether `path` (in this folder) is a regular file holding exactly what ddimctl wrote there."""
+        """Whether `path` (in this folder) is a regular file holding exactly what ddimctl wrote there: by
+        its ledger entry, or, a file written alone, by its own mark (carries_mark)."""
         path = Path(path)
+        if not path.is_file() or path.is_symlink():
+            return False
         expected = self.entries.get(path.name)
-        return expected is not None and path.is_file() and not path.is_symlink() and sha256_of(path) == expected
+        return (expected is not None and sha256_of(path) == expected) or carries_mark(path)
 
     def names(self, path: str | os.PathLike) -> bool:
         """Whether ddimctl wrote a file of this name here (whatever it holds now)."""
@@ -172,6 +175,50 @@ class Ledger:
     def foreign(self, paths) -> list[Path]:
         """The paths that exist but are not ddimctl's (a write there would destroy someone's file)."""
         return [Path(p) for p in paths if os.path.lexists(p) and not self.owns(p)]
+
+
+# A file written alone (a picture, a latents file) carries its own mark instead of a ledger entry: the
+# sha256 of what it holds, inside it (a PNG text chunk, safetensors metadata). A rerun may replace
+# ddimctl's own file and refuses anyone else's, and no ledger is left in the user's folder.
+MARK = "ddimctl-sha256"
+MARKED_SUFFIXES = (".png", ".safetensors")
+
+
+def pixels_digest(img) -> str:
+    """The mark of a picture: its mode, size and pixels (what decoding gives, whatever the encoder did)."""
+    return hashlib.sha256(f"{img.mode} {img.width}x{img.height}\n".encode() + img.tobytes()).hexdigest()
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """The mark of a safetensors file: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def carries_mark(path: Path) -> bool:
+    """Whether a file ddimctl writes alone holds its mark, and the mark its content: a user's file
+    cannot (whatever its name), nor one changed since."""
+    if path.suffix.lower() not in MARKED_SUFFIXES:
+        return False
+    try:
+        regular_file(path)
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.load()
+                return img.format == "PNG" and img.text.get(MARK) == pixels_digest(img)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            mark = (f.metadata() or {}).get(MARK)
+            return mark is not None and mark == tensors_digest({k: f.get_tensor(k) for k in f.keys()})
+    except Exception:  # not a readable file of its kind: not one ddimctl wrote
+        return False
 
 
 def enter_in_ledger(path: str | os.PathLike) -> None:
@@ -201,10 +248,11 @@ def enter_in_ledger(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def refuse_foreign(paths) -> None:
-    """Before any work: refuse when a file this command would write exists and is not ddimctl's."""
+def refuse_foreign(paths, ledger: bool = True) -> None:
+    """Before any work: refuse when a file this command would write exists and is not ddimctl's (and,
+    for files a ledger will enter, when the folder's ledger name holds someone else's file)."""
     paths = [Path(p) for p in paths]
-    for folder in {p.parent for p in paths if p.parent.is_dir()}:
+    for folder in {p.parent for p in paths if p.parent.is_dir()} if ledger else ():
         Ledger(folder).check()
     paths = [p for p in paths if os.path.lexists(p)]  # entries are read only where a file stands
     by_folder: dict[Path, list[Path]] = {}
@@ -220,15 +268,16 @@ def refuse_foreign(paths) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, clean_stale: bool = True):
+def atomic_path(path: str | os.PathLike, clean_stale: bool = True, ledger: bool = True):
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
     A crash or kill at any moment leaves either the old file or the new one, never half of one.
     clean_stale first removes what killed writers of this same target left (off for folders of
-    thousands of images, which sample cleans once up front).
+    thousands of images, which sample cleans once up front). ledger False: the file carries its own
+    mark (MARK), and is entered in no ledger.
     """
     path = Path(path)
-    refuse_foreign([path])  # the last guard; commands check their outputs before any work
+    refuse_foreign([path], ledger)  # the last guard; commands check their outputs before any work
     if clean_stale:
         remove_stale_temporaries(path.parent, target=path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=".tmp")
@@ -238,7 +287,8 @@ def atomic_path(path: str | os.PathLike, clean_stale: bool = True):
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600; use the usual mode
             os.replace(tmp, path)
-        enter_in_ledger(path)
+        if ledger:
+            enter_in_ledger(path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -335,11 +385,14 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None,
+                            mark: bool = False) -> None:
     """Tensors to a safetensors file, atomically, the same bytes for the same tensors and metadata;
-    any failure (a full disk) is an OSError."""
+    any failure (a full disk) is an OSError. mark: a file written alone, marked (MARK) not ledgered."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    if mark:
+        metadata = {**(metadata or {}), MARK: tensors_digest(tensors)}
+    with atomic_path(path, ledger=not mark) as tmp:
         try:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         except SafetensorError as e:  # a full disk, say: safetensors raises its own error, not OSError

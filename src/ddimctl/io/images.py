@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DdimctlError, param
-from .files import atomic_path, refuse_foreign, regular_file
+from .files import MARK, MARKED_SUFFIXES, atomic_path, pixels_digest, refuse_foreign, regular_file
 
 # Formats Pillow reads that people keep images in; those ddimctl writes pictures in.
 READ_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -85,14 +85,30 @@ def save_picture(
             left, _, right, _ = draw.textbbox((0, 0), label)
             draw.text((centre - (right - left) / 2, 1), label, fill=0 if img.mode == "L" else (0, 0, 0))
         img = band
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+    write(img, path, alone=True)
 
 
-def save_image(pixels: torch.Tensor, path: Path, clean_stale: bool = True) -> None:
-    """Write one 8-bit (H, W, C) image; the format follows the suffix, .png by default."""
-    with atomic_path(path, clean_stale) as tmp:
-        to_pil(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+def save_image(pixels: torch.Tensor, path: Path, clean_stale: bool = True, alone: bool = False) -> None:
+    """Write one 8-bit (H, W, C) image; the format follows the suffix, .png by default. alone: not one
+    of a folder of many (see write)."""
+    write(to_pil(pixels), path, clean_stale, alone)
+
+
+def write(img: Image.Image, path: Path, clean_stale: bool = True, alone: bool = False) -> None:
+    """An image file, atomically. A PNG written alone carries its own mark (files.MARK: the digest of
+    its pixels, in a text chunk) and no ledger entry; the PNGs of a folder, and other formats, are
+    entered in their folder's ledger."""
+    kind = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    marked = alone and kind == "PNG"
+    with atomic_path(path, clean_stale, ledger=not marked) as tmp:
+        if marked:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text(MARK, pixels_digest(img))
+            img.save(tmp, format=kind, pnginfo=info)
+        else:
+            img.save(tmp, format=kind)
 
 
 class BackgroundWriter:
@@ -158,8 +174,8 @@ def check_writable(path: Path) -> None:
         raise DdimctlError(f"cannot write {path}: {folder} is not a folder; choose another {param('out')}")
     if not os.access(folder, os.W_OK):
         raise DdimctlError(f"cannot write {path}: folder {folder} is not writable; choose another {param('out')}")
-    if not Path(path).is_dir():
-        refuse_foreign([path])
+    if not Path(path).is_dir():  # a file written alone carries its own mark: no ledger of the folder's is involved
+        refuse_foreign([path], ledger=Path(path).suffix.lower() not in MARKED_SUFFIXES)
 
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

@@ -33,7 +33,7 @@ def save_latents(path: Path, latents: torch.Tensor, model: str, settings: sample
     """Write latents with the model and (resolved) settings they were inverted with, in the record
     format of a samples folder (Settings.record)."""
     made = {"model": model, **settings.record(), **metadata}
-    atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), _as_text(made))
+    atomic_save_safetensors({"latents": latents.float().cpu()}, Path(path), _as_text(made), mark=True)
 
 
 def inversion_metadata(exact: ExactInversion | None) -> dict[str, str]:

@@ -102,7 +102,8 @@ class Settings:
                                f"eta's); leave one of them out")
         if not spec.takes_eta and (self.eta != 0 or self.sigma_hat or self.clip_sample):
             what = param("eta") if self.eta != 0 else param("sigma_hat") if self.sigma_hat else param("clip_sample")
-            raise DdimctlError(f"{what} is a setting of the ddim sampler, not of {self.sampler} (leave it out)")
+            why = "takes no clipping of that kind" if what == param("clip_sample") else "is deterministic"
+            raise DdimctlError(f"{what} is a setting of the ddim sampler; {self.sampler} {why} (leave it out)")
         if self.clip and self.clip_sample:
             raise DdimctlError(f"{param('clip')} and {param('clip_sample')} clip two ways: {param('clip')} steps with the "
                                f"noise of the clipped x0, {param('clip_sample')} keeps the network's; give one")
