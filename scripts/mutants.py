@@ -9,6 +9,7 @@ failure), and the file is restored whatever happens. A mutant no test catches is
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -107,12 +108,18 @@ def run(name: str, module: str, text: str, mutated: str, tests: list[str]) -> di
     finally:
         path.write_text(original)
     failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in result.stdout.splitlines() if line.startswith("FAILED")]
-    status = "caught" if result.returncode == 1 and failed else "survived" if result.returncode == 0 else f"error {result.returncode}"
+    # (-x under xdist stops with exit status 2, "interrupted", after the first failure)
+    status = "caught" if failed else "survived" if result.returncode == 0 else f"error {result.returncode}"
     return {"name": name, "module": module, "status": status, "caught_by": failed[:1],
             "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
+    # A mutant is undone in a finally block: let a kill (SIGTERM) run it too. And start from the committed
+    # sources only, so that what a killed run left can never be taken for the original.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    if subprocess.run(["git", "diff", "--quiet", "--", "src"], cwd=ROOT).returncode != 0:
+        sys.exit("src/ has uncommitted changes; commit or restore them first (git diff src)")
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", type=Path)
     parser.add_argument("--only", help="Run the mutants whose name contains this")

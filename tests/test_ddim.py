@@ -103,6 +103,23 @@ def test_eta_one_is_the_ddpm_posterior_variance():
     assert ddim.ddim_sigma(a_t, a_s, 1.0) ** 2 == pytest.approx(posterior_var)
 
 
+def test_sigma_hat_steps_with_the_papers_larger_variance():
+    """Table 1's last row: sigma-hat = sqrt(1 - abar_t / abar_s) (the DDPM variance beta_t at one-step
+    jumps), and the step's other coefficients take it as sigma; one step of it, written out here."""
+    eps_model = GaussianEps(ABAR, MU, STD)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = ddim.sample(eps_model, x, ABAR, [0, 300], generator=torch.Generator().manual_seed(5), sigma_hat=True,
+                      callback=(steps := []).append)
+    a_t, a_s = float(ABAR[300]), float(ABAR[0])
+    sigma = math.sqrt(1 - a_t / a_s)
+    eps = eps_model(x, torch.full((3,), 300))
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float32).double()
+    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    want = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma**2, 0)) * eps + sigma * z
+    torch.testing.assert_close(steps[0].x, want, rtol=1e-6, atol=1e-6)
+    assert got.shape == x.shape
+
+
 def test_last_step_returns_x0_and_uses_each_timestep_once():
     eps_model = GaussianEps(ABAR, MU, STD)
     tau = schedule.timestep_sequence(20, 1000, "uniform")
@@ -287,6 +304,21 @@ def test_sdedit_moves_corrupted_data_towards_the_data_distribution():
     assert gaussian_error(full) < 0.08 and gaussian_error(corrupted) > 0.5
     weak = ddim.edit(eps_model, corrupted, ABAR, tau[:5], generator=g)
     assert (weak - corrupted).pow(2).mean() < (full - corrupted).pow(2).mean() / 5
+
+
+def test_sdedit_starts_from_the_image_noised_to_t0():
+    """q(x_t0 | x_0) = N(sqrt(abar) x_0, (1 - abar) I): the first call sees exactly that point, from the
+    generator's noise (written out here)."""
+    seen = []
+
+    def eps_model(x, t):
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    x_0 = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ddim.edit(eps_model, x_0, ABAR, [0, 200, 400], generator=torch.Generator().manual_seed(7))
+    z = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32).double()
+    torch.testing.assert_close(seen[0], math.sqrt(ABAR[400]) * x_0 + math.sqrt(1 - ABAR[400]) * z)
 
 
 def test_masked_edit_keeps_the_known_pixels_exactly_and_fills_the_rest():

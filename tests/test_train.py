@@ -87,6 +87,9 @@ def test_a_v_prediction_cosine_run_is_recorded_loaded_and_exported(data_dir, tmp
 def test_schedules_and_data_order():
     assert train.learning_rate(0, 1e-3, 10) == pytest.approx(1e-4)
     assert train.learning_rate(50, 1e-3, 10) == pytest.approx(1e-3)
+    # the half cosine after warm-up: the base rate, half of it halfway, 0 at the last step
+    cosine = [train.learning_rate(step, 1e-3, 10, 110, "cosine") for step in (10, 60, 110)]
+    assert cosine == pytest.approx([1e-3, 0.5e-3, 0.0], abs=1e-12)
     assert train.ema_decay(0, 0.9999) == pytest.approx(0.1)
     assert train.ema_decay(10**7, 0.9999) == 0.9999
     # Each epoch visits every image once; two processes split each batch without overlap.
