@@ -92,7 +92,9 @@ def describe_duration(seconds: float) -> str:
         return f"{seconds / 86400:.0f} days"
     if seconds >= 2 * 3600:
         return f"{seconds / 3600:.0f} hours"
-    return f"{seconds / 60:.0f} minutes"
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds:.0f} seconds"
 
 
 @app.command()
@@ -217,6 +219,8 @@ def train(
                 note(f"warning: about {describe_duration(seconds)} on this CPU (a timed training step, scaled); a CUDA "
                      f"GPU{f', a smaller --preset ({chr(44).join(smaller)})' if smaller else ''}, a lower --resolution or "
                      f"fewer --steps is quicker")
+            else:
+                note(f"about {describe_duration(seconds)} on this CPU (a timed training step, scaled)")
     started = time.perf_counter()
     with training_progress("training", options.steps, out, main_process, reading=True) as callbacks:
         newest = training.train(options, train_device, resume, callbacks, architecture)
@@ -285,6 +289,8 @@ def distill(
             if seconds > HOPELESS_ON_CPU_S:
                 note(f"warning: about {describe_duration(seconds)} on this CPU; a CUDA GPU, fewer --updates or a smaller "
                      f"--batch-size is quicker")
+            else:
+                note(f"about {describe_duration(seconds)} on this CPU (timed training steps, scaled)")
     started = time.perf_counter()
     with training_progress("distilling", options.updates, out, main_process, unit="updates") as callbacks:
         newest = distillation.distill(options, run_device, resume, callbacks, teacher)
