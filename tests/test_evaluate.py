@@ -167,6 +167,26 @@ def test_fid_from_saved_statistics_and_from_a_running_sampler(tmp_path):
     assert float(result.stdout.strip()) > 0
 
 
+@needs_fidelity
+def test_fid_of_shards_taken_together_is_the_fid_of_their_union(tmp_path):
+    """`fid s0 s1 --ref R` (the folders of `sample --shard`) scores the images of both as one set, and
+    --save-stats over both saves the statistics of that set."""
+    a = write_images(tmp_path / "a", 120, 0, 100)
+    b = write_images(tmp_path / "b", 150, 1, 130)
+    for i, path in enumerate(sorted((tmp_path / "a").iterdir())):
+        (tmp_path / f"s{i % 2}").mkdir(exist_ok=True)
+        path.rename(tmp_path / f"s{i % 2}" / path.name)
+    expected = metrics.frechet_distance_between(pooled_features(a), pooled_features(b))
+    extractor = ["--feature-extractor", "ddimctl-test-pooled"]
+    scored = ddimctl("fid", "s0", "s1", "--ref", "b", *extractor, cwd=tmp_path, prelude=WITH_TEST_EXTRACTOR)
+    assert float(scored.stdout.strip()) == pytest.approx(expected, rel=1e-3)
+    assert float(ddimctl("fid", "s0", "--ref", "b", *extractor, cwd=tmp_path, prelude=WITH_TEST_EXTRACTOR)
+                 .stdout.strip()) != pytest.approx(expected, rel=1e-2)  # one shard alone is another set
+    ddimctl("fid", "s0", "s1", "--save-stats", "a.npz", *extractor, cwd=tmp_path, prelude=WITH_TEST_EXTRACTOR)
+    saved = np.load(tmp_path / "a.npz")
+    assert np.allclose(saved["mu"], pooled_features(a).mean(0).numpy(), atol=1e-5)
+
+
 def test_the_install_hint_keeps_the_installed_torch():
     from ddimctl.evaluate import install_hint
 

@@ -119,21 +119,23 @@ def fid(
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
+    if save_stats is None and ref is None:
+        fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
     if save_stats is not None:
         if samples is None:
             fail("--save-stats writes the statistics of a folder: give SAMPLES")
         if not save_stats.parent.is_dir():
             fail(f"--save-stats {save_stats}: folder {save_stats.parent} does not exist; create it first")
         files.refuse_foreign([save_stats])
-        evaluate.save_statistics(evaluate.statistics(str(samples), dev, batch_size, feature_extractor), save_stats)
-        finish(f"wrote the FID statistics of {samples} to {save_stats}")
-        return
-    if ref is None:
-        fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
-    evaluate.check_reference(ref, feature_extractor)
+    else:
+        evaluate.check_reference(ref, feature_extractor)
     with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:
         if samples_given and len(samples_given) > 1:  # the shards of one run: their images together
             samples = evaluate.union_folder(samples_given, Path(tmp))
+        if save_stats is not None:
+            evaluate.save_statistics(evaluate.statistics(str(samples), dev, batch_size, feature_extractor), save_stats)
+            finish(f"wrote the FID statistics of {' '.join(map(str, samples_given))} to {save_stats}")
+            return
         if model is not None:
             evaluate.check_sample_count(num)
             loaded = load(model)
