@@ -119,14 +119,14 @@ def fid(
     settings = samplers.Settings(sampler, steps_for(steps, skip, sampler), skip, eta)
     if (samples is None) == (model is None):
         fail("give SAMPLES (a folder of images) or --model to sample from, not both")
-    if save_stats is None and ref is None:
-        fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
     if save_stats is not None:
         if samples is None:
             fail("--save-stats writes the statistics of a folder: give SAMPLES")
         if not save_stats.parent.is_dir():
             fail(f"--save-stats {save_stats}: folder {save_stats.parent} does not exist; create it first")
         files.refuse_foreign([save_stats])
+    elif ref is None:
+        fail("--ref is needed: a folder of images, a .npz from --save-stats, or a name such as cifar10-train")
     else:
         evaluate.check_reference(ref, feature_extractor)
     with tempfile.TemporaryDirectory(prefix="ddimctl-fid-") as tmp:

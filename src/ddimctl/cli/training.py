@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -95,6 +96,20 @@ def describe_duration(seconds: float) -> str:
     if seconds >= 90:
         return f"{seconds / 60:.0f} minutes"
     return f"{seconds:.0f} seconds"
+
+
+def note_cpu_estimate(seconds: float, quicker: Callable[[], str]) -> None:
+    """How long a CPU run will take, before it starts; a hopeless one is a warning naming what is
+    quicker (asked for only then)."""
+    estimate = f"about {describe_duration(seconds)} on this CPU (a timed training step, scaled)"
+    note(f"warning: {estimate}; {quicker()} is quicker" if seconds > HOPELESS_ON_CPU_S else estimate)
+
+
+def quicker_training(config) -> str:
+    from .. import train as training
+
+    smaller = training.smaller_presets(config)  # never the preset in use
+    return f"a CUDA GPU{f', a smaller --preset ({chr(44).join(smaller)})' if smaller else ''}, a lower --resolution or fewer --steps"
 
 
 @app.command()
@@ -214,13 +229,7 @@ def train(
         if train_device.type == "cpu":  # a run of weeks should say so before it starts, not after
             remaining = options.steps - (runs.step_of(runs.checkpoint_files(out)[-1]) if resume and runs.checkpoint_files(out) else 0)
             seconds = training.estimate_seconds(config, options.batch_size, max(remaining, 0), train_device)
-            if seconds > HOPELESS_ON_CPU_S:
-                smaller = training.smaller_presets(config)
-                note(f"warning: about {describe_duration(seconds)} on this CPU (a timed training step, scaled); a CUDA "
-                     f"GPU{f', a smaller --preset ({chr(44).join(smaller)})' if smaller else ''}, a lower --resolution or "
-                     f"fewer --steps is quicker")
-            else:
-                note(f"about {describe_duration(seconds)} on this CPU (a timed training step, scaled)")
+            note_cpu_estimate(seconds, lambda: quicker_training(config))
     started = time.perf_counter()
     with training_progress("training", options.steps, out, main_process, reading=True) as callbacks:
         newest = training.train(options, train_device, resume, callbacks, architecture)
@@ -286,11 +295,7 @@ def distill(
         note_cpu_threads(run_device)
         if run_device.type == "cpu":
             seconds = distillation.estimate_seconds(teacher, options, run_device)
-            if seconds > HOPELESS_ON_CPU_S:
-                note(f"warning: about {describe_duration(seconds)} on this CPU; a CUDA GPU, fewer --updates or a smaller "
-                     f"--batch-size is quicker")
-            else:
-                note(f"about {describe_duration(seconds)} on this CPU (timed training steps, scaled)")
+            note_cpu_estimate(seconds, lambda: "a CUDA GPU, fewer --updates or a smaller --batch-size")
     started = time.perf_counter()
     with training_progress("distilling", options.updates, out, main_process, unit="updates") as callbacks:
         newest = distillation.distill(options, run_device, resume, callbacks, teacher)
