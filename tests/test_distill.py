@@ -3,6 +3,7 @@
 v or take class labels (the student starts as an exact copy of each)."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ddimctl import distill, schedule
+from ddimctl.devices import WorkTimer
 from ddimctl.io.files import sha256_of
 from ddimctl.models import runs
 from ddimctl.models.unet import PRESETS
@@ -38,6 +40,19 @@ def test_the_loss_is_the_squared_error_of_the_landing_points():
     coefficients = [(1 - a300) ** 0.5 - (a300 * (1 - a700) / a700) ** 0.5, -((1 - a300) / a300) ** 0.5]
     expected = sum((0.01 * c) ** 2 for c in coefficients) / 2
     assert float(distill.student_loss(off, x_T, [x_300, clean], ABAR, student)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_teachers_share_counts_only_its_own_stretches():
+    """The work timer behind "teacher N% of the time" sums the stretches it measures and nothing between
+    them (on a CPU, the host's clock; a GPU's events are read the same way)."""
+    timer = WorkTimer(torch.device("cpu"))
+    started = time.perf_counter()
+    for _ in range(2):
+        with timer.measure():
+            time.sleep(0.03)
+        time.sleep(0.05)
+    total = time.perf_counter() - started
+    assert 0.06 <= timer.seconds <= total - 0.1
 
 
 def test_the_students_timesteps_and_the_teachers_grid():

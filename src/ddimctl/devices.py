@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -67,3 +69,36 @@ def start_host_copy(x: torch.Tensor) -> Callable[[], torch.Tensor]:
     copied = torch.cuda.Event()
     copied.record()
     return lambda: (copied.synchronize(), host)[1]
+
+
+class WorkTimer:
+    """Seconds that stretches of work take on `device`. A GPU runs its kernels after the host has queued
+    them, so there the stretches are CUDA events, read once the device has caught up (no wait in the
+    loop); elsewhere the host's clock."""
+
+    def __init__(self, device: torch.device):
+        self.on_gpu = device.type == "cuda"
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+
+    @contextmanager
+    def measure(self):
+        if self.on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((start, end))
+        else:
+            started = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - started
+
+    @property
+    def seconds(self) -> float:
+        """The measured stretches so far, together (waits for the device's last one)."""
+        for start, end in self._pending:
+            end.synchronize()
+            self._seconds += start.elapsed_time(end) / 1000
+        self._pending.clear()
+        return self._seconds

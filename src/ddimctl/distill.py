@@ -30,7 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed, seeds
-from .devices import check_batch_fits
+from .devices import WorkTimer, check_batch_fits
 from .errors import DdimctlError, param
 from .io import images
 from .io.fields import Fields
@@ -240,9 +240,9 @@ def distill(options: DistillOptions, device: torch.device, resume: bool = False,
             rows = session.world.share(range(session.step * o.batch_size, (session.step + 1) * o.batch_size))
             x_T = trajectory_noise(o.seed, session.step, rows, plan.shape).to(session.device)
             labels = plan.classes(session.step, rows)
-            started = time.perf_counter()
-            targets = teacher_points(plan.network(plan.teacher, labels), x_T, plan.abar, plan.grid, plan.student.timesteps)
-            plan.teacher_seconds += time.perf_counter() - started
+            with plan.teacher_time.measure():
+                targets = teacher_points(plan.network(plan.teacher, labels), x_T, plan.abar, plan.grid,
+                                         plan.student.timesteps)
             lr = session.set_learning_rate(learning_rate(session.step, o.lr, o.warmup))
             with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=plan.bf16):
                 loss = student_loss(plan.network(plan.student_eps, labels), x_T, targets, plan.abar, plan.student.timesteps)
@@ -271,7 +271,7 @@ class Plan:
     class_count: int | None
     seed: int
     bf16: bool
-    teacher_seconds: float = 0.0
+    teacher_time: WorkTimer
     started: float = 0.0
 
     def classes(self, update: int, rows: range) -> torch.Tensor | None:
@@ -287,7 +287,7 @@ class Plan:
     def rates(self) -> str:
         """Where the time goes: the teacher's share of it (its solves) and the student's."""
         total = time.perf_counter() - self.started
-        return f"teacher {100 * self.teacher_seconds / max(total, 1e-9):.0f}% of the time"
+        return f"teacher {100 * self.teacher_time.seconds / max(total, 1e-9):.0f}% of the time"
 
 
 def open_distillation(options: DistillOptions, device: torch.device, resume: bool, progress: TrainCallbacks,
@@ -332,7 +332,7 @@ def open_distillation(options: DistillOptions, device: torch.device, resume: boo
     abar = teacher.alphas_cumprod
     plan = Plan(teacher.noise_model(device, precision), student_eps(trained, teacher), abar,
                 teacher_grid(student.timesteps, options.teacher_steps, abar), student, teacher.image_shape,
-                teacher.class_count, options.seed, precision == "bf16")
+                teacher.class_count, options.seed, precision == "bf16", WorkTimer(device))
     pictures = lambda at, weights: write_pictures(run_dir, at, weights, teacher, student, options, plan, device)  # noqa: E731
     session = Session(run_dir, world, device, model, trained, ema, optimizer, step, options, options.updates, progress,
                       pictures, resume_from)
