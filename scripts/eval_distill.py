@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--baselines", type=int, default=1)
     parser.add_argument("--checkpoints", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu", help="Where the cells are sampled (fp32 either way)")
     args = parser.parse_args()
 
     teacher = loading.load_model("digits")
@@ -61,7 +62,7 @@ def main() -> None:
     def score(model, settings: samplers.Settings, label: str, **extra) -> None:
         feats, pixels = [], []
         for seed in range(args.seeds):
-            x = sample_cell(model, settings, args.n, seed)
+            x = sample_cell(model, settings, args.n, seed, args.device)
             feats.append(metrics.frechet_distance(*metrics.gaussian_stats(features(x)), *reference[0]))
             pixels.append(metrics.frechet_distance(*metrics.gaussian_stats(x), *reference[1]))
         mean = lambda v: sum(v) / len(v)  # noqa: E731

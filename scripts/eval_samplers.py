@@ -59,9 +59,9 @@ def labelled(folder: Path, resolution: int, channels: int) -> tuple[torch.Tensor
     return torch.cat(images), labels
 
 
-def sample_cell(model, settings: samplers.Settings, n: int, seed: int) -> torch.Tensor:
-    sampler = runners.Runner.create(model, settings, torch.device("cpu"))
-    x = torch.cat([x0 for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
+def sample_cell(model, settings: samplers.Settings, n: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    sampler = runners.Runner.create(model, settings, torch.device(device))
+    x = torch.cat([x0.cpu() for _, x0 in sampler.sample_indices(list(range(n)), seed, 512)])
     return ((x + 1) / 2).clamp(0, 1).mul(255).round().div(255)  # the 8-bit images a user gets
 
 

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: the GPU check (speed and fidelity against diffusers, the solvers per call, a kernel-time profile,
-# the 256x256 model, training throughput, the streamed CLI), then candidates for the bundled digits
-# model trained side by side and scored. Everything lands in $OUT (at most 7 files).
+# One call on a lent GPU, about 6.5 minutes: first the distillation numbers (scripts/gpu_distill.py: time per
+# 1,000 updates of `distill --steps 2` on the CIFAR-10 architecture; digits students at 1, 2, 4 calls scored
+# against DDIM-50), then the GPU check (scripts/gpu_check.py: correctness, the CIFAR-10 fast path against
+# diffusers, the solvers per call, training throughput). Everything lands in $OUT (7 files: at most 8 come back).
 #   carry: .gpu (diffusers wheels in .gpu/wheels, data from scripts/make_digits.py in .gpu/digits)
+#   DISTILL_S=0 or CHECK_S=0 leaves a part out; CHECK_STAGES adds the check's other stages
+#   (profile, ddpm256, cli: about 2 minutes more).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-CHECK_S=${CHECK_S:-270}
-DIGITS_S=${DIGITS_S:-140}
+DISTILL_S=${DISTILL_S:-240}
+CHECK_S=${CHECK_S:-150}
+CHECK_STAGES=${CHECK_STAGES:-correctness,cifar10,solvers,training}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
-timeout $((CHECK_S + 30)) python3 scripts/gpu_check.py --out "$OUT" --budget "$CHECK_S" --modes default \
-    --batches 1024 --baseline-runs 1 --lean --stages correctness,cifar10,solvers,profile,ddpm256,training,cli 2>&1 \
-    | tee "$OUT/gpu_check.log"
-timeout $((DIGITS_S + 100)) python3 scripts/train_digits.py .gpu/digits --seconds "$DIGITS_S" --out "$OUT" 2>&1 \
-    | tee "$OUT/train_digits.log"
+if [ "$DISTILL_S" -gt 0 ]; then
+    timeout $((DISTILL_S + 60)) python3 scripts/gpu_distill.py .gpu/digits --out "$OUT" --seconds "$DISTILL_S" 2>&1 \
+        | tee "$OUT/gpu_distill.log"
+fi
+if [ "$CHECK_S" -gt 0 ]; then
+    timeout $((CHECK_S + 30)) python3 scripts/gpu_check.py --out "$OUT" --budget "$CHECK_S" --modes default \
+        --batches 1024 --baseline-runs 1 --lean --stages "$CHECK_STAGES" 2>&1 | tee "$OUT/gpu_check.log"
+fi
