@@ -89,6 +89,8 @@ class WorkTimer:
             yield
             end.record()
             self._pending.append((start, end))
+            if len(self._pending) > 64:  # a process that never reads the total keeps few events
+                self._fold(wait=False)
         else:
             started = time.perf_counter()
             yield
@@ -97,8 +99,11 @@ class WorkTimer:
     @property
     def seconds(self) -> float:
         """The measured stretches so far, together (waits for the device's last one)."""
-        for start, end in self._pending:
+        self._fold(wait=True)
+        return self._seconds
+
+    def _fold(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].query()):
+            start, end = self._pending.pop(0)
             end.synchronize()
             self._seconds += start.elapsed_time(end) / 1000
-        self._pending.clear()
-        return self._seconds
