@@ -268,8 +268,11 @@ def test_reconstruct_takes_a_folder(tiny_checkpoint, images_dir, tmp_path):
 
 
 def test_version_and_shell_completion(tmp_path):
+    from importlib import metadata
+
     from ddimctl import __version__
 
+    assert metadata.version("ddimctl") == __version__  # the package's version is read from __init__.py alone
     assert ddimctl("--version", cwd=tmp_path).stdout.startswith(f"ddimctl {__version__}")
     assert "--install-completion" in ddimctl("--help", cwd=tmp_path).stdout
     # What bash asks the installed console script at a Tab: commands, registry models, samplers.

@@ -6,13 +6,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .. import choices
+from .. import __version__, choices
 from .. import threads as library_threads
 from ..errors import DdimctlError
 from .deferred import Deferred, library
@@ -35,7 +34,7 @@ app = typer.Typer(
 
 def show_version(value: bool) -> None:
     if value:
-        print(f"ddimctl {metadata.version('ddimctl')} (torch {torch.__version__})")
+        print(f"ddimctl {__version__} (torch {torch.__version__})")
         raise typer.Exit()
 
 
