@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddimctl.models import runs, loading
-from ddimctl import schedule, train
+from ddimctl import schedule, session, train
 from ddimctl.distributed import World
 
 
@@ -85,13 +85,13 @@ def test_a_v_prediction_cosine_run_is_recorded_loaded_and_exported(data_dir, tmp
 
 
 def test_schedules_and_data_order():
-    assert train.learning_rate(0, 1e-3, 10) == pytest.approx(1e-4)
-    assert train.learning_rate(50, 1e-3, 10) == pytest.approx(1e-3)
+    assert session.learning_rate(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert session.learning_rate(50, 1e-3, 10) == pytest.approx(1e-3)
     # the half cosine after warm-up: the base rate, half of it halfway, 0 at the last step
-    cosine = [train.learning_rate(step, 1e-3, 10, 110, "cosine") for step in (10, 60, 110)]
+    cosine = [session.learning_rate(step, 1e-3, 10, 110, "cosine") for step in (10, 60, 110)]
     assert cosine == pytest.approx([1e-3, 0.5e-3, 0.0], abs=1e-12)
-    assert train.ema_decay(0, 0.9999) == pytest.approx(0.1)
-    assert train.ema_decay(10**7, 0.9999) == 0.9999
+    assert session.ema_decay(0, 0.9999) == pytest.approx(0.1)
+    assert session.ema_decay(10**7, 0.9999) == 0.9999
     # Each epoch visits every image once; two processes split each batch without overlap.
     seen = torch.cat([train.batch_indices(10, s, 5, 0, World()) for s in range(2)])
     assert sorted(seen.tolist()) == list(range(10))

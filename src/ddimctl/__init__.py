@@ -7,7 +7,8 @@
 The house: schedule.py on the ground (the noise schedule, predictions, the paper's timesteps); three
 wings above it, each importing only downward: io/ (files, fields, images), models/ (the UNet, every
 checkpoint family, loading, the model boundary) and sampling/ (ddim.py, the solvers, the table of
-samplers, runners); train.py, evaluate.py and bench.py on top; cli/ is the command line.
+samplers, runners); train.py and distill.py (on the session.py they share), evaluate.py and bench.py
+on top; cli/ is the command line.
 """
 
 from importlib import import_module

@@ -40,8 +40,8 @@ from .models.unet import UNet
 from .sampling import ddim, solvers, timesteps
 from .sampling.runners import Runner, image_classes, settings_for
 from .sampling.samplers import Settings
-from .train import Session, TrainCallbacks, learning_rate, record_run
-from .train import estimate_seconds as train_seconds
+from .session import Session, TrainCallbacks, learning_rate, record_run
+from .session import estimate_seconds as training_step_seconds
 
 MAX_STEPS = 4  # the calls a student is distilled for here (runs.MAX_STUDENT_STEPS bounds what a run may record)
 # The teacher's solver: as good as UniPC from 10 calls on digits (docs/timesteps-eval.json), and the points its
@@ -371,7 +371,7 @@ def write_pictures(run_dir: Path, step: int, ema: UNet, teacher: LoadedModel, st
 
 def estimate_seconds(teacher: LoadedModel, options: DistillOptions, device: torch.device) -> float:
     """About how long the run's updates take on `device`: per update, one training step (forward and
-    backward, timed: train.estimate_seconds) per student call, and a third of one per teacher call."""
+    backward, timed: session.estimate_seconds) per student call, and a third of one per teacher call."""
     calls = len(teacher_grid(student_of(options, teacher).timesteps, options.teacher_steps, teacher.alphas_cumprod))
-    step = train_seconds(teacher.config, options.batch_size, 1, device)
+    step = training_step_seconds(teacher.config, options.batch_size, 1, device)
     return step * (options.steps + calls / 3) * options.updates

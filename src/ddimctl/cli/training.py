@@ -84,7 +84,7 @@ def training_progress(what: str, total: int, out: Path, main_process: bool, read
                 plain.update(step, f", {status}")
 
         progress_on_interrupt.append(lambda: runs.interrupted_at(out))
-        yield library("train").TrainCallbacks(on_data=on_data, on_step=on_step,
+        yield library("session").TrainCallbacks(on_data=on_data, on_step=on_step,
                                               on_message=lambda m: bar.console.print(m, markup=False))
 
 
@@ -228,7 +228,7 @@ def train(
         note_cpu_threads(train_device)
         if train_device.type == "cpu":  # a run of weeks should say so before it starts, not after
             remaining = options.steps - (runs.step_of(runs.checkpoint_files(out)[-1]) if resume and runs.checkpoint_files(out) else 0)
-            seconds = training.estimate_seconds(config, options.batch_size, max(remaining, 0), train_device)
+            seconds = library("session").estimate_seconds(config, options.batch_size, max(remaining, 0), train_device)
             note_cpu_estimate(seconds, lambda: quicker_training(config))
     started = time.perf_counter()
     with training_progress("training", options.steps, out, main_process, reading=True) as callbacks:

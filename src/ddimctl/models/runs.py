@@ -94,7 +94,7 @@ def sample_grid_path(run_dir: Path, step: int) -> Path:
 
 def run_config(options: dict, config: UNetConfig, schedule: dict, prediction: str) -> dict:
     """config.json of a run folder: enough for `--model RUN_DIR` (the UNet, its noise schedule, what
-    it predicts) and for checking a resume (train.record_run adds the CPU thread count: the weights'
+    it predicts) and for checking a resume (session.record_run adds the CPU thread count: the weights'
     bits depend on it)."""
     return {"format": RUN_FORMAT, "unet": config.to_dict(), "schedule": schedule, "prediction": prediction,
             "skip": "uniform", "train": options}
