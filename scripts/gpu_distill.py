@@ -98,6 +98,7 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
+    from ddimctl.distill import DistillOptions
     from ddimctl.models.unet import PRESETS, UNet
 
     preset, timing_updates, batch = ("tiny", 12, 4) if args.smoke else ("cifar10", 300, 64)
@@ -136,7 +137,7 @@ def main() -> None:
     report["students"] = run_until(students, STARTED + args.seconds - score_s)
     for name in students:
         run = work / name
-        report["students"][name]["rate"] = steady_rate(run, 64) if (run / "train.log").exists() else {}
+        report["students"][name]["rate"] = steady_rate(run, DistillOptions.batch_size) if (run / "train.log").exists() else {}
     save()
     runs = [work / name for name in students if list((work / name / "checkpoints").glob("*.safetensors"))]
     scored = work / "scores.json"

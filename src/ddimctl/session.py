@@ -34,7 +34,6 @@ def learning_rate(step: int, base: float, warmup: int, total: int = 0, schedule:
     return base
 
 
-
 def ema_decay(step: int, decay: float) -> float:
     """The configured decay, ramped up early so the average is not dominated by the random init."""
     return min(decay, (1 + step) / (10 + step))
@@ -43,7 +42,6 @@ def ema_decay(step: int, decay: float) -> float:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), [p.detach().float() for p in model.parameters()], 1 - decay)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,7 +55,6 @@ class TrainCallbacks:
     on_data: Callable[[int, int], None] | None = None  # (files done, files total)
     on_step: Callable[[int, float, float, str], None] | None = None  # (step, loss, images/s, more rates)
     on_message: Callable[[str], None] | None = None
-
 
 
 class Session:
@@ -146,14 +143,12 @@ def record_run(run_dir: Path, record: dict, resume_from: Path | None, changes: d
         tmp.write_text(json.dumps(record, indent=2))
 
 
-
 def check_loss(value: float, step: int, lr: float, newest: Path | None) -> None:
     """Stop a run whose loss is no longer a number: its weights are lost, and no checkpoint of them is written."""
     if not math.isfinite(value):
         kept = f"the newest good checkpoint is {newest.name}" if newest is not None else "no checkpoint was written"
         raise DdimctlError(f"the training loss became {value} by step {step} (learning rate {lr:.3g}); the run stopped and "
                            f"{kept}; start again with a lower {param('lr')} (or {param('precision')} fp32)")
-
 
 
 # --------------------------------------------------------------------------------------------
